@@ -1,0 +1,197 @@
+"""The Python API: Engine.load(path) -> generate / stream / chat / logits / perplexity."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .config import ModelConfig
+from .gguf_file import GGUFFile
+from .model import Model
+from .sampling import Sampler, SamplingParams
+from .tokenizer import Tokenizer
+from .weights import load_weights
+
+DEFAULT_N_CTX = 4096
+PREFILL_BATCH = 256  # prompt tokens per forward call: bounds the attention score buffers
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0  # forward calls after the prefill (one per generated token but the last)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass
+class _LoadOptions:
+    n_ctx: int | None = None
+    dequantize_resident: bool = True
+
+
+class Engine:
+    """A loaded GGUF model with its tokenizer and KV cache. Use as a context manager or call close()."""
+
+    def __init__(self, path, file: GGUFFile, cfg: ModelConfig, model: Model, tokenizer: Tokenizer,
+                 load_s: float):
+        self.path, self.file, self.config, self.model, self.tokenizer = Path(path), file, cfg, model, tokenizer
+        self.load_s = load_s
+        self.last_stats = GenerationStats()
+
+    @classmethod
+    def load(cls, path, threads: int | None = None, backend: str = "auto", **options) -> "Engine":
+        """Open a GGUF model (any shard of a split one). Options: n_ctx (default min(train ctx, 4096)),
+        dequantize_resident (expand resident weights to float32 at load; default True)."""
+        unknown = set(options) - set(_LoadOptions.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"Engine.load: unknown option(s) {sorted(unknown)}; "
+                            f"known: {sorted(_LoadOptions.__dataclass_fields__)}")
+        opts = _LoadOptions(**options)
+        t0 = time.perf_counter()
+        f = GGUFFile(path)
+        try:
+            cfg = ModelConfig.from_metadata(f.metadata, source=str(path))
+            tokenizer = Tokenizer.from_metadata(f.metadata)
+            weights = load_weights(f, cfg, opts.dequantize_resident, threads, backend)
+            n_ctx = opts.n_ctx or min(cfg.n_ctx_train, DEFAULT_N_CTX)
+            model = Model(cfg, weights, n_ctx, threads, backend)
+        except BaseException:
+            f.close()
+            raise
+        return cls(path, f, cfg, model, tokenizer, time.perf_counter() - t0)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.file is not None:
+            self.model = None
+            self.file.close()
+            self.file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _require_open(self) -> Model:
+        if self.model is None:
+            raise RuntimeError("Engine is closed")
+        return self.model
+
+    # ---- scoring ------------------------------------------------------------------------------
+    def _forward_all(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits for every position of ids, evaluated from an empty cache in prefill batches."""
+        model = self._require_open()
+        out = np.empty((len(ids), self.config.n_vocab), dtype=np.float32)
+        for s in range(0, len(ids), PREFILL_BATCH):
+            out[s:s + PREFILL_BATCH] = model.forward(ids[s:s + PREFILL_BATCH], s, all_logits=True)
+        return out
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """float32[n, n_vocab]: the logits after each of token_ids (a fresh sequence)."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise ValueError("logits: token_ids must be a non-empty 1-D sequence")
+        return self._forward_all(ids)
+
+    def perplexity(self, text: str, n_ctx: int = 512) -> float:
+        """Perplexity as llama-perplexity computes it: the text's tokens cut into non-overlapping
+        chunks of n_ctx (BOS put in each chunk's first place when the model adds BOS), and in each
+        chunk only the second half's predictions scored."""
+        tok = self.tokenizer
+        ids = tok.encode(text, add_special=True, parse_special=False)
+        n_chunks = len(ids) // n_ctx
+        if n_chunks == 0:
+            raise ValueError(f"perplexity: text has {len(ids)} tokens, fewer than n_ctx={n_ctx}")
+        first = n_ctx // 2
+        nll, count = 0.0, 0
+        for c in range(n_chunks):
+            chunk = list(ids[c * n_ctx:(c + 1) * n_ctx])
+            if tok.add_bos and tok.bos_id is not None:
+                chunk[0] = tok.bos_id
+            logits = self._forward_all(chunk).astype(np.float64)
+            pred = logits[first:n_ctx - 1]  # position j predicts token j + 1
+            target = np.asarray(ids[c * n_ctx + first + 1:(c + 1) * n_ctx])
+            m = pred.max(axis=1)
+            logz = m + np.log(np.exp(pred - m[:, None]).sum(axis=1))
+            nll += float(np.sum(logz - pred[np.arange(len(target)), target]))
+            count += len(target)
+        return math.exp(nll / count)
+
+    # ---- generation ---------------------------------------------------------------------------
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: Sequence[str] = (),
+               add_special: bool = True, **sampling) -> Iterator[str]:
+        """Yield text pieces as tokens are produced. sampling: temperature, top_k, top_p, min_p,
+        repeat_penalty, repeat_last_n, seed (see SamplingParams). Stops at an end-of-generation
+        token, a stop string (not included), or max_new_tokens."""
+        model = self._require_open()
+        sampler = Sampler(SamplingParams(**sampling))
+        tok = self.tokenizer
+        ids = list(prompt) if not isinstance(prompt, str) else tok.encode(prompt, add_special=add_special)
+        if not ids:
+            raise ValueError("generate: empty prompt")
+        if len(ids) + max_new_tokens > model.n_ctx:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed n_ctx={model.n_ctx}")
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
+        t0 = time.perf_counter()
+        logits = None
+        for s in range(0, len(ids), PREFILL_BATCH):
+            logits = model.forward(ids[s:s + PREFILL_BATCH], s)
+        stats.prefill_s = time.perf_counter() - t0
+        decoder = tok.decoder()
+        held = ""  # text not yet yielded because it may be the start of a stop string
+        hold = max((len(s) for s in stop), default=1) - 1
+        history = list(ids)
+        stopped = False  # by a stop string
+        t1 = time.perf_counter()
+        for step in range(max_new_tokens):
+            next_id = sampler(logits[-1], history)
+            if next_id in tok.eog_ids:
+                break
+            history.append(next_id)
+            stats.generated_tokens += 1
+            held += decoder.push(next_id)
+            cut = min((held.find(s) for s in stop if s in held), default=-1)
+            if cut >= 0:  # a stop string: drop it and everything after it
+                held, stopped = held[:cut], True
+                break
+            if len(held) > hold:
+                yield held[:len(held) - hold]
+                held = held[len(held) - hold:]
+            if step + 1 < max_new_tokens:
+                logits = model.forward([next_id], len(history) - 1)
+                stats.decode_steps += 1
+        if not stopped:
+            held += decoder.flush()
+        stats.decode_s = time.perf_counter() - t1
+        if held:
+            yield held
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, **kwargs) -> str:
+        return "".join(self.stream(prompt, max_new_tokens, **kwargs))
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, stream: bool = False, **kwargs):
+        """Render messages with the model's chat template and generate the assistant's reply."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(text, add_special=False, parse_special=True)
+        pieces = self.stream(ids, max_new_tokens, **kwargs)
+        return pieces if stream else "".join(pieces)
+
+    def stats(self) -> dict:
+        s = self.last_stats
+        return {"load_s": self.load_s, "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
+                "prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s}

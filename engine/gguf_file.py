@@ -1,0 +1,212 @@
+"""Open a GGUF file (or a set of split shards) as llama.cpp writes it.
+
+Parsing is done by the `gguf` package (llama.cpp's own); this module adds what the engine needs
+on top: one metadata dict, a tensor index with absolute byte ranges (the streaming reader reads
+those), shape checks, split-shard discovery, and clear errors for files that are truncated,
+corrupt or incomplete.
+"""
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+
+from kernels import QTensor, formats
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be used: names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives. shape is in NumPy order (outermost first): a weight matrix is
+    (rows, cols), a stacked expert tensor (n_expert, rows, cols); GGUF's own ne[] is reversed."""
+
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]
+    path: Path
+    offset: int  # absolute byte offset of the first block in `path`
+    nbytes: int
+
+    @property
+    def row_bytes(self) -> int:
+        return formats.row_bytes(self.qtype, self.shape[-1])
+
+
+def _check_header(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise GGUFError(f"{path}: file is {len(head)} bytes, too short for a GGUF header")
+    if head[:4] != GGUF_MAGIC:
+        raise GGUFError(f"{path}: bad magic {head[:4]!r}, expected {GGUF_MAGIC!r}: not a GGUF file")
+    version = struct.unpack("<I", head[4:8])[0]
+    if version not in SUPPORTED_VERSIONS:
+        raise GGUFError(f"{path}: GGUF version {version} not supported (expected one of {SUPPORTED_VERSIONS})")
+
+
+def shard_paths(path: Path) -> list[Path]:
+    """All shards of a split model given any one of them (or [path] for a single file)."""
+    m = SPLIT_NAME.match(path.name)
+    if not m:
+        return [path]
+    count = int(m["count"])
+    paths = [path.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"missing shard {p.name} of split model {paths[0].name} "
+                                    f"({count} shards expected in {p.parent})")
+    return paths
+
+
+class _CheckedReader(GGUFReader):
+    """GGUFReader that checks each tensor's type and byte range before mapping it, so a bad file
+    fails with the tensor's name, type and offset rather than a NumPy reshape error."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        super().__init__(path, "r")
+
+    def _build_tensors(self, start_offs: int, fields) -> None:
+        size = len(self.data)
+        for field in fields:
+            _, name_data, _, dims, raw_dtype, offset_tensor = field.parts
+            name = bytes(name_data).decode("utf-8", errors="replace")
+            try:
+                qtype = GGMLQuantizationType(int(raw_dtype[0]))
+            except ValueError:
+                raise GGUFError(f"{self._path}: tensor {name} has unknown tensor type id {int(raw_dtype[0])}") from None
+            if qtype not in formats.SUPPORTED_TYPES:
+                raise GGUFError(f"{self._path}: tensor {name} has type {qtype.name}, which weightstream does not "
+                                f"support (supported: {', '.join(sorted(q.name for q in formats.SUPPORTED_TYPES))})")
+            block_elems, block_bytes = formats.block_size(qtype)
+            n_elems = int(np.prod(dims))
+            if int(dims[0]) % block_elems:
+                raise GGUFError(f"{self._path}: tensor {name} ({qtype.name}) has {int(dims[0])} columns, "
+                                f"not a multiple of the block size {block_elems}")
+            offset = int(start_offs + offset_tensor[0])
+            nbytes = n_elems // block_elems * block_bytes
+            if offset + nbytes > size:
+                raise GGUFError(f"{self._path}: truncated: tensor {name} at offset {offset} needs {nbytes} bytes "
+                                f"(to offset {offset + nbytes}), but the file has only {size} bytes")
+        super()._build_tensors(start_offs, fields)
+
+
+def _open_reader(path: Path) -> GGUFReader:
+    _check_header(path)
+    try:
+        return _CheckedReader(path)
+    except (ValueError, IndexError, struct.error, OSError, OverflowError) as e:
+        size = path.stat().st_size
+        raise GGUFError(f"{path}: corrupt or truncated GGUF ({size} bytes): {e}") from e
+
+
+class GGUFFile:
+    """A GGUF model: metadata (from the first shard) and the index of tensors across all shards."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.paths = shard_paths(self.path)
+        self._readers = [_open_reader(p) for p in self.paths]
+        first = self._readers[0]
+        self.metadata: dict[str, Any] = {k: f.contents() for k, f in first.fields.items()
+                                         if not k.startswith("GGUF.")}
+        self._check_split_keys()
+        self.tensors: dict[str, TensorInfo] = {}
+        self._arrays: dict[str, np.ndarray] = {}
+        for p, reader in zip(self.paths, self._readers):
+            self._index(p, reader)
+
+    def _check_split_keys(self) -> None:
+        declared = self.metadata.get("split.count")
+        if declared is not None and int(declared) != len(self.paths):
+            raise GGUFError(f"{self.path}: metadata says split.count={declared}, but the file name "
+                            f"gives {len(self.paths)} shard(s)")
+
+    def _index(self, path: Path, reader: GGUFReader) -> None:
+        for t in reader.tensors:
+            qtype = GGMLQuantizationType(int(t.tensor_type))
+            shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+            nbytes = int(t.n_bytes)
+            if t.name in self.tensors:
+                raise GGUFError(f"{path}: duplicate tensor {t.name}")
+            self.tensors[t.name] = TensorInfo(t.name, qtype, shape, path, int(t.data_offset), nbytes)
+            self._arrays[t.name] = t.data
+
+    # ---- access -------------------------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise GGUFError(f"{self.path}: tensor {name} not found") from None
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's block bytes as a read-only uint8[..., rows, bytes_per_row] view of the file."""
+        info = self.info(name)
+        data = self._arrays[name]
+        return data.view(np.uint8).reshape(*info.shape[:-1], info.row_bytes)
+
+    def qtensor(self, name: str, expect_shape: tuple[int, ...] | None = None) -> QTensor:
+        """A 2-D weight; with expect_shape, its (rows, cols) is checked against the model config."""
+        info = self.info(name)
+        self._check_shape(info, expect_shape)
+        if len(info.shape) != 2:
+            raise GGUFError(f"{self.path}: tensor {name} has shape {info.shape}, expected a 2-D matrix")
+        return QTensor(info.qtype, info.shape, self.raw(name))
+
+    def expert_qtensors(self, name: str, expect_shape: tuple[int, int, int] | None = None) -> list[QTensor]:
+        """A stacked [n_expert, rows, cols] tensor as one QTensor per expert (views, no copies)."""
+        info = self.info(name)
+        self._check_shape(info, expect_shape)
+        if len(info.shape) != 3:
+            raise GGUFError(f"{self.path}: tensor {name} has shape {info.shape}, expected [n_expert, rows, cols]")
+        raw = self.raw(name)
+        return [QTensor(info.qtype, info.shape[1:], raw[e]) for e in range(info.shape[0])]
+
+    def array(self, name: str, expect_shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Any tensor dequantized to float32, in NumPy shape order (norms, biases, small tensors)."""
+        from kernels import reference
+
+        info = self.info(name)
+        self._check_shape(info, expect_shape)
+        rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
+        raw = self.raw(name).reshape(rows, info.row_bytes)
+        return reference.dequantize(raw, info.qtype, (rows, info.shape[-1])).reshape(info.shape)
+
+    def _check_shape(self, info: TensorInfo, expect: tuple[int, ...] | None) -> None:
+        if expect is not None and tuple(expect) != info.shape:
+            raise GGUFError(f"{self.path}: tensor {info.name} has shape {list(info.shape)}, "
+                            f"expected {list(expect)} from the model's metadata")
+
+    def close(self) -> None:
+        self._arrays.clear()
+        for r in self._readers:
+            mm = getattr(r, "data", None)
+            if mm is not None and hasattr(mm, "_mmap") and mm._mmap is not None:
+                try:
+                    mm._mmap.close()
+                except (BufferError, ValueError):
+                    pass  # views still alive elsewhere; the mapping goes when they do
+        self._readers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

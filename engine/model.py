@@ -1,0 +1,129 @@
+"""The forward pass: embedding, attention with a preallocated KV cache, dense or MoE FFN, head.
+
+Works on float32 NumPy arrays. Knows nothing about threads or I/O: weights come from
+engine.weights, routed experts through `self.experts(layer, expert_id)`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import kernels
+from kernels import reference
+
+from .config import ModelConfig
+from .ops import Rope, rms_norm, sigmoid, silu, softmax
+from .weights import FFN, LayerWeights, ModelWeights, MoEWeights
+
+
+class ContextFullError(RuntimeError):
+    pass
+
+
+class Model:
+    """A decoder-only transformer with its own KV cache.
+
+    forward(tokens, pos) appends len(tokens) positions to the cache starting at `pos` and returns
+    logits for the last token (or for every token with all_logits=True).
+    """
+
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, n_ctx: int,
+                 threads: int | None = None, backend: str = "auto"):
+        self.cfg, self.w = cfg, weights
+        self.n_ctx = n_ctx
+        self.threads, self.backend = threads, backend
+        self.rope = Rope(cfg.n_rot, cfg.rope_base, n_ctx, cfg.flags.rope, cfg.rope_freq_scale, weights.rope_freqs)
+        # KV cache, allocated once: float32[n_layer, n_ctx, n_head_kv, head_dim] each
+        kv_shape = (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim)
+        self.k_cache = np.zeros(kv_shape, dtype=np.float32)
+        self.v_cache = np.zeros(kv_shape, dtype=np.float32)
+        self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.k_cache.nbytes + self.v_cache.nbytes
+
+    # ---- one pass -----------------------------------------------------------------------------
+    def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("forward: no tokens")
+        if pos + n > self.n_ctx:
+            raise ContextFullError(f"context full: {pos} + {n} tokens exceed n_ctx={self.n_ctx}")
+        if tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab:
+            raise ValueError(f"token id out of range [0, {self.cfg.n_vocab}): {tokens.min()}..{tokens.max()}")
+        positions = np.arange(pos, pos + n)
+        x = self.embed(tokens)  # [n, n_embd]
+        for i, layer in enumerate(self.w.layers):
+            x = x + self.attention(i, layer, rms_norm(x, layer.attn_norm, self.cfg.rms_eps), positions)
+            h = rms_norm(x, layer.ffn_norm, self.cfg.rms_eps)
+            x = x + (self.dense_ffn(layer.ffn, h) if layer.moe is None else self.moe(i, layer.moe, h))
+        if not all_logits:
+            x = x[-1:]
+        return self.w.output(rms_norm(x, self.w.output_norm, self.cfg.rms_eps))  # [n or 1, n_vocab]
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        if self.w.token_embd_dense is not None:
+            return self.w.token_embd_dense[tokens]
+        qt = self.w.token_embd
+        return reference.dequantize(qt.data[tokens], qt.qtype, (len(tokens), qt.shape[1]))
+
+    # ---- attention ----------------------------------------------------------------------------
+    def attention(self, i: int, L: LayerWeights, h: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        cfg = self.cfg
+        n, H, Hkv, D = len(h), cfg.n_head, cfg.n_head_kv, cfg.head_dim
+        q, k, v = L.wq(h), L.wk(h), L.wv(h)  # [n, H*D], [n, Hkv*D], [n, Hkv*D]
+        if cfg.flags.qk_norm == "full":  # olmoe: norm over the whole projection, before splitting heads
+            q, k = rms_norm(q, L.q_norm, cfg.rms_eps), rms_norm(k, L.k_norm, cfg.rms_eps)
+        q, k, v = q.reshape(n, H, D), k.reshape(n, Hkv, D), v.reshape(n, Hkv, D)
+        if cfg.flags.qk_norm == "head":  # qwen3: per-head norm
+            q, k = rms_norm(q, L.q_norm, cfg.rms_eps), rms_norm(k, L.k_norm, cfg.rms_eps)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        start, end = positions[0], positions[-1] + 1
+        self.k_cache[i, start:end] = k
+        self.v_cache[i, start:end] = v
+        keys, values = self.k_cache[i, :end], self.v_cache[i, :end]  # [T, Hkv, D]
+        g = H // Hkv  # query heads per kv head
+        qh = q.reshape(n, Hkv, g, D).transpose(1, 2, 0, 3)  # [Hkv, g, n, D]
+        scores = (qh @ keys.transpose(1, 2, 0)[:, None]) * self.scale  # [Hkv, g, n, T]
+        if n > 1:  # causal mask: query at position p sees keys 0..p
+            mask = np.arange(end)[None, :] > positions[:, None]  # [n, T]
+            scores = np.where(mask, np.float32(-np.inf), scores)
+        probs = softmax(scores)
+        out = probs @ values.transpose(1, 0, 2)[:, None]  # [Hkv, g, n, D]
+        out = out.transpose(2, 0, 1, 3).reshape(n, H * D)
+        return L.wo(out)
+
+    # ---- feed-forward -------------------------------------------------------------------------
+    @staticmethod
+    def dense_ffn(ffn: FFN, h: np.ndarray) -> np.ndarray:
+        return ffn.down(silu(ffn.gate(h)) * ffn.up(h))
+
+    def expert_ffn(self, gate, up, down, h: np.ndarray) -> np.ndarray:
+        mm = kernels.matmul
+        act = silu(mm(h, gate, self.threads, self.backend)) * mm(h, up, self.threads, self.backend)
+        return mm(act, down, self.threads, self.backend)
+
+    def route(self, moe: MoEWeights, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k experts per token: (ids int64[n, k] by descending weight, weights float32[n, k])."""
+        k = self.cfg.n_expert_used
+        probs = softmax(moe.router(h))  # [n, n_expert]
+        ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        weights = np.take_along_axis(probs, ids, axis=-1)
+        if self.cfg.flags.moe_norm_topk:
+            weights = weights / np.sum(weights, axis=-1, keepdims=True)
+        return ids, weights.astype(np.float32)
+
+    def moe(self, i: int, moe: MoEWeights, h: np.ndarray) -> np.ndarray:
+        ids, weights = self.route(moe, h)
+        out = np.zeros_like(h)
+        for e in np.unique(ids):  # each used expert once, on the tokens routed to it
+            rows, slot = np.nonzero(ids == e)
+            y = self.expert_ffn(moe.gate_exps[e], moe.up_exps[e], moe.down_exps[e], h[rows])
+            out[rows] += weights[rows, slot][:, None] * y
+        if moe.shared is not None:
+            shared = self.dense_ffn(moe.shared, h)
+            if moe.shared_gate is not None:
+                shared = shared * sigmoid(h @ moe.shared_gate)[:, None]
+            out += shared
+        return out

@@ -1,0 +1,167 @@
+"""Loading weights by llama.cpp tensor name, with every shape asserted against the config.
+
+This is the one place that knows GGUF tensor names. Weights stay as QTensors over the file's
+memory map; with `dequantize_resident` the resident matrices are expanded to float32 once at
+load (4 bytes per weight: fast NumPy matmuls for small models until the fused kernels land).
+Routed experts are never expanded here: the model fetches them per use (streaming later).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import kernels
+from kernels import QTensor
+
+from .config import ModelConfig
+from .gguf_file import GGUFError, GGUFFile
+
+
+class Linear:
+    """y = x @ W.T (+ bias) for x: float32[n, cols]; W a QTensor of shape (rows, cols)."""
+
+    def __init__(self, qt: QTensor, bias: np.ndarray | None = None, dense: bool = False,
+                 threads: int | None = None, backend: str = "auto"):
+        self.qt, self.bias, self.threads, self.backend = qt, bias, threads, backend
+        self.dense = kernels.dequantize(qt, threads) if dense else None  # float32[rows, cols] or None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qt.shape
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.dense is not None:
+            y = x @ self.dense.T
+        else:
+            y = kernels.matmul(x, self.qt, self.threads, self.backend)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+@dataclass
+class FFN:
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    gate: Linear
+    up: Linear
+    down: Linear
+
+
+@dataclass
+class MoEWeights:
+    router: Linear  # ffn_gate_inp: [n_expert, n_embd], always F32 in llama.cpp files
+    gate_exps: list[QTensor]  # per expert [n_ff_exp, n_embd] (views into the file)
+    up_exps: list[QTensor]  # per expert [n_ff_exp, n_embd]
+    down_exps: list[QTensor]  # per expert [n_embd, n_ff_exp]
+    shared: FFN | None = None  # qwen2moe shared expert
+    shared_gate: np.ndarray | None = None  # ffn_gate_inp_shexp: float32[n_embd], sigmoid gate
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: np.ndarray  # float32[n_embd]
+    wq: Linear  # [n_head * head_dim, n_embd]
+    wk: Linear  # [n_head_kv * head_dim, n_embd]
+    wv: Linear  # [n_head_kv * head_dim, n_embd]
+    wo: Linear  # [n_embd, n_head * head_dim]
+    q_norm: np.ndarray | None  # [head_dim] (per head) or [n_head*head_dim] (full), per arch flags
+    k_norm: np.ndarray | None
+    ffn_norm: np.ndarray  # float32[n_embd]
+    ffn: FFN | None  # dense layers
+    moe: MoEWeights | None  # MoE layers
+
+
+@dataclass
+class ModelWeights:
+    token_embd: QTensor  # [n_vocab, n_embd]
+    token_embd_dense: np.ndarray | None  # float32 copy when the head is tied and dequantized
+    output_norm: np.ndarray  # [n_embd]
+    output: Linear  # [n_vocab, n_embd] (token_embd when tied)
+    rope_freqs: np.ndarray | None  # llama3-style per-dimension frequency factors [n_rot/2]
+    layers: list[LayerWeights]
+
+
+def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool = True,
+                 threads: int | None = None, backend: str = "auto") -> ModelWeights:
+    E, H, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim
+
+    def linear(name, shape, bias_name=None, required=True):
+        if name not in f and not required:
+            return None
+        bias = f.array(bias_name, (shape[0],)) if bias_name and bias_name in f else None
+        return Linear(f.qtensor(name, shape), bias, dequantize_resident, threads, backend)
+
+    def vec(name, n, required=True):
+        if name not in f:
+            if required:
+                raise GGUFError(f"{f.path}: tensor {name} not found (needed by {cfg.arch})")
+            return None
+        return f.array(name, (n,)).astype(np.float32)
+
+    layers = []
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        bias = cfg.flags.qkv_bias
+        if cfg.flags.qk_norm == "head":
+            qn, kn = vec(p + "attn_q_norm.weight", D), vec(p + "attn_k_norm.weight", D)
+        elif cfg.flags.qk_norm == "full":
+            qn, kn = vec(p + "attn_q_norm.weight", H * D), vec(p + "attn_k_norm.weight", Hkv * D)
+        else:
+            qn = kn = None
+        layers.append(LayerWeights(
+            attn_norm=vec(p + "attn_norm.weight", E),
+            wq=linear(p + "attn_q.weight", (H * D, E), p + "attn_q.bias" if bias else None),
+            wk=linear(p + "attn_k.weight", (Hkv * D, E), p + "attn_k.bias" if bias else None),
+            wv=linear(p + "attn_v.weight", (Hkv * D, E), p + "attn_v.bias" if bias else None),
+            wo=linear(p + "attn_output.weight", (E, H * D)),
+            q_norm=qn, k_norm=kn,
+            ffn_norm=vec(p + "ffn_norm.weight", E),
+            ffn=_load_dense_ffn(f, cfg, p, linear) if p + "ffn_gate_inp.weight" not in f else None,
+            moe=_load_moe(f, cfg, p, linear) if p + "ffn_gate_inp.weight" in f else None,
+        ))
+
+    token_embd = f.qtensor("token_embd.weight", (cfg.n_vocab, E))
+    if "output.weight" in f:
+        output = linear("output.weight", (cfg.n_vocab, E))
+        embd_dense = None
+    else:  # tied embeddings: the head multiplies by token_embd (llama.cpp does the same)
+        output = Linear(token_embd, None, dequantize_resident, threads, backend)
+        embd_dense = output.dense
+    freqs = vec("rope_freqs.weight", cfg.n_rot // 2, required=False)
+    return ModelWeights(token_embd, embd_dense, vec("output_norm.weight", E), output, freqs, layers)
+
+
+def _load_dense_ffn(f: GGUFFile, cfg: ModelConfig, p: str, linear) -> FFN:
+    if cfg.flags.requires_moe:
+        raise GGUFError(f"{f.path}: {cfg.arch} layer {p[:-1]} has no ffn_gate_inp (router)")
+    n_ff = f.info(p + "ffn_gate.weight").shape[0]
+    if cfg.n_ff and cfg.n_ff != n_ff:
+        raise GGUFError(f"{f.path}: {p}ffn_gate.weight has {n_ff} rows, metadata feed_forward_length is {cfg.n_ff}")
+    E = cfg.n_embd
+    return FFN(linear(p + "ffn_gate.weight", (n_ff, E)), linear(p + "ffn_up.weight", (n_ff, E)),
+               linear(p + "ffn_down.weight", (E, n_ff)))
+
+
+def _load_moe(f: GGUFFile, cfg: ModelConfig, p: str, linear) -> MoEWeights:
+    E, X = cfg.n_embd, cfg.n_expert
+    if X == 0 or cfg.n_expert_used == 0:
+        raise GGUFError(f"{f.path}: {p}ffn_gate_inp.weight present but expert_count/expert_used_count missing")
+    n_ff_exp = f.info(p + "ffn_gate_exps.weight").shape[1]
+    if cfg.n_ff_exp and cfg.n_ff_exp != n_ff_exp:
+        raise GGUFError(f"{f.path}: {p}ffn_gate_exps.weight has {n_ff_exp} rows per expert, "
+                        f"metadata expert_feed_forward_length is {cfg.n_ff_exp}")
+    moe = MoEWeights(
+        router=linear(p + "ffn_gate_inp.weight", (X, E)),
+        gate_exps=f.expert_qtensors(p + "ffn_gate_exps.weight", (X, n_ff_exp, E)),
+        up_exps=f.expert_qtensors(p + "ffn_up_exps.weight", (X, n_ff_exp, E)),
+        down_exps=f.expert_qtensors(p + "ffn_down_exps.weight", (X, E, n_ff_exp)),
+    )
+    if cfg.flags.shared_expert:
+        n_sh = f.info(p + "ffn_gate_shexp.weight").shape[0]
+        moe.shared = FFN(linear(p + "ffn_gate_shexp.weight", (n_sh, E)), linear(p + "ffn_up_shexp.weight", (n_sh, E)),
+                         linear(p + "ffn_down_shexp.weight", (E, n_sh)))
+        if p + "ffn_gate_inp_shexp.weight" in f:
+            moe.shared_gate = f.array(p + "ffn_gate_inp_shexp.weight").reshape(E).astype(np.float32)
+    return moe

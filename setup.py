@@ -1,0 +1,39 @@
+"""Builds the Cython kernels of kernels/ with OpenMP.
+
+Native-CPU code generation (-march=native) is on by default because the kernels are
+built on the machine that runs them; set WEIGHTSTREAM_PORTABLE=1 for a portable build
+(e.g. a wheel for other machines). WEIGHTSTREAM_DEBUG_CYTHON=1 turns bounds checks back on.
+"""
+import os
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+PORTABLE = os.environ.get("WEIGHTSTREAM_PORTABLE", "0") not in ("", "0")
+DEBUG = os.environ.get("WEIGHTSTREAM_DEBUG_CYTHON", "0") not in ("", "0")
+
+compile_args = ["-O3", "-fopenmp", "-fno-math-errno"]
+if not PORTABLE:
+    compile_args.append("-march=native")
+link_args = ["-fopenmp"]
+
+directives = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": False,
+    "cdivision": True,
+    "initializedcheck": DEBUG,
+}
+
+extensions = [
+    Extension(
+        "kernels._dequant",
+        ["kernels/_dequant.pyx"],
+        include_dirs=[np.get_include()],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+    ),
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives))

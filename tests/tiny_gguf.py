@@ -1,0 +1,70 @@
+"""Tiny GGUF models written directly with gguf.GGUFWriter, for tests of the reader and loader
+that should not depend on our converter. Random F32 weights, llama.cpp names and shapes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+N_EMBD, N_HEAD, N_HEAD_KV, N_FF, N_LAYER, N_VOCAB = 64, 4, 2, 128, 2, 256
+HEAD_DIM = N_EMBD // N_HEAD
+
+
+def tiny_llama_tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    """name -> float32 array in NumPy shape order (rows, cols)."""
+    rng = np.random.default_rng(seed)
+    t = {"token_embd.weight": rng.normal(0, 0.5, (N_VOCAB, N_EMBD)),
+         "output_norm.weight": 1 + rng.normal(0, 0.1, N_EMBD),
+         "output.weight": rng.normal(0, 0.2, (N_VOCAB, N_EMBD))}
+    for i in range(N_LAYER):
+        p = f"blk.{i}."
+        t[p + "attn_norm.weight"] = 1 + rng.normal(0, 0.1, N_EMBD)
+        t[p + "attn_q.weight"] = rng.normal(0, 0.2, (N_HEAD * HEAD_DIM, N_EMBD))
+        t[p + "attn_k.weight"] = rng.normal(0, 0.2, (N_HEAD_KV * HEAD_DIM, N_EMBD))
+        t[p + "attn_v.weight"] = rng.normal(0, 0.2, (N_HEAD_KV * HEAD_DIM, N_EMBD))
+        t[p + "attn_output.weight"] = rng.normal(0, 0.2, (N_EMBD, N_HEAD * HEAD_DIM))
+        t[p + "ffn_norm.weight"] = 1 + rng.normal(0, 0.1, N_EMBD)
+        t[p + "ffn_gate.weight"] = rng.normal(0, 0.2, (N_FF, N_EMBD))
+        t[p + "ffn_up.weight"] = rng.normal(0, 0.2, (N_FF, N_EMBD))
+        t[p + "ffn_down.weight"] = rng.normal(0, 0.2, (N_EMBD, N_FF))
+    return {k: v.astype(np.float32) for k, v in t.items()}
+
+
+def tiny_llama_metadata(arch: str = "llama") -> dict:
+    tokens = [f"<t{i}>" for i in range(N_VOCAB)]
+    return {
+        f"{arch}.context_length": 128, f"{arch}.embedding_length": N_EMBD, f"{arch}.block_count": N_LAYER,
+        f"{arch}.feed_forward_length": N_FF, f"{arch}.attention.head_count": N_HEAD,
+        f"{arch}.attention.head_count_kv": N_HEAD_KV, f"{arch}.rope.freq_base": 10000.0,
+        f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, f"{arch}.rope.dimension_count": HEAD_DIM,
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [1] * N_VOCAB, "tokenizer.ggml.merges": [],
+    }
+
+
+def write_gguf(path: Path, tensors: dict[str, np.ndarray], metadata: dict, arch: str = "llama",
+               raw_types: dict[str, gguf.GGMLQuantizationType] | None = None, split_max_tensors: int = 0) -> Path:
+    """Write tensors (float32 arrays, or uint8 block bytes for names in raw_types) and metadata."""
+    w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
+    for key, value in metadata.items():
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, value)
+    for name, arr in tensors.items():
+        if raw_types and name in raw_types:
+            w.add_tensor(name, arr, raw_dtype=raw_types[name])
+        else:
+            w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
