@@ -133,51 +133,58 @@ class Engine:
         return math.exp(nll / count)
 
     # ---- generation ---------------------------------------------------------------------------
-    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: Sequence[str] = (),
-               add_special: bool = True, **sampling) -> Iterator[str]:
-        """Yield text pieces as tokens are produced. sampling: temperature, top_k, top_p, min_p,
-        repeat_penalty, repeat_last_n, seed (see SamplingParams). Stops at an end-of-generation
-        token, a stop string (not included), or max_new_tokens."""
-        model = self._require_open()
-        sampler = Sampler(SamplingParams(**sampling))
-        tok = self.tokenizer
-        ids = list(prompt) if not isinstance(prompt, str) else tok.encode(prompt, add_special=add_special)
+    def _prompt_ids(self, prompt: str | Sequence[int], add_special: bool) -> list[int]:
+        ids = self.tokenizer.encode(prompt, add_special=add_special) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("generate: empty prompt")
+        return ids
+
+    def generate_tokens(self, prompt: str | Sequence[int], max_new_tokens: int = 128, add_special: bool = True,
+                        **sampling) -> Iterator[int]:
+        """Yield generated token ids until an end-of-generation token or max_new_tokens.
+        sampling: temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed."""
+        model = self._require_open()
+        sampler = Sampler(SamplingParams(**sampling))
+        ids = self._prompt_ids(prompt, add_special)
         if len(ids) + max_new_tokens > model.n_ctx:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed n_ctx={model.n_ctx}")
         stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
         t0 = time.perf_counter()
-        logits = None
         for s in range(0, len(ids), PREFILL_BATCH):
             logits = model.forward(ids[s:s + PREFILL_BATCH], s)
         stats.prefill_s = time.perf_counter() - t0
-        decoder = tok.decoder()
-        held = ""  # text not yet yielded because it may be the start of a stop string
-        hold = max((len(s) for s in stop), default=1) - 1
         history = list(ids)
-        stopped = False  # by a stop string
-        t1 = time.perf_counter()
         for step in range(max_new_tokens):
             next_id = sampler(logits[-1], history)
-            if next_id in tok.eog_ids:
-                break
+            if next_id in self.tokenizer.eog_ids:
+                return
             history.append(next_id)
             stats.generated_tokens += 1
-            held += decoder.push(next_id)
+            yield next_id
+            if step + 1 < max_new_tokens:  # the last token needs no forward pass
+                t1 = time.perf_counter()
+                logits = model.forward([next_id], len(history) - 1)
+                stats.decode_s += time.perf_counter() - t1
+                stats.decode_steps += 1
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, stop: Sequence[str] = (),
+               add_special: bool = True, **sampling) -> Iterator[str]:
+        """Yield text pieces as tokens are produced (whole UTF-8 characters only). Stops at an
+        end-of-generation token, a stop string (not included in the text), or max_new_tokens."""
+        decoder = self.tokenizer.decoder()
+        held = ""  # text not yet yielded because it may be the start of a stop string
+        hold = max((len(s) for s in stop), default=1) - 1
+        for token in self.generate_tokens(prompt, max_new_tokens, add_special, **sampling):
+            held += decoder.push(token)
             cut = min((held.find(s) for s in stop if s in held), default=-1)
             if cut >= 0:  # a stop string: drop it and everything after it
-                held, stopped = held[:cut], True
+                held = held[:cut]
                 break
             if len(held) > hold:
                 yield held[:len(held) - hold]
                 held = held[len(held) - hold:]
-            if step + 1 < max_new_tokens:
-                logits = model.forward([next_id], len(history) - 1)
-                stats.decode_steps += 1
-        if not stopped:
+        else:
             held += decoder.flush()
-        stats.decode_s = time.perf_counter() - t1
         if held:
             yield held
 

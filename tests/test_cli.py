@@ -1,0 +1,47 @@
+"""The weightstream command, run as a user would (python -m engine), on the demo model."""
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args, timeout=300):
+    done = subprocess.run([sys.executable, "-m", "engine", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_info(demo_model):
+    rc, out, err = cli("info", demo_model)
+    assert rc == 0, err
+    assert "architecture  llama" in out and "134.5 M" in out and "Q4_1" in out and "Q8_0" in out
+
+
+def test_run_prints_english(demo_model):
+    rc, out, err = cli("run", demo_model, "-p", "The capital of France is", "-n", "8")
+    assert rc == 0, err
+    assert "Paris" in out
+    assert "tok/s decode" in err
+
+
+def test_perplexity_last_line(demo_model, tmp_path):
+    from pydoc_data.topics import topics
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(topics[k] for k in sorted(topics))[:6000])
+    rc, out, err = cli("perplexity", demo_model, "-f", text, "-c", "128")
+    assert rc == 0, err
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("PPL = ") and 2 < float(last.split("=")[1]) < 100
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    rc, out, err = cli("run", tmp_path / "absent.gguf", "-p", "hi")
+    assert rc == 1 and "GGUF file not found" in err and "Traceback" not in err
+
+
+def test_help_lists_commands():
+    rc, out, _ = cli("--help")
+    assert rc == 0
+    for command in ("run", "chat", "info", "perplexity", "convert", "demo"):
+        assert command in out
