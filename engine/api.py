@@ -40,7 +40,7 @@ class GenerationStats:
 @dataclass
 class _LoadOptions:
     n_ctx: int | None = None
-    dequantize_resident: bool = True
+    dequantize_resident: bool | None = None  # None: only types without a fused kernel
 
 
 class Engine:
@@ -55,7 +55,8 @@ class Engine:
     @classmethod
     def load(cls, path, threads: int | None = None, backend: str = "auto", **options) -> "Engine":
         """Open a GGUF model (any shard of a split one). Options: n_ctx (default min(train ctx, 4096)),
-        dequantize_resident (expand resident weights to float32 at load; default True)."""
+        dequantize_resident (expand resident matrices to float32 at load: None, the default, does
+        it only for types no fused kernel handles; True for all; False for none)."""
         unknown = set(options) - set(_LoadOptions.__dataclass_fields__)
         if unknown:
             raise TypeError(f"Engine.load: unknown option(s) {sorted(unknown)}; "

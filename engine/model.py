@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 import kernels
-from kernels import reference
+from kernels import QTensor
 
 from .config import ModelConfig
 from .ops import Rope, rms_norm, sigmoid, silu, softmax
@@ -65,8 +65,8 @@ class Model:
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         if self.w.token_embd_dense is not None:
             return self.w.token_embd_dense[tokens]
-        qt = self.w.token_embd
-        return reference.dequantize(qt.data[tokens], qt.qtype, (len(tokens), qt.shape[1]))
+        qt = self.w.token_embd  # only the looked-up rows are expanded
+        return kernels.dequantize(QTensor(qt.qtype, (len(tokens), qt.shape[1]), qt.data[tokens]), self.threads)
 
     # ---- attention ----------------------------------------------------------------------------
     def attention(self, i: int, L: LayerWeights, h: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -1,15 +1,17 @@
 """Loading weights by llama.cpp tensor name, with every shape asserted against the config.
 
 This is the one place that knows GGUF tensor names. Weights stay as QTensors over the file's
-memory map; with `dequantize_resident` the resident matrices are expanded to float32 once at
-load (4 bytes per weight: fast NumPy matmuls for small models until the fused kernels land).
-Routed experts are never expanded here: the model fetches them per use (streaming later).
+memory map and are multiplied by the fused kernels straight from their blocks. A resident matrix
+is expanded to float32 once at load only where no fused kernel handles its type
+(`dequantize_resident=None`, the default), or for all of them with True (4 bytes per weight).
+F32 matrices are used in place. Routed experts are never expanded here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 import kernels
 from kernels import QTensor
@@ -21,10 +23,15 @@ from .gguf_file import GGUFError, GGUFFile
 class Linear:
     """y = x @ W.T (+ bias) for x: float32[n, cols]; W a QTensor of shape (rows, cols)."""
 
-    def __init__(self, qt: QTensor, bias: np.ndarray | None = None, dense: bool = False,
+    def __init__(self, qt: QTensor, bias: np.ndarray | None = None, dense: bool | None = None,
                  threads: int | None = None, backend: str = "auto"):
         self.qt, self.bias, self.threads, self.backend = qt, bias, threads, backend
-        self.dense = kernels.dequantize(qt, threads) if dense else None  # float32[rows, cols] or None
+        if qt.qtype == GGMLQuantizationType.F32:  # already float: a view of the file, no copy
+            self.dense = qt.data.view(np.float32).reshape(qt.shape)
+        elif dense or (dense is None and not kernels.backends.has_fused_kernel(qt.qtype, backend)):
+            self.dense = kernels.dequantize(qt, threads)  # float32[rows, cols]
+        else:
+            self.dense = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -83,7 +90,7 @@ class ModelWeights:
     layers: list[LayerWeights]
 
 
-def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool = True,
+def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None = None,
                  threads: int | None = None, backend: str = "auto") -> ModelWeights:
     E, H, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim
 

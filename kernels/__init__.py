@@ -5,8 +5,10 @@ Public API:
     dequantize(qt) -> float32[rows, cols]
     matmul(x, qt, threads=None, backend="auto") -> x @ W.T   (x: float32[n, cols])
 
-In this version matmul dequantizes and multiplies in NumPy; fused kernels replace it behind the
-same call (issue 3).
+backend: "cython" and "numba" run fused kernels that read the quantized blocks once and never
+expand the weights to float (activations are quantized to int8 on the fly for the block types,
+as llama.cpp does); "numpy" dequantizes and calls BLAS; "auto" picks per type and batch size by a
+measured table (kernels/backends.py).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import formats, reference
+from . import backends, formats, reference
+from .backends import BACKENDS
 
 try:  # the Cython build is optional at import time: a source checkout without a build still works
     from . import _dequant
@@ -24,8 +27,6 @@ except ImportError:  # pragma: no cover - exercised only on unbuilt checkouts
     _dequant = None
 
 __all__ = ["QTensor", "dequantize", "matmul", "default_threads", "GGMLQuantizationType"]
-
-BACKENDS = ("auto", "numpy", "cython", "numba")
 
 
 def default_threads() -> int:
@@ -77,14 +78,28 @@ def dequantize(qt: QTensor, threads: int | None = None) -> np.ndarray:
     return reference.dequantize(qt.data, qt.qtype, qt.shape)
 
 
-def matmul(x: np.ndarray, qt: QTensor, threads: int | None = None, backend: str = "auto") -> np.ndarray:
-    """x @ W.T for x: float32[n, cols] and W = qt: returns float32[n, rows]."""
+def matmul(x: np.ndarray, qt: QTensor, threads: int | None = None, backend: str = "auto",
+           out: np.ndarray | None = None) -> np.ndarray:
+    """x @ W.T for x: float32[n, cols] and W = qt: returns float32[n, rows] (into `out` if given)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    x = np.asarray(x, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != qt.shape[1]:
         raise ValueError(f"matmul: x has shape {x.shape}, weight {qt.qtype.name}{list(qt.shape)} "
                          f"needs x of shape (n, {qt.shape[1]})")
+    n, rows = x.shape[0], qt.shape[0]
+    if out is None:
+        out = np.empty((n, rows), dtype=np.float32)
+    elif out.shape != (n, rows) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"matmul: out must be C-contiguous float32{[n, rows]}, got {out.dtype}{list(out.shape)}")
+    if backend == "auto":
+        backend = backends.choose(qt.qtype, n)
     if backend == "numpy":
-        return reference.matmul_ref(x, qt.data, qt.qtype, qt.shape)
-    return x @ dequantize(qt, threads).T
+        np.matmul(x, dequantize(qt, threads).T, out=out)
+        return out
+    kernel = backends.kernel_for(backend, qt.qtype)
+    if kernel is None:
+        raise ValueError(f"backend {backend!r} has no kernel for {qt.qtype.name} here "
+                         f"(available: {', '.join(backends.available(qt.qtype))})")
+    kernel.matmul_into(x, np.ascontiguousarray(qt.data), int(qt.qtype), out, threads or default_threads())
+    return out

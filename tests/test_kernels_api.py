@@ -1,0 +1,73 @@
+"""The public kernel API: QTensor checks, matmul dispatch, and every backend that is built here
+against the references (whichever of cython / numba exist on this checkout)."""
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+import kernels
+from kernels import backends, formats, quantize, reference
+
+# Error budgets, as NMSE against the float reference (x @ dequantized W.T). Kernels that quantize
+# activations to int8 (llama.cpp's Q8_K / Q8_0 / Q8_1) pay that rounding: ~1e-4 relative power.
+NMSE_FLOAT_REF = {"numpy": 1e-12, "fused": 2e-3}
+# ... and against the same computation on the rounded activations: summation order only.
+NMSE_Q8_REF = 1e-8
+
+
+def make(qtype, rows, cols, seed=0):
+    rng = np.random.default_rng(seed)
+    return kernels.QTensor(qtype, (rows, cols), reference.random_raw(qtype, rows, cols, rng)), rng
+
+
+def test_qtensor_checks_its_bytes():
+    with pytest.raises(ValueError, match=r"Q2_K tensor of shape \(4, 256\) needs uint8\[4, 84\]"):
+        kernels.QTensor(T.Q2_K, (4, 256), np.zeros((4, 80), np.uint8))
+    with pytest.raises(ValueError, match="unsupported tensor type IQ2_XXS"):
+        kernels.QTensor(T.IQ2_XXS, (4, 256), np.zeros((4, 66), np.uint8))
+
+
+def test_matmul_checks_inputs():
+    qt, _ = make(T.Q4_0, 8, 64)
+    with pytest.raises(ValueError, match=r"needs x of shape \(n, 64\)"):
+        kernels.matmul(np.zeros((2, 32), np.float32), qt)
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        kernels.matmul(np.zeros((2, 64), np.float32), qt, backend="gpu")
+    with pytest.raises(ValueError, match="out must be C-contiguous float32"):
+        kernels.matmul(np.zeros((2, 64), np.float32), qt, out=np.zeros((2, 9), np.float32))
+
+
+@pytest.mark.parametrize("qtype", sorted(formats.SUPPORTED_TYPES, key=int))
+def test_numpy_backend_is_dequantize_then_matmul(qtype):
+    cols = formats.block_size(qtype)[0] * 8 if formats.block_size(qtype)[0] > 1 else 64
+    qt, rng = make(qtype, 17, cols)
+    x = rng.normal(size=(3, cols)).astype(np.float32)
+    out = np.empty((3, 17), np.float32)
+    got = kernels.matmul(x, qt, backend="numpy", out=out)
+    assert got is out
+    assert quantize.nmse(got, reference.matmul_ref(x, qt.data, qtype, qt.shape)) < NMSE_FLOAT_REF["numpy"]
+
+
+FUSED_CASES = [(b, q) for q in sorted(formats.SUPPORTED_TYPES, key=int) for b in ("cython", "numba")
+               if backends.kernel_for(b, q) is not None]
+
+
+@pytest.mark.skipif(not FUSED_CASES, reason="no fused kernels built")
+@pytest.mark.parametrize("backend,qtype", FUSED_CASES)
+@pytest.mark.parametrize("n", [1, 7])
+def test_fused_backend_against_references(backend, qtype, n):
+    elems = formats.block_size(qtype)[0]
+    cols = 1024 if elems > 1 else 96
+    qt, rng = make(qtype, 33, cols, seed=int(qtype))
+    x = rng.normal(size=(n, cols)).astype(np.float32)
+    got = kernels.matmul(x, qt, threads=2, backend=backend)
+    float_ref = reference.matmul_ref(x, qt.data, qtype, qt.shape)
+    assert quantize.nmse(got, float_ref) < NMSE_FLOAT_REF["fused"]
+    if quantize.activation_type(qtype) is not None:
+        tol = NMSE_Q8_REF if qtype not in (T.Q4_1, T.Q5_1) else 1e-6  # Q8_1's fp16 block sums
+        assert quantize.nmse(got, quantize.matmul_q8_ref(x, qt.data, qtype, qt.shape)) < tol
+    assert np.array_equal(got, kernels.matmul(x, qt, threads=1, backend=backend))
+
+
+def test_auto_picks_an_available_backend():
+    for qtype in formats.SUPPORTED_TYPES:
+        assert backends.choose(qtype, 1) in backends.available(qtype)
