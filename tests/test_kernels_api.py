@@ -14,9 +14,19 @@ NMSE_FLOAT_REF = {"numpy": 1e-12, "fused": 2e-3}
 NMSE_Q8_REF = 1e-8
 
 
+FLOAT_DTYPES = {T.F32: np.float32, T.F16: np.float16}
+
+
 def make(qtype, rows, cols, seed=0):
+    """Random valid blocks; for the float types, normal values (random bytes would overflow)."""
     rng = np.random.default_rng(seed)
-    return kernels.QTensor(qtype, (rows, cols), reference.random_raw(qtype, rows, cols, rng)), rng
+    if qtype in FLOAT_DTYPES:
+        raw = rng.normal(size=(rows, cols)).astype(FLOAT_DTYPES[qtype]).view(np.uint8)
+    elif qtype == T.BF16:
+        raw = (rng.normal(size=(rows, cols)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    else:
+        raw = reference.random_raw(qtype, rows, cols, rng)
+    return kernels.QTensor(qtype, (rows, cols), np.ascontiguousarray(raw)), rng
 
 
 def test_qtensor_checks_its_bytes():
