@@ -26,14 +26,20 @@ directives = {
     "initializedcheck": DEBUG,
 }
 
-extensions = [
-    Extension(
-        "kernels._dequant",
-        ["kernels/_dequant.pyx"],
-        include_dirs=[np.get_include()],
+
+def kernel_extension(name: str) -> Extension:
+    """kernels/<name>.pyx as the module kernels.<name> (kernels/ on the include path for the
+    hand-written SIMD headers)."""
+    return Extension(
+        f"kernels.{name}",
+        [f"kernels/{name}.pyx"],
+        include_dirs=[np.get_include(), "kernels"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
-    ),
-]
+    )
+
+
+# _dequant: block -> float32; _kquants: fused Q2_K..Q6_K matmul; _legacy: Q4_0..Q8_0 and floats
+extensions = [kernel_extension(name) for name in ("_dequant", "_kquants", "_legacy")]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives))

@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--cache-dir", default=None, help="where the model is cached (default ~/.cache/weightstream)")
     p.set_defaults(func=cmd_demo)
+
+    from .bench_cli import register as register_bench
+
+    register_bench(sub)  # weightstream bench kernels | decode | bandwidth
     return parser
 
 

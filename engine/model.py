@@ -72,7 +72,7 @@ class Model:
     def attention(self, i: int, L: LayerWeights, h: np.ndarray, positions: np.ndarray) -> np.ndarray:
         cfg = self.cfg
         n, H, Hkv, D = len(h), cfg.n_head, cfg.n_head_kv, cfg.head_dim
-        q, k, v = L.wq(h), L.wk(h), L.wv(h)  # [n, H*D], [n, Hkv*D], [n, Hkv*D]
+        q, k, v = L.wqkv(h)  # [n, H*D], [n, Hkv*D], [n, Hkv*D]
         if cfg.flags.qk_norm == "full":  # olmoe: norm over the whole projection, before splitting heads
             q, k = rms_norm(q, L.q_norm, cfg.rms_eps), rms_norm(k, L.k_norm, cfg.rms_eps)
         q, k, v = q.reshape(n, H, D), k.reshape(n, Hkv, D), v.reshape(n, Hkv, D)
@@ -97,7 +97,8 @@ class Model:
     # ---- feed-forward -------------------------------------------------------------------------
     @staticmethod
     def dense_ffn(ffn: FFN, h: np.ndarray) -> np.ndarray:
-        return ffn.down(silu(ffn.gate(h)) * ffn.up(h))
+        gate, up = ffn.gate_up(h)
+        return ffn.down(silu(gate) * up)
 
     def expert_ffn(self, gate, up, down, h: np.ndarray) -> np.ndarray:
         mm = kernels.matmul

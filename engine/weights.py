@@ -47,12 +47,40 @@ class Linear:
         return y
 
 
+class LinearGroup:
+    """Matrices applied to one input: returns [x @ A.T, x @ B.T, ...].
+
+    When all share a type (the usual case: Q/K/V, gate/up) their rows are concatenated once at
+    load, so a step pays one kernel call and one activation quantization instead of several; a
+    mixed-type group (llama.cpp's Q4_K_M keeps attn_v in Q6_K) calls each matrix in turn.
+    """
+
+    def __init__(self, parts: list[Linear]):
+        self.sizes = [p.shape[0] for p in parts]
+        self.splits = np.cumsum(self.sizes)[:-1]
+        first = parts[0]
+        if len({(p.qt.qtype, p.shape[1], p.dense is None) for p in parts}) == 1 and len(parts) > 1:
+            qt = QTensor(first.qt.qtype, (sum(self.sizes), first.shape[1]),
+                         np.concatenate([p.qt.data for p in parts]))
+            bias = None
+            if any(p.bias is not None for p in parts):
+                bias = np.concatenate([p.bias if p.bias is not None else np.zeros(p.shape[0], np.float32)
+                                       for p in parts])
+            self.parts = [Linear(qt, bias, first.dense is not None, first.threads, first.backend)]
+        else:
+            self.parts = parts
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        if len(self.parts) == 1:
+            return np.split(self.parts[0](x), self.splits, axis=1)
+        return [p(x) for p in self.parts]
+
+
 @dataclass
 class FFN:
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); gate_up holds [gate, up]."""
 
-    gate: Linear
-    up: Linear
+    gate_up: LinearGroup
     down: Linear
 
 
@@ -69,9 +97,7 @@ class MoEWeights:
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray  # float32[n_embd]
-    wq: Linear  # [n_head * head_dim, n_embd]
-    wk: Linear  # [n_head_kv * head_dim, n_embd]
-    wv: Linear  # [n_head_kv * head_dim, n_embd]
+    wqkv: LinearGroup  # q [n_head*head_dim, n_embd], k and v [n_head_kv*head_dim, n_embd]
     wo: Linear  # [n_embd, n_head * head_dim]
     q_norm: np.ndarray | None  # [head_dim] (per head) or [n_head*head_dim] (full), per arch flags
     k_norm: np.ndarray | None
@@ -119,9 +145,9 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None
             qn = kn = None
         layers.append(LayerWeights(
             attn_norm=vec(p + "attn_norm.weight", E),
-            wq=linear(p + "attn_q.weight", (H * D, E), p + "attn_q.bias" if bias else None),
-            wk=linear(p + "attn_k.weight", (Hkv * D, E), p + "attn_k.bias" if bias else None),
-            wv=linear(p + "attn_v.weight", (Hkv * D, E), p + "attn_v.bias" if bias else None),
+            wqkv=LinearGroup([linear(p + "attn_q.weight", (H * D, E), p + "attn_q.bias" if bias else None),
+                              linear(p + "attn_k.weight", (Hkv * D, E), p + "attn_k.bias" if bias else None),
+                              linear(p + "attn_v.weight", (Hkv * D, E), p + "attn_v.bias" if bias else None)]),
             wo=linear(p + "attn_output.weight", (E, H * D)),
             q_norm=qn, k_norm=kn,
             ffn_norm=vec(p + "ffn_norm.weight", E),
@@ -147,7 +173,7 @@ def _load_dense_ffn(f: GGUFFile, cfg: ModelConfig, p: str, linear) -> FFN:
     if cfg.n_ff and cfg.n_ff != n_ff:
         raise GGUFError(f"{f.path}: {p}ffn_gate.weight has {n_ff} rows, metadata feed_forward_length is {cfg.n_ff}")
     E = cfg.n_embd
-    return FFN(linear(p + "ffn_gate.weight", (n_ff, E)), linear(p + "ffn_up.weight", (n_ff, E)),
+    return FFN(LinearGroup([linear(p + "ffn_gate.weight", (n_ff, E)), linear(p + "ffn_up.weight", (n_ff, E))]),
                linear(p + "ffn_down.weight", (E, n_ff)))
 
 
@@ -167,7 +193,8 @@ def _load_moe(f: GGUFFile, cfg: ModelConfig, p: str, linear) -> MoEWeights:
     )
     if cfg.flags.shared_expert:
         n_sh = f.info(p + "ffn_gate_shexp.weight").shape[0]
-        moe.shared = FFN(linear(p + "ffn_gate_shexp.weight", (n_sh, E)), linear(p + "ffn_up_shexp.weight", (n_sh, E)),
+        moe.shared = FFN(LinearGroup([linear(p + "ffn_gate_shexp.weight", (n_sh, E)),
+                                      linear(p + "ffn_up_shexp.weight", (n_sh, E))]),
                          linear(p + "ffn_down_shexp.weight", (E, n_sh)))
         if p + "ffn_gate_inp_shexp.weight" in f:
             moe.shared_gate = f.array(p + "ffn_gate_inp_shexp.weight").reshape(E).astype(np.float32)

@@ -4,6 +4,10 @@ A tiny random-init transformers model of each case is converted to GGUF by our c
 engine's logits and greedy tokens must match transformers'. For F16 / BF16 / Q8_0 files the
 reference is the same transformers model with its weights replaced by their round-trip through
 that type (gguf's own quantize/dequantize), i.e. transformers on the values the file holds.
+
+The forward pass is checked with the "numpy" backend (float activations, the same math as
+transformers). The fused kernels round activations to int8 for block types as llama.cpp does;
+their logits are checked against the float ones separately, with the error that rounding costs.
 """
 import gguf
 import numpy as np
@@ -22,6 +26,8 @@ if smollm2_gguf_path() is None:
 N_TOKENS, N_GREEDY = 64, 32
 # max |ours - reference| allowed, as a fraction of the reference logits' largest magnitude
 TOLERANCE = {"f32": 1e-3, "f16": 1e-3, "bf16": 2e-3, "q8_0": 1e-3}
+# fused kernels vs the float path: NMSE of the logits (int8 activations cost ~1e-4 per matmul)
+FUSED_NMSE = {"f32": 1e-10, "f16": 1e-10, "bf16": 1e-10, "q8_0": 5e-3}  # MoE: near-tie routes flip
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -63,7 +69,7 @@ def test_logits_and_greedy_match_transformers(hf_case, out_type, tmp_path):
     gguf_path = convert_hf_to_gguf(hf_dir, tmp_path / f"{case}-{out_type}.gguf", out_type)
     reference = model if out_type == "f32" else round_trip(model, out_type)
     ids = prompt_ids(model.config.vocab_size)
-    with Engine.load(gguf_path, n_ctx=N_TOKENS + N_GREEDY + 8) as engine:
+    with Engine.load(gguf_path, n_ctx=N_TOKENS + N_GREEDY + 8, backend="numpy") as engine:
         ours = engine.logits(ids)
         with torch.no_grad():
             ref = reference(torch.tensor([ids])).logits[0].numpy()
@@ -79,3 +85,19 @@ def test_logits_and_greedy_match_transformers(hf_case, out_type, tmp_path):
                                          pad_token_id=engine.tokenizer.eos_id)
             theirs = [t for t in out[0, 8:].tolist() if t not in engine.tokenizer.eog_ids]
             assert mine == theirs, case
+
+
+@pytest.mark.parametrize("out_type", ["f32", "q8_0"])
+@pytest.mark.parametrize("backend", ["cython", "numba"])
+def test_fused_backends_match_the_float_path(hf_case, out_type, backend, tmp_path):
+    import kernels
+    from kernels.quantize import nmse
+
+    case, model, hf_dir = hf_case
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "q8_0": gguf.GGMLQuantizationType.Q8_0}[out_type]
+    if kernels.backends.kernel_for(backend, qtype) is None:
+        pytest.skip(f"no {backend} kernel for {out_type} here")
+    gguf_path = convert_hf_to_gguf(hf_dir, tmp_path / f"{case}-{out_type}.gguf", out_type)
+    ids = prompt_ids(model.config.vocab_size)
+    with Engine.load(gguf_path, backend="numpy") as float_engine, Engine.load(gguf_path, backend=backend) as fused:
+        assert nmse(fused.logits(ids), float_engine.logits(ids)) < FUSED_NMSE[out_type]

@@ -1,5 +1,9 @@
 """The real demo model, SmolLM2-135M-Instruct Q4_1, against Hugging Face transformers loading the
-same GGUF (dequantized to float32): greedy tokens, perplexity, and the engine against itself."""
+same GGUF (dequantized to float32): greedy tokens, perplexity, and the engine against itself.
+
+The strict comparisons use the "numpy" backend (float activations: the math transformers does).
+The default backend's fused kernels round activations to int8 per 32 values as llama.cpp does;
+they are held to the float path by logits NMSE, argmax agreement and perplexity."""
 import numpy as np
 import pytest
 
@@ -15,8 +19,25 @@ PROMPTS = [
 ]
 
 
+# fused (int8-activation) kernels vs the float path; measured on 2026-12-01: NMSE 6.3e-4, argmax
+# agreement 100%, perplexity +0.18%; on other prompts NMSE up to 1.8e-3 and one near-tie argmax in 15
+FUSED_LOGITS_NMSE = 5e-3
+FUSED_ARGMAX_AGREEMENT = 0.9
+FUSED_PERPLEXITY_REL = 0.005
+
+
 @pytest.fixture(scope="module")
 def engine(demo_model):
+    with Engine.load(demo_model, n_ctx=512, backend="numpy") as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def fused_engine(demo_model):
+    import kernels
+
+    if not kernels.backends.has_fused_kernel(kernels.backends.GGMLQuantizationType.Q4_1):
+        pytest.fail("no fused Q4_1 kernel built: the compiled kernels are missing")
     with Engine.load(demo_model, n_ctx=512) as e:
         yield e
 
@@ -79,7 +100,21 @@ def test_perplexity_matches_transformers(engine, hf_model):
     assert abs(ours - ref) / ref < 0.005, (ours, ref)
 
 
-def test_kv_cached_decode_equals_full_forward(engine):
+def test_fused_kernels_track_the_float_path(engine, fused_engine):
+    from kernels.quantize import nmse
+
+    ids = engine.tokenizer.encode(PROMPTS[1])
+    ref, got = engine.logits(ids), fused_engine.logits(ids)
+    assert nmse(got, ref) < FUSED_LOGITS_NMSE
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= FUSED_ARGMAX_AGREEMENT
+    text = pydoc_text()
+    ppl_float, ppl_fused = engine.perplexity(text, 256), fused_engine.perplexity(text, 256)
+    assert abs(ppl_fused - ppl_float) / ppl_float < FUSED_PERPLEXITY_REL, (ppl_fused, ppl_float)
+
+
+@pytest.mark.parametrize("which", ["engine", "fused_engine"])
+def test_kv_cached_decode_equals_full_forward(which, request):
+    engine = request.getfixturevalue(which)
     ids = engine.tokenizer.encode(PROMPTS[0] + " Paris, and the capital of Germany is Berlin.")
     full = engine.logits(ids)  # one forward over the whole sequence
     model, split = engine.model, 4
@@ -87,12 +122,20 @@ def test_kv_cached_decode_equals_full_forward(engine):
     for pos in range(split, len(ids)):  # then one token at a time through the KV cache
         steps.append(model.forward(ids[pos:pos + 1], pos))
     cached = np.concatenate(steps)
-    scale = np.abs(full).max()
-    assert np.abs(cached - full).max() <= 1e-4 * scale
-    assert (cached.argmax(-1) == full.argmax(-1)).all()
+    if which == "engine":
+        assert np.abs(cached - full).max() <= 1e-4 * np.abs(full).max()
+        assert (cached.argmax(-1) == full.argmax(-1)).all()
+    else:
+        # int8 activations: a last-bit difference between batched and single-row float math (BLAS
+        # in attention) can flip a rounding to int8, so the two differ at the rounding noise level
+        from kernels.quantize import nmse
+
+        assert nmse(cached, full) < FUSED_LOGITS_NMSE
+        assert (cached.argmax(-1) == full.argmax(-1)).mean() >= FUSED_ARGMAX_AGREEMENT
 
 
-def test_generate_text_is_english(engine):
+def test_generate_text_is_english(fused_engine):
+    engine = fused_engine
     text = engine.generate("The capital of France is", max_new_tokens=8)
     assert "Paris" in text
 

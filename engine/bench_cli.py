@@ -1,0 +1,106 @@
+"""`weightstream bench kernels | decode | bandwidth`: the argparse wiring (engine/cli.py calls
+register(sub)). Tables go to stdout as markdown; progress and the machine's load go to stderr."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """"14336x4096,768x2048" -> ((14336, 4096), (768, 2048)): W's rows x cols."""
+    try:
+        return tuple(tuple(int(d) for d in s.lower().split("x")) for s in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes are ROWSxCOLS, comma-separated: {text!r}") from None
+
+
+def register(subparsers) -> None:
+    """Add the `bench` command and its three subcommands to the top-level subparsers."""
+    p = subparsers.add_parser("bench", help="kernel throughput, prefill/decode speed, memory bandwidth")
+    sub = p.add_subparsers(dest="bench_command", required=True)
+
+    k = sub.add_parser("kernels", help="quantized matmul throughput against memory bandwidth")
+    k.add_argument("--types", type=_names, default=None, help="e.g. Q2_K,Q4_K (default: all seven)")
+    k.add_argument("--shapes", type=_shapes, default=None, help="W rows x cols, e.g. 14336x4096,768x2048")
+    k.add_argument("--threads", type=_ints, default=None, help="e.g. 1,2")
+    k.add_argument("--n", type=_ints, default=None, help="batch sizes, e.g. 1,8,64,512")
+    k.add_argument("--backends", type=_names, default=None, help="e.g. cython,numba,numpy (auto also allowed)")
+    k.add_argument("--repeats", type=int, default=None)
+    k.add_argument("--warm", action="store_true", help="reuse one copy of W (cache-resident when small)")
+    k.add_argument("--quick", action="store_true", help="Q2_K, dense shapes + one expert shape, n=1,64")
+    k.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    k.add_argument("--write-table", action="store_true",
+                   help="store the fastest backend per (type, n) for backend='auto' (kernels/backend_table.json)")
+    k.set_defaults(func=cmd_bench_kernels)
+
+    d = sub.add_parser("decode", help="prefill (pp) and decode (tg) tokens/s, as llama-bench")
+    d.add_argument("model", nargs="?", default="demo", help="GGUF path, or 'demo' (default): SmolLM2-135M Q4_1")
+    d.add_argument("-p", "--n-prompt", type=int, default=64)
+    d.add_argument("-n", "--n-gen", type=int, default=64)
+    d.add_argument("-t", "--threads", type=_ints, default=None, help="e.g. 2 or 1,2 (default: available cores)")
+    d.add_argument("--backend", default="auto", choices=["auto", "numpy", "cython", "numba"])
+    d.add_argument("-r", "--repetitions", type=int, default=3)
+    d.add_argument("--json", default=None, metavar="OUT")
+    d.set_defaults(func=cmd_bench_decode)
+
+    b = sub.add_parser("bandwidth", help="memory read bandwidth (the ceiling for matrix-vector kernels)")
+    b.add_argument("--threads", type=_ints, default=(1, 2))
+    b.add_argument("--size-mib", type=int, default=1024)
+    b.add_argument("--repeats", type=int, default=5)
+    b.set_defaults(func=cmd_bench_bandwidth)
+
+
+def _progress(r: dict) -> None:
+    from kernels.bench import format_row
+
+    print(format_row(r), file=sys.stderr, flush=True)
+
+
+def cmd_bench_kernels(args) -> int:
+    from kernels import bench
+
+    results = bench.run_suite(args.types, args.shapes, args.n, args.threads, args.backends, args.quick,
+                              repeats=args.repeats, cold=not args.warm, progress=_progress)
+    print(bench.format_table(results))
+    if args.json:
+        print(f"wrote {bench.save_results(results, args.json)}", file=sys.stderr)
+    if args.write_table:
+        print(f"wrote {bench.write_backend_table(results)}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench_decode(args) -> int:
+    from kernels.bench import save_results
+
+    from .bench_decode import bench_decode, format_decode
+
+    path = args.model
+    if path == "demo":
+        from .assets import demo_model_path
+
+        path = demo_model_path()
+    results = [bench_decode(path, args.n_prompt, args.n_gen, t, args.backend, args.repetitions)
+               for t in (args.threads or (None,))]
+    print(format_decode(results))
+    if args.json:
+        save_results({"decode": results}, args.json)
+    return 0
+
+
+def cmd_bench_bandwidth(args) -> int:
+    from kernels.bench import machine_info, memory_bandwidth
+
+    m = machine_info()
+    print(f"{m['cpu']}, {m['cores']} cores, {m['date']}, load {m['loadavg'][0]:.2f}")
+    for t in args.threads:
+        bw = memory_bandwidth(t, args.size_mib << 20, args.repeats)
+        print(f"memory read bandwidth, {t} thread{'s' if t > 1 else ''}: {bw / 1e9:.1f} GB/s")
+    return 0

@@ -1,0 +1,90 @@
+"""Prefill and decode speed of a model, measured as llama-bench does.
+
+pp<N>: one forward pass of N random token ids from an empty cache (prompt processing);
+tg<N>: N single-token forward passes from an empty cache (text generation). Random ids, as
+llama-bench uses: the speed does not depend on them, and no tokenizer or sampler time is counted.
+Each figure is the best of `repeats` runs, after one warm-up pass (Numba compiles on first use).
+
+"1 thread" pins OpenBLAS too (kernels.bench.blas_threads): otherwise the NumPy parts of the
+forward pass quietly use every core and a 1-thread figure is not comparable with llama.cpp -t 1.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from kernels import default_threads
+from kernels.bench import blas_threads, machine_info, machine_lines
+
+from .api import PREFILL_BATCH, Engine
+
+
+def _best(fn, repeats: int) -> tuple[float, list[float]]:
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return min(runs), runs
+
+
+def bench_decode(model_path, prompt_tokens: int = 64, gen_tokens: int = 64, threads: int | None = None,
+                 backend: str = "auto", repeats: int = 3, seed: int = 0) -> dict:
+    """{pp_tok_s, tg_tok_s, load_s, ...} for the model at model_path. prompt_tokens or gen_tokens
+    of 0 skips that test (its figures are None)."""
+    if prompt_tokens < 0 or gen_tokens < 0 or repeats < 1:
+        raise ValueError("bench_decode: prompt_tokens and gen_tokens must be >= 0 and repeats >= 1")
+    threads = threads or default_threads()
+    machine = machine_info()  # before we add our own load
+    with blas_threads(threads), Engine.load(model_path, threads=threads, backend=backend) as engine:
+        model, cfg = engine.model, engine.config
+        if max(prompt_tokens, gen_tokens) > model.n_ctx:
+            raise ValueError(f"bench_decode: {max(prompt_tokens, gen_tokens)} tokens exceed n_ctx={model.n_ctx}")
+        rng = np.random.default_rng(seed)
+        prompt = rng.integers(0, cfg.n_vocab, prompt_tokens)
+        gen = rng.integers(0, cfg.n_vocab, gen_tokens)
+
+        def prefill():
+            for s in range(0, prompt_tokens, PREFILL_BATCH):  # the batches Engine.generate uses
+                model.forward(prompt[s:s + PREFILL_BATCH], s)
+
+        def decode():
+            for pos, token in enumerate(gen):
+                model.forward(token[None], pos)
+
+        model.forward(prompt[:8] if prompt_tokens else gen[:1], 0)  # warm-up: JIT, first touches
+        model.forward(gen[:1] if gen_tokens else prompt[:1], 0)
+        pp_s, pp_runs = _best(prefill, repeats) if prompt_tokens else (None, [])
+        tg_s, tg_runs = _best(decode, repeats) if gen_tokens else (None, [])
+        info = dict(arch=cfg.arch, n_layer=cfg.n_layer, n_vocab=cfg.n_vocab)
+    return {"model": os.path.basename(str(model_path)), "path": str(model_path),
+            "size_bytes": os.path.getsize(model_path), **info, "threads": threads, "backend": backend,
+            "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeats": repeats,
+            "load_s": engine.load_s, "pp_s": pp_s, "tg_s": tg_s,
+            "pp_tok_s": prompt_tokens / pp_s if pp_s else None, "tg_tok_s": gen_tokens / tg_s if tg_s else None,
+            "pp_runs": pp_runs, "tg_runs": tg_runs, "machine": machine}
+
+
+DECODE_HEADER = ("| model | size | threads | backend | test | t/s | ms/token |\n"
+                 "|---|---:|---:|---|---|---:|---:|")
+
+
+def format_decode_rows(r: dict) -> list[str]:
+    head = f"| {r['model']} | {r['size_bytes'] / 2**20:.0f} MiB | {r['threads']} | {r['backend']} |"
+    rows = []
+    for test, tok_s in ((f"pp{r['prompt_tokens']}", r["pp_tok_s"]), (f"tg{r['gen_tokens']}", r["tg_tok_s"])):
+        if tok_s:
+            rows.append(f"{head} {test} | {tok_s:.1f} | {1e3 / tok_s:.2f} |")
+    return rows
+
+
+def format_decode(result) -> str:
+    """A llama-bench-like markdown table for one result or a list of them (e.g. one per thread count)."""
+    results = [result] if isinstance(result, dict) else list(result)
+    loads = ", ".join(f"{r['load_s']:.2f} s" for r in results)
+    lines = machine_lines(results[0]["machine"]) + [f"model load time: {loads}", "", DECODE_HEADER]
+    for r in results:
+        lines += format_decode_rows(r)
+    return "\n".join(lines)

@@ -1,0 +1,209 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False, language_level=3
+"""Fused dequantize-matmul for the k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), nogil, OpenMP.
+
+``matmul_into(x, w, qtype, out, threads)`` computes ``out[n, rows] = x[n, cols] @ W.T`` straight
+on the GGUF blocks of W, as llama.cpp does: the activations are first quantized to Q8_K (int8 per
+256 with a float scale, bit-exact with ``kernels.quantize.quantize_q8_k``), then each weight block
+is multiplied in integers (exact) and scaled once per block in float. The result therefore equals
+``kernels.quantize.matmul_q8_ref`` up to float summation order.
+
+Layout of the work:
+
+* Q8_K scratch for all n rows is made once per call (``qs`` int8[n, cols], ``d`` float[n, nb],
+  ``fb`` float[n, 16 nb] = d * bsum per 16, which carries the min / offset terms as one 16-lane
+  FMA per block).
+* Weight rows are split in groups of ``_WR`` over the threads (``prange``); inside a group, the
+  activation rows go in tiles of up to 6 (WS_KQ_NRMAX) and each weight row is unpacked once per tile, so an
+  unpacked block serves up to 6 activation rows from registers, while the group's weight bytes
+  and the tile's activations stay in L1/L2.
+* The per-block math lives in ``_kquants_simd.h``: AVX-512 VNNI/VBMI intrinsics when the compiler
+  targets them (-march=native on Zen 4 / Ice Lake and later), portable scalar C otherwise
+  (WEIGHTSTREAM_PORTABLE=1). ``SIMD`` says which one this build has.
+"""
+
+from cython.parallel cimport prange
+from libc.math cimport rintf, fabsf
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+cimport openmp
+
+cdef extern from "_kquants_simd.h" nogil:
+    int WS_KQ_AVX512
+    int WS_KQ_NRMAX
+    ctypedef struct ws_kq_act:
+        const int8_t *qx
+        const float *dx
+        const float *fb
+        int64_t qx_stride, dx_stride, fb_stride
+    int ws_kq_block_bytes(int qtype)
+    bint WS_KQ_PERMUTED(int qtype)
+    void ws_kq_rows(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a, int nr,
+                    float *accbuf, int first, int last, float *out, int64_t ostride)
+
+cdef enum:
+    QK_K = 256
+
+SUPPORTED = frozenset(int(t) for t in (GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K,
+                                       GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K,
+                                       GGMLQuantizationType.Q6_K))
+BLOCK_BYTES = {q: ws_kq_block_bytes(q) for q in SUPPORTED}
+SIMD = bool(WS_KQ_AVX512)
+
+# weight rows per work item: enough that a tile of activations is reused across them from cache
+cdef int _WR = 16
+# bytes of one activation row per block: 256 int8 + 16 float fb + 1 float d
+cdef int _ACT_BLOCK_BYTES = 256 + 64 + 4
+# L1 bytes for a tile's activations; the row tile is cut into block ranges that fit
+cdef int _L1_ACT = 16384
+cdef int _L1_MAX = 24576     # ... unless the whole tile fits in this (then no cut)
+
+
+def _tuning(wr=None, l1_act=None, l1_max=None):
+    """Set / read the tiling constants (for benchmarks): (weight rows per work item, L1 bytes for
+    a tile's activations, largest tile left uncut)."""
+    global _WR, _L1_ACT, _L1_MAX
+    if wr is not None:
+        _WR = max(1, int(wr))
+    if l1_act is not None:
+        _L1_ACT = max(1, int(l1_act))
+    if l1_max is not None:
+        _L1_MAX = max(1, int(l1_max))
+    return _WR, _L1_ACT, _L1_MAX
+
+
+cdef void _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, float *fb,
+                             bint permuted) noexcept nogil:
+    """ggml's quantize_row_q8_K_ref: per 256, the value of largest magnitude (first on ties) maps to
+    -127, q = nearest_int(iscale * x) (round half to even), capped at 127; d = 1 / iscale.
+    With ``permuted``, each block's quants are stored in the kernel's order (WS_KQ_PERMUTED)."""
+    cdef int64_t b, j, k
+    cdef const float *xb
+    cdef int8_t *qb
+    cdef int8_t tmp[QK_K]
+    cdef float amax, ax, vmax, iscale, db
+    cdef int v
+    cdef int32_t s
+    for b in range(nb):
+        xb = x + QK_K * b
+        qb = &tmp[0] if permuted else qs + QK_K * b
+        amax = 0
+        vmax = 0
+        for j in range(QK_K):
+            ax = fabsf(xb[j])
+            if ax > amax:
+                amax = ax
+                vmax = xb[j]
+        if amax == 0:
+            d[b] = 0
+            for j in range(QK_K):
+                qs[QK_K * b + j] = 0
+            for k in range(16):
+                fb[16 * b + k] = 0
+            continue
+        iscale = <float>(-127.0) / vmax     # float division, as the C reference
+        for j in range(QK_K):
+            v = <int>rintf(iscale * xb[j])
+            qb[j] = <int8_t>(v if v < 127 else 127)
+        db = <float>1.0 / iscale
+        d[b] = db
+        for k in range(16):
+            s = 0
+            for j in range(16):
+                s = s + qb[16 * k + j]
+            fb[16 * b + k] = db * <float>s
+        if permuted:   # element 128h + 32j + l -> position 64j + 32h + l
+            for j in range(QK_K):
+                qs[QK_K * b + 64 * ((j // 32) % 4) + 32 * (j // 128) + j % 32] = qb[j]
+
+
+cdef void _group(int qtype, const uint8_t *w, int64_t i0, int64_t i1, int64_t row_bytes,
+                 int64_t bb, int64_t n, int64_t rows, int64_t cols, const int8_t *qs,
+                 const float *dq, const float *fb, float *accbuf, float *out) noexcept nogil:
+    """Weight rows i0..i1 against all activation rows: tiles of up to WS_KQ_NRMAX (6) activation rows; each
+    tile in block ranges whose activations stay in L1 while the group's rows pass over them
+    (running sums in accbuf: 16 floats per (weight row, activation row))."""
+    cdef int64_t nb = cols // QK_K
+    cdef int64_t r0 = 0, b0, nbk, kc, i
+    cdef int nr
+    cdef ws_kq_act act
+    act.qx_stride = cols
+    act.dx_stride = nb
+    act.fb_stride = 16 * nb
+    while r0 < n:
+        nr = <int>min(<int64_t>WS_KQ_NRMAX, n - r0)
+        kc = nb
+        if nr * nb * _ACT_BLOCK_BYTES > _L1_MAX:
+            kc = max(<int64_t>1, _L1_ACT // (nr * _ACT_BLOCK_BYTES))
+        b0 = 0
+        while b0 < nb:
+            nbk = min(kc, nb - b0)
+            act.qx = qs + r0 * cols + QK_K * b0
+            act.dx = dq + r0 * nb + b0
+            act.fb = fb + r0 * 16 * nb + 16 * b0
+            for i in range(i0, i1):
+                ws_kq_rows(qtype, w + i * row_bytes + b0 * bb, nbk, &act, nr,
+                           accbuf + (i - i0) * 16 * WS_KQ_NRMAX, b0 == 0, b0 + nbk == nb,
+                           out + r0 * rows + i, rows)
+            b0 = b0 + nbk
+        r0 = r0 + nr
+
+
+cdef void _matmul_core(const float *x, const uint8_t *w, int qtype, float *out, int64_t n,
+                       int64_t rows, int64_t cols, int64_t bb, int8_t *qs, float *dq,
+                       float *fb, float *accbuf, int threads) noexcept nogil:
+    cdef int64_t nb = cols // QK_K
+    cdef int64_t r, g, i0
+    cdef int64_t ngroups = (rows + _WR - 1) // _WR
+    for r in prange(n, num_threads=threads, schedule="static"):
+        _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
+                           WS_KQ_PERMUTED(qtype))
+    for g in prange(ngroups, num_threads=threads, schedule="static"):
+        i0 = g * _WR
+        _group(qtype, w, i0, min(i0 + _WR, rows), nb * bb, bb, n, rows, cols, qs, dq, fb,
+               accbuf + openmp.omp_get_thread_num() * _WR * 16 * WS_KQ_NRMAX, out)
+
+
+def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float[:, ::1] out,
+                int threads=1):
+    """``out[n, rows] = x[n, cols] @ W.T``, W being ``rows`` GGUF rows of ``cols // 256`` blocks of
+    ``qtype`` (``w``: uint8[rows, row_bytes], C-contiguous). Activations are quantized to Q8_K on
+    the fly; ``threads`` OpenMP threads. Results do not depend on ``threads``."""
+    if qtype not in SUPPORTED:
+        names = ", ".join(GGMLQuantizationType(q).name for q in sorted(SUPPORTED))
+        try:
+            got = GGMLQuantizationType(qtype).name
+        except ValueError:
+            got = repr(qtype)
+        raise ValueError(f"matmul_into: GGML type {got} is not supported (supported: {names})")
+    if threads < 1:
+        raise ValueError(f"matmul_into: threads must be >= 1, got {threads}")
+    name = GGMLQuantizationType(qtype).name
+    cdef int64_t n = x.shape[0], cols = x.shape[1], rows = w.shape[0]
+    cdef int64_t bb = BLOCK_BYTES[qtype]
+    if cols % QK_K:
+        raise ValueError(f"matmul_into: x has {cols} columns, not a multiple of {QK_K} ({name} blocks)")
+    cdef int64_t nb = cols // QK_K
+    if w.shape[1] != nb * bb:
+        raise ValueError(f"matmul_into: {name} rows of {cols} elements need {nb * bb} bytes, "
+                         f"w has {w.shape[1]} bytes per row")
+    if out.shape[0] != n or out.shape[1] != rows:
+        raise ValueError(f"matmul_into: out must be float32[{n}, {rows}], got shape "
+                         f"[{out.shape[0]}, {out.shape[1]}]")
+    if n == 0 or rows == 0:
+        return
+    if cols == 0:
+        out[:, :] = 0
+        return
+    # Q8_K scratch for all activation rows, once per call
+    cdef int8_t[:, ::1] qs = np.empty((n, cols), dtype=np.int8)
+    cdef float[:, ::1] dq = np.empty((n, nb), dtype=np.float32)
+    cdef float[:, ::1] fb = np.empty((n, 16 * nb), dtype=np.float32)
+    # running sums of each thread's weight-row group (64-byte aligned rows of 16 floats)
+    acc_arr = np.empty(threads * _WR * 16 * WS_KQ_NRMAX + 16, dtype=np.float32)
+    cdef float[::1] acc = acc_arr[(-acc_arr.ctypes.data % 64) // 4:]
+    with nogil:
+        _matmul_core(&x[0, 0], &w[0, 0], qtype, &out[0, 0], n, rows, cols, bb,
+                     &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], threads)

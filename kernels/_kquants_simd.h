@@ -1,0 +1,456 @@
+/* Block kernels for kernels/_kquants.pyx: one k-quant weight row times 1..8 Q8_K activation rows.
+ *
+ * The Cython module quantizes the activations (Q8_K: int8 qs, float d per 256, and fb = d * bsum
+ * per 16 as float), tiles rows and threads; this header holds only the per-block math, as
+ * intrinsics (AVX-512 F/BW/VL + VNNI + VBMI + F16C, chosen at compile time) or as portable scalar C
+ * (any other build, e.g. WEIGHTSTREAM_PORTABLE=1). Both compute, per weight block and activation row,
+ *
+ *     acc += (d * dx) * sum_k sc_k * sum_{i in sub-block k} q'_i * x_i   (exact, int32)
+ *          - sum_k g_k * fb_k                                          (float, 16 lanes)
+ *
+ * with q' >= 0 an unsigned weight code and g_k the per-16 constant term:
+ *     Q2_K: q' = 2-bit q, sc = low nibble,      g = dmin * (high nibble)
+ *     Q3_K: q' = q + 4 (0..7), sc = 6-bit - 32, g = 4 * d * sc
+ *     Q4_K: q' = nibble,        sc = 6-bit,     g = dmin * m   (per 32: two 16s)
+ *     Q5_K: q' = nibble | hbit<<4,              as Q4_K
+ *     Q6_K: q' = q + 32 (0..63), sc = int8,     g = 32 * d * sc
+ * so the result equals dequant(W) . dequant(Q8_K(x)) up to float summation order.
+ *
+ * Vector layout: zmm p (p = 0..3) holds elements 64p..64p+63 of a block in natural order, so the
+ * activations are read as Q8_K stores them; each 128-bit lane of it is one 16-element sub-block.
+ * Q2_K: the four 2-bit codes and the 16 4-bit scales make a 64-byte table q * sc (<= 45) indexed by
+ * (sub-block << 2 | q), looked up with one vpermb; the weights are then already scaled and a
+ * single vpdpbusd per 64 weights does the rest. Others: vpmaddubsw (u8 x s8 -> s16 pairs), then
+ * vpdpwssd with the sub-block scales as int16 (s16 x s16 -> s32, accumulate).
+ */
+#ifndef WS_KQUANTS_SIMD_H
+#define WS_KQUANTS_SIMD_H
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__F16C__)
+#define WS_KQ_AVX512 1
+#include <immintrin.h>
+#else
+#define WS_KQ_AVX512 0
+#endif
+
+#define WS_KQ_NRMAX 6          /* activation rows per call (6: fastest tile measured on Zen 4) */
+
+/* A tile of Q8_K activation rows, pointers at row 0 and the first block of the call. */
+typedef struct {
+    const int8_t *qx;     /* int8 quants, row stride qx_stride (= cols) */
+    const float *dx;      /* block scales, row stride dx_stride (= nb) */
+    const float *fb;      /* d * bsum per 16, row stride fb_stride (= 16 nb) */
+    int64_t qx_stride, dx_stride, fb_stride;
+} ws_kq_act;
+
+enum { WS_Q2_K = 10, WS_Q3_K = 11, WS_Q4_K = 12, WS_Q5_K = 13, WS_Q6_K = 14 };
+
+/* 1 where the kernel reads each block's 256 int8 activations permuted: position 64j + 32h + l
+   holds element 128h + 32j + l, the order of Q2_K's 2-bit planes (plane j of qs[32h + l]), so
+   that one 64-byte load of qs feeds all four planes without cross-lane work. */
+#define WS_KQ_PERMUTED(qtype) (WS_KQ_AVX512 && (qtype) == WS_Q2_K)
+
+static inline int ws_kq_block_bytes(int qtype) {
+    switch (qtype) {
+    case WS_Q2_K: return 84;
+    case WS_Q3_K: return 110;
+    case WS_Q4_K: return 144;
+    case WS_Q5_K: return 176;
+    case WS_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+static inline uint16_t ws_kq_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
+static inline uint32_t ws_kq_u32(const uint8_t *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+/* IEEE binary16 -> binary32, exact (finite inputs, zeros and subnormals included). */
+static inline float ws_kq_half(const uint8_t *p) {
+    uint16_t h = ws_kq_u16(p);
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7FFFu, bits;
+    union { float f; uint32_t u; } r;
+    if (em >= 0x7C00u) bits = (em << 13) | 0x7F800000u;                 /* inf / nan */
+    else if (em >= 0x0400u) bits = (em << 13) + ((127u - 15u) << 23);     /* normal */
+    else { r.f = (float)em * 0x1p-24f; bits = r.u; }                    /* zero / subnormal */
+    r.u = sign | bits;
+    return r.f;
+}
+
+/* Q3_K's 12 bytes -> 16 unsigned 6-bit scales (ggml's kmask trick). */
+static inline void ws_kq_q3_scales(const uint8_t *s, uint32_t aux[4]) {
+    const uint32_t m1 = 0x03030303u, m2 = 0x0f0f0f0fu;
+    uint32_t a0 = ws_kq_u32(s), a1 = ws_kq_u32(s + 4), t = ws_kq_u32(s + 8);
+    aux[0] = (a0 & m2) | (((t >> 0) & m1) << 4);
+    aux[1] = (a1 & m2) | (((t >> 2) & m1) << 4);
+    aux[2] = ((a0 >> 4) & m2) | (((t >> 4) & m1) << 4);
+    aux[3] = ((a1 >> 4) & m2) | (((t >> 6) & m1) << 4);
+}
+
+/* Q4_K / Q5_K's 12 bytes -> bytes 0..7: the 8 scales, bytes 8..15: the 8 mins (6-bit). */
+static inline void ws_kq_k4_scales(const uint8_t *s, uint32_t u[4]) {
+    const uint32_t k1 = 0x3f3f3f3fu, k2 = 0x0f0f0f0fu, k3 = 0x03030303u;
+    uint32_t a = ws_kq_u32(s), b = ws_kq_u32(s + 4), c = ws_kq_u32(s + 8);
+    u[0] = a & k1;
+    u[1] = (c & k2) | (((a >> 6) & k3) << 4);
+    u[2] = b & k1;
+    u[3] = ((c >> 4) & k2) | (((b >> 6) & k3) << 4);
+}
+
+#if WS_KQ_AVX512
+
+#define WS_AI static inline __attribute__((always_inline))
+
+/* a zmm whose 128-bit lane m holds byte b_m (16 times) */
+#define WS_LANES8(b0, b1, b2, b3) _mm512_set_epi32( \
+    (b3) * 0x01010101, (b3) * 0x01010101, (b3) * 0x01010101, (b3) * 0x01010101, \
+    (b2) * 0x01010101, (b2) * 0x01010101, (b2) * 0x01010101, (b2) * 0x01010101, \
+    (b1) * 0x01010101, (b1) * 0x01010101, (b1) * 0x01010101, (b1) * 0x01010101, \
+    (b0) * 0x01010101, (b0) * 0x01010101, (b0) * 0x01010101, (b0) * 0x01010101)
+/* ... word w_m (8 times) */
+#define WS_LANES16(w0, w1, w2, w3) _mm512_set_epi32( \
+    (w3) * 0x10001, (w3) * 0x10001, (w3) * 0x10001, (w3) * 0x10001, \
+    (w2) * 0x10001, (w2) * 0x10001, (w2) * 0x10001, (w2) * 0x10001, \
+    (w1) * 0x10001, (w1) * 0x10001, (w1) * 0x10001, (w1) * 0x10001, \
+    (w0) * 0x10001, (w0) * 0x10001, (w0) * 0x10001, (w0) * 0x10001)
+/* lower 256 bits: a, upper: b (any element width, as a repeated 32-bit pattern) */
+#define WS_HALVES32(a, b) _mm512_inserti64x4(_mm512_set1_epi32(a), _mm256_set1_epi32(b), 1)
+
+/* One weight block, unpacked: 4 x 64 unsigned codes (Q2_K: already times its scale), the int16
+   sub-block scales matching each (not used by Q2_K), d and the 16 constant-term factors g. */
+typedef struct {
+    __m512i w[4];
+    __m512i s[4];
+    __m512 d;
+    __m512 g;
+} ws_ublk;
+
+WS_AI __m512i ws_bcast256(const uint8_t *p) {
+    return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
+}
+
+/* fp16 pair (d, dmin) at p -> zmm of d and zmm of dmin, from one load and one conversion */
+WS_AI void ws_bcast_half2(const uint8_t *p, __m512 *d, __m512 *dmin) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    const __m512 dm = _mm512_cvtph_ps(_mm256_set1_epi32(v));    /* d, dmin, d, dmin, ... */
+    *d = _mm512_permute_ps(dm, 0x00);
+    *dmin = _mm512_permute_ps(dm, 0x55);
+}
+
+WS_AI __m512 ws_bcast_half(const uint8_t *p) {
+    return _mm512_set1_ps(_cvtsh_ss(ws_kq_u16(p)));
+}
+
+/* int16 scales (in the low 16 words of sw) spread so 128-bit lane m of zmm p is sub-block 4p+m */
+WS_AI void ws_spread16(__m512i sw, __m512i s[4]) {
+    s[0] = _mm512_permutexvar_epi16(WS_LANES16(0, 1, 2, 3), sw);
+    s[1] = _mm512_permutexvar_epi16(WS_LANES16(4, 5, 6, 7), sw);
+    s[2] = _mm512_permutexvar_epi16(WS_LANES16(8, 9, 10, 11), sw);
+    s[3] = _mm512_permutexvar_epi16(WS_LANES16(12, 13, 14, 15), sw);
+}
+
+/* Q2_K (activations permuted, WS_KQ_PERMUTED): zmm j = plane j of the 64 qs bytes; its
+   128-bit lane m is sub-block 8(m / 2) + 2j + m % 2. The weights come out already multiplied by
+   their scales from one 64-entry byte table T looked up with vpermb (6-bit index). The planes'
+   2-bit codes are left where they sit in the byte (bits 0-1, 2-3, 4-5; plane 3 shifted down),
+   and each (plane, lane) gets its own index range around them:
+       plane 0: base + q (bases 20, 24, 28, 36)    plane 1: base + 4q  (bases 0..3)
+       plane 2: base + 16q (bases 0..3)            plane 3: base + q   (bases 44, 52, 56, 60)
+   so an index is (code bits & mask) | base: one vpternlogd, no shift for planes 0-2.
+   T[index] = q * sc[sub-block] is built by one vpermb of the scale bytes (ws_q2k_perm), a mask
+   keeping the low nibble where q >= 1, and two masked byte adds (x2 where q >= 2, +1x where 3). */
+static const uint8_t ws_q2k_perm[64] __attribute__((aligned(64))) = {
+    0, 0, 0, 0, 2, 3, 10, 11, 2, 3, 10, 11, 2, 3, 10, 11, 4, 5, 12, 13, 0, 0, 0, 0, 0, 1, 1, 1,
+    0, 8, 8, 8, 4, 5, 12, 13, 0, 9, 9, 9, 0, 0, 0, 0, 0, 6, 6, 6, 4, 5, 12, 13, 0, 7, 7, 7,
+    0, 14, 14, 14, 0, 15, 15, 15};
+static const uint8_t ws_q2k_nib[64] __attribute__((aligned(64))) = {
+    0, 0, 0, 0, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 0, 15, 15, 15,
+    0, 15, 15, 15, 0, 15, 15, 15, 15, 15, 15, 15, 0, 15, 15, 15, 0, 0, 0, 0, 0, 15, 15, 15,
+    15, 15, 15, 15, 0, 15, 15, 15, 0, 15, 15, 15, 0, 15, 15, 15};
+#define WS_Q2K_QGE2 0xcccfc0cfccc0ff00ull
+#define WS_Q2K_QEQ3 0x888f80808880f000ull
+
+WS_AI void ws_unpack_q2k(const uint8_t *b, ws_ublk *u) {
+    const __m128i sc = _mm_loadu_si128((const __m128i *)b);
+    __m512i t = _mm512_permutexvar_epi8(_mm512_load_si512(ws_q2k_perm), _mm512_castsi128_si512(sc));
+    t = _mm512_and_si512(t, _mm512_load_si512(ws_q2k_nib));
+    __m512i t2 = _mm512_mask_add_epi8(t, WS_Q2K_QGE2, t, t);
+    t2 = _mm512_mask_add_epi8(t2, WS_Q2K_QEQ3, t2, t);
+    const __m512i qs = _mm512_loadu_si512((const void *)(b + 16));
+    const __m512i m3 = _mm512_set1_epi8(3);
+    u->w[0] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(qs, m3, WS_LANES8(20, 24, 28, 36), 0xEA), t2);
+    u->w[1] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(qs, _mm512_set1_epi8(0x0C),
+                                      WS_LANES8(0, 1, 2, 3), 0xEA), t2);
+    u->w[2] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(qs, _mm512_set1_epi8(0x30),
+                                      WS_LANES8(0, 1, 2, 3), 0xEA), t2);
+    u->w[3] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(_mm512_srli_epi16(qs, 6), m3,
+                                      WS_LANES8(44, 52, 56, 60), 0xEA), t2);
+    __m512 dmin;
+    ws_bcast_half2(b + 80, &u->d, &dmin);
+    u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_cvtepu8_epi32(sc), 4)), dmin);
+}
+
+WS_AI void ws_unpack_q3k(const uint8_t *b, ws_ublk *u) {
+    uint32_t aux[4];
+    ws_kq_q3_scales(b + 96, aux);
+    const __m128i sc = _mm_sub_epi8(_mm_loadu_si128((const __m128i *)aux), _mm_set1_epi8(32));
+    ws_spread16(_mm512_castsi256_si512(_mm256_cvtepi8_epi16(sc)), u->s);
+    const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
+    const __m512i sh0 = WS_HALVES32(0, 0x00020002), sh1 = WS_HALVES32(0x00040004, 0x00060006);
+    const __m512i hm = ws_bcast256(b);
+    const __m512i lo = ws_bcast256(b + 32), hi = ws_bcast256(b + 64);
+    __m512i q;
+    /* zmm p = 2h + j2: low bits from qs half h at shifts 4*j2 (+2 upper), high bit 4h + 2*j2 (+1) */
+    q = _mm512_and_si512(_mm512_srlv_epi16(lo, sh0), three);
+    u->w[0] = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(hm, WS_HALVES32(0x01010101, 0x02020202)), q, four);
+    q = _mm512_and_si512(_mm512_srlv_epi16(lo, sh1), three);
+    u->w[1] = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(hm, WS_HALVES32(0x04040404, 0x08080808)), q, four);
+    q = _mm512_and_si512(_mm512_srlv_epi16(hi, sh0), three);
+    u->w[2] = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(hm, WS_HALVES32(0x10101010, 0x20202020)), q, four);
+    q = _mm512_and_si512(_mm512_srlv_epi16(hi, sh1), three);
+    u->w[3] = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(hm, WS_HALVES32(0x40404040, (int)0x80808080)), q, four);
+    u->d = ws_bcast_half(b + 108);
+    u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)),
+                         _mm512_mul_ps(u->d, _mm512_set1_ps(4.0f)));
+}
+
+/* Q4_K / Q5_K: scales and mins; zmm c holds sub-blocks 2c (low nibbles) and 2c+1 (high). */
+WS_AI void ws_k4_common(const uint8_t *b, ws_ublk *u) {
+    uint32_t sm[4];
+    ws_kq_k4_scales(b + 4, sm);
+    const __m128i v = _mm_loadu_si128((const __m128i *)sm);
+    const __m512i sw = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(v));
+    u->s[0] = _mm512_permutexvar_epi16(WS_HALVES32(0x00000000, 0x00010001), sw);
+    u->s[1] = _mm512_permutexvar_epi16(WS_HALVES32(0x00020002, 0x00030003), sw);
+    u->s[2] = _mm512_permutexvar_epi16(WS_HALVES32(0x00040004, 0x00050005), sw);
+    u->s[3] = _mm512_permutexvar_epi16(WS_HALVES32(0x00060006, 0x00070007), sw);
+    const __m128i mins = _mm_shuffle_epi8(v, _mm_set_epi8(15, 15, 14, 14, 13, 13, 12, 12,
+                                                          11, 11, 10, 10, 9, 9, 8, 8));
+    __m512 dmin;
+    ws_bcast_half2(b, &u->d, &dmin);
+    u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mins)), dmin);
+}
+
+WS_AI void ws_unpack_q4k(const uint8_t *b, ws_ublk *u) {
+    ws_k4_common(b, u);
+    const __m512i sh = WS_HALVES32(0, 0x00040004), m4 = _mm512_set1_epi8(0x0F);
+    for (int c = 0; c < 4; c++)
+        u->w[c] = _mm512_and_si512(_mm512_srlv_epi16(ws_bcast256(b + 16 + 32 * c), sh), m4);
+}
+
+WS_AI void ws_unpack_q5k(const uint8_t *b, ws_ublk *u) {
+    ws_k4_common(b, u);
+    const __m512i sh = WS_HALVES32(0, 0x00040004), m4 = _mm512_set1_epi8(0x0F);
+    const __m512i sixteen = _mm512_set1_epi8(16), qh = ws_bcast256(b + 16);
+    for (int c = 0; c < 4; c++) {
+        const __m512i q = _mm512_and_si512(_mm512_srlv_epi16(ws_bcast256(b + 48 + 32 * c), sh), m4);
+        const int lo = 1 << (2 * c), hi = 2 << (2 * c);
+        const __mmask64 k = _mm512_test_epi8_mask(qh, WS_HALVES32(lo * 0x01010101, (int)(hi * 0x01010101u)));
+        u->w[c] = _mm512_mask_add_epi8(q, k, q, sixteen);
+    }
+}
+
+WS_AI void ws_unpack_q6k(const uint8_t *b, ws_ublk *u) {
+    const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
+    ws_spread16(_mm512_castsi256_si512(_mm256_cvtepi8_epi16(sc)), u->s);
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+    const __m512i sh0 = WS_HALVES32(0, 0x00020002), sh1 = WS_HALVES32(0x00040004, 0x00060006);
+    for (int h = 0; h < 2; h++) {
+        const __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * h));
+        const __m512i qh = ws_bcast256(b + 128 + 32 * h);
+        /* zmm 2h + n: low nibble n of ql[64h..], top bits 2k of qh[32h..] (k = 2n, 2n + 1) */
+        __m512i t = _mm512_slli_epi16(_mm512_srlv_epi16(qh, sh0), 4);
+        u->w[2 * h] = _mm512_ternarylogic_epi32(t, m30, _mm512_and_si512(ql, m4), 0xEA);
+        t = _mm512_slli_epi16(_mm512_srlv_epi16(qh, sh1), 4);
+        u->w[2 * h + 1] = _mm512_ternarylogic_epi32(t, m30, _mm512_and_si512(_mm512_srli_epi16(ql, 4), m4), 0xEA);
+    }
+    u->d = ws_bcast_half(b + 208);
+    u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)),
+                         _mm512_mul_ps(u->d, _mm512_set1_ps(32.0f)));
+}
+
+/* nbk blocks of one weight row times nr activation rows, accumulated over calls: first starts
+   from zero (else from accbuf), last reduces into out[r * ostride] (else saves to accbuf).
+   qtype and nr are compile-time constants at every call site, so the switches fold away. */
+WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a,
+                          const int nr, float *accbuf, int first, int last, float *out,
+                          int64_t ostride) {
+    const int bb = ws_kq_block_bytes(qtype);
+    /* scale and min terms: two accumulators (two short dependency chains) when few rows */
+    const int split = nr <= 4;
+    __m512 acc[WS_KQ_NRMAX], accm[WS_KQ_NRMAX];
+    for (int r = 0; r < nr; r++) {
+        acc[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(accbuf + 16 * r);
+        accm[r] = _mm512_setzero_ps();
+    }
+    for (int64_t ib = 0; ib < nbk; ib++) {
+        ws_ublk u;
+        const uint8_t *blk = w + ib * bb;
+        switch (qtype) {
+        case WS_Q2_K: ws_unpack_q2k(blk, &u); break;
+        case WS_Q3_K: ws_unpack_q3k(blk, &u); break;
+        case WS_Q4_K: ws_unpack_q4k(blk, &u); break;
+        case WS_Q5_K: ws_unpack_q5k(blk, &u); break;
+        default:      ws_unpack_q6k(blk, &u); break;
+        }
+        for (int r = 0; r < nr; r++) {
+            const int8_t *x = a->qx + r * a->qx_stride + 256 * ib;
+            const float *f = a->fb + r * a->fb_stride + 16 * ib;
+            __m512i s;
+            if (qtype == WS_Q2_K) {
+                s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u.w[0], _mm512_loadu_si512((const void *)x));
+                s = _mm512_dpbusd_epi32(s, u.w[1], _mm512_loadu_si512((const void *)(x + 64)));
+                s = _mm512_dpbusd_epi32(s, u.w[2], _mm512_loadu_si512((const void *)(x + 128)));
+                s = _mm512_dpbusd_epi32(s, u.w[3], _mm512_loadu_si512((const void *)(x + 192)));
+            } else {
+                s = _mm512_dpwssd_epi32(_mm512_setzero_si512(),
+                        _mm512_maddubs_epi16(u.w[0], _mm512_loadu_si512((const void *)x)), u.s[0]);
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u.w[1], _mm512_loadu_si512((const void *)(x + 64))), u.s[1]);
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u.w[2], _mm512_loadu_si512((const void *)(x + 128))), u.s[2]);
+                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u.w[3], _mm512_loadu_si512((const void *)(x + 192))), u.s[3]);
+            }
+            const __m512 dd = _mm512_mul_ps(u.d, _mm512_set1_ps(a->dx[r * a->dx_stride + ib]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd, acc[r]);
+            if (split)
+                accm[r] = _mm512_fmadd_ps(u.g, _mm512_loadu_ps(f), accm[r]);
+            else
+                acc[r] = _mm512_fnmadd_ps(u.g, _mm512_loadu_ps(f), acc[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        const __m512 v = _mm512_sub_ps(acc[r], accm[r]);
+        if (last) out[r * ostride] = _mm512_reduce_add_ps(v);
+        else _mm512_storeu_ps(accbuf + 16 * r, v);
+    }
+}
+
+#define WS_KQ_NR_CASES(QT) \
+    switch (nr) { \
+    case 1: ws_kq_rows_avx(QT, w, nbk, a, 1, accbuf, first, last, out, ostride); break; \
+    case 2: ws_kq_rows_avx(QT, w, nbk, a, 2, accbuf, first, last, out, ostride); break; \
+    case 3: ws_kq_rows_avx(QT, w, nbk, a, 3, accbuf, first, last, out, ostride); break; \
+    case 4: ws_kq_rows_avx(QT, w, nbk, a, 4, accbuf, first, last, out, ostride); break; \
+    case 5: ws_kq_rows_avx(QT, w, nbk, a, 5, accbuf, first, last, out, ostride); break; \
+    default: ws_kq_rows_avx(QT, w, nbk, a, 6, accbuf, first, last, out, ostride); break; \
+    }
+
+#else  /* portable scalar path */
+
+typedef struct {
+    uint8_t q[256];     /* unsigned codes q' */
+    int32_t sc[16];     /* per 16-element sub-block */
+    float d;
+    float g[16];
+} ws_sblk;
+
+static void ws_unpack_scalar(int qtype, const uint8_t *b, ws_sblk *u) {
+    int k, i;
+    switch (qtype) {
+    case WS_Q2_K: {
+        float dmin = ws_kq_half(b + 82);
+        u->d = ws_kq_half(b + 80);
+        for (k = 0; k < 16; k++) { u->sc[k] = b[k] & 15; u->g[k] = dmin * (float)(b[k] >> 4); }
+        for (i = 0; i < 256; i++)
+            u->q[i] = (b[16 + 32 * (i / 128) + i % 32] >> (2 * ((i / 32) % 4))) & 3;
+        break;
+    }
+    case WS_Q3_K: {
+        uint32_t aux[4];
+        uint8_t s[16];
+        ws_kq_q3_scales(b + 96, aux);
+        memcpy(s, aux, 16);
+        u->d = ws_kq_half(b + 108);
+        for (k = 0; k < 16; k++) { u->sc[k] = (int)s[k] - 32; u->g[k] = 4.0f * u->d * (float)u->sc[k]; }
+        for (i = 0; i < 256; i++) {
+            int low = (b[32 + 32 * (i / 128) + i % 32] >> (2 * ((i / 32) % 4))) & 3;
+            int hbit = (b[i % 32] >> (i / 32)) & 1;
+            u->q[i] = (uint8_t)(low + 4 * hbit);
+        }
+        break;
+    }
+    case WS_Q4_K:
+    case WS_Q5_K: {
+        uint32_t sm[4];
+        uint8_t s[16];
+        const uint8_t *qs = b + (qtype == WS_Q4_K ? 16 : 48);
+        float dmin = ws_kq_half(b + 2);
+        ws_kq_k4_scales(b + 4, sm);
+        memcpy(s, sm, 16);
+        u->d = ws_kq_half(b);
+        for (k = 0; k < 16; k++) { u->sc[k] = s[k / 2]; u->g[k] = dmin * (float)s[8 + k / 2]; }
+        for (i = 0; i < 256; i++) {
+            int q = (qs[32 * (i / 64) + i % 32] >> (4 * ((i / 32) % 2))) & 15;
+            if (qtype == WS_Q5_K) q |= ((b[16 + i % 32] >> (i / 32)) & 1) << 4;
+            u->q[i] = (uint8_t)q;
+        }
+        break;
+    }
+    default: {  /* Q6_K */
+        u->d = ws_kq_half(b + 208);
+        for (k = 0; k < 16; k++) { u->sc[k] = (int8_t)b[192 + k]; u->g[k] = 32.0f * u->d * (float)u->sc[k]; }
+        for (i = 0; i < 256; i++) {
+            int h = i / 128, kk = (i / 32) % 4, l = i % 32;
+            int low = (b[64 * h + 32 * (kk % 2) + l] >> (4 * (kk / 2))) & 15;
+            int high = (b[128 + 32 * h + l] >> (2 * kk)) & 3;
+            u->q[i] = (uint8_t)(low | (high << 4));
+        }
+        break;
+    }
+    }
+}
+
+static void ws_kq_rows_scalar(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a,
+                              int nr, float *accbuf, int first, int last, float *out,
+                              int64_t ostride) {
+    const int bb = ws_kq_block_bytes(qtype);
+    float acc[WS_KQ_NRMAX];
+    ws_sblk u;
+    for (int r = 0; r < nr; r++) acc[r] = first ? 0.0f : accbuf[16 * r];
+    for (int64_t ib = 0; ib < nbk; ib++) {
+        ws_unpack_scalar(qtype, w + ib * bb, &u);
+        for (int r = 0; r < nr; r++) {
+            const int8_t *x = a->qx + r * a->qx_stride + 256 * ib;
+            const float *f = a->fb + r * a->fb_stride + 16 * ib;
+            int32_t s = 0;
+            float m = 0.0f;
+            for (int k = 0; k < 16; k++) {
+                int32_t p = 0;
+                for (int i = 0; i < 16; i++) p += (int32_t)u.q[16 * k + i] * x[16 * k + i];
+                s += u.sc[k] * p;
+                m += u.g[k] * f[k];
+            }
+            acc[r] += u.d * a->dx[r * a->dx_stride + ib] * (float)s - m;
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        if (last) out[r * ostride] = acc[r];
+        else accbuf[16 * r] = acc[r];
+    }
+}
+
+#endif
+
+/* W_row . x_r over nbk blocks for r < nr (1..WS_KQ_NRMAX), as ws_kq_rows_avx above: accbuf holds the
+   running sums (16 floats per row) between calls over consecutive block ranges. */
+static void ws_kq_rows(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a, int nr,
+                       float *accbuf, int first, int last, float *out, int64_t ostride) {
+#if WS_KQ_AVX512
+    switch (qtype) {
+    case WS_Q2_K: WS_KQ_NR_CASES(WS_Q2_K); break;
+    case WS_Q3_K: WS_KQ_NR_CASES(WS_Q3_K); break;
+    case WS_Q4_K: WS_KQ_NR_CASES(WS_Q4_K); break;
+    case WS_Q5_K: WS_KQ_NR_CASES(WS_Q5_K); break;
+    default:      WS_KQ_NR_CASES(WS_Q6_K); break;
+    }
+#else
+    ws_kq_rows_scalar(qtype, w, nbk, a, nr, accbuf, first, last, out, ostride);
+#endif
+}
+
+#endif /* WS_KQUANTS_SIMD_H */

@@ -1,0 +1,243 @@
+"""Numba fused dequantize-matmul kernels: out = x @ W.T straight on GGUF block bytes.
+
+Public: ``SUPPORTED`` and ``matmul_into(x, w, qtype, out, threads)``. The wrapper checks its
+inputs and raises ValueError naming the problem; the ``_*_kernel`` cores in
+``numba_kquants.py`` (k-quants) and ``numba_legacy.py`` (32-element and dense types) trust
+theirs (stumpy's ``stump`` / ``_stump``).
+
+Strategy per type (measured; see the issue's report):
+
+* Q2_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 on a CPU with AVX-512 BW + VNNI (``HAVE_SIMD``):
+  activations quantized to int8 here, exactly as ``kernels.quantize`` (Q8_K / Q8_0 / Q8_1), and
+  integer dot products written as explicit LLVM vector IR (``vpmaddubsw`` / ``vpdpbusd``).
+  Reference: ``kernels.quantize.matmul_q8_ref``.
+* Q3_K, Q4_K, Q5_K, Q6_K (and Q2_K without AVX-512): Q8_K activations, each super-block
+  unpacked once to int16 with its scales folded in and dotted with every activation row in
+  plain Numba loops (LLVM vectorises them). Reference: ``kernels.quantize.matmul_q8_ref``.
+* F32, F16, BF16 (and the 32-element types without AVX-512): float32 activations, weights
+  dequantized exactly into a small float buffer, then dotted. Reference:
+  ``kernels.reference.matmul_ref``.
+
+All kernels split rows over threads with ``prange`` (16 rows per task) and reuse each unpacked
+block across the activation rows of a tile (``tile_rows``: the tile's int8 activations stay in
+L2). Every core is ``cache=True``: the first call in a fresh environment compiles (seconds per
+type), later processes load the cache.
+"""
+from __future__ import annotations
+
+import os
+
+import llvmlite.binding as llvm
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from numba import njit, prange
+
+from . import formats
+from . import numba_kquants as kq
+from . import numba_legacy as lg
+from .numba_legacy import F32, JIT, round_f16, tile_rows
+
+__all__ = ["SUPPORTED", "HAVE_SIMD", "matmul_into", "quantize_q8_k", "quantize_q8_0", "strategy"]
+
+SUPPORTED: frozenset[T] = frozenset({
+    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
+    T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
+    T.F32, T.F16, T.BF16,
+})
+
+
+def _have_simd() -> bool:
+    """AVX-512 BW/VL + VNNI on the host, and Numba compiling for the host CPU."""
+    if os.environ.get("WEIGHTSTREAM_NUMBA_SIMD", "1") == "0":
+        return False
+    if numba.config.CPU_NAME not in (None, "host"):
+        return False  # e.g. NUMBA_CPU_NAME=generic for a portable cache: keep to plain loops
+    features = llvm.get_host_cpu_features()
+    return all(features.get(f, False) for f in ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"))
+
+
+HAVE_SIMD = _have_simd()
+
+_K_QUANTS = frozenset({T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K})
+_LEGACY = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0})
+
+
+def strategy(qtype, simd: bool = HAVE_SIMD) -> str:
+    """Which kernel tier runs qtype: 'simd-int8', 'int16' (Q8_K activations, plain loops) or
+    'float' (float32 activations)."""
+    qt = T(qtype)
+    if simd and (qt.name in kq.SIMD_KERNELS or qt.name in lg.SIMD_KERNELS):
+        return "simd-int8"
+    return "int16" if qt in _K_QUANTS else "float"
+
+
+# ---------------------------------------------------------------------------
+# Activation quantizers (bit-exact with kernels.quantize; no fastmath)
+# ---------------------------------------------------------------------------
+
+
+_IDENTITY_256 = np.arange(256, dtype=np.int64)
+
+
+@njit(parallel=True, **JIT)
+def _quantize_q8_k(x, pos, qs, d, bsums):
+    """x float32[n, cols] -> block-major qs int8[nb, n, 256] (element k of a block stored at
+    pos[k]), d float32[nb, n], bsums int16[nb, n, 16] (nb = cols // 256)."""
+    n, cols = x.shape
+    for i in prange(n):
+        for b in range(cols // 256):
+            o = 256 * b
+            amax = F32(0.0)
+            vmax = F32(0.0)
+            for k in range(256):
+                v = x[i, o + k]
+                if abs(v) > amax:  # strict: the first of equal magnitudes wins, as the C loop
+                    amax = abs(v)
+                    vmax = v
+            if amax == F32(0.0):
+                qs[b, i, :] = 0
+                bsums[b, i, :] = 0
+                d[b, i] = F32(0.0)
+                continue
+            iscale = F32(-127.0) / vmax
+            for s in range(16):
+                acc = 0
+                for k in range(16):
+                    q = np.int32(min(np.rint(iscale * x[i, o + 16 * s + k]), F32(127.0)))
+                    qs[b, i, pos[16 * s + k]] = q
+                    acc += q
+                bsums[b, i, s] = acc
+            d[b, i] = F32(1.0) / iscale
+
+
+@njit(parallel=True, **JIT)
+def _quantize_q8_0(x, qs, d, qsum):
+    """x float32[n, cols] -> block-major qs int8[nb, n, 32], d float32[nb, n] (fp16-rounded, as
+    stored in block_q8_0 / block_q8_1), qsum int32[nb, n] (Q8_1's s is d * qsum), nb = cols // 32."""
+    n, cols = x.shape
+    for i in prange(n):
+        for b in range(cols // 32):
+            o = 32 * b
+            amax = F32(0.0)
+            for k in range(32):
+                amax = max(amax, abs(x[i, o + k]))
+            db = amax / F32(127.0)
+            inv = F32(1.0) / db if db != F32(0.0) else F32(0.0)
+            acc = 0
+            for k in range(32):
+                v = x[i, o + k] * inv
+                q = np.int32(np.floor(abs(v) + F32(0.5)))  # roundf (half away from 0), in float32
+                q = q if v >= F32(0.0) else -q
+                qs[b, i, k] = q
+                acc += q
+            qsum[b, i] = acc
+            d[b, i] = round_f16(db)
+
+
+def quantize_q8_k(x: np.ndarray, perm: np.ndarray | None = None):
+    """Q8_K of x as kernels.quantize.quantize_q8_k, block-major: (qs int8[nb, n, 256],
+    d float32[nb, n], bsums int16[nb, n, 16]). With `perm`, qs[b, i, k] is element perm[k]."""
+    n, cols = x.shape
+    nb = cols // 256
+    pos = _IDENTITY_256 if perm is None else np.argsort(perm)
+    qs = np.empty((nb, n, 256), np.int8)
+    d = np.empty((nb, n), np.float32)
+    bsums = np.empty((nb, n, 16), np.int16)
+    _quantize_q8_k(x, pos, qs, d, bsums)
+    return qs, d, bsums
+
+
+def quantize_q8_0(x: np.ndarray):
+    """Q8_0 of x as kernels.quantize.quantize_q8_0, block-major: (qs int8[nb, n, 32],
+    d float32[nb, n], qsum int32[nb, n]); Q8_1's quants and d are the same."""
+    n, cols = x.shape
+    nb = cols // 32
+    qs = np.empty((nb, n, 32), np.int8)
+    d = np.empty((nb, n), np.float32)
+    qsum = np.empty((nb, n), np.int32)
+    _quantize_q8_0(x, qs, d, qsum)
+    return qs, d, qsum
+
+
+# ---------------------------------------------------------------------------
+# Public wrapper
+# ---------------------------------------------------------------------------
+
+
+def _check(x, w, qtype, out, threads) -> T:
+    try:
+        qt = T(qtype)
+    except ValueError:
+        raise ValueError(f"unknown GGML type {qtype!r}") from None
+    if qt not in SUPPORTED:
+        raise ValueError(f"GGML type {qt.name} is not supported by the numba backend "
+                         f"(supported: {', '.join(sorted(t.name for t in SUPPORTED))})")
+    for name, a, dtype in (("x", x, np.float32), ("w", w, np.uint8), ("out", out, np.float32)):
+        if not isinstance(a, np.ndarray):
+            raise ValueError(f"{name} must be a NumPy array, got {type(a).__name__}")
+        if a.dtype != dtype or a.ndim != 2:
+            raise ValueError(f"{name} must be a 2-D {np.dtype(dtype).name} array, got {a.dtype}{list(a.shape)}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError("out must be writeable")
+    n, cols = x.shape
+    elements, nbytes = formats.block_size(qt)
+    if cols % elements:
+        raise ValueError(f"{qt.name}: x has {cols} columns, not a multiple of the {elements}-element block")
+    if w.shape[1] != cols // elements * nbytes:
+        raise ValueError(f"{qt.name}: w has {w.shape[1]} bytes per row; {cols} columns need "
+                         f"{cols // elements * nbytes}")
+    if out.shape != (n, w.shape[0]):
+        raise ValueError(f"out must have shape (n, rows) = {(n, w.shape[0])}, got {out.shape}")
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    if np.shares_memory(out, x) or np.shares_memory(out, w):
+        raise ValueError("out must not overlap x or w")
+    return qt
+
+
+def _run(x, w, qt: T, out, simd: bool) -> None:
+    """Dispatch to a kernel tier (inputs already checked, n, rows, cols > 0)."""
+    kind = strategy(qt, simd)
+    if qt in _K_QUANTS:
+        if kind == "simd-int8":
+            kernel, perm = kq.SIMD_KERNELS[qt.name]
+            qs, d, bsums = quantize_q8_k(x, perm)
+            kernel(qs, d, bsums, w, out, tile_rows(x.shape[1]))
+        else:
+            qs, d, bsums = quantize_q8_k(x)
+            kq.GENERIC_KERNELS[qt.name](qs, d, bsums, w, out)
+    elif qt in _LEGACY:
+        if kind == "simd-int8":
+            qs, d, qsum = quantize_q8_0(x)
+            lg.SIMD_KERNELS[qt.name](qs, d, qsum, w, out, tile_rows(x.shape[1]))
+        else:
+            lg.GENERIC_KERNELS[qt.name](x, w, out)
+    else:
+        lg._dense_kernel(lg.DENSE_KIND[qt.name], x, w, out)
+
+
+def matmul_into(x: np.ndarray, w: np.ndarray, qtype, out: np.ndarray, threads: int, *,
+                _simd: bool | None = None) -> None:
+    """out[n, rows] = x[n, cols] @ W.T, W being `rows` GGUF rows of `qtype` blocks in w.
+
+    x: float32[n, cols], C-contiguous; w: uint8[rows, row_bytes(qtype, cols)], C-contiguous;
+    out: float32[n, rows], C-contiguous, overwritten; threads: threads to use (capped at
+    NUMBA_NUM_THREADS); the previous Numba thread count is restored afterwards. Raises
+    ValueError on any mismatch. (`_simd=False` forces the portable tier, for tests.)
+    """
+    qt = _check(x, w, qtype, out, threads)
+    n, cols = x.shape
+    if n == 0 or w.shape[0] == 0:
+        return
+    if cols == 0:
+        out.fill(0)
+        return
+    prev = numba.get_num_threads()
+    numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    try:
+        _run(x, w, qt, out, HAVE_SIMD if _simd is None else (_simd and HAVE_SIMD))
+    finally:
+        numba.set_num_threads(prev)

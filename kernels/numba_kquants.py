@@ -1,0 +1,358 @@
+"""Numba kernels for the k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), Q8_K activations.
+
+Used through ``kernels.numba_kernels.matmul_into``; everything here trusts its inputs.
+Activations arrive quantized as ``kernels.quantize.quantize_q8_k`` does (bit for bit): quants,
+one float scale ``xd`` per 256 values and ``bsums``, the sums of each 16 quants, through which
+the weights' mins are applied once per sub-block. Reference: ``kernels.quantize.matmul_q8_ref``.
+
+Two tiers:
+
+* ``_q2_k_simd_kernel`` (AVX-512 BW): per 256-weight super-block, the 64 bytes of 2-bit quants
+  are split into four 64-lane byte planes (shift + mask, once per weight row and block), each
+  multiplied with 64 int8 activations by ``vpmaddubsw`` (u8 x s8 -> pairs summed in int16, no
+  saturation possible: 2 * 3 * 127 < 2^15), then by the 4-bit sub-block scales with
+  ``vpmaddwd`` (int16 pairs -> int32); the int32 lanes are turned to float and scaled by
+  ``d * xd`` into 16 float lanes per activation row, reduced once per row. The activation quants
+  are stored permuted (``perm_q2_k``) so that plane j of the weights meets them in order.
+  Written as explicit LLVM vector IR in an ``@intrinsic`` (LLVM does not vectorise the unpack of
+  16-element sub-blocks from plain loops: measured 30x slower).
+* ``_q*_k_kernel`` (generic, any CPU): each super-block is unpacked once into an int16 buffer
+  with its sub-block scales folded in (``sc * q``) and dotted in int32 with every activation row
+  (LLVM emits ``vpdpwssd`` for that loop); one float multiply-add per block and row.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .numba_legacy import (F32, FASTMATH, FLT, I8, I16, I32, JIT, ROWS_PER_TASK, arr, bcast, c64,
+                           call, f16, half_at, hsum, splat, vec, vload)
+
+
+@njit(inline="always")
+def _dot_i16_256(buf, xr, xo):
+    """int32 sum of buf[k] * xr[xo + k], k < 256 (int16 x int16 -> vpdpwssd)."""
+    isum = np.int32(0)
+    for k in range(256):
+        isum = np.int32(isum + np.int32(buf[k]) * np.int32(xr[xo + k]))
+    return isum
+
+
+# ---------------------------------------------------------------------------
+# k-quant unpackers: one 256-weight super-block at byte `o` of row `wr` -> int16 sc * q in
+# buf[256], mins in mins[16] (Q2_K) / mins[8] (Q4_K, Q5_K). Layouts: kernels/formats.py.
+# ---------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _unpack_q2_k(wr, o, buf, mins):
+    # element 16 s + l (s = 8 h + 2 j + half) is bits 2j.. of qs[32 h + 16 half + l]
+    for s in range(16):
+        sc = np.int16(wr[o + s] & 15)
+        mins[s] = np.int32(wr[o + s] >> 4)
+        qo = o + 16 + 32 * (s >> 3) + 16 * (s & 1)
+        shift = 2 * ((s >> 1) & 3)
+        for l in range(16):
+            buf[16 * s + l] = np.int16((wr[qo + l] >> shift) & 3) * sc
+
+
+@njit(inline="always")
+def _unpack_q3_k(wr, o, buf):
+    # hmask[32] @0, qs[64] @32, scales[12] @96, d @108
+    for s in range(16):
+        if s < 8:
+            low = np.int32(wr[o + 96 + s]) & 15
+        else:
+            low = np.int32(wr[o + 96 + s - 8]) >> 4
+        high = (np.int32(wr[o + 104 + (s & 3)]) >> (2 * (s >> 2))) & 3
+        sc = np.int16((low | (high << 4)) - 32)
+        h = s >> 3
+        j = (s >> 1) & 3
+        lo = 16 * (s & 1)
+        for l in range(16):
+            q2 = np.int16((wr[o + 32 + 32 * h + lo + l] >> (2 * j)) & 3)
+            hb = np.int16((wr[o + lo + l] >> (4 * h + j)) & 1)
+            buf[16 * s + l] = (q2 - np.int16(4) + np.int16(4) * hb) * sc
+
+
+@njit(inline="always")
+def _k4_scale_min(wr, p, j):
+    """get_scale_min_k4: 6-bit scale and min j of the 12 packed bytes at wr[p:]."""
+    if j < 4:
+        return np.int16(wr[p + j] & 63), np.int32(wr[p + j + 4] & 63)
+    sc = (wr[p + j + 4] & 15) | ((wr[p + j - 4] >> 6) << 4)
+    m = (wr[p + j + 4] >> 4) | ((wr[p + j] >> 6) << 4)
+    return np.int16(sc), np.int32(m)
+
+
+@njit(inline="always")
+def _unpack_q4_k(wr, o, buf, mins):
+    # d @0, dmin @2, scales[12] @4, qs[128] @16; element 32 s + l: nibble s & 1 of qs[32 (s >> 1) + l]
+    for s in range(8):
+        sc, m = _k4_scale_min(wr, o + 4, s)
+        mins[s] = m
+        qo = o + 16 + 32 * (s >> 1)
+        shift = 4 * (s & 1)
+        for l in range(32):
+            buf[32 * s + l] = np.int16((wr[qo + l] >> shift) & 15) * sc
+
+
+@njit(inline="always")
+def _unpack_q5_k(wr, o, buf, mins):
+    # d @0, dmin @2, scales[12] @4, qh[32] @16, qs[128] @48; fifth bit of 32 s + l: bit s of qh[l]
+    for s in range(8):
+        sc, m = _k4_scale_min(wr, o + 4, s)
+        mins[s] = m
+        qo = o + 48 + 32 * (s >> 1)
+        shift = 4 * (s & 1)
+        for l in range(32):
+            q = ((wr[qo + l] >> shift) & 15) | (((wr[o + 16 + l] >> s) & 1) << 4)
+            buf[32 * s + l] = np.int16(q) * sc
+
+
+@njit(inline="always")
+def _unpack_q6_k(wr, o, buf):
+    # ql[128] @0, qh[64] @128, scales int8[16] @192, d @208;
+    # element 128 h + 32 k + l: nibble k >> 1 of ql[64 h + 32 (k & 1) + l], bits 2k of qh[32 h + l]
+    for s in range(16):
+        sc = np.int16(np.int8(wr[o + 192 + s]))
+        h = s >> 3
+        k = (s >> 1) & 3
+        lo = 16 * (s & 1)
+        qlo = o + 64 * h + 32 * (k & 1) + lo
+        qho = o + 128 + 32 * h + lo
+        for l in range(16):
+            q = ((wr[qlo + l] >> (4 * (k >> 1))) & 15) | (((wr[qho + l] >> (2 * k)) & 3) << 4)
+            buf[16 * s + l] = (np.int16(q) - np.int16(32)) * sc
+
+
+# ---------------------------------------------------------------------------
+# k-quant kernels (Q8_K activations: xq int16[n, cols], xd float32[n, nb], bsums int32[n, cols//16])
+# ---------------------------------------------------------------------------
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q2_k_kernel(xq, xd, bsums, w, out):
+    nb, n, _ = xq.shape
+    rows = w.shape[0]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        buf = np.empty(256, np.int16)
+        mins = np.empty(16, np.int32)
+        acc = np.empty(n, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            wr = w[r]
+            acc[:] = 0
+            for b in range(nb):
+                o = 84 * b
+                _unpack_q2_k(wr, o, buf, mins)
+                d = f16(wr, o + 80)
+                dmin = f16(wr, o + 82)
+                for i in range(n):
+                    isum = _dot_i16_256(buf, xq[b, i], 0)
+                    summs = np.int32(0)
+                    for s in range(16):
+                        summs = np.int32(summs + mins[s] * bsums[b, i, s])
+                    acc[i] += xd[b, i] * (d * F32(isum) - dmin * F32(summs))
+            for i in range(n):
+                out[i, r] = acc[i]
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q3_k_kernel(xq, xd, bsums, w, out):
+    nb, n, _ = xq.shape
+    rows = w.shape[0]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        buf = np.empty(256, np.int16)
+        acc = np.empty(n, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            wr = w[r]
+            acc[:] = 0
+            for b in range(nb):
+                o = 110 * b
+                _unpack_q3_k(wr, o, buf)
+                d = f16(wr, o + 108)
+                for i in range(n):
+                    isum = _dot_i16_256(buf, xq[b, i], 0)
+                    acc[i] += xd[b, i] * d * F32(isum)
+            for i in range(n):
+                out[i, r] = acc[i]
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q4_k_kernel(xq, xd, bsums, w, out):
+    nb, n, _ = xq.shape
+    rows = w.shape[0]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        buf = np.empty(256, np.int16)
+        mins = np.empty(8, np.int32)
+        acc = np.empty(n, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            wr = w[r]
+            acc[:] = 0
+            for b in range(nb):
+                o = 144 * b
+                _unpack_q4_k(wr, o, buf, mins)
+                d = f16(wr, o)
+                dmin = f16(wr, o + 2)
+                for i in range(n):
+                    isum = _dot_i16_256(buf, xq[b, i], 0)
+                    summs = np.int32(0)
+                    for s in range(8):
+                        bs = np.int32(bsums[b, i, 2 * s]) + np.int32(bsums[b, i, 2 * s + 1])
+                        summs = np.int32(summs + mins[s] * bs)
+                    acc[i] += xd[b, i] * (d * F32(isum) - dmin * F32(summs))
+            for i in range(n):
+                out[i, r] = acc[i]
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q5_k_kernel(xq, xd, bsums, w, out):
+    nb, n, _ = xq.shape
+    rows = w.shape[0]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        buf = np.empty(256, np.int16)
+        mins = np.empty(8, np.int32)
+        acc = np.empty(n, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            wr = w[r]
+            acc[:] = 0
+            for b in range(nb):
+                o = 176 * b
+                _unpack_q5_k(wr, o, buf, mins)
+                d = f16(wr, o)
+                dmin = f16(wr, o + 2)
+                for i in range(n):
+                    isum = _dot_i16_256(buf, xq[b, i], 0)
+                    summs = np.int32(0)
+                    for s in range(8):
+                        bs = np.int32(bsums[b, i, 2 * s]) + np.int32(bsums[b, i, 2 * s + 1])
+                        summs = np.int32(summs + mins[s] * bs)
+                    acc[i] += xd[b, i] * (d * F32(isum) - dmin * F32(summs))
+            for i in range(n):
+                out[i, r] = acc[i]
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q6_k_kernel(xq, xd, bsums, w, out):
+    nb, n, _ = xq.shape
+    rows = w.shape[0]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        buf = np.empty(256, np.int16)
+        acc = np.empty(n, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            wr = w[r]
+            acc[:] = 0
+            for b in range(nb):
+                o = 210 * b
+                _unpack_q6_k(wr, o, buf)
+                d = f16(wr, o + 208)
+                for i in range(n):
+                    isum = _dot_i16_256(buf, xq[b, i], 0)
+                    acc[i] += xd[b, i] * d * F32(isum)
+            for i in range(n):
+                out[i, r] = acc[i]
+
+
+
+# ---------------------------------------------------------------------------
+# Q2_K SIMD kernel
+# ---------------------------------------------------------------------------
+
+# Activation order within a super-block for the SIMD Q2_K kernel: position 64 j + l holds element
+# 128 (l // 32) + 32 j + l % 32, i.e. the element that bits 2j..2j+1 of qs[l] belong to.
+PERM_Q2_K = np.array([128 * (l // 32) + 32 * j + l % 32 for j in range(4) for l in range(64)], np.int64)
+
+
+@intrinsic
+def _q2_k_rows(typingctx, wr, xq, xd, bsums, acc, out, r, i0, i1):
+    """out[i, r] = row wr . activation row i for i0 <= i < i1. Activations block-major: xq
+    int8[nb, n, 256] in PERM_Q2_K order, xd float32[nb, n], bsums int16[nb, n, 16]; acc: float32
+    scratch[16 * (i1 - i0)]."""
+    sig = types.void(wr, xq, xd, bsums, acc, out, r, i0, i1)
+
+    def codegen(context, builder, signature, args):
+        tys = signature.args
+        pw, _ = arr(context, builder, tys[0], args[0])
+        px, (nb, n, _) = arr(context, builder, tys[1], args[1])  # [nb, n, 256]
+        pxd, _ = arr(context, builder, tys[2], args[2])
+        pbs, _ = arr(context, builder, tys[3], args[3])
+        pacc, _ = arr(context, builder, tys[4], args[4])
+        pout, (_, rows) = arr(context, builder, tys[5], args[5])
+        r_, i0_, i1_ = args[6], args[7], args[8]
+        nt = builder.sub(i1_, i0_)
+        v16f = vec(FLT, 16)
+        zero16f = ir.Constant(v16f, [ir.Constant(FLT, 0.0)] * 16)
+
+        def acc_ptr(k):
+            return builder.bitcast(builder.gep(pacc, [builder.mul(k, c64(16))]), v16f.as_pointer())
+
+        with cgutils.for_range(builder, nt) as li:
+            builder.store(zero16f, acc_ptr(li.index), align=4)
+        with cgutils.for_range(builder, nb) as lb:
+            b = lb.index
+            pb = builder.gep(pw, [builder.mul(b, c64(84))])  # scales[16] @0, qs[64] @16, d @80, dmin @82
+            scales = vload(builder, pb, c64(0), vec(I8, 16))
+            qs = vload(builder, pb, c64(16), vec(I8, 64))
+            d = half_at(builder, pb, c64(80))
+            dmin = half_at(builder, pb, c64(82))
+            sc16 = builder.zext(builder.and_(scales, splat(I8, 16, 15)), vec(I16, 16))
+            mins = builder.zext(builder.lshr(scales, splat(I8, 16, 4)), vec(I16, 16))
+            planes, plane_scales = [], []
+            for j in range(4):
+                planes.append(builder.and_(builder.lshr(qs, splat(I8, 64, 2 * j)), splat(I8, 64, 3)))
+                # int16 lane t of vpmaddubsw's result covers plane bytes 2t, 2t + 1: sub-block
+                # 2j (bytes 0-15), 2j + 1 (16-31), 8 + 2j (32-47), 9 + 2j (48-63)
+                mask = [2 * j] * 8 + [2 * j + 1] * 8 + [8 + 2 * j] * 8 + [9 + 2 * j] * 8
+                plane_scales.append(builder.shuffle_vector(sc16, sc16, ir.Constant(vec(I32, 32), mask)))
+            with cgutils.for_range(builder, nt) as li:
+                i = builder.add(i0_, li.index)
+                ib = builder.add(builder.mul(b, n), i)
+                xo = builder.mul(ib, c64(256))
+                s = None
+                for j in range(4):
+                    x = vload(builder, px, builder.add(xo, c64(64 * j)), vec(I8, 64))
+                    p = call(builder, "llvm.x86.avx512.pmaddubs.w.512", vec(I16, 32),
+                             [vec(I8, 64), vec(I8, 64)], [planes[j], x])
+                    t = call(builder, "llvm.x86.avx512.pmaddw.d.512", vec(I32, 16),
+                             [vec(I16, 32), vec(I16, 32)], [p, plane_scales[j]])
+                    s = t if s is None else builder.add(s, t)
+                bo = builder.mul(ib, c64(16))
+                bs = vload(builder, pbs, bo, vec(I16, 16))
+                mv = call(builder, "llvm.x86.avx2.pmadd.wd", vec(I32, 8), [vec(I16, 16), vec(I16, 16)], [mins, bs])
+                mv = builder.shuffle_vector(mv, ir.Constant(vec(I32, 8), [ir.Constant(I32, 0)] * 8),
+                                            ir.Constant(vec(I32, 16), list(range(16))))
+                dx = builder.load(builder.gep(pxd, [ib]))
+                pa = acc_ptr(li.index)
+                a = builder.load(pa, align=4)
+                a = builder.fadd(a, builder.fmul(builder.sitofp(s, v16f), bcast(builder, builder.fmul(d, dx), 16)))
+                a = builder.fsub(a, builder.fmul(builder.sitofp(mv, v16f), bcast(builder, builder.fmul(dmin, dx), 16)))
+                builder.store(a, pa, align=4)
+        with cgutils.for_range(builder, nt) as li:
+            total = hsum(builder, builder.load(acc_ptr(li.index), align=4))
+            i = builder.add(i0_, li.index)
+            builder.store(total, builder.gep(pout, [builder.add(builder.mul(i, rows), r_)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q2_k_simd_kernel(xq, xd, bsums, w, out, nt):
+    n = xq.shape[1]
+    rows = w.shape[0]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        acc = np.empty(16 * nt, np.float32)
+        r0 = task * ROWS_PER_TASK
+        r1 = min(rows, r0 + ROWS_PER_TASK)
+        for i0 in range(0, n, nt):
+            i1 = min(n, i0 + nt)
+            for r in range(r0, r1):
+                _q2_k_rows(w[r], xq, xd, bsums, acc, out, r, i0, i1)
+
+
+SIMD_KERNELS = {"Q2_K": (_q2_k_simd_kernel, PERM_Q2_K)}
+GENERIC_KERNELS = {"Q2_K": _q2_k_kernel, "Q3_K": _q3_k_kernel, "Q4_K": _q4_k_kernel,
+                   "Q5_K": _q5_k_kernel, "Q6_K": _q6_k_kernel}

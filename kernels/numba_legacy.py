@@ -1,0 +1,445 @@
+"""Numba kernels for the legacy 32-element block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the
+dense types (F32, F16, BF16), plus the LLVM-IR helpers that numba_kquants.py shares.
+
+Used through ``kernels.numba_kernels.matmul_into``; everything here trusts its inputs.
+
+Two tiers per legacy type:
+
+* ``_<type>_simd_kernel``: int8 activations (Q8_0 for Q4_0 / Q5_0 / Q8_0, Q8_1 for Q4_1 / Q5_1:
+  int8 quants, fp16-rounded scale ``xd`` and ``qsum``, the sum of a block's quants). The block
+  dot is one ``vpdpbusd`` (unsigned weight byte x signed activation byte, AVX-512 VNNI) on 32
+  bytes, emitted as explicit LLVM vector IR by an ``@intrinsic``; signed weights are made
+  unsigned by an offset (q + 8, q + 16, q + 128) that is taken back exactly in int32 as
+  ``offset * qsum``; Q4_1 / Q5_1's min enters as ``m * xd * qsum``, the exact sum of the block's
+  dequantized activations. Per block and row: a float FMA into 8 lanes, reduced once per row.
+  Reference: ``kernels.quantize.matmul_q8_ref``.
+* ``_<type>_kernel`` (generic, any CPU): each row's blocks are dequantized exactly as
+  ``kernels.reference`` into a float32 buffer of up to 256 values, then dotted with float32
+  activations. Reference: ``kernels.reference.matmul_ref``.
+
+The dense types only have the float path (F16 through ``vcvtph2ps``).
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+F32 = np.float32
+FASTMATH = {"reassoc", "contract", "nsz"}  # no 'arcp' / 'afn': no approximate division
+JIT = dict(cache=True, nogil=True)
+ROWS_PER_TASK = 16  # rows per prange task: buffers are allocated once per task
+
+# ---------------------------------------------------------------------------
+# Scalar helpers
+# ---------------------------------------------------------------------------
+
+
+@intrinsic
+def _f16_bits_to_f32(typingctx, h):
+    """uint16 bits of an IEEE binary16 -> float32, exact (LLVM fpext half: vcvtph2ps)."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def round_f16(typingctx, v):
+    """float32 -> nearest binary16 (ties to even) -> float32, as NumPy's astype(float16)."""
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _u32_bits_to_f32(typingctx, u):
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def f16(wr, off):
+    """The little-endian fp16 at byte `off` of the uint8 row `wr`, as float32."""
+    return _f16_bits_to_f32(np.uint16(wr[off]) | (np.uint16(wr[off + 1]) << np.uint16(8)))
+
+
+@njit(inline="always")
+def dot_f32(buf, xr, xo, ne):
+    s = F32(0.0)
+    for k in range(ne):
+        s += buf[k] * xr[xo + k]
+    return s
+
+
+# ---------------------------------------------------------------------------
+# LLVM IR helpers for the SIMD intrinsics (AVX-512 BW / VNNI; see numba_kernels.HAVE_SIMD)
+# ---------------------------------------------------------------------------
+
+I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+FLT = ir.FloatType()
+
+
+def vec(t, n):
+    return ir.VectorType(t, n)
+
+
+def splat(t, n, v):
+    return ir.Constant(vec(t, n), [ir.Constant(t, v)] * n)
+
+
+def c64(v):
+    return ir.Constant(I64, v)
+
+
+def arr(context, builder, aty, val):
+    """(data pointer, [shape...]) of a Numba array argument."""
+    a = context.make_array(aty)(context, builder, val)
+    return a.data, cgutils.unpack_tuple(builder, a.shape, aty.ndim)
+
+
+def vload(builder, base, off, vty):
+    """Unaligned vector load of vty at element offset `off` of pointer `base`."""
+    p = builder.gep(base, [off])
+    return builder.load(builder.bitcast(p, vty.as_pointer()), align=1)
+
+
+def call(builder, name, ret, argtys, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, argtys), name)
+    return builder.call(fn, args)
+
+
+def bcast(builder, v, n):
+    first = builder.insert_element(ir.Constant(vec(v.type, n), ir.Undefined), v, ir.Constant(I32, 0))
+    return builder.shuffle_vector(first, first, ir.Constant(vec(I32, n), [0] * n))
+
+
+def half_at(builder, base, off):
+    """The fp16 at byte offset `off` of uint8 pointer `base`, as float."""
+    h = builder.load(builder.bitcast(builder.gep(base, [off]), I16.as_pointer()), align=1)
+    return builder.fpext(builder.bitcast(h, ir.HalfType()), FLT)
+
+
+def hsum(builder, v):
+    """Tree sum of the lanes of a float vector (a power-of-two width)."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(vec(I32, n), list(range(n))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(vec(I32, n), list(range(n, 2 * n))))
+        v = builder.fadd(lo, hi)
+    return builder.extract_element(v, ir.Constant(I32, 0))
+
+
+def dpbusd256(builder, acc, u, s):
+    """acc<8 x i32> += sums of 4 products u8 x s8 (vpdpbusd ymm)."""
+    return call(builder, "llvm.x86.avx512.vpdpbusd.256", vec(I32, 8),
+                [vec(I32, 8), vec(I8, 32), vec(I8, 32)], [acc, u, s])
+
+
+def tile_rows(cols):
+    """Activation rows per tile, a multiple of 4: the int8 tile stays in L2 (~256 KiB) while a
+    task's rows reuse it."""
+    return max(4, min(64, 262144 // max(cols, 1)) // 4 * 4)
+
+
+# ---------------------------------------------------------------------------
+# SIMD kernels (int8 activations)
+# ---------------------------------------------------------------------------
+
+# kind -> (block bytes, weight offset added to make it unsigned (0: has a min instead), has min)
+_LEGACY = {"q4_0": (18, 8, False), "q4_1": (20, 0, True), "q5_0": (22, 16, False),
+           "q5_1": (24, 0, True), "q8_0": (34, 128, False)}
+
+
+def _weights_u8(builder, pb, kind):
+    """(<32 x i8> unsigned weights, d, m or None) of the block at uint8 pointer pb."""
+    d = half_at(builder, pb, c64(0))
+    m = half_at(builder, pb, c64(2)) if kind in ("q4_1", "q5_1") else None
+    if kind == "q8_0":
+        return builder.xor(vload(builder, pb, c64(2), vec(I8, 32)), splat(I8, 32, 0x80)), d, m
+    qs_off = {"q4_0": 2, "q4_1": 4, "q5_0": 6, "q5_1": 8}[kind]
+    qs = vload(builder, pb, c64(qs_off), vec(I8, 16))
+    lo = builder.and_(qs, splat(I8, 16, 15))
+    hi = builder.lshr(qs, splat(I8, 16, 4))
+    q = builder.shuffle_vector(lo, hi, ir.Constant(vec(I32, 32), list(range(32))))
+    if kind in ("q5_0", "q5_1"):
+        qh_off = 2 if kind == "q5_0" else 4  # little-endian uint32: bit j is element j's fifth bit
+        bits = builder.load(builder.bitcast(builder.gep(pb, [c64(qh_off)]), I32.as_pointer()), align=1)
+        hb = builder.zext(builder.bitcast(bits, vec(I1, 32)), vec(I8, 32))
+        q = builder.or_(q, builder.shl(hb, splat(I8, 32, 4)))
+    return q, d, m
+
+
+def _make_legacy_rows(kind, K):
+    """An intrinsic computing out[i0 + k, r] for k < K (K activation rows at once, each with
+    an 8-lane float accumulator kept in registers)."""
+    nbytes, offset, has_min = _LEGACY[kind]
+
+    @intrinsic
+    def rows_dot(typingctx, wr, xq, xd, qsum, out, r, i0):
+        """Activations block-major: xq int8[nb, n, 32], xd float32[nb, n], qsum int32[nb, n]."""
+        sig = types.void(wr, xq, xd, qsum, out, r, i0)
+
+        def codegen(context, builder, signature, args):
+            tys = signature.args
+            pw, _ = arr(context, builder, tys[0], args[0])
+            px, (nb, n, _) = arr(context, builder, tys[1], args[1])
+            pxd, _ = arr(context, builder, tys[2], args[2])
+            pqs, _ = arr(context, builder, tys[3], args[3])
+            pout, (_, rows) = arr(context, builder, tys[4], args[4])
+            r_, i0_ = args[5], args[6]
+            v8f, v8i = vec(FLT, 8), vec(I32, 8)
+            zf, zi = ir.Constant(v8f, [ir.Constant(FLT, 0.0)] * 8), ir.Constant(v8i, [ir.Constant(I32, 0)] * 8)
+            accs = [cgutils.alloca_once_value(builder, zf) for _ in range(K)]
+            with cgutils.for_range(builder, nb) as lb:
+                b = lb.index
+                wq, d, m = _weights_u8(builder, builder.gep(pw, [builder.mul(b, c64(nbytes))]), kind)
+                base = builder.add(builder.mul(b, n), i0_)  # (b, i0) in [nb, n]
+                for k in range(K):
+                    ib = builder.add(base, c64(k))
+                    x = vload(builder, px, builder.mul(ib, c64(32)), vec(I8, 32))
+                    s = dpbusd256(builder, zi, wq, x)
+                    qsum = builder.load(builder.gep(pqs, [ib]))
+                    if offset:  # take the unsigned offset back, exactly: sum (q + c) x - c sum x
+                        s = builder.sub(s, builder.insert_element(
+                            zi, builder.mul(qsum, ir.Constant(I32, offset)), ir.Constant(I32, 0)))
+                    dx = builder.load(builder.gep(pxd, [ib]))
+                    t = builder.fmul(builder.sitofp(s, v8f), bcast(builder, builder.fmul(d, dx), 8))
+                    if has_min:  # m * (sum of the block's dequantized activations) = m * dx * qsum
+                        mt = builder.fmul(builder.fmul(m, dx), builder.sitofp(qsum, FLT))
+                        t = builder.fadd(t, builder.insert_element(zf, mt, ir.Constant(I32, 0)))
+                    builder.store(builder.fadd(builder.load(accs[k]), t), accs[k])
+            for k in range(K):
+                i = builder.add(i0_, c64(k))
+                builder.store(hsum(builder, builder.load(accs[k])),
+                              builder.gep(pout, [builder.add(builder.mul(i, rows), r_)]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return rows_dot
+
+
+_ROWS4 = {k: _make_legacy_rows(k, 4) for k in _LEGACY}
+_ROWS1 = {k: _make_legacy_rows(k, 1) for k in _LEGACY}
+_q4_0_rows4, _q4_0_rows1 = _ROWS4["q4_0"], _ROWS1["q4_0"]
+_q4_1_rows4, _q4_1_rows1 = _ROWS4["q4_1"], _ROWS1["q4_1"]
+_q5_0_rows4, _q5_0_rows1 = _ROWS4["q5_0"], _ROWS1["q5_0"]
+_q5_1_rows4, _q5_1_rows1 = _ROWS4["q5_1"], _ROWS1["q5_1"]
+_q8_0_rows4, _q8_0_rows1 = _ROWS4["q8_0"], _ROWS1["q8_0"]
+
+
+@njit(inline="always")
+def _simd_rows(kind, xq, xd, qsum, w, out, task, nt):
+    """Rows of one task against all activation rows, a tile of nt (a multiple of 4) at a time:
+    the tile stays in L2 while the task's rows (also in L2) stream past it in groups of 4."""
+    n = xq.shape[1]
+    r0 = task * ROWS_PER_TASK
+    r1 = min(w.shape[0], r0 + ROWS_PER_TASK)
+    for t0 in range(0, n, nt):
+        t1 = min(n, t0 + nt)
+        for r in range(r0, r1):
+            wr = w[r]
+            i = t0
+            while i + 4 <= t1:
+                if kind == 0:
+                    _q4_0_rows4(wr, xq, xd, qsum, out, r, i)
+                elif kind == 1:
+                    _q4_1_rows4(wr, xq, xd, qsum, out, r, i)
+                elif kind == 2:
+                    _q5_0_rows4(wr, xq, xd, qsum, out, r, i)
+                elif kind == 3:
+                    _q5_1_rows4(wr, xq, xd, qsum, out, r, i)
+                else:
+                    _q8_0_rows4(wr, xq, xd, qsum, out, r, i)
+                i += 4
+            while i < t1:
+                if kind == 0:
+                    _q4_0_rows1(wr, xq, xd, qsum, out, r, i)
+                elif kind == 1:
+                    _q4_1_rows1(wr, xq, xd, qsum, out, r, i)
+                elif kind == 2:
+                    _q5_0_rows1(wr, xq, xd, qsum, out, r, i)
+                elif kind == 3:
+                    _q5_1_rows1(wr, xq, xd, qsum, out, r, i)
+                else:
+                    _q8_0_rows1(wr, xq, xd, qsum, out, r, i)
+                i += 1
+
+
+# One cached kernel per type (the `kind` constant is folded after inlining).
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q4_0_simd_kernel(xq, xd, qsum, w, out, nt):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _simd_rows(0, xq, xd, qsum, w, out, task, nt)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q4_1_simd_kernel(xq, xd, qsum, w, out, nt):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _simd_rows(1, xq, xd, qsum, w, out, task, nt)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q5_0_simd_kernel(xq, xd, qsum, w, out, nt):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _simd_rows(2, xq, xd, qsum, w, out, task, nt)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q5_1_simd_kernel(xq, xd, qsum, w, out, nt):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _simd_rows(3, xq, xd, qsum, w, out, task, nt)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q8_0_simd_kernel(xq, xd, qsum, w, out, nt):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _simd_rows(4, xq, xd, qsum, w, out, task, nt)
+
+
+# ---------------------------------------------------------------------------
+# Generic kernels (float activations): exact dequantization of up to 8 blocks, then a float dot
+# ---------------------------------------------------------------------------
+
+
+@njit(inline="always")
+def _deq_block(kind, wr, o, fbuf, p):
+    """Dequantize the block at byte `o` of row `wr` into fbuf[p:p + 32] as kernels.reference."""
+    if kind == 0:  # Q4_0: (nibble - 8) * d
+        d = f16(wr, o)
+        for l in range(16):
+            q = wr[o + 2 + l]
+            fbuf[p + l] = F32(np.int32(q & 15) - 8) * d
+            fbuf[p + 16 + l] = F32(np.int32(q >> 4) - 8) * d
+    elif kind == 1:  # Q4_1: nibble * d + m
+        d = f16(wr, o)
+        m = f16(wr, o + 2)
+        for l in range(16):
+            q = wr[o + 4 + l]
+            fbuf[p + l] = F32(q & 15) * d + m
+            fbuf[p + 16 + l] = F32(q >> 4) * d + m
+    elif kind == 2:  # Q5_0: ((nibble | fifth bit << 4) - 16) * d
+        d = f16(wr, o)
+        for l in range(16):
+            q = wr[o + 6 + l]
+            h0 = (wr[o + 2 + (l >> 3)] >> (l & 7)) & 1
+            h1 = (wr[o + 4 + (l >> 3)] >> (l & 7)) & 1
+            fbuf[p + l] = F32(np.int32((q & 15) | (h0 << 4)) - 16) * d
+            fbuf[p + 16 + l] = F32(np.int32((q >> 4) | (h1 << 4)) - 16) * d
+    elif kind == 3:  # Q5_1: (nibble | fifth bit << 4) * d + m
+        d = f16(wr, o)
+        m = f16(wr, o + 2)
+        for l in range(16):
+            q = wr[o + 8 + l]
+            h0 = (wr[o + 4 + (l >> 3)] >> (l & 7)) & 1
+            h1 = (wr[o + 6 + (l >> 3)] >> (l & 7)) & 1
+            fbuf[p + l] = F32((q & 15) | (h0 << 4)) * d + m
+            fbuf[p + 16 + l] = F32((q >> 4) | (h1 << 4)) * d + m
+    else:  # Q8_0: q * d
+        d = f16(wr, o)
+        for l in range(32):
+            fbuf[p + l] = F32(np.int8(wr[o + 2 + l])) * d
+
+
+@njit(inline="always")
+def _generic_rows(kind, bbytes, x, w, out, task, fbuf, acc):
+    n = x.shape[0]
+    nb = x.shape[1] // 32
+    r0 = task * ROWS_PER_TASK
+    for r in range(r0, min(w.shape[0], r0 + ROWS_PER_TASK)):
+        wr = w[r]
+        acc[:] = 0
+        for c0 in range(0, nb, 8):
+            nbl = min(8, nb - c0)
+            for bl in range(nbl):
+                _deq_block(kind, wr, bbytes * (c0 + bl), fbuf, 32 * bl)
+            for i in range(n):
+                acc[i] += dot_f32(fbuf, x[i], 32 * c0, 32 * nbl)
+        for i in range(n):
+            out[i, r] = acc[i]
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q4_0_kernel(x, w, out):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _generic_rows(0, 18, x, w, out, task, np.empty(256, np.float32), np.empty(x.shape[0], np.float32))
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q4_1_kernel(x, w, out):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _generic_rows(1, 20, x, w, out, task, np.empty(256, np.float32), np.empty(x.shape[0], np.float32))
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q5_0_kernel(x, w, out):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _generic_rows(2, 22, x, w, out, task, np.empty(256, np.float32), np.empty(x.shape[0], np.float32))
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q5_1_kernel(x, w, out):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _generic_rows(3, 24, x, w, out, task, np.empty(256, np.float32), np.empty(x.shape[0], np.float32))
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q8_0_kernel(x, w, out):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _generic_rows(4, 34, x, w, out, task, np.empty(256, np.float32), np.empty(x.shape[0], np.float32))
+
+
+@njit(inline="always")
+def _deq_dense(kind, wr, e0, ne, fbuf):
+    if kind == 0:  # F32: little-endian bytes
+        for k in range(ne):
+            p = 4 * (e0 + k)
+            bits = (np.uint32(wr[p]) | (np.uint32(wr[p + 1]) << np.uint32(8))
+                    | (np.uint32(wr[p + 2]) << np.uint32(16)) | (np.uint32(wr[p + 3]) << np.uint32(24)))
+            fbuf[k] = _u32_bits_to_f32(bits)
+    elif kind == 1:  # F16
+        for k in range(ne):
+            fbuf[k] = f16(wr, 2 * (e0 + k))
+    else:  # BF16: the top half of a binary32
+        for k in range(ne):
+            p = 2 * (e0 + k)
+            fbuf[k] = _u32_bits_to_f32((np.uint32(wr[p]) << np.uint32(16)) | (np.uint32(wr[p + 1]) << np.uint32(24)))
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _dense_kernel(kind, x, w, out):
+    n, cols = x.shape
+    rows = w.shape[0]
+    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        fbuf = np.empty(256, np.float32)
+        acc = np.empty(n, np.float32)
+        for r in range(task * ROWS_PER_TASK, min(rows, (task + 1) * ROWS_PER_TASK)):
+            wr = w[r]
+            acc[:] = 0
+            for e0 in range(0, cols, 256):
+                ne = min(256, cols - e0)
+                _deq_dense(kind, wr, e0, ne, fbuf)
+                for i in range(n):
+                    acc[i] += dot_f32(fbuf, x[i], e0, ne)
+            for i in range(n):
+                out[i, r] = acc[i]
+
+
+SIMD_KERNELS = {"Q4_0": _q4_0_simd_kernel, "Q4_1": _q4_1_simd_kernel, "Q5_0": _q5_0_simd_kernel,
+                "Q5_1": _q5_1_simd_kernel, "Q8_0": _q8_0_simd_kernel}
+GENERIC_KERNELS = {"Q4_0": _q4_0_kernel, "Q4_1": _q4_1_kernel, "Q5_0": _q5_0_kernel,
+                   "Q5_1": _q5_1_kernel, "Q8_0": _q8_0_kernel}
+DENSE_KIND = {"F32": 0, "F16": 1, "BF16": 2}

@@ -1,0 +1,85 @@
+"""The benchmark functions run on tiny shapes and return sane, self-consistent figures. No timing
+asserts (DESIGN.md, habit 8): speed is measured in bench/, not judged here."""
+import argparse
+import json
+import math
+
+import pytest
+
+from kernels import bench, formats
+from tests.tiny_gguf import tiny_llama_metadata, tiny_llama_tensors, write_gguf
+
+FAST = dict(repeats=1, min_time=0.0)
+
+
+def test_memory_bandwidth_is_positive():
+    for threads in (1, 2):
+        bw = bench.memory_bandwidth(threads, size_bytes=1 << 22, repeats=2)
+        assert math.isfinite(bw) and bw > 0
+    with pytest.raises(ValueError):
+        bench.memory_bandwidth(0)
+
+
+def test_bench_matmul_figures_agree():
+    rows, cols, n = 64, 256, 3
+    r = bench.bench_matmul("Q4_0", rows, cols, n, 1, "numpy", bandwidth=1e10, **FAST)
+    assert r["status"] == "ok" and r["qtype"] == "Q4_0" and r["shape"] == [rows, cols]
+    assert r["nbytes"] == rows * formats.row_bytes(formats.T.Q4_0, cols)
+    assert r["cold"] and r["working_set_bytes"] % r["nbytes"] == 0 and r["working_set_bytes"] > r["nbytes"]
+    s = r["seconds"]
+    assert s > 0 and r["calls"] >= 1
+    assert r["weights_per_s"] * s == pytest.approx(rows * cols)
+    assert r["weight_bytes_per_s"] * s == pytest.approx(r["nbytes"])
+    assert r["gflops"] * 1e9 * s == pytest.approx(2 * n * rows * cols)
+    assert r["bandwidth_fraction"] == pytest.approx(r["weight_bytes_per_s"] / 1e10)
+
+
+@pytest.mark.parametrize("backend", ["cython", "numba", "numpy", "auto"])
+def test_every_backend_runs_or_says_na(backend):
+    r = bench.bench_matmul("Q2_K", 16, 256, 1, 1, backend, **FAST)
+    assert r["status"] == "ok" or r["status"].startswith("n/a")
+    assert (r["seconds"] is not None) == (r["status"] == "ok")
+
+
+def test_suite_table_and_json(tmp_path):
+    res = bench.run_suite(["Q4_1"], [(32, 256)], [1, 2], [1, 2], ["numpy", "auto", "nonesuch"],
+                          bandwidth_bytes=1 << 22, **FAST)
+    assert set(res["bandwidth"]) == {"1", "2"} and res["machine"]["cores"] >= 1
+    rows = res["results"]
+    assert len(rows) == 2 * 2 * 3
+    assert all(r["status"].startswith("n/a") for r in rows if r["backend"] == "nonesuch")
+    assert all(r["status"] == "ok" and r["bandwidth_fraction"] > 0 for r in rows if r["backend"] == "numpy")
+    table = bench.format_table(res)
+    assert table.count("\n| Q4_1 |") == len(rows) and "% of bandwidth" in table
+    assert bench.best_backends(res) == {"Q4_1": {"1": "numpy", "2": "numpy"}}  # the only one that ran
+    path = bench.save_results(res, tmp_path / "sub" / "k.json")
+    assert json.loads(path.read_text())["results"][0]["qtype"] == "Q4_1"
+
+
+def test_bench_decode_on_a_tiny_model(tmp_path):
+    from engine.bench_decode import bench_decode, format_decode
+
+    meta = tiny_llama_metadata()
+    meta["tokenizer.ggml.tokens"][2] = "<t0><t1>"  # one merge: a BPE vocabulary needs at least one
+    meta["tokenizer.ggml.merges"] = ["<t0> <t1>"]
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_llama_tensors(), meta)
+    r = bench_decode(path, prompt_tokens=5, gen_tokens=3, threads=1, repeats=2)
+    assert r["pp_tok_s"] * r["pp_s"] == pytest.approx(5) and r["tg_tok_s"] * r["tg_s"] == pytest.approx(3)
+    assert r["pp_s"] == min(r["pp_runs"]) and len(r["tg_runs"]) == 2 and r["load_s"] > 0
+    text = format_decode([r, r])
+    assert text.count("| pp5 |") == 2 and text.count("| tg3 |") == 2
+
+
+def test_cli_parses_and_runs_bandwidth(capsys):
+    from engine import bench_cli
+
+    ap = argparse.ArgumentParser()
+    bench_cli.register(ap.add_subparsers(dest="command", required=True))
+    a = ap.parse_args(["bench", "kernels", "--types", "Q2_K,Q4_K", "--threads", "1,2", "--n", "1,512",
+                       "--shapes", "14336x4096,768x2048", "--quick", "--json", "out.json"])
+    assert a.types == ("Q2_K", "Q4_K") and a.threads == (1, 2) and a.n == (1, 512)
+    assert a.shapes == ((14336, 4096), (768, 2048)) and a.quick and a.json == "out.json"
+    a = ap.parse_args(["bench", "decode", "m.gguf", "-p", "16", "-n", "8", "-t", "1,2"])
+    assert (a.model, a.n_prompt, a.n_gen, a.threads) == ("m.gguf", 16, 8, (1, 2))
+    a = ap.parse_args(["bench", "bandwidth", "--size-mib", "4", "--repeats", "1"])
+    assert a.func(a) == 0 and "GB/s" in capsys.readouterr().out

@@ -1,0 +1,149 @@
+"""The fused k-quant matmul (kernels._kquants) against the NumPy references.
+
+Two references, two tolerances (NMSE, as llama.cpp's test-backend-ops):
+
+* ``kernels.quantize.matmul_q8_ref``: dequantized weights times the Q8_K-quantized activations,
+  the exact math the kernel does (it quantizes x first). Only float summation order differs:
+  NMSE < 1e-8.
+* ``kernels.reference.matmul_ref``: dequantized weights times the float activations. The kernel
+  differs by the Q8_K rounding of x (int8 per 256), NMSE ~1e-5 on these inputs: NMSE < 1e-3,
+  checked on outputs of >= 64 elements with cols >= 768 (a single dot product of 256 terms can
+  cancel to near zero and make any relative measure meaningless).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from kernels import formats, reference
+from kernels.quantize import matmul_q8_ref, nmse
+
+_kquants = pytest.importorskip("kernels._kquants")
+
+TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+Q8_NMSE = 1e-8
+FLOAT_NMSE = 1e-3
+
+
+def _run(x: np.ndarray, raw: np.ndarray, qtype, threads: int = 1) -> np.ndarray:
+    out = np.full((x.shape[0], raw.shape[0]), np.nan, dtype=np.float32)  # NaN: catches unwritten
+    _kquants.matmul_into(x, raw, int(qtype), out, threads)
+    return out
+
+
+def _case(qtype, rows, cols, n, seed):
+    rng = np.random.default_rng([int(qtype), rows, cols, n, seed])
+    raw = reference.random_raw(qtype, rows, cols, rng)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    return x, raw
+
+
+def test_module_tables():
+    assert _kquants.SUPPORTED == {int(t) for t in TYPES}
+    for qtype in TYPES:
+        assert _kquants.BLOCK_BYTES[int(qtype)] == formats.block_size(qtype)[1]
+    assert isinstance(_kquants.SIMD, bool)
+
+
+# rows x cols x n: awkward row counts (1, 3, 17, 129), cols from one block to 14336, n across
+# the 8-row tiles (1, 2, 7, 9, 64)
+SHAPES = [
+    (1, 256, 1),
+    (3, 768, 2),
+    (17, 4096, 7),
+    (129, 256, 9),
+    (17, 14336, 1),
+    (3, 1280, 64),
+    (129, 768, 2),
+]
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,cols,n", SHAPES, ids=lambda v: str(v))
+def test_matches_q8_reference(qtype, rows, cols, n):
+    x, raw = _case(qtype, rows, cols, n, 0)
+    got = _run(x, raw, qtype)
+    assert np.all(np.isfinite(got))
+    err = nmse(got, matmul_q8_ref(x, raw, qtype, (rows, cols)))
+    assert err < Q8_NMSE, f"{qtype.name} {rows}x{cols} n={n}: NMSE {err:.3g} vs Q8_K reference"
+
+
+def test_q2_k_large_row_count():
+    x, raw = _case(T.Q2_K, 4097, 512, 2, 0)
+    got = _run(x, raw, T.Q2_K, threads=2)
+    assert nmse(got, matmul_q8_ref(x, raw, T.Q2_K, (4097, 512))) < Q8_NMSE
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rows,cols,n", [(17, 768, 7), (129, 4096, 2), (33, 1024, 64)],
+                         ids=lambda v: str(v))
+def test_close_to_float_reference(qtype, rows, cols, n):
+    x, raw = _case(qtype, rows, cols, n, 1)
+    got = _run(x, raw, qtype)
+    err = nmse(got, reference.matmul_ref(x, raw, qtype, (rows, cols)))
+    assert err < FLOAT_NMSE, f"{qtype.name} {rows}x{cols} n={n}: NMSE {err:.3g} vs float reference"
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_threads_give_identical_results(qtype):
+    x, raw = _case(qtype, 67, 1536, 11, 2)
+    one = _run(x, raw, qtype, threads=1)
+    two = _run(x, raw, qtype, threads=2)
+    assert np.array_equal(one.view(np.uint32), two.view(np.uint32))
+
+
+def test_tiling_does_not_change_results():
+    """Cutting rows into tiles and block ranges changes nothing but summation order."""
+    x, raw = _case(T.Q4_K, 40, 4096, 20, 3)
+    expected = matmul_q8_ref(x, raw, T.Q4_K, (40, 4096))
+    saved = _kquants._tuning()
+    try:
+        for wr, l1_act, l1_max in [(1, 1, 1), (3, 2000, 1), (16, 16384, 1 << 30)]:
+            _kquants._tuning(wr, l1_act, l1_max)
+            assert nmse(_run(x, raw, T.Q4_K), expected) < Q8_NMSE
+    finally:
+        _kquants._tuning(*saved)
+
+
+def test_zero_activations_and_zero_blocks():
+    x, raw = _case(T.Q2_K, 5, 512, 3, 4)
+    x[1] = 0.0                  # an all-zero row: Q8_K d = 0
+    x[2, :256] = 0.0            # one all-zero block
+    got = _run(x, raw, T.Q2_K)
+    assert np.all(got[1] == 0.0)
+    assert nmse(got, matmul_q8_ref(x, raw, T.Q2_K, (5, 512))) < Q8_NMSE
+
+
+def test_empty_shapes():
+    raw = np.zeros((0, 84), np.uint8)
+    out = np.empty((3, 0), np.float32)
+    _kquants.matmul_into(np.ones((3, 256), np.float32), raw, int(T.Q2_K), out, 1)
+    out = np.empty((0, 4), np.float32)
+    _kquants.matmul_into(np.ones((0, 256), np.float32), np.zeros((4, 84), np.uint8), int(T.Q2_K), out, 1)
+
+
+def test_bad_inputs_raise():
+    x, raw = _case(T.Q2_K, 4, 512, 2, 5)
+    out = np.empty((2, 4), np.float32)
+    with pytest.raises(ValueError, match="Q4_0 is not supported"):
+        _kquants.matmul_into(x, raw, int(T.Q4_0), out, 1)
+    with pytest.raises(ValueError, match="not supported"):
+        _kquants.matmul_into(x, raw, 9999, out, 1)
+    with pytest.raises(ValueError, match="threads"):
+        _kquants.matmul_into(x, raw, int(T.Q2_K), out, 0)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        _kquants.matmul_into(np.ones((2, 300), np.float32), raw, int(T.Q2_K), out, 1)
+    with pytest.raises(ValueError, match="bytes per row"):
+        _kquants.matmul_into(x, np.ascontiguousarray(raw[:, :100]), int(T.Q2_K), out, 1)
+    with pytest.raises(ValueError, match="bytes per row"):
+        _kquants.matmul_into(x, raw, int(T.Q4_K), out, 1)
+    with pytest.raises(ValueError, match="out must be"):
+        _kquants.matmul_into(x, raw, int(T.Q2_K), np.empty((2, 5), np.float32), 1)
+    with pytest.raises(ValueError, match="out must be"):
+        _kquants.matmul_into(x, raw, int(T.Q2_K), np.empty((3, 4), np.float32), 1)
+    with pytest.raises(ValueError):  # dtype: the typed memoryview refuses float64
+        _kquants.matmul_into(x.astype(np.float64), raw, int(T.Q2_K), out, 1)
+    with pytest.raises(ValueError):  # layout: not C-contiguous
+        _kquants.matmul_into(np.asfortranarray(x), raw, int(T.Q2_K), out, 1)

@@ -1,0 +1,185 @@
+"""Numba fused matmul kernels (kernels/numba_kernels.py) against the NumPy references.
+
+Every type, both tiers (the AVX-512 int8 kernels where the CPU has them, and the portable
+plain-loop kernels), over seeded random blocks and awkward sizes. Kernels that quantize their
+activations are held to kernels.quantize.matmul_q8_ref (only float summation order differs:
+NMSE < 1e-8) and, loosely, to kernels.reference.matmul_ref; float kernels to matmul_ref.
+"""
+import itertools
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from kernels import numba_kernels as nk
+from kernels import quantize, reference
+
+K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+LEGACY_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
+DENSE_TYPES = [T.F32, T.F16, T.BF16]
+ROWS = (1, 3, 17, 129)
+NS = (1, 2, 7, 64)
+COLS = {**{t: (256, 768, 4096) for t in K_TYPES},
+        **{t: (32, 96, 576, 4096) for t in LEGACY_TYPES},
+        **{t: (1, 33, 768, 4096) for t in DENSE_TYPES}}
+
+Q8_NMSE = 1e-8      # int8-activation kernels vs matmul_q8_ref: float summation order only
+FLOAT_NMSE = 1e-10  # float kernels vs matmul_ref
+QUANT_NMSE = 1e-2   # int8-activation kernels vs matmul_ref: activation rounding (a sanity bound)
+
+TIERS = [pytest.param(True, id="simd"), pytest.param(False, id="portable")]
+
+
+def weights(qtype, rows, cols, rng):
+    """Random valid tensor bytes; dense types from normal values (random bits overflow a dot)."""
+    if qtype in DENSE_TYPES:
+        w = rng.standard_normal((rows, cols)).astype(np.float32)
+        if qtype == T.F16:
+            w = w.astype(np.float16)
+        elif qtype == T.BF16:
+            w = (w.view(np.uint32) >> 16).astype(np.uint16)
+        return np.ascontiguousarray(w).view(np.uint8).reshape(rows, -1)
+    return reference.random_raw(qtype, rows, cols, rng)
+
+
+def run(x, raw, qtype, threads, simd=True):
+    out = np.full((x.shape[0], raw.shape[0]), np.nan, np.float32)
+    nk.matmul_into(x, raw, qtype, out, threads, _simd=simd)
+    return out
+
+
+@pytest.mark.parametrize("simd", TIERS)
+@pytest.mark.parametrize("qtype", K_TYPES + LEGACY_TYPES + DENSE_TYPES, ids=lambda t: t.name)
+def test_matches_reference(qtype, simd):
+    rng = np.random.default_rng(int(qtype) * 7 + simd)
+    quantized_acts = nk.strategy(qtype, simd) != "float"
+    worst = worst_ref = 0.0
+    for rows, cols in itertools.product(ROWS, COLS[qtype]):
+        raw = weights(qtype, rows, cols, rng)
+        x = rng.standard_normal((max(NS), cols)).astype(np.float32)
+        for n in NS:
+            xn = x[:n]
+            out = run(xn, raw, qtype, 1, simd)
+            np.testing.assert_array_equal(out, run(xn, raw, qtype, 2, simd))  # threads: same bits
+            ref = reference.matmul_ref(xn, raw, qtype)
+            case = f"{qtype.name} rows={rows} cols={cols} n={n}"
+            if quantized_acts:
+                err = quantize.nmse(out, quantize.matmul_q8_ref(xn, raw, qtype, (rows, cols)))
+                assert err < Q8_NMSE, case
+                if out.size >= 1000:  # a few outputs can cancel to ~0, where rounding x dominates
+                    worst_ref = max(worst_ref, quantize.nmse(out, ref))
+                    assert quantize.nmse(out, ref) < QUANT_NMSE, case
+            else:
+                err = worst_ref_case = quantize.nmse(out, ref)
+                assert err < FLOAT_NMSE, case
+                worst_ref = max(worst_ref, worst_ref_case)
+            worst = max(worst, err)
+    print(f"{qtype.name} {nk.strategy(qtype, simd)}: worst NMSE {worst:.1e} vs its reference, "
+          f"{worst_ref:.1e} vs matmul_ref")
+
+
+def test_strategy():
+    assert nk.strategy(T.Q6_K) == "int16"
+    assert nk.strategy(T.F16) == "float"
+    assert nk.strategy(T.Q2_K, simd=False) == "int16"
+    assert nk.strategy(T.Q8_0, simd=False) == "float"
+    if nk.HAVE_SIMD:
+        assert nk.strategy(T.Q2_K) == nk.strategy(T.Q4_1) == nk.strategy(T.Q8_0) == "simd-int8"
+    assert {T.Q2_K, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K, T.F16} <= nk.SUPPORTED
+
+
+# ---------------------------------------------------------------------------
+# Activation quantizers: bit for bit with kernels.quantize
+# ---------------------------------------------------------------------------
+
+
+def awkward_activations(rng, n, cols):
+    x = rng.normal(0, 1, (n, cols)).astype(np.float32)
+    x[1, :256] = 0                      # an all-zero block
+    x[2, 5] = -40                       # a negative extreme
+    x[2, 300], x[2, 301] = 9.0, -9.0    # equal magnitudes: the first wins
+    x[0, 40:72] = np.float32(0.5) * np.arange(32, dtype=np.float32) / 31  # halves to round
+    return x
+
+
+def test_quantize_q8_k_bit_exact():
+    x = awkward_activations(np.random.default_rng(3), 4, 768)
+    ref = quantize.quantize_q8_k(x)
+    qs, d, bsums = nk.quantize_q8_k(x)  # block-major [nb, n, 256]
+    np.testing.assert_array_equal(qs.transpose(1, 0, 2).reshape(4, 768), ref.qs)
+    np.testing.assert_array_equal(d.T, ref.d)
+    np.testing.assert_array_equal(bsums.transpose(1, 0, 2).reshape(4, -1), ref.bsums)
+    perm = np.random.default_rng(0).permutation(256)
+    qp, _, _ = nk.quantize_q8_k(x, perm)
+    np.testing.assert_array_equal(qp, qs[:, :, perm])
+
+
+def test_quantize_q8_0_bit_exact():
+    x = awkward_activations(np.random.default_rng(4), 3, 576)
+    ref0, ref1 = quantize.quantize_q8_0(x), quantize.quantize_q8_1(x)
+    qs, d, qsum = nk.quantize_q8_0(x)  # block-major [nb, n, 32]
+    np.testing.assert_array_equal(qs.transpose(1, 0, 2).reshape(3, 576), ref0.qs)
+    np.testing.assert_array_equal(d.T, ref0.d)
+    np.testing.assert_array_equal(d.T, ref1.d)
+    np.testing.assert_array_equal(qsum.T, ref0.qs.reshape(3, -1, 32).sum(2))
+
+
+# ---------------------------------------------------------------------------
+# The wrapper
+# ---------------------------------------------------------------------------
+
+
+def test_restores_thread_count_and_handles_empty():
+    rng = np.random.default_rng(5)
+    raw = reference.random_raw(T.Q2_K, 4, 256, rng)
+    before = numba.get_num_threads()
+    run(rng.standard_normal((2, 256)).astype(np.float32), raw, T.Q2_K, 1)
+    assert numba.get_num_threads() == before
+    nk.matmul_into(np.zeros((0, 256), np.float32), raw, T.Q2_K, np.zeros((0, 4), np.float32), 2)
+    empty = np.zeros((0, 84), np.uint8)
+    nk.matmul_into(np.zeros((3, 256), np.float32), empty, T.Q2_K, np.zeros((3, 0), np.float32), 2)
+    out = np.full((2, 3), np.nan, np.float32)
+    nk.matmul_into(np.zeros((2, 0), np.float32), np.zeros((3, 0), np.uint8), T.Q8_0, out, 2)
+    assert not out.any()
+    # more threads than Numba has: capped, not an error
+    run(rng.standard_normal((1, 256)).astype(np.float32), raw, T.Q2_K, 1000)
+
+
+def _bad_cases():
+    rng = np.random.default_rng(6)
+    raw = reference.random_raw(T.Q4_K, 5, 512, rng)
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    out = np.empty((2, 5), np.float32)
+    wide = np.empty((2, 10), np.float32)
+    return [
+        ((x.astype(np.float64), raw, T.Q4_K, out, 1), "x must be a 2-D float32"),
+        ((x[0], raw, T.Q4_K, out, 1), "x must be a 2-D float32"),
+        ((np.asfortranarray(x), raw, T.Q4_K, out, 1), "x must be C-contiguous"),
+        ((x.tolist(), raw, T.Q4_K, out, 1), "x must be a NumPy array"),
+        ((x, raw.view(np.int8), T.Q4_K, out, 1), "w must be a 2-D uint8"),
+        ((x, raw[:, :-1], T.Q4_K, out, 1), "w must be C-contiguous"),
+        ((x, np.ascontiguousarray(raw[:, :144]), T.Q4_K, out, 1), "144 bytes per row; 512 columns need 288"),
+        ((x[:, :500].copy(), raw, T.Q4_K, out, 1), "not a multiple of the 256-element block"),
+        ((x, raw, T.Q4_K, wide, 1), r"out must have shape \(n, rows\) = \(2, 5\)"),
+        ((x, raw, T.Q4_K, out.astype(np.float64), 1), "out must be a 2-D float32"),
+        ((x, raw, T.IQ2_XXS, out, 1), "IQ2_XXS is not supported"),
+        ((x, raw, 9999, out, 1), "unknown GGML type"),
+        ((x, raw, T.Q4_K, out, 0), "threads must be a positive integer"),
+        ((x, raw, T.Q4_K, out, 1.5), "threads must be a positive integer"),
+        ((x, raw, T.Q4_K, x[:, :5], 1), "out must be C-contiguous"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(15))
+def test_bad_inputs_raise(case):
+    args, message = _bad_cases()[case]
+    with pytest.raises(ValueError, match=message):
+        nk.matmul_into(*args)
+
+
+def test_out_overlapping_input_raises():
+    x = np.zeros((1, 32), np.float32)
+    w = np.zeros((32, 34), np.uint8)
+    with pytest.raises(ValueError, match="must not overlap"):
+        nk.matmul_into(x, w, T.Q8_0, x, 1)
