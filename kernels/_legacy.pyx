@@ -58,6 +58,12 @@ cdef extern from *:
     enum { LG_F32 = 0, LG_F16 = 1, LG_Q4_0 = 2, LG_Q4_1 = 3, LG_Q5_0 = 6, LG_Q5_1 = 7, LG_Q8_0 = 8, LG_BF16 = 30 };
 
     static int lg_simd(void) { return LG_SIMD; }
+    /* Bytes ahead of the weights being read that each thread prefetches: one core's hardware
+       prefetcher alone keeps too few lines in flight to stream at the memory's rate (the same
+       measurement as WS_KQ_PREFETCH in _kquants_simd.h). Rows of a chunk are contiguous. */
+    #ifndef LG_PREFETCH
+    #define LG_PREFETCH 2048
+    #endif
 
     /* bytes per block (32 elements; 1 element for the float types) */
     LG_INLINE int lg_bs(int t) {
@@ -271,7 +277,11 @@ cdef extern from *:
         for (int g = 0; g < nb; g += 16) {
             const int k = nb - g < 16 ? nb - g : 16;
             __m512 dw, cw, S[4];
-            if (fused) lg_scales16(t, wrow + (size_t)g * bs, k, &dw, &cw);
+            if (fused) {  /* prefetch: see LG_PREFETCH */
+                for (int o = 0; o < 16 * bs; o += 64)
+                    _mm_prefetch((const char *)wrow + (size_t)g * bs + LG_PREFETCH + o, _MM_HINT_T0);
+                lg_scales16(t, wrow + (size_t)g * bs, k, &dw, &cw);
+            }
             else { dw = _mm512_loadu_ps(dwb + g); cw = _mm512_loadu_ps(cwb + g); }
             for (int r = 0; r < R; r++) {
                 S[r] = _mm512_mul_ps(dw, _mm512_loadu_ps(dx + r * fs + g));
@@ -339,7 +349,10 @@ cdef extern from *:
         __m512 acc[4][2];
         for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
         int k = 0;
+        const int esz = t == LG_F32 ? 4 : 2;
         for (; k + 32 <= cols; k += 32) {
+            for (int o = 0; o < 32 * esz; o += 64)
+                _mm_prefetch((const char *)w + (size_t)k * esz + LG_PREFETCH + o, _MM_HINT_T0);
             __m512 w0 = lg_fload(t, w, k), w1 = lg_fload(t, w, k + 16);
             for (int r = 0; r < R; r++) {
                 acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * xs + k), acc[r][0]);

@@ -28,7 +28,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .numba_legacy import (F32, FASTMATH, FLT, I8, I16, I32, JIT, ROWS_PER_TASK, arr, bcast, c64,
+from .numba_legacy import (F32, FASTMATH, FLT, I8, I16, I32, JIT, ROWS_PER_TASK, arr, bcast, c64, prefetch,
                            call, f16, half_at, hsum, splat, vec, vload)
 
 
@@ -294,6 +294,7 @@ def _q2_k_rows(typingctx, wr, xq, xd, bsums, acc, out, r, i0, i1):
         with cgutils.for_range(builder, nb) as lb:
             b = lb.index
             pb = builder.gep(pw, [builder.mul(b, c64(84))])  # scales[16] @0, qs[64] @16, d @80, dmin @82
+            prefetch(builder, pw, builder.mul(b, c64(84)), lines=2)
             scales = vload(builder, pb, c64(0), vec(I8, 16))
             qs = vload(builder, pb, c64(16), vec(I8, 64))
             d = half_at(builder, pb, c64(80))

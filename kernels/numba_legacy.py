@@ -120,6 +120,23 @@ def call(builder, name, ret, argtys, args):
     return builder.call(fn, args)
 
 
+# Bytes ahead of the weight block being read that a kernel prefetches (as the Cython kernels'
+# WS_KQ_PREFETCH): one core's hardware prefetcher alone keeps too few lines in flight to stream
+# weights at the memory's rate. Prefetching past the end of an array is harmless (no fault).
+PREFETCH_BYTES = 2048
+
+
+def prefetch(builder, base, byte_off, lines=1):
+    """llvm.prefetch (read, keep in all levels) of `lines` cache lines at uint8 pointer
+    base + byte_off + PREFETCH_BYTES."""
+    i8p = ir.IntType(8).as_pointer()
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, I32, I32, I32]),
+                                        "llvm.prefetch.p0i8")
+    for line in range(lines):
+        p = builder.gep(base, [builder.add(byte_off, c64(PREFETCH_BYTES + 64 * line))])
+        builder.call(fn, [builder.bitcast(p, i8p), ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+
+
 def bcast(builder, v, n):
     first = builder.insert_element(ir.Constant(vec(v.type, n), ir.Undefined), v, ir.Constant(I32, 0))
     return builder.shuffle_vector(first, first, ir.Constant(vec(I32, n), [0] * n))
@@ -205,6 +222,7 @@ def _make_legacy_rows(kind, K):
             accs = [cgutils.alloca_once_value(builder, zf) for _ in range(K)]
             with cgutils.for_range(builder, nb) as lb:
                 b = lb.index
+                prefetch(builder, pw, builder.mul(b, c64(nbytes)))
                 wq, d, m = _weights_u8(builder, builder.gep(pw, [builder.mul(b, c64(nbytes))]), kind)
                 base = builder.add(builder.mul(b, n), i0_)  # (b, i0) in [nb, n]
                 for k in range(K):
