@@ -39,7 +39,8 @@ def kernel_extension(name: str) -> Extension:
     )
 
 
-# _dequant: block -> float32; _kquants: fused Q2_K..Q6_K matmul; _legacy: Q4_0..Q8_0 and floats
-extensions = [kernel_extension(name) for name in ("_dequant", "_kquants", "_legacy")]
+# _dequant: block -> float32; _kquants: fused Q2_K..Q6_K matmul; _legacy: Q4_0..Q8_0 and floats;
+# _ops: the small per-token operations (norm, rope, SwiGLU, one-token attention)
+extensions = [kernel_extension(name) for name in ("_dequant", "_kquants", "_legacy", "_ops")]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives))

@@ -1,17 +1,21 @@
 """The forward pass: embedding, attention with a preallocated KV cache, dense or MoE FFN, head.
 
-Works on float32 NumPy arrays. Knows nothing about threads or I/O: weights come from
-engine.weights, routed experts through `self.experts(layer, expert_id)`.
+Works on float32 NumPy arrays. Knows nothing about I/O: weights come from engine.weights,
+routed experts through `self.experts(layer, expert_id)`. The small per-token operations (norms,
+rope, SwiGLU, one-token attention) run in kernels._ops, one pass each into our own buffers;
+engine/ops.py holds their NumPy versions, the reference they are tested against, and the
+prefill attention (a batched matmul that BLAS does best).
 """
 from __future__ import annotations
 
 import numpy as np
 
 import kernels
-from kernels import QTensor
+from kernels import QTensor, _ops
 
 from .config import ModelConfig
-from .ops import Rope, rms_norm, sigmoid, silu, softmax
+from .config import ROPE_NEOX
+from .ops import Rope, sigmoid, softmax
 from .weights import FFN, LayerWeights, ModelWeights, MoEWeights
 
 
@@ -37,6 +41,8 @@ class Model:
         self.k_cache = np.zeros(kv_shape, dtype=np.float32)
         self.v_cache = np.zeros(kv_shape, dtype=np.float32)
         self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
+        self.kernel_threads = threads or kernels.default_threads()
+        self.attn_scores = np.empty((cfg.n_head, n_ctx), dtype=np.float32)  # one-token attention scratch
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -52,15 +58,27 @@ class Model:
             raise ContextFullError(f"context full: {pos} + {n} tokens exceed n_ctx={self.n_ctx}")
         if tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab:
             raise ValueError(f"token id out of range [0, {self.cfg.n_vocab}): {tokens.min()}..{tokens.max()}")
-        positions = np.arange(pos, pos + n)
-        x = self.embed(tokens)  # [n, n_embd]
+        positions = np.arange(pos, pos + n, dtype=np.int64)
+        x = self.embed(tokens)  # [n, n_embd], the residual stream (ours: updated in place)
+        h = np.empty_like(x)  # normed input of each block
         for i, layer in enumerate(self.w.layers):
-            x = x + self.attention(i, layer, rms_norm(x, layer.attn_norm, self.cfg.rms_eps), positions)
-            h = rms_norm(x, layer.ffn_norm, self.cfg.rms_eps)
-            x = x + (self.dense_ffn(layer.ffn, h) if layer.moe is None else self.moe(i, layer.moe, h))
+            self.norm(x, layer.attn_norm, h)
+            x += self.attention(i, layer, h, positions)
+            self.norm(x, layer.ffn_norm, h)
+            x += self.dense_ffn(layer.ffn, h) if layer.moe is None else self.moe(i, layer.moe, h)
         if not all_logits:
-            x = x[-1:]
-        return self.w.output(rms_norm(x, self.w.output_norm, self.cfg.rms_eps))  # [n or 1, n_vocab]
+            x, h = x[-1:], h[-1:]
+        return self.w.output(self.norm(x, self.w.output_norm, h))  # [n or 1, n_vocab]
+
+    def norm(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """RMSNorm of each row of x times weight (llama.cpp rms_norm then mul), into out."""
+        x2 = x.reshape(-1, x.shape[-1])
+        if out is None:
+            out = np.empty_like(x)
+        elif not out.flags.c_contiguous:  # reshape would copy and the result would be lost
+            raise ValueError("Model.norm: out must be C-contiguous")
+        _ops.rms_norm_into(x2, weight, self.cfg.rms_eps, out.reshape(x2.shape))
+        return out
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         if self.w.token_embd_dense is not None:
@@ -73,22 +91,29 @@ class Model:
         cfg = self.cfg
         n, H, Hkv, D = len(h), cfg.n_head, cfg.n_head_kv, cfg.head_dim
         q, k, v = L.wqkv(h)  # [n, H*D], [n, Hkv*D], [n, Hkv*D]
+        q, k = np.ascontiguousarray(q), np.ascontiguousarray(k)  # (a copy only when n > 1)
         if cfg.flags.qk_norm == "full":  # olmoe: norm over the whole projection, before splitting heads
-            q, k = rms_norm(q, L.q_norm, cfg.rms_eps), rms_norm(k, L.k_norm, cfg.rms_eps)
+            q, k = self.norm(q, L.q_norm, q), self.norm(k, L.k_norm, k)
         q, k, v = q.reshape(n, H, D), k.reshape(n, Hkv, D), v.reshape(n, Hkv, D)
         if cfg.flags.qk_norm == "head":  # qwen3: per-head norm
-            q, k = rms_norm(q, L.q_norm, cfg.rms_eps), rms_norm(k, L.k_norm, cfg.rms_eps)
-        q, k = self.rope(q, positions), self.rope(k, positions)
+            q, k = self.norm(q, L.q_norm, q), self.norm(k, L.k_norm, k)
+        neox = cfg.flags.rope == ROPE_NEOX
+        _ops.rope_inplace(q, positions, self.rope.cos, self.rope.sin, cfg.n_rot, neox)
+        _ops.rope_inplace(k, positions, self.rope.cos, self.rope.sin, cfg.n_rot, neox)
         start, end = positions[0], positions[-1] + 1
         self.k_cache[i, start:end] = k
         self.v_cache[i, start:end] = v
+        if n == 1:  # decode: one pass over the cache per head
+            out = np.empty((H, D), dtype=np.float32)
+            _ops.attend_one(q[0], self.k_cache[i], self.v_cache[i], end, self.scale, out, self.attn_scores,
+                            self.kernel_threads)
+            return L.wo(out.reshape(1, H * D))
         keys, values = self.k_cache[i, :end], self.v_cache[i, :end]  # [T, Hkv, D]
         g = H // Hkv  # query heads per kv head
         qh = q.reshape(n, Hkv, g, D).transpose(1, 2, 0, 3)  # [Hkv, g, n, D]
         scores = (qh @ keys.transpose(1, 2, 0)[:, None]) * self.scale  # [Hkv, g, n, T]
-        if n > 1:  # causal mask: query at position p sees keys 0..p
-            mask = np.arange(end)[None, :] > positions[:, None]  # [n, T]
-            scores = np.where(mask, np.float32(-np.inf), scores)
+        mask = np.arange(end)[None, :] > positions[:, None]  # [n, T] causal: position p sees keys 0..p
+        scores = np.where(mask, np.float32(-np.inf), scores)
         probs = softmax(scores)
         out = probs @ values.transpose(1, 0, 2)[:, None]  # [Hkv, g, n, D]
         out = out.transpose(2, 0, 1, 3).reshape(n, H * D)
@@ -96,13 +121,17 @@ class Model:
 
     # ---- feed-forward -------------------------------------------------------------------------
     @staticmethod
-    def dense_ffn(ffn: FFN, h: np.ndarray) -> np.ndarray:
-        gate, up = ffn.gate_up(h)
-        return ffn.down(silu(gate) * up)
+    def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        act = np.empty(gate.shape, dtype=np.float32)  # [n, n_ff]
+        _ops.swiglu_into(gate, up, act)
+        return act
+
+    def dense_ffn(self, ffn: FFN, h: np.ndarray) -> np.ndarray:
+        return ffn.down(self.swiglu(*ffn.gate_up(h)))
 
     def expert_ffn(self, gate, up, down, h: np.ndarray) -> np.ndarray:
         mm = kernels.matmul
-        act = silu(mm(h, gate, self.threads, self.backend)) * mm(h, up, self.threads, self.backend)
+        act = self.swiglu(mm(h, gate, self.threads, self.backend), mm(h, up, self.threads, self.backend))
         return mm(act, down, self.threads, self.backend)
 
     def route(self, moe: MoEWeights, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Small float32 NumPy operations of the forward pass (norms, rope, softmax, activations)."""
+"""NumPy versions of the small float32 operations (norms, rope, softmax, activations): the reference
+that kernels._ops is tested against, and what the prefill attention uses (softmax, Rope tables)."""
 from __future__ import annotations
 
 import numpy as np

@@ -21,11 +21,19 @@ from .gguf_file import GGUFError, GGUFFile
 
 
 class Linear:
-    """y = x @ W.T (+ bias) for x: float32[n, cols]; W a QTensor of shape (rows, cols)."""
+    """y = x @ W.T (+ bias) for x: float32[n, cols]; W a QTensor of shape (rows, cols).
+
+    The kernel for each batch-size bucket is looked up once (kernels.backends.choose) and then
+    called directly: at decode a step makes ~4 calls per layer, and kernels.matmul's checks and
+    table lookup would cost as much as a small layer's arithmetic.
+    """
 
     def __init__(self, qt: QTensor, bias: np.ndarray | None = None, dense: bool | None = None,
                  threads: int | None = None, backend: str = "auto"):
         self.qt, self.bias, self.threads, self.backend = qt, bias, threads, backend
+        self._qtype = int(qt.qtype)
+        self._threads = threads or kernels.default_threads()
+        self._kernels: dict[int, object] = {}  # n bucket -> fused kernel module (None: NumPy)
         if qt.qtype == GGMLQuantizationType.F32:  # already float: a view of the file, no copy
             self.dense = qt.data.view(np.float32).reshape(qt.shape)
         elif dense or (dense is None and not kernels.backends.has_fused_kernel(qt.qtype, backend)):
@@ -37,11 +45,24 @@ class Linear:
     def shape(self) -> tuple[int, int]:
         return self.qt.shape
 
+    def _kernel(self, n: int):
+        b = kernels.backends.bucket(n)
+        if b not in self._kernels:
+            name = kernels.backends.choose(self.qt.qtype, n) if self.backend == "auto" else self.backend
+            self._kernels[b] = kernels.backends.kernel_for(name, self.qt.qtype) if name != "numpy" else None
+        return self._kernels[b]
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.dense is not None:
             y = x @ self.dense.T
         else:
-            y = kernels.matmul(x, self.qt, self.threads, self.backend)
+            kernel = self._kernel(x.shape[0])
+            if kernel is None:
+                y = kernels.matmul(x, self.qt, self.threads, "numpy")
+            else:
+                x = np.ascontiguousarray(x, dtype=np.float32)
+                y = np.empty((x.shape[0], self.qt.shape[0]), dtype=np.float32)
+                kernel.matmul_into(x, self.qt.data, self._qtype, y, self._threads)
         if self.bias is not None:
             y += self.bias
         return y
@@ -53,11 +74,14 @@ class LinearGroup:
     When all share a type (the usual case: Q/K/V, gate/up) their rows are concatenated once at
     load, so a step pays one kernel call and one activation quantization instead of several; a
     mixed-type group (llama.cpp's Q4_K_M keeps attn_v in Q6_K) calls each matrix in turn.
+    The concatenation copies those weights into memory once (their size; the file's pages are
+    then no longer touched).
     """
 
     def __init__(self, parts: list[Linear]):
         self.sizes = [p.shape[0] for p in parts]
-        self.splits = np.cumsum(self.sizes)[:-1]
+        ends = np.cumsum(self.sizes).tolist()
+        self.slices = [slice(a, b) for a, b in zip([0] + ends[:-1], ends)]  # columns of each output
         first = parts[0]
         if len({(p.qt.qtype, p.shape[1], p.dense is None) for p in parts}) == 1 and len(parts) > 1:
             qt = QTensor(first.qt.qtype, (sum(self.sizes), first.shape[1]),
@@ -72,7 +96,8 @@ class LinearGroup:
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         if len(self.parts) == 1:
-            return np.split(self.parts[0](x), self.splits, axis=1)
+            y = self.parts[0](x)
+            return [y[:, s] for s in self.slices]
         return [p(x) for p in self.parts]
 
 
