@@ -12,8 +12,9 @@ from kernels import backends, formats, quantize, reference
 NMSE_FLOAT_REF = {"numpy": 1e-12, "fused": 2e-3}
 # ... and against the exact computation the kernel does (float activations, or activations rounded
 # to int8 as llama.cpp does): summation order only, plus Q8_1's fp16 block sums for Q4_1 / Q5_1.
-NMSE_SAME_MATH = 1e-8
-NMSE_SAME_MATH_Q8_1 = 1e-6
+# As max error over the dot product's bound sum |x_i w_i| (see bounded_error).
+BOUND_SAME_MATH = 1e-6
+BOUND_SAME_MATH_Q8_1 = 1e-4
 
 
 FLOAT_DTYPES = {T.F32: np.float32, T.F16: np.float16}
@@ -63,23 +64,35 @@ FUSED_CASES = [(b, q) for q in sorted(formats.SUPPORTED_TYPES, key=int) for b in
                if backends.kernel_for(b, q) is not None]
 
 
+# rows x cols x n: the issue's awkward shapes (rows 1, 3, 17, 129, 4097; cols 256..14336;
+# n 1, 2, 7, 64), each value at least once, in combinations a test run can afford
+AWKWARD_SHAPES = [(1, 256, 1), (3, 14336, 2), (17, 768, 7), (129, 2560, 64), (4097, 256, 2), (33, 1024, 1)]
+
+
+def bounded_error(got, ref, x, qt):
+    """max |got - ref| over the largest sum_i |x_i w_i| of an output: the rounding bound of a
+    dot product, meaningful for a single output that cancels to near zero."""
+    w = np.abs(reference.dequantize(qt.data, qt.qtype, qt.shape))
+    return np.abs(got - ref).max() / (np.abs(x) @ w.T).max()
+
+
 @pytest.mark.skipif(not FUSED_CASES, reason="no fused kernels built")
 @pytest.mark.parametrize("backend,qtype", FUSED_CASES)
-@pytest.mark.parametrize("n", [1, 7])
-def test_fused_backend_against_references(backend, qtype, n):
-    elems = formats.block_size(qtype)[0]
-    cols = 1024 if elems > 1 else 96
-    qt, rng = make(qtype, 33, cols, seed=int(qtype))
+@pytest.mark.parametrize("rows,cols,n", AWKWARD_SHAPES)
+def test_fused_backend_against_references(backend, qtype, rows, cols, n):
+    qt, rng = make(qtype, rows, cols, seed=int(qtype) + rows)
     x = rng.normal(size=(n, cols)).astype(np.float32)
     got = kernels.matmul(x, qt, threads=2, backend=backend)
     float_ref = reference.matmul_ref(x, qt.data, qtype, qt.shape)
-    assert quantize.nmse(got, float_ref) < NMSE_FLOAT_REF["fused"]
+    if got.size >= 64:  # NMSE of a handful of outputs says little
+        assert quantize.nmse(got, float_ref) < NMSE_FLOAT_REF["fused"]
     # a kernel keeps float activations or rounds them to int8: it must match one of the two exactly
-    same_math = quantize.nmse(got, float_ref)
+    same_math = bounded_error(got, float_ref, x, qt)
     if quantize.activation_type(qtype) is not None:
-        same_math = min(same_math, quantize.nmse(got, quantize.matmul_q8_ref(x, qt.data, qtype, qt.shape)))
-    assert same_math < (NMSE_SAME_MATH_Q8_1 if qtype in (T.Q4_1, T.Q5_1) else NMSE_SAME_MATH)
-    assert np.array_equal(got, kernels.matmul(x, qt, threads=1, backend=backend))
+        q8_ref = quantize.matmul_q8_ref(x, qt.data, qtype, qt.shape)
+        same_math = min(same_math, bounded_error(got, q8_ref, x, qt))
+    assert same_math < (BOUND_SAME_MATH_Q8_1 if qtype in (T.Q4_1, T.Q5_1) else BOUND_SAME_MATH)
+    assert np.array_equal(got, kernels.matmul(x, qt, threads=1, backend=backend))  # threads: same bits
 
 
 def test_auto_picks_an_available_backend():
