@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from kernels import QTensor, formats
 
@@ -79,6 +79,38 @@ class _CheckedReader(GGUFReader):
     def __init__(self, path: Path):
         self._path = path
         super().__init__(path, "r")
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int):
+        """Arrays in one step. gguf's reader makes two memmap views per array element, which for a
+        tokenizer's 50k-150k strings takes seconds (most of a small model's load time). Same
+        result shape: parts [item type, length, items...], data = the indices of the values, so
+        ReaderField.contents() reads them as before (a scalar array is one part: all values)."""
+        if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        itype, count, offs = int(raw_itype[0]), int(alen[0]), orig_offs + 12
+        nptype = self.gguf_scalar_to_np.get(GGUFValueType(itype)) if itype in GGUFValueType._value2member_map_ else None
+        types = [GGUFValueType.ARRAY] + ([GGUFValueType(itype)] if count else [])
+        if nptype is not None:
+            values = self._get(offs, nptype, count)
+            if len(values) != count:
+                raise ValueError(f"array of {count} {GGUFValueType(itype).name} at offset {orig_offs} runs past the end")
+            return 12 + int(values.nbytes), [raw_itype, alen, values], [2], types
+        if itype != GGUFValueType.STRING:
+            return super()._get_field_parts(orig_offs, raw_type)
+        data, size = memoryview(self.data).cast("B"), len(self.data)
+        parts, idxs = [raw_itype, alen], []
+        for _ in range(count):  # each string: uint64 length, then its bytes
+            if offs + 8 > size:
+                raise ValueError(f"string array at offset {orig_offs} runs past the end of the file")
+            n = int.from_bytes(data[offs:offs + 8], "little")
+            if offs + 8 + n > size:
+                raise ValueError(f"string of {n} bytes at offset {offs} runs past the end of the file")
+            parts += (data[offs:offs + 8], data[offs + 8:offs + 8 + n])
+            idxs.append(len(parts) - 1)
+            offs += 8 + n
+        return offs - orig_offs, parts, idxs, types
 
     def _build_tensors(self, start_offs: int, fields) -> None:
         size = len(self.data)

@@ -140,3 +140,27 @@ def test_copy_is_independent(tmp_path, tiny):
     a.close()
     np.testing.assert_array_equal(b.array("output_norm.weight"), tiny_llama_tensors()["output_norm.weight"])
     b.close()
+
+
+def test_metadata_arrays_equal_gguf_readers(tmp_path):
+    """Our one-step array parsing (engine.gguf_file._CheckedReader) reads what gguf's reader reads."""
+    meta = tiny_llama_metadata()
+    meta["tokenizer.ggml.tokens"] = ["", "a", "ü€𝄞", "x" * 300] + [f"<t{i}>" for i in range(4, len(meta["tokenizer.ggml.tokens"]))]
+    meta["tokenizer.ggml.scores"] = [float(i) / 3 for i in range(len(meta["tokenizer.ggml.tokens"]))]
+    meta["tokenizer.ggml.merges"] = []  # empty array (gguf's writer leaves it out)
+    path = write_gguf(tmp_path / "m.gguf", tiny_llama_tensors(), meta)
+    reference = {k: v.contents() for k, v in gguf.GGUFReader(path).fields.items()}
+    assert {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"} <= set(reference)
+    with GGUFFile(path) as f:
+        for key in reference:
+            if not key.startswith("GGUF."):
+                assert f.metadata[key] == reference[key], key
+
+
+def test_truncated_inside_string_array(tmp_path, tiny):
+    data = tiny.read_bytes()
+    cut_at = data.index(b"<t7>") + 2  # in the middle of the vocabulary
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:cut_at])
+    with pytest.raises(GGUFError, match=r"cut\.gguf: corrupt or truncated GGUF .*past the end"):
+        GGUFFile(cut)
