@@ -1,4 +1,4 @@
-"""`weightstream bench kernels | decode | bandwidth`: the argparse wiring (engine/cli.py calls
+"""`weightstream bench kernels | decode | bandwidth | io`: the argparse wiring (engine/cli.py calls
 register(sub)). Tables go to stdout as markdown; progress and the machine's load go to stderr."""
 from __future__ import annotations
 
@@ -50,6 +50,17 @@ def register(subparsers) -> None:
     d.add_argument("-r", "--repetitions", type=int, default=3)
     d.add_argument("--json", default=None, metavar="OUT")
     d.set_defaults(func=cmd_bench_decode)
+
+    o = sub.add_parser("io", help="disk read bandwidth: parallel cold preads of expert-sized chunks")
+    o.add_argument("file", help="a large file on the disk to measure (e.g. a GGUF); see --make-gib")
+    o.add_argument("--make-gib", type=float, default=None, help="first write FILE: this many GiB of random bytes")
+    o.add_argument("--chunk-mib", type=float, default=None, help="bytes per read (default: one Q2_K 4096x1536 expert)")
+    o.add_argument("--threads", type=_ints, default=(1, 2, 4))
+    o.add_argument("--reads", type=int, default=256, help="reads per measurement (each at a new offset)")
+    o.add_argument("--warm", action="store_true", help="leave the page cache as it is")
+    o.add_argument("--drop-all", action="store_true", help="also empty the whole page cache (root)")
+    o.add_argument("--json", default=None, metavar="OUT")
+    o.set_defaults(func=cmd_bench_io)
 
     b = sub.add_parser("bandwidth", help="memory read bandwidth (the ceiling for matrix-vector kernels)")
     b.add_argument("--threads", type=_ints, default=(1, 2))
@@ -103,4 +114,21 @@ def cmd_bench_bandwidth(args) -> int:
     for t in args.threads:
         bw = memory_bandwidth(t, args.size_mib << 20, args.repeats)
         print(f"memory read bandwidth, {t} thread{'s' if t > 1 else ''}: {bw / 1e9:.1f} GB/s")
+    return 0
+
+
+def cmd_bench_io(args) -> int:
+    from kernels.bench import save_results
+
+    from .bench_io import EXPERT_CHUNK, disk_bandwidth, format_io, make_scratch_file
+
+    if args.make_gib:
+        print(f"writing {args.make_gib} GiB to {args.file}", file=sys.stderr)
+        make_scratch_file(args.file, int(args.make_gib * 2**30))
+    chunk = int(args.chunk_mib * 2**20) if args.chunk_mib else EXPERT_CHUNK
+    results = [disk_bandwidth(args.file, chunk, t, args.reads, seed=t, cold=not args.warm, drop_all=args.drop_all)
+               for t in args.threads]
+    print(format_io(results))
+    if args.json:
+        save_results({"io": results}, args.json)
     return 0
