@@ -1,0 +1,203 @@
+"""Which cached expert to evict: the replacement policies of the expert cache, and the offline
+optimum (Belady) they are measured against.
+
+A key is whatever names a cached item, e.g. (layer, expert). A policy only orders keys; the cache
+that owns the slots (memory, I/O) asks it which key to give up. Every operation is O(1) or
+O(log n) so a policy costs nothing next to a multi-MiB read.
+
+    POLICIES["lru" | "lfu" | "decay"](capacity)   touch / insert / victim / remove
+    simulate(trace, capacity, "lru") -> hits      replay a recorded trace through a policy
+    belady_hits(trace, capacity) -> hits          the best any policy could do on that trace
+
+"decay" is frequency with recency decay (each access adds 1 to a key's score, and all scores
+halve every `half_life` accesses): it keeps experts a layer routes to often, like LFU, but lets a
+once-popular expert age out, like LRU. flash-moe's traces show both effects (per-layer skew and
+temporal reuse; ../shared/notes/).
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import OrderedDict
+from typing import Hashable, Iterable, Sequence
+
+
+class LRU:
+    """Evict the key used longest ago."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._order: OrderedDict[Hashable, None] = OrderedDict()  # oldest first
+
+    def touch(self, key) -> None:
+        self._order.move_to_end(key)
+
+    def insert(self, key) -> None:
+        self._order[key] = None
+
+    def victim(self):
+        return next(iter(self._order))
+
+    def remove(self, key) -> None:
+        del self._order[key]
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+class _ScoredHeap:
+    """Keys ordered by a score (lowest evicted first, ties: least recently used first), with lazy
+    deletion: a key's newest heap entry is the only valid one."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._heap: list[tuple[float, int, Hashable]] = []
+        self._entry: dict[Hashable, tuple[float, int]] = {}  # key -> its valid (score, tick)
+        self._tick = itertools.count()
+
+    def _push(self, key, score: float) -> None:
+        entry = (score, next(self._tick))
+        self._entry[key] = entry
+        heapq.heappush(self._heap, (*entry, key))
+        if len(self._heap) > 4 * max(16, len(self._entry)):  # too many stale entries: rebuild
+            self._heap = [(*e, k) for k, e in self._entry.items()]
+            heapq.heapify(self._heap)
+
+    def victim(self):
+        while True:
+            score, tick, key = self._heap[0]
+            if self._entry.get(key) == (score, tick):
+                return key
+            heapq.heappop(self._heap)
+
+    def remove(self, key) -> None:
+        del self._entry[key]
+
+    def __len__(self) -> int:
+        return len(self._entry)
+
+
+class LFU(_ScoredHeap):
+    """Evict the key used least often while cached (ties: least recently used)."""
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self._count: dict[Hashable, int] = {}
+
+    def insert(self, key) -> None:
+        self._count[key] = 1
+        self._push(key, 1)
+
+    def touch(self, key) -> None:
+        self._count[key] += 1
+        self._push(key, self._count[key])
+
+    def remove(self, key) -> None:
+        super().remove(key)
+        del self._count[key]
+
+
+class DecayedFrequency(_ScoredHeap):
+    """Evict the key with the lowest access count decayed by age: an access at time t adds
+    2**(t / half_life) to the key's score, which orders keys exactly as adding 1 and halving every
+    score each half_life accesses would, without touching every key on every access."""
+
+    def __init__(self, capacity: int, half_life: float | None = None):
+        super().__init__(capacity)
+        self.half_life = half_life or max(1.0, 2.0 * capacity)
+        self._now = 0
+        self._score: dict[Hashable, float] = {}
+        self._rebase_at = 512 * self.half_life  # keep 2**(t/h) far from float overflow
+
+    def _bump(self, key, base: float) -> None:
+        self._now += 1
+        if self._now >= self._rebase_at:  # scale every score down by the same factor: order kept
+            shift = 2.0 ** (-self._now / self.half_life)
+            self._score = {k: s * shift for k, s in self._score.items()}
+            self._heap, self._entry = [], {}
+            for k, s in self._score.items():
+                if k != key:
+                    self._push(k, s)
+            base *= shift
+            self._now = 0
+        self._score[key] = base + 2.0 ** (self._now / self.half_life)
+        self._push(key, self._score[key])
+
+    def insert(self, key) -> None:
+        self._bump(key, 0.0)
+
+    def touch(self, key) -> None:
+        self._bump(key, self._score[key])
+
+    def remove(self, key) -> None:
+        super().remove(key)
+        del self._score[key]
+
+
+POLICIES = {"lru": LRU, "lfu": LFU, "decay": DecayedFrequency}
+
+
+def make_policy(name: str, capacity: int):
+    try:
+        return POLICIES[name](capacity)
+    except KeyError:
+        raise ValueError(f"unknown cache policy {name!r}; expected one of {', '.join(POLICIES)}") from None
+
+
+def simulate(trace: Iterable[Hashable], capacity: int, policy: str = "lru") -> int:
+    """Hits when `trace` (keys in access order) runs through a cache of `capacity` items."""
+    if capacity < 1:
+        raise ValueError(f"simulate: capacity must be >= 1, got {capacity}")
+    p, cached, hits = make_policy(policy, capacity), set(), 0
+    for key in trace:
+        if key in cached:
+            hits += 1
+            p.touch(key)
+            continue
+        if len(cached) >= capacity:
+            old = p.victim()
+            p.remove(old)
+            cached.discard(old)
+        cached.add(key)
+        p.insert(key)
+    return hits
+
+
+def belady_hits(trace: Sequence[Hashable], capacity: int) -> int:
+    """Hits of the optimal offline policy (evict the item whose next use is furthest away, never
+    used again first): no policy can do better on this trace at this capacity."""
+    if capacity < 1:
+        raise ValueError(f"belady_hits: capacity must be >= 1, got {capacity}")
+    next_use = [math.inf] * len(trace)  # index of the next access of trace[i]'s key
+    last: dict[Hashable, int] = {}
+    for i in range(len(trace) - 1, -1, -1):
+        next_use[i] = last.get(trace[i], math.inf)
+        last[trace[i]] = i
+    cached: dict[Hashable, float] = {}  # key -> its next use
+    heap: list[tuple[float, int, Hashable]] = []  # (-next use, tiebreak, key), lazily invalidated
+    hits = 0
+    for i, key in enumerate(trace):
+        if key in cached:
+            hits += 1
+        elif len(cached) >= capacity:
+            while True:
+                neg_next, _, k = heapq.heappop(heap)
+                if cached.get(k) == -neg_next:
+                    del cached[k]
+                    break
+        cached[key] = next_use[i]
+        heapq.heappush(heap, (-next_use[i], i, key))
+    return hits
+
+
+def sweep(trace: Sequence[Hashable], capacities: Iterable[int], policies: Iterable[str] = tuple(POLICIES)) -> list[dict]:
+    """Hit rate of each policy and of the optimum at each capacity: [{capacity, belady, lru, ...}]
+    (the profiler's "our hit rate against the offline optimum" table)."""
+    n = max(1, len(trace))
+    rows = []
+    for c in capacities:
+        row = {"capacity": c, "belady": belady_hits(trace, c) / n}
+        row.update({p: simulate(trace, c, p) / n for p in policies})
+        rows.append(row)
+    return rows
