@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .config import ModelConfig
+from .expert_store import ExpertStore
 from .gguf_file import GGUFFile
 from .model import Model
 from .sampling import Sampler, SamplingParams
@@ -41,44 +42,59 @@ class GenerationStats:
 class _LoadOptions:
     n_ctx: int | None = None
     dequantize_resident: bool | None = None  # None: only types without a fused kernel
+    stream: str = "none"  # "experts": routed experts are read from the file into a slot cache
+    cache_slots: int | None = None  # experts the cache holds (default: one layer's experts)
+    cache_policy: str = "lru"  # engine/cache_policy.py: lru, lfu, decay
 
 
 class Engine:
     """A loaded GGUF model with its tokenizer and KV cache. Use as a context manager or call close()."""
 
     def __init__(self, path, file: GGUFFile, cfg: ModelConfig, model: Model, tokenizer: Tokenizer,
-                 load_s: float):
+                 load_s: float, store: ExpertStore | None = None):
         self.path, self.file, self.config, self.model, self.tokenizer = Path(path), file, cfg, model, tokenizer
-        self.load_s = load_s
+        self.load_s, self.store = load_s, store
         self.last_stats = GenerationStats()
 
     @classmethod
     def load(cls, path, threads: int | None = None, backend: str = "auto", **options) -> "Engine":
         """Open a GGUF model (any shard of a split one). Options: n_ctx (default min(train ctx, 4096)),
         dequantize_resident (expand resident matrices to float32 at load: None, the default, does
-        it only for types no fused kernel handles; True for all; False for none)."""
+        it only for types no fused kernel handles; True for all; False for none), stream ("none", or
+        "experts": routed experts are read from the file on use into a cache of cache_slots experts
+        managed by cache_policy; output is bit-identical to "none")."""
         unknown = set(options) - set(_LoadOptions.__dataclass_fields__)
         if unknown:
             raise TypeError(f"Engine.load: unknown option(s) {sorted(unknown)}; "
                             f"known: {sorted(_LoadOptions.__dataclass_fields__)}")
         opts = _LoadOptions(**options)
+        if opts.stream not in ("none", "experts"):
+            raise ValueError(f"Engine.load: stream must be 'none' or 'experts', got {opts.stream!r}")
         t0 = time.perf_counter()
         f = GGUFFile(path)
+        store = None
         try:
             cfg = ModelConfig.from_metadata(f.metadata, source=str(path))
             tokenizer = Tokenizer.from_metadata(f.metadata)
             weights = load_weights(f, cfg, opts.dequantize_resident, threads, backend)
             n_ctx = opts.n_ctx or min(cfg.n_ctx_train, DEFAULT_N_CTX)
-            model = Model(cfg, weights, n_ctx, threads, backend)
+            if opts.stream == "experts":
+                store = ExpertStore(f, opts.cache_slots or max(1, cfg.n_expert), opts.cache_policy)
+            model = Model(cfg, weights, n_ctx, threads, backend, experts=store.get if store else None)
         except BaseException:
+            if store is not None:
+                store.close()
             f.close()
             raise
-        return cls(path, f, cfg, model, tokenizer, time.perf_counter() - t0)
+        return cls(path, f, cfg, model, tokenizer, time.perf_counter() - t0, store)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
         if self.file is not None:
             self.model = None
+            if self.store is not None:
+                self.store.close()
+                self.store = None
             self.file.close()
             self.file = None
 
@@ -201,5 +217,10 @@ class Engine:
 
     def stats(self) -> dict:
         s = self.last_stats
-        return {"load_s": self.load_s, "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
-                "prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s}
+        out = {"load_s": self.load_s, "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
+               "prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s}
+        if self.store is not None:  # cumulative since load
+            st = self.store.stats
+            out["experts"] = {"slots": self.store.n_slots, "hits": st.hits, "misses": st.misses,
+                              "hit_rate": st.hit_rate, "bytes_read": st.bytes_read, "reads": st.reads}
+        return out

@@ -14,6 +14,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: available cores)")
     p.add_argument("--backend", default="auto", choices=["auto", "numpy", "cython", "numba"])
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default: min(train, 4096))")
+    p.add_argument("--stream", default="none", choices=["none", "experts"],
+                   help="experts: read routed experts from the file on use into a cache")
+    p.add_argument("--cache-slots", type=int, default=None, help="experts the cache holds (default: one layer's)")
+    p.add_argument("--cache-policy", default="lru", choices=["lru", "lfu", "decay"])
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -36,6 +40,8 @@ def _load(args):
     from .api import Engine
 
     opts = {"n_ctx": args.ctx_size} if args.ctx_size else {}
+    if args.stream != "none":
+        opts.update(stream=args.stream, cache_slots=args.cache_slots, cache_policy=args.cache_policy)
     return Engine.load(args.model, threads=args.threads, backend=args.backend, **opts)
 
 
@@ -44,6 +50,10 @@ def _print_speed(engine) -> None:
     print(f"\n[{s['prompt_tokens']} prompt tokens, {s['prefill_tok_s']:.1f} tok/s prefill; "
           f"{s['generated_tokens']} generated, {s['decode_tok_s']:.1f} tok/s decode; load {s['load_s']:.2f} s]",
           file=sys.stderr)
+    if "experts" in s:
+        x = s["experts"]
+        print(f"[experts: {x['slots']} cached, hit rate {x['hit_rate']:.1%} ({x['hits']} hits, {x['misses']} misses), "
+              f"{x['bytes_read'] / 2**20:.1f} MiB read in {x['reads']} reads]", file=sys.stderr)
 
 
 def cmd_run(args) -> int:

@@ -31,8 +31,11 @@ class Model:
     """
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, n_ctx: int,
-                 threads: int | None = None, backend: str = "auto"):
+                 threads: int | None = None, backend: str = "auto", experts=None):
         self.cfg, self.w = cfg, weights
+        # experts(layer, expert) -> (gate, up, down) QTensors: the file's memory map by default, or
+        # an ExpertStore reading them on use (engine/expert_store.py)
+        self.experts = experts or self.resident_expert
         self.n_ctx = n_ctx
         self.threads, self.backend = threads, backend
         self.rope = Rope(cfg.n_rot, cfg.rope_base, n_ctx, cfg.flags.rope, cfg.rope_freq_scale, weights.rope_freqs)
@@ -134,6 +137,10 @@ class Model:
         act = self.swiglu(mm(h, gate, self.threads, self.backend), mm(h, up, self.threads, self.backend))
         return mm(act, down, self.threads, self.backend)
 
+    def resident_expert(self, layer: int, e: int):
+        moe = self.w.layers[layer].moe
+        return moe.gate_exps[e], moe.up_exps[e], moe.down_exps[e]
+
     def route(self, moe: MoEWeights, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top-k experts per token: (ids int64[n, k] by descending weight, weights float32[n, k])."""
         k = self.cfg.n_expert_used
@@ -149,7 +156,7 @@ class Model:
         out = np.zeros_like(h)
         for e in np.unique(ids):  # each used expert once, on the tokens routed to it
             rows, slot = np.nonzero(ids == e)
-            y = self.expert_ffn(moe.gate_exps[e], moe.up_exps[e], moe.down_exps[e], h[rows])
+            y = self.expert_ffn(*self.experts(i, int(e)), h[rows])
             out[rows] += weights[rows, slot][:, None] * y
         if moe.shared is not None:
             shared = self.dense_ffn(moe.shared, h)

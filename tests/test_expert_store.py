@@ -77,3 +77,26 @@ def test_bad_expert_and_truncated_file(moe_gguf, tmp_path):
             for e in range(lay.n_expert):
                 store.get(lay.layer, e)
         store.close()
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "decay"])
+@pytest.mark.parametrize("slots", [1, 3])
+def test_streamed_model_equals_resident_bit_for_bit(moe_gguf, policy, slots):
+    from engine import Engine
+
+    ids = np.random.default_rng(0).integers(0, 500, 24).tolist()
+    with Engine.load(moe_gguf, n_ctx=64) as resident, \
+            Engine.load(moe_gguf, n_ctx=64, stream="experts", cache_slots=slots, cache_policy=policy) as streamed:
+        assert np.array_equal(streamed.logits(ids), resident.logits(ids))
+        assert list(streamed.generate_tokens(ids[:8], 12)) == list(resident.generate_tokens(ids[:8], 12))
+        s = streamed.stats()["experts"]
+        assert s["slots"] == slots and s["misses"] > 0 and s["bytes_read"] > 0
+
+
+def test_stream_option_is_checked(moe_gguf):
+    from engine import Engine
+
+    with pytest.raises(ValueError, match="stream must be 'none' or 'experts', got 'ffn'"):
+        Engine.load(moe_gguf, stream="ffn")
+    with pytest.raises(ValueError, match="unknown cache policy 'mru'"):
+        Engine.load(moe_gguf, stream="experts", cache_policy="mru")
