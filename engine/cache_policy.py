@@ -7,6 +7,7 @@ O(log n) so a policy costs nothing next to a multi-MiB read.
 
     POLICIES["lru" | "lfu" | "decay"](capacity)   touch / insert / victim / remove
     simulate(trace, capacity, "lru") -> hits      replay a recorded trace through a policy
+    replay(trace, capacity, "lru")                ... access by access: (key, hit, evicted)
     belady_hits(trace, capacity) -> hits          the best any policy could do on that trace
 
 "decay" is frequency with recency decay (each access adds 1 to a key's score, and all scores
@@ -145,23 +146,30 @@ def make_policy(name: str, capacity: int):
         raise ValueError(f"unknown cache policy {name!r}; expected one of {', '.join(POLICIES)}") from None
 
 
-def simulate(trace: Iterable[Hashable], capacity: int, policy: str = "lru") -> int:
-    """Hits when `trace` (keys in access order) runs through a cache of `capacity` items."""
+def replay(trace: Iterable[Hashable], capacity: int, policy: str = "lru"):
+    """Run `trace` (keys in access order) through a cache of `capacity` items: yields, per access,
+    (key, hit, the key it evicted or None)."""
     if capacity < 1:
         raise ValueError(f"simulate: capacity must be >= 1, got {capacity}")
-    p, cached, hits = make_policy(policy, capacity), set(), 0
+    p, cached = make_policy(policy, capacity), set()
     for key in trace:
         if key in cached:
-            hits += 1
             p.touch(key)
+            yield key, True, None
             continue
+        old = None
         if len(cached) >= capacity:
             old = p.victim()
             p.remove(old)
             cached.discard(old)
         cached.add(key)
         p.insert(key)
-    return hits
+        yield key, False, old
+
+
+def simulate(trace: Iterable[Hashable], capacity: int, policy: str = "lru") -> int:
+    """Hits when `trace` runs through a cache of `capacity` items under `policy`."""
+    return sum(hit for _, hit, _ in replay(trace, capacity, policy))
 
 
 def belady_hits(trace: Sequence[Hashable], capacity: int) -> int:

@@ -4,24 +4,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.cache_policy import POLICIES, DecayedFrequency, belady_hits, make_policy, simulate
+from engine.cache_policy import POLICIES, DecayedFrequency, belady_hits, make_policy, replay, simulate
 
 
 def run(policy, trace, capacity):
     """The keys each miss evicted, in order."""
-    p, cached, evicted = make_policy(policy, capacity), set(), []
-    for key in trace:
-        if key in cached:
-            p.touch(key)
-            continue
-        if len(cached) >= capacity:
-            old = p.victim()
-            p.remove(old)
-            cached.discard(old)
-            evicted.append(old)
-        cached.add(key)
-        p.insert(key)
-    return evicted
+    return [old for _, _, old in replay(trace, capacity, policy) if old is not None]
 
 
 def test_lru_evicts_the_least_recently_used():
