@@ -9,10 +9,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .budget import MemoryPlan, plan_memory
 from .config import ModelConfig
-from .expert_store import ExpertStore
+from .expert_io import direct_io_supported
+from .expert_store import PAGE_CACHE, ExpertStore
 from .gguf_file import GGUFFile
 from .model import Model
+from .profile import Profiler
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 from .weights import load_weights
@@ -38,55 +41,101 @@ class GenerationStats:
         return self.decode_steps / self.decode_s if self.decode_s else 0.0
 
 
+STREAM_MODES = ("none", "experts", "ffn")
+PREFETCH_MODES = ("none", "routing", "lookahead")
+
+
 @dataclass
 class _LoadOptions:
     n_ctx: int | None = None
+    n_batch: int | None = None  # prompt tokens per forward pass (default 256, less under a small budget)
     dequantize_resident: bool | None = None  # None: only types without a fused kernel
-    stream: str = "none"  # "experts": routed experts are read from the file into a slot cache
-    cache_slots: int | None = None  # experts the cache holds (default: one layer's experts)
-    cache_policy: str = "lru"  # engine/cache_policy.py: lru, lfu, decay
+    stream: str = "none"  # "experts": routed experts read from the file; "ffn": dense FFNs too
+    memory_budget: int | str | None = None  # "3GiB": resident + KV + work buffers + expert cache
+    cache_slots: int | None = None  # experts the cache holds (default: what the budget leaves)
+    cache_policy: str = "lru"  # engine/cache_policy.py: lru, lfu, decay; or page-cache
+    prefetch: str = "routing"  # none | routing | lookahead (see Engine.load)
+    lookahead: int | None = None  # experts guessed per layer with prefetch="lookahead" (default top-k)
+    io: str = "auto"  # auto | direct | buffered
+    io_threads: int = 4
+    profile: bool = False
 
 
 class Engine:
     """A loaded GGUF model with its tokenizer and KV cache. Use as a context manager or call close()."""
 
     def __init__(self, path, file: GGUFFile, cfg: ModelConfig, model: Model, tokenizer: Tokenizer,
-                 load_s: float, store: ExpertStore | None = None):
+                 load_s: float, store: ExpertStore | None = None, plan: MemoryPlan | None = None,
+                 profiler: Profiler | None = None, n_batch: int | None = None):
         self.path, self.file, self.config, self.model, self.tokenizer = Path(path), file, cfg, model, tokenizer
-        self.load_s, self.store = load_s, store
+        self.load_s, self.store, self.plan, self.profiler = load_s, store, plan, profiler
+        self.prefill_batch = plan.prefill_batch if plan is not None else (n_batch or PREFILL_BATCH)
         self.last_stats = GenerationStats()
 
     @classmethod
     def load(cls, path, threads: int | None = None, backend: str = "auto", **options) -> "Engine":
-        """Open a GGUF model (any shard of a split one). Options: n_ctx (default min(train ctx, 4096)),
-        dequantize_resident (expand resident matrices to float32 at load: None, the default, does
-        it only for types no fused kernel handles; True for all; False for none), stream ("none", or
-        "experts": routed experts are read from the file on use into a cache of cache_slots experts
-        managed by cache_policy; output is bit-identical to "none")."""
+        """Open a GGUF model (any shard of a split one).
+
+        n_ctx: context length (default min(train ctx, 4096); under a budget, see engine/budget.py).
+        n_batch: prompt tokens per forward pass (default 256; under a budget, see engine/budget.py).
+            The kernels round per batch, so logits compare bit for bit only at equal n_batch.
+        dequantize_resident: expand resident matrices to float32 at load (None, the default: only
+            types no fused kernel handles; True: all; False: none).
+        stream: "none" (all weights used from the file's memory map), "experts" (routed experts
+            are read from the file into an expert cache as they are needed; the rest is copied
+            into memory), "ffn" (dense FFNs stream too, as one always-chosen expert per layer).
+        memory_budget: bytes or "3GiB": resident weights + KV cache + work buffers + expert cache
+            must fit; the cache gets what is left, and a budget too small is refused (BudgetError).
+        cache_slots: the cache's size in experts, instead of what the budget leaves.
+        cache_policy: "lru", "lfu", "decay" (frequency with recency decay), or "page-cache" (no
+            cache of our own: buffered preads, the OS caches).
+        prefetch: "routing" (a layer's misses are all queued as soon as its routing is known and
+            computed as they land), "lookahead" (also: layer i+1's router applied after layer i's
+            attention queues its likely experts; `lookahead` of them, default top-k), "none" (one
+            read at a time, computed before the next is asked: the baseline).
+        io: "direct" (O_DIRECT), "buffered", or "auto" (direct where the filesystem allows);
+        io_threads: reader threads. profile: record events for Engine.profile_summary() etc.
+        Streamed output is bit-identical to stream="none" whatever these options are."""
         unknown = set(options) - set(_LoadOptions.__dataclass_fields__)
         if unknown:
             raise TypeError(f"Engine.load: unknown option(s) {sorted(unknown)}; "
                             f"known: {sorted(_LoadOptions.__dataclass_fields__)}")
         opts = _LoadOptions(**options)
-        if opts.stream not in ("none", "experts"):
-            raise ValueError(f"Engine.load: stream must be 'none' or 'experts', got {opts.stream!r}")
+        if opts.stream not in STREAM_MODES:
+            raise ValueError(f"Engine.load: stream must be one of {STREAM_MODES}, got {opts.stream!r}")
+        if opts.prefetch not in PREFETCH_MODES:
+            raise ValueError(f"Engine.load: prefetch must be one of {PREFETCH_MODES}, got {opts.prefetch!r}")
         t0 = time.perf_counter()
         f = GGUFFile(path)
         store = None
         try:
             cfg = ModelConfig.from_metadata(f.metadata, source=str(path))
+            streaming = opts.stream != "none"
+            direct = streaming and opts.cache_policy != PAGE_CACHE and opts.io != "buffered" and (
+                opts.io == "direct" or direct_io_supported(str(f.path)))
+            plan = None
+            if streaming or opts.memory_budget is not None:
+                plan = plan_memory(f, cfg, opts.memory_budget, opts.stream, opts.n_ctx, opts.cache_slots,
+                                   opts.dequantize_resident, direct, min(cfg.n_ctx_train, DEFAULT_N_CTX), opts.n_batch)
             tokenizer = Tokenizer.from_metadata(f.metadata)
-            weights = load_weights(f, cfg, opts.dequantize_resident, threads, backend)
-            n_ctx = opts.n_ctx or min(cfg.n_ctx_train, DEFAULT_N_CTX)
-            if opts.stream == "experts":
-                store = ExpertStore(f, opts.cache_slots or max(1, cfg.n_expert), opts.cache_policy)
-            model = Model(cfg, weights, n_ctx, threads, backend, experts=store.get if store else None)
+            weights = load_weights(f, cfg, opts.dequantize_resident, threads, backend, copy=streaming,
+                                   stream_ffn=opts.stream == "ffn")
+            n_ctx = plan.n_ctx if plan is not None else (opts.n_ctx or min(cfg.n_ctx_train, DEFAULT_N_CTX))
+            profiler = Profiler() if opts.profile else None
+            if streaming:
+                store = ExpertStore(f, plan.n_slots, opts.cache_policy, opts.io, opts.io_threads,
+                                    dense_ffn=opts.stream == "ffn", profiler=profiler,
+                                    sync=opts.prefetch == "none")
+                f.release_pages()  # nothing uses the memory map now: its pages leave our RSS
+            lookahead = (opts.lookahead or max(1, cfg.n_expert_used)) if opts.prefetch == "lookahead" else 0
+            model = Model(cfg, weights, n_ctx, threads, backend, experts=store, stream_ffn=opts.stream == "ffn",
+                          lookahead=lookahead if streaming else 0, profiler=profiler)
         except BaseException:
             if store is not None:
                 store.close()
             f.close()
             raise
-        return cls(path, f, cfg, model, tokenizer, time.perf_counter() - t0, store)
+        return cls(path, f, cfg, model, tokenizer, time.perf_counter() - t0, store, plan, profiler, opts.n_batch)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
@@ -114,8 +163,9 @@ class Engine:
         """Logits for every position of ids, evaluated from an empty cache in prefill batches."""
         model = self._require_open()
         out = np.empty((len(ids), self.config.n_vocab), dtype=np.float32)
-        for s in range(0, len(ids), PREFILL_BATCH):
-            out[s:s + PREFILL_BATCH] = model.forward(ids[s:s + PREFILL_BATCH], s, all_logits=True)
+        b = self.prefill_batch
+        for s in range(0, len(ids), b):
+            out[s:s + b] = model.forward(ids[s:s + b], s, all_logits=True)
         return out
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -167,8 +217,9 @@ class Engine:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed n_ctx={model.n_ctx}")
         stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
         t0 = time.perf_counter()
-        for s in range(0, len(ids), PREFILL_BATCH):
-            logits = model.forward(ids[s:s + PREFILL_BATCH], s)
+        b = self.prefill_batch
+        for s in range(0, len(ids), b):
+            logits = model.forward(ids[s:s + b], s)
         stats.prefill_s = time.perf_counter() - t0
         history = list(ids)
         for step in range(max_new_tokens):
@@ -219,8 +270,21 @@ class Engine:
         s = self.last_stats
         out = {"load_s": self.load_s, "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
                "prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s}
+        if self.plan is not None:
+            p = self.plan
+            out["memory"] = {"budget": p.budget, "resident": p.resident, "kv_cache": p.kv_cache, "work": p.work,
+                             "expert_cache": p.cache, "n_ctx": p.n_ctx, "streamed": p.streamed}
         if self.store is not None:  # cumulative since load
             st = self.store.stats
-            out["experts"] = {"slots": self.store.n_slots, "hits": st.hits, "misses": st.misses,
-                              "hit_rate": st.hit_rate, "bytes_read": st.bytes_read, "reads": st.reads}
+            out["experts"] = {"slots": self.store.n_slots, "hits": st.hits, "late": st.late, "misses": st.misses,
+                              "hit_rate": st.hit_rate, "bytes_read": st.bytes_read, "reads": st.reads,
+                              "stall_s": st.stall_s, "direct_io": self.store.direct,
+                              "prefetch": {"issued": st.prefetch_issued, "used": st.prefetch_used,
+                                           "wasted": st.prefetch_wasted, "cancelled": st.prefetch_cancelled}}
         return out
+
+    def profile_summary(self, disk_gbps: float | None = None) -> dict:
+        """The profiler's figures (Engine.load(..., profile=True)): see engine/profile.py."""
+        if self.profiler is None:
+            raise RuntimeError("profile_summary: load the engine with profile=True")
+        return self.profiler.summary(self.store.n_slots if self.store else None, disk_gbps)

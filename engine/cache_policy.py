@@ -5,7 +5,7 @@ A key is whatever names a cached item, e.g. (layer, expert). A policy only order
 that owns the slots (memory, I/O) asks it which key to give up. Every operation is O(1) or
 O(log n) so a policy costs nothing next to a multi-MiB read.
 
-    POLICIES["lru" | "lfu" | "decay"](capacity)   touch / insert / victim / remove
+    POLICIES["lru" | "lfu" | "decay"](capacity)   touch / insert / victim / victim_excluding / remove
     simulate(trace, capacity, "lru") -> hits      replay a recorded trace through a policy
     replay(trace, capacity, "lru")                ... access by access: (key, hit, evicted)
     belady_hits(trace, capacity) -> hits          the best any policy could do on that trace
@@ -40,6 +40,10 @@ class LRU:
     def victim(self):
         return next(iter(self._order))
 
+    def victim_excluding(self, skip) -> Hashable | None:
+        """The key to evict among those not in `skip` (keys in use or being read), or None."""
+        return next((k for k in self._order if k not in skip), None)
+
     def remove(self, key) -> None:
         del self._order[key]
 
@@ -71,6 +75,23 @@ class _ScoredHeap:
             if self._entry.get(key) == (score, tick):
                 return key
             heapq.heappop(self._heap)
+
+    def victim_excluding(self, skip) -> Hashable | None:
+        """The key to evict among those not in `skip` (keys in use or being read), or None."""
+        held = []  # valid entries passed over, pushed back after
+        try:
+            while self._heap:
+                score, tick, key = self._heap[0]
+                if self._entry.get(key) != (score, tick):
+                    heapq.heappop(self._heap)
+                elif key in skip:
+                    held.append(heapq.heappop(self._heap))
+                else:
+                    return key
+            return None
+        finally:
+            for item in held:
+                heapq.heappush(self._heap, item)
 
     def remove(self, key) -> None:
         del self._entry[key]

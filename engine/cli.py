@@ -14,10 +14,18 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: available cores)")
     p.add_argument("--backend", default="auto", choices=["auto", "numpy", "cython", "numba"])
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default: min(train, 4096))")
-    p.add_argument("--stream", default="none", choices=["none", "experts"],
-                   help="experts: read routed experts from the file on use into a cache")
-    p.add_argument("--cache-slots", type=int, default=None, help="experts the cache holds (default: one layer's)")
-    p.add_argument("--cache-policy", default="lru", choices=["lru", "lfu", "decay"])
+    p.add_argument("-b", "--batch-size", type=int, default=None, help="prompt tokens per forward pass (default 256)")
+    g = p.add_argument_group("streaming (see Engine.load)")
+    g.add_argument("--memory-budget", default=None,
+                   help="e.g. 3GiB: resident weights + KV cache + buffers + expert cache (implies --stream experts)")
+    g.add_argument("--stream", default=None, choices=["none", "experts", "ffn"],
+                   help="experts: routed experts stay on disk and are read ahead of use; ffn: dense FFNs too")
+    g.add_argument("--cache-slots", type=int, default=None, help="experts the cache holds (default: what the budget leaves)")
+    g.add_argument("--cache-policy", default="lru", choices=["lru", "lfu", "decay", "page-cache"])
+    g.add_argument("--prefetch", default="routing", choices=["none", "routing", "lookahead"])
+    g.add_argument("--lookahead", type=int, default=None, help="experts guessed per layer (default: top-k)")
+    g.add_argument("--io", default="auto", choices=["auto", "direct", "buffered"])
+    g.add_argument("--io-threads", type=int, default=4)
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -36,12 +44,17 @@ def _sampling(args) -> dict:
                 repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
 
 
-def _load(args):
+def _load(args, **extra):
     from .api import Engine
 
-    opts = {"n_ctx": args.ctx_size} if args.ctx_size else {}
-    if args.stream != "none":
-        opts.update(stream=args.stream, cache_slots=args.cache_slots, cache_policy=args.cache_policy)
+    opts = {"n_ctx": args.ctx_size, "n_batch": args.batch_size, **extra}
+    stream = args.stream or ("experts" if args.memory_budget else "none")
+    if stream != "none":
+        opts.update(stream=stream, memory_budget=args.memory_budget, cache_slots=args.cache_slots,
+                    cache_policy=args.cache_policy, prefetch=args.prefetch, lookahead=args.lookahead,
+                    io=args.io, io_threads=args.io_threads)
+    elif args.memory_budget:
+        opts.update(memory_budget=args.memory_budget)
     return Engine.load(args.model, threads=args.threads, backend=args.backend, **opts)
 
 
@@ -50,10 +63,13 @@ def _print_speed(engine) -> None:
     print(f"\n[{s['prompt_tokens']} prompt tokens, {s['prefill_tok_s']:.1f} tok/s prefill; "
           f"{s['generated_tokens']} generated, {s['decode_tok_s']:.1f} tok/s decode; load {s['load_s']:.2f} s]",
           file=sys.stderr)
+    if "memory" in s:
+        print(f"[memory: {engine.plan.describe()}]", file=sys.stderr)
     if "experts" in s:
         x = s["experts"]
-        print(f"[experts: {x['slots']} cached, hit rate {x['hit_rate']:.1%} ({x['hits']} hits, {x['misses']} misses), "
-              f"{x['bytes_read'] / 2**20:.1f} MiB read in {x['reads']} reads]", file=sys.stderr)
+        print(f"[experts: {x['slots']} cached, hit rate {x['hit_rate']:.1%} ({x['hits']} hits, {x['late']} late, "
+              f"{x['misses']} misses), {x['bytes_read'] / 2**20:.1f} MiB read in {x['reads']} reads, "
+              f"stalled {x['stall_s']:.2f} s; prefetch {x['prefetch']}]", file=sys.stderr)
 
 
 def cmd_run(args) -> int:
@@ -112,6 +128,28 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from .profile_report import format_summary, write_report
+
+    disk = args.disk_gbps
+    if disk is None and args.measure_disk:
+        from .bench_io import disk_bandwidth
+
+        disk = disk_bandwidth(args.model, threads=max(1, args.io_threads))["bytes_per_s"] / 1e9
+        print(f"disk: {disk:.2f} GB/s (cold parallel preads of expert-sized chunks of the model file)", file=sys.stderr)
+    with _load(args, profile=True) as engine:
+        for piece in engine.stream(args.prompt, args.n_predict, **_sampling(args)):
+            print(piece, end="", flush=True)
+        print()
+        _print_speed(engine)
+        summary = engine.profile_summary(disk)
+        written = write_report(engine.profiler, summary, args.plot, args.trace, args.json)
+    print(format_summary(summary))
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_convert(args) -> int:
     from .convert import convert_hf_to_gguf
 
@@ -163,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", required=True)
     p.set_defaults(func=cmd_perplexity)  # -c is the chunk size, as in llama-perplexity
 
+    p = sub.add_parser("profile", help="generate with the prefetch profiler on: hit rates, stalls, bytes, plots")
+    _add_model_options(p)
+    p.add_argument("-p", "--prompt", required=True)
+    _add_sampling_options(p)
+    p.add_argument("--trace", default=None, help="Chrome trace JSON (opens in Perfetto)")
+    p.add_argument("--plot", default=None, help="PNG: token timeline (+ .hit_layers.png, .hit_cache.png)")
+    p.add_argument("--json", default=None, help="every figure as JSON")
+    p.add_argument("--disk-gbps", type=float, default=None, help="the disk's bandwidth (weightstream bench io)")
+    p.add_argument("--measure-disk", action="store_true", help="measure it first with cold reads of the model file")
+    p.set_defaults(func=cmd_profile, n_predict=32)
+
     p = sub.add_parser("convert", help="write GGUF from a Hugging Face safetensors directory")
     p.add_argument("hf_dir")
     p.add_argument("out")
@@ -177,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from .bench_cli import register as register_bench
+    from .synth import register as register_synth
 
     register_bench(sub)  # weightstream bench kernels | decode | bandwidth
+    register_synth(sub)  # weightstream synth --preset NAME OUT.gguf
     return parser
 
 
@@ -188,7 +239,7 @@ def main(argv=None) -> int:
         args.ctx = args.ctx_size = args.ctx_size or 512
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, MemoryError) as e:  # BudgetError is a MemoryError
         print(f"weightstream: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

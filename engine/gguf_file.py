@@ -7,6 +7,8 @@ corrupt or incomplete.
 """
 from __future__ import annotations
 
+import mmap
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -188,19 +190,34 @@ class GGUFFile:
         except KeyError:
             raise GGUFError(f"{self.path}: tensor {name} not found") from None
 
-    def raw(self, name: str) -> np.ndarray:
-        """The tensor's block bytes as a read-only uint8[..., rows, bytes_per_row] view of the file."""
+    def raw(self, name: str, copy: bool = False) -> np.ndarray:
+        """The tensor's block bytes as uint8[..., rows, bytes_per_row]: a read-only view of the
+        file, or with copy=True our own copy, read with pread so that no page of the file's
+        memory map becomes part of the process (what a memory budget needs)."""
         info = self.info(name)
-        data = self._arrays[name]
-        return data.view(np.uint8).reshape(*info.shape[:-1], info.row_bytes)
+        if not copy:
+            return self._arrays[name].view(np.uint8).reshape(*info.shape[:-1], info.row_bytes)
+        out = np.empty(info.nbytes, dtype=np.uint8)
+        fd = os.open(info.path, os.O_RDONLY)
+        try:
+            got = 0
+            while got < info.nbytes and (n := os.preadv(fd, [out[got:]], info.offset + got)) > 0:
+                got += n
+        finally:
+            os.close(fd)
+        if got != info.nbytes:
+            raise GGUFError(f"{info.path}: tensor {name} at offset {info.offset}: read {got} of {info.nbytes} "
+                            f"bytes (file truncated?)")
+        return out.reshape(*info.shape[:-1], info.row_bytes)
 
-    def qtensor(self, name: str, expect_shape: tuple[int, ...] | None = None) -> QTensor:
-        """A 2-D weight; with expect_shape, its (rows, cols) is checked against the model config."""
+    def qtensor(self, name: str, expect_shape: tuple[int, ...] | None = None, copy: bool = False) -> QTensor:
+        """A 2-D weight; with expect_shape, its (rows, cols) is checked against the model config;
+        copy: see raw()."""
         info = self.info(name)
         self._check_shape(info, expect_shape)
         if len(info.shape) != 2:
             raise GGUFError(f"{self.path}: tensor {name} has shape {info.shape}, expected a 2-D matrix")
-        return QTensor(info.qtype, info.shape, self.raw(name))
+        return QTensor(info.qtype, info.shape, self.raw(name, copy))
 
     def expert_qtensors(self, name: str, expect_shape: tuple[int, int, int] | None = None) -> list[QTensor]:
         """A stacked [n_expert, rows, cols] tensor as one QTensor per expert (views, no copies)."""
@@ -211,20 +228,34 @@ class GGUFFile:
         raw = self.raw(name)
         return [QTensor(info.qtype, info.shape[1:], raw[e]) for e in range(info.shape[0])]
 
-    def array(self, name: str, expect_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    def array(self, name: str, expect_shape: tuple[int, ...] | None = None, copy: bool = False) -> np.ndarray:
         """Any tensor dequantized to float32, in NumPy shape order (norms, biases, small tensors)."""
         from kernels import reference
 
         info = self.info(name)
         self._check_shape(info, expect_shape)
         rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
-        raw = self.raw(name).reshape(rows, info.row_bytes)
+        raw = self.raw(name, copy).reshape(rows, info.row_bytes)
         return reference.dequantize(raw, info.qtype, (rows, info.shape[-1])).reshape(info.shape)
 
     def _check_shape(self, info: TensorInfo, expect: tuple[int, ...] | None) -> None:
         if expect is not None and tuple(expect) != info.shape:
             raise GGUFError(f"{self.path}: tensor {info.name} has shape {list(info.shape)}, "
                             f"expected {list(expect)} from the model's metadata")
+
+    def release_pages(self) -> None:
+        """Drop the memory map's pages from this process and the file's pages from the page cache
+        (after load, when every weight we keep has been copied and the rest streams with pread)."""
+        for r, path in zip(self._readers, self.paths):
+            mm = getattr(getattr(r, "data", None), "_mmap", None)
+            if mm is not None and not mm.closed and hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED)
+            if hasattr(os, "posix_fadvise"):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
 
     def close(self) -> None:
         self._arrays.clear()

@@ -1,12 +1,15 @@
 """The forward pass: embedding, attention with a preallocated KV cache, dense or MoE FFN, head.
 
 Works on float32 NumPy arrays. Knows nothing about I/O: weights come from engine.weights,
-routed experts through `self.experts(layer, expert_id)`. The small per-token operations (norms,
+routed experts through `self.experts.fetch(layer, expert_ids)`: the file's memory map
+(ResidentExperts) or an ExpertStore that reads them ahead of use (engine/expert_store.py). The small per-token operations (norms,
 rope, SwiGLU, one-token attention) run in kernels._ops, one pass each into our own buffers;
 engine/ops.py holds their NumPy versions, the reference they are tested against, and the
 prefill attention (a batched matmul that BLAS does best).
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -23,6 +26,18 @@ class ContextFullError(RuntimeError):
     pass
 
 
+class ResidentExperts:
+    """Experts as views of the file's memory map, in the order asked."""
+
+    def __init__(self, weights: ModelWeights):
+        self.w = weights
+
+    def fetch(self, layer: int, experts):
+        moe = self.w.layers[layer].moe
+        for e in experts:
+            yield int(e), (moe.gate_exps[e], moe.up_exps[e], moe.down_exps[e])
+
+
 class Model:
     """A decoder-only transformer with its own KV cache.
 
@@ -31,11 +46,17 @@ class Model:
     """
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, n_ctx: int,
-                 threads: int | None = None, backend: str = "auto", experts=None):
+                 threads: int | None = None, backend: str = "auto", experts=None, stream_ffn: bool = False,
+                 lookahead: int = 0, profiler=None):
         self.cfg, self.w = cfg, weights
-        # experts(layer, expert) -> (gate, up, down) QTensors: the file's memory map by default, or
-        # an ExpertStore reading them on use (engine/expert_store.py)
-        self.experts = experts or self.resident_expert
+        # experts.fetch(layer, ids) -> (id, (gate, up, down)) QTensors: the file's memory map by
+        # default, or an ExpertStore reading them ahead of use (engine/expert_store.py)
+        self.experts = experts or ResidentExperts(weights)
+        self.stream_ffn = stream_ffn  # dense FFNs come from self.experts too (expert 0 of their layer)
+        # lookahead: after layer i's attention, apply layer i+1's router to the residual and ask the
+        # store to prefetch its top `lookahead` experts (0: off)
+        self.lookahead = lookahead
+        self.profiler = profiler
         self.n_ctx = n_ctx
         self.threads, self.backend = threads, backend
         self.rope = Rope(cfg.n_rot, cfg.rope_base, n_ctx, cfg.flags.rope, cfg.rope_freq_scale, weights.rope_freqs)
@@ -62,13 +83,27 @@ class Model:
         if tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab:
             raise ValueError(f"token id out of range [0, {self.cfg.n_vocab}): {tokens.min()}..{tokens.max()}")
         positions = np.arange(pos, pos + n, dtype=np.int64)
+        prof = self.profiler
+        t_forward = prof.begin_forward(n) if prof is not None else 0.0
         x = self.embed(tokens)  # [n, n_embd], the residual stream (ours: updated in place)
         h = np.empty_like(x)  # normed input of each block
         for i, layer in enumerate(self.w.layers):
+            t_layer = time.perf_counter() if prof is not None else 0.0
             self.norm(x, layer.attn_norm, h)
             x += self.attention(i, layer, h, positions)
             self.norm(x, layer.ffn_norm, h)
-            x += self.dense_ffn(layer.ffn, h) if layer.moe is None else self.moe(i, layer.moe, h)
+            # after this layer's reads are queued, guess the next layer's experts from x (decode only)
+            ahead = x if self.lookahead and i + 1 < len(self.w.layers) and n == 1 else None
+            if layer.moe is not None:
+                x += self.moe(i, layer.moe, h, ahead)
+            elif self.stream_ffn:
+                x += self.streamed_ffn(i, h, ahead)
+            else:
+                x += self.dense_ffn(layer.ffn, h)
+            if prof is not None:
+                prof.layer(i, t_layer, time.perf_counter())
+        if prof is not None:
+            prof.end_forward(n, t_forward)
         if not all_logits:
             x, h = x[-1:], h[-1:]
         return self.w.output(self.norm(x, self.w.output_norm, h))  # [n or 1, n_vocab]
@@ -137,9 +172,25 @@ class Model:
         act = self.swiglu(mm(h, gate, self.threads, self.backend), mm(h, up, self.threads, self.backend))
         return mm(act, down, self.threads, self.backend)
 
-    def resident_expert(self, layer: int, e: int):
-        moe = self.w.layers[layer].moe
-        return moe.gate_exps[e], moe.up_exps[e], moe.down_exps[e]
+    def streamed_ffn(self, i: int, h: np.ndarray, ahead: np.ndarray | None = None) -> np.ndarray:
+        """A dense FFN read by the store as expert 0 of its layer."""
+        for _, parts in self.experts.fetch(i, [0]):
+            if ahead is not None:
+                self.prefetch_next(i + 1, ahead)
+            return self.expert_ffn(*parts, h)
+
+    def prefetch_next(self, nxt: int, x: np.ndarray) -> None:
+        """Guess layer nxt's experts from the residual after this layer's attention (it changes
+        little from layer to layer) and ask the store to read them ahead. x: float32[1, n_embd]."""
+        moe = self.w.layers[nxt].moe
+        if moe is None:
+            if self.stream_ffn:
+                self.experts.prefetch(nxt, [0])
+            return
+        logits = moe.router(self.norm(x, self.w.layers[nxt].ffn_norm))  # [1, n_expert]
+        k = min(self.lookahead, logits.shape[1])
+        guess = np.argpartition(-logits[0], k - 1)[:k]
+        self.experts.prefetch(nxt, guess[np.argsort(-logits[0, guess], kind="stable")])
 
     def route(self, moe: MoEWeights, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Top-k experts per token: (ids int64[n, k] by descending weight, weights float32[n, k])."""
@@ -151,13 +202,21 @@ class Model:
             weights = weights / np.sum(weights, axis=-1, keepdims=True)
         return ids, weights.astype(np.float32)
 
-    def moe(self, i: int, moe: MoEWeights, h: np.ndarray) -> np.ndarray:
+    def moe(self, i: int, moe: MoEWeights, h: np.ndarray, ahead: np.ndarray | None = None) -> np.ndarray:
+        """Routed experts (+ shared expert) on h. ahead: the residual to guess layer i+1's experts
+        from, once this layer's reads are queued (the first step of fetch queues them)."""
         ids, weights = self.route(moe, h)
+        used = np.unique(ids)
+        ys = {}  # expert -> its output on the tokens routed to it, computed as the experts arrive
+        for e, parts in self.experts.fetch(i, used):
+            if ahead is not None:
+                self.prefetch_next(i + 1, ahead)
+                ahead = None
+            ys[e] = self.expert_ffn(*parts, h[np.any(ids == e, axis=1)])
         out = np.zeros_like(h)
-        for e in np.unique(ids):  # each used expert once, on the tokens routed to it
+        for e in used.tolist():  # summed in a fixed order: arrival order must not change the bits
             rows, slot = np.nonzero(ids == e)
-            y = self.expert_ffn(*self.experts(i, int(e)), h[rows])
-            out[rows] += weights[rows, slot][:, None] * y
+            out[rows] += weights[rows, slot][:, None] * ys[e]
         if moe.shared is not None:
             shared = self.dense_ffn(moe.shared, h)
             if moe.shared_gate is not None:

@@ -142,21 +142,25 @@ class ModelWeights:
 
 
 def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None = None,
-                 threads: int | None = None, backend: str = "auto") -> ModelWeights:
+                 threads: int | None = None, backend: str = "auto", copy: bool = False,
+                 stream_ffn: bool = False) -> ModelWeights:
+    """copy: read every resident weight into our own memory (a memory budget needs them held, not
+    left to the page cache). stream_ffn: leave dense FFNs on disk (LayerWeights.ffn is None; the
+    expert store reads them)."""
     E, H, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim
 
     def linear(name, shape, bias_name=None, required=True):
         if name not in f and not required:
             return None
-        bias = f.array(bias_name, (shape[0],)) if bias_name and bias_name in f else None
-        return Linear(f.qtensor(name, shape), bias, dequantize_resident, threads, backend)
+        bias = f.array(bias_name, (shape[0],), copy) if bias_name and bias_name in f else None
+        return Linear(f.qtensor(name, shape, copy), bias, dequantize_resident, threads, backend)
 
     def vec(name, n, required=True):
         if name not in f:
             if required:
                 raise GGUFError(f"{f.path}: tensor {name} not found (needed by {cfg.arch})")
             return None
-        return f.array(name, (n,)).astype(np.float32)
+        return f.array(name, (n,), copy).astype(np.float32)
 
     layers = []
     for i in range(cfg.n_layer):
@@ -176,11 +180,11 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None
             wo=linear(p + "attn_output.weight", (E, H * D)),
             q_norm=qn, k_norm=kn,
             ffn_norm=vec(p + "ffn_norm.weight", E),
-            ffn=_load_dense_ffn(f, cfg, p, linear) if p + "ffn_gate_inp.weight" not in f else None,
+            ffn=_load_dense_ffn(f, cfg, p, linear) if p + "ffn_gate_inp.weight" not in f and not stream_ffn else None,
             moe=_load_moe(f, cfg, p, linear) if p + "ffn_gate_inp.weight" in f else None,
         ))
 
-    token_embd = f.qtensor("token_embd.weight", (cfg.n_vocab, E))
+    token_embd = f.qtensor("token_embd.weight", (cfg.n_vocab, E), copy)
     if "output.weight" in f:
         output = linear("output.weight", (cfg.n_vocab, E))
         embd_dense = None
@@ -222,5 +226,5 @@ def _load_moe(f: GGUFFile, cfg: ModelConfig, p: str, linear) -> MoEWeights:
                                       linear(p + "ffn_up_shexp.weight", (n_sh, E))]),
                          linear(p + "ffn_down_shexp.weight", (E, n_sh)))
         if p + "ffn_gate_inp_shexp.weight" in f:
-            moe.shared_gate = f.array(p + "ffn_gate_inp_shexp.weight").reshape(E).astype(np.float32)
+            moe.shared_gate = f.array(p + "ffn_gate_inp_shexp.weight", copy=True).reshape(E).astype(np.float32)
     return moe

@@ -1,0 +1,160 @@
+"""The memory budget: what a model needs held in memory, and how many expert slots are left.
+
+    plan = plan_memory(gguf_file, cfg, budget="3GiB", stream="experts")
+    plan.n_slots, plan.n_ctx, plan.prefill_batch, plan.describe()
+
+The budget covers everything the engine allocates for the model:
+    resident  every weight that does not stream, copied into our memory (norms, attention,
+              routers, embeddings, the output head; dense FFNs too unless stream="ffn")
+    kv_cache  float32 K and V for n_ctx positions of every layer
+    work      per-step buffers at the largest prompt batch (activations, attention scores, logits)
+    cache     expert slots: whatever is left, in whole slots
+It does not cover the Python interpreter and its libraries (NumPy, Numba, our kernels: ~100-200 MB
+measured as the process's RSS before loading), which the tests state as the overhead.
+
+With a budget and no n_ctx, the context is halved from min(train, 4096) until the KV cache takes
+at most a quarter of what the resident weights leave (never below 256), and the prompt batch is
+halved from 256 until the work buffers take at most a tenth, so a small budget still leaves room
+for experts. A budget that cannot hold the resident part, the KV cache, the work buffers and one
+layer's worth of routed experts is refused with the figures.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gguf import GGMLQuantizationType
+
+from kernels import backends
+
+from .config import ModelConfig
+from .expert_store import expert_layouts
+from .gguf_file import GGUFFile
+
+MIN_N_CTX = 256
+MAX_PREFILL_BATCH = 256
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+class BudgetError(MemoryError):
+    """The memory budget cannot hold what the model must keep in memory."""
+
+
+def parse_size(size) -> int:
+    """Bytes from 3221225472, "3GiB", "3G" (= GiB, as llama.cpp and dd use it), "3GB" (10**9), "512MiB"."""
+    if isinstance(size, (int, float)):
+        return int(size)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"memory size {size!r} not understood: use e.g. 3GiB, 512MiB, 1.5GB or bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int | None
+    resident: int
+    kv_cache: int
+    work: int
+    slot_bytes: int  # one expert slot (page-rounded; O_DIRECT heads included)
+    n_slots: int
+    n_ctx: int
+    prefill_batch: int
+    streamed: int  # bytes of weights left on disk
+
+    @property
+    def cache(self) -> int:
+        return self.n_slots * self.slot_bytes
+
+    @property
+    def total(self) -> int:
+        return self.resident + self.kv_cache + self.work + self.cache
+
+    def describe(self) -> str:
+        return (f"resident weights {fmt_bytes(self.resident)} + KV cache {fmt_bytes(self.kv_cache)} "
+                f"(n_ctx {self.n_ctx}) + work buffers {fmt_bytes(self.work)} (batch {self.prefill_batch}) "
+                f"+ expert cache {fmt_bytes(self.cache)} ({self.n_slots} slots of {fmt_bytes(self.slot_bytes)}) "
+                f"= {fmt_bytes(self.total)}" + (f" of a {fmt_bytes(self.budget)} budget" if self.budget else "")
+                + f"; {fmt_bytes(self.streamed)} stays on disk")
+
+
+def resident_bytes(f: GGUFFile, streamed_names: set[str], dequantize_resident: bool | None = None) -> int:
+    """Bytes the non-streamed weights take once copied in (types without a fused kernel, or all with
+    dequantize_resident=True, are expanded to float32)."""
+    total = 0
+    for name, info in f.tensors.items():
+        if name in streamed_names:
+            continue
+        expand = info.qtype != GGMLQuantizationType.F32 and len(info.shape) == 2 and (
+            dequantize_resident or (dequantize_resident is None and not backends.has_fused_kernel(info.qtype, "auto")))
+        n_elements = 1
+        for d in info.shape:
+            n_elements *= d
+        total += 4 * n_elements if expand else info.nbytes
+    return total
+
+
+def kv_bytes(cfg: ModelConfig, n_ctx: int) -> int:
+    return 2 * cfg.n_layer * n_ctx * cfg.n_head_kv * cfg.head_dim * 4
+
+
+def work_bytes(cfg: ModelConfig, n_ctx: int, batch: int) -> int:
+    """Per-step buffers at a prompt batch of `batch` tokens (float32): residual and normed input,
+    Q/K/V and their copies, attention scores/mask/probabilities [n_head, batch, n_ctx], the FFN's
+    gate/up/activation, the experts' outputs, and the logits of every position (perplexity)."""
+    E, H, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim
+    ff = max(cfg.n_ff, cfg.n_ff_exp, cfg.n_ff_shexp)
+    per_token = 4 * E + 2 * (H + 2 * Hkv) * D + 3 * ff + max(1, cfg.n_expert_used) * E + cfg.n_vocab
+    return 4 * (batch * per_token + 3 * H * batch * n_ctx)
+
+
+def plan_memory(f: GGUFFile, cfg: ModelConfig, budget=None, stream: str = "experts", n_ctx: int | None = None,
+                cache_slots: int | None = None, dequantize_resident: bool | None = None,
+                direct_io: bool = True, default_n_ctx: int = 4096, n_batch: int | None = None) -> MemoryPlan:
+    """Size the KV cache, the prompt batch and the expert cache to fit `budget` (None: no limit;
+    cache_slots then defaults to one layer's experts). Raises BudgetError when it cannot fit."""
+    layouts = expert_layouts(f, dense_ffn=stream == "ffn") if stream != "none" else {}
+    streamed_names = {info.name for lay in layouts.values() for info in lay.parts}
+    resident = resident_bytes(f, streamed_names, dequantize_resident)
+    streamed = sum(f.tensors[n].nbytes for n in streamed_names)
+    slot_bytes = -(-max((lay.slot_bytes(direct_io) for lay in layouts.values()), default=0) // 4096) * 4096
+    per_layer = max((min(lay.n_expert, max(1, cfg.n_expert_used)) for lay in layouts.values()), default=0)
+    limit = parse_size(budget) if budget is not None else None
+
+    ctx = n_ctx or min(cfg.n_ctx_train, default_n_ctx)
+    batch = n_batch or MAX_PREFILL_BATCH
+    if limit is not None:
+        spare = limit - resident
+        while n_ctx is None and ctx > MIN_N_CTX and kv_bytes(cfg, ctx) > spare / 4:
+            ctx //= 2
+        while n_batch is None and batch > 1 and work_bytes(cfg, ctx, batch) > spare / 10:
+            batch //= 2
+    batch = min(batch, ctx)
+    kv, work = kv_bytes(cfg, ctx), work_bytes(cfg, ctx, batch)
+
+    if cache_slots is not None:
+        n_slots = cache_slots
+    elif limit is None:
+        n_slots = max((lay.n_expert for lay in layouts.values()), default=0)
+    else:
+        n_slots = max(0, (limit - resident - kv - work) // slot_bytes) if slot_bytes else 0
+        n_slots = min(n_slots, sum(lay.n_expert for lay in layouts.values()))  # more would stay empty
+    plan = MemoryPlan(limit, resident, kv, work, slot_bytes, n_slots if layouts else 0, ctx, batch, streamed)
+    if limit is not None:
+        need = resident + kv + work + per_layer * slot_bytes
+        what = "resident weights, KV cache and work buffers" + (
+            f" and one layer's {per_layer} expert slot(s)" if layouts else "")
+        if need > limit or (layouts and plan.n_slots < per_layer) or plan.total > limit:
+            hint = "" if stream == "ffn" else " (stream='ffn' also leaves dense FFN weights on disk)"
+            raise BudgetError(f"{f.path}: memory budget {fmt_bytes(limit)} is too small: the {what} need "
+                              f"{fmt_bytes(need)} (resident {fmt_bytes(resident)}, KV {fmt_bytes(kv)} at n_ctx {ctx}, "
+                              f"work {fmt_bytes(work)}, slots {fmt_bytes(per_layer * slot_bytes)}){hint}")
+    return plan
