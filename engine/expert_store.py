@@ -169,8 +169,9 @@ class ExpertStore:
 
     # ---- the consumer's side ------------------------------------------------------------------
     def fetch(self, layer: int, experts):
-        """Yield (expert, (gate, up, down)) for each of `experts` (distinct ids): the cached ones
-        first, then each read as it lands. A view is valid until the next step of the loop."""
+        """Yield batches [(expert, (gate, up, down)), ...] covering `experts` (distinct ids): first
+        every cached one, then each group of reads that has landed. A batch's views are valid
+        until the next step of the loop."""
         keys = [(layer, int(e)) for e in experts]
         self._cancel_prefetches(layer, set(keys))
         self._pinned.update(keys)
@@ -202,19 +203,21 @@ class ExpertStore:
         try:
             missing.reverse()  # pop() takes them in the order asked
             self._issue(missing, waiting, DEMAND)
-            for key in ready:
-                yield key[1], self._views_of[key]
-                self._release(key)
-                self._issue(missing, waiting, DEMAND)
-            while waiting or missing:
-                if not waiting:  # every slot is held: wait for any read to land, then try again
+            batch = ready
+            while batch or waiting or missing:
+                if batch:
+                    yield [(key[1], self._views_of[key]) for key in batch]
+                    for key in batch:
+                        self._release(key)
+                    self._issue(missing, waiting, DEMAND)
+                if waiting:
+                    batch = self._wait_any(waiting, layer)
+                elif missing:  # every slot is held: wait for any read to land, then try again
                     self._wait_any_read()
                     self._issue(missing, waiting, DEMAND)
-                    continue
-                key = self._wait_any(waiting, layer)
-                yield key[1], self._views_of[key]
-                self._release(key)
-                self._issue(missing, waiting, DEMAND)
+                    batch = []
+                else:
+                    batch = []
         finally:
             for key in keys:
                 if key in self._pinned:
@@ -286,9 +289,8 @@ class ExpertStore:
             offset = info.offset + expert * n
             start, length, head = aligned_span(offset, n, self.direct)
             ranges.append(ReadRange(str(info.path), start, length, head + n, pos, f"{info.name} expert {expert}"))
-            rows = lay.part_shape(i)[0]
-            views.append(QTensor(info.qtype, lay.part_shape(i),
-                                 dest[pos + head:pos + head + n].reshape(rows, info.row_bytes)))
+            shape = lay.part_shape(i)
+            views.append(QTensor.view(info.qtype, shape, dest[pos + head:pos + head + n].reshape(shape[0], info.row_bytes)))
             pos += region_bytes(n, self.direct)
         job = ReadJob(key, slot, dest, ranges, priority, wanted=lay.expert_bytes)
         if self.profiler is not None:
@@ -298,14 +300,15 @@ class ExpertStore:
         self.reader.submit(job)
 
     # ---- waiting for reads --------------------------------------------------------------------
-    def _wait_any(self, waiting: list, layer: int):
-        """Block until one of `waiting`'s reads has landed; remove and return its key. A failed
-        read frees its slot and raises, so the cache never holds bytes that did not arrive."""
+    def _wait_any(self, waiting: list, layer: int) -> list:
+        """Block until at least one of `waiting`'s reads has landed; remove and return the keys of
+        all that have. A failed read frees its slot and raises (after the others are settled), so
+        the cache never holds bytes that did not arrive."""
         t0 = time.perf_counter()
         with self.reader.cv:
             while True:
-                done = next((k for k in waiting if self._job_of[k].finished), None)
-                if done is not None:
+                done = [k for k in waiting if self._job_of[k].finished]
+                if done:
                     break
                 if time.perf_counter() - t0 > self.timeout_s:
                     raise TimeoutError(f"{self.path}: no read of layer {layer}'s experts {[k[1] for k in waiting]} "
@@ -315,13 +318,17 @@ class ExpertStore:
         self.stats.stall_s += t1 - t0
         if self.profiler is not None and t1 - t0 > 1e-6:
             self.profiler.stall(layer, t0, t1)
-        waiting.remove(done)
-        job = self._job_of.pop(done)
-        self._account(job)
-        if job.error is not None:
-            self._pinned.discard(done)
-            self._free.append(self._drop(done))
-            raise job.error
+        error = None
+        for key in done:
+            waiting.remove(key)
+            job = self._job_of.pop(key)
+            self._account(job)
+            if job.error is not None:
+                self._pinned.discard(key)
+                self._free.append(self._drop(key))
+                error = error or job.error
+        if error is not None:
+            raise error
         return done
 
     def _wait_any_read(self) -> None:
@@ -370,8 +377,8 @@ class ExpertStore:
     def get(self, layer: int, expert: int) -> tuple[QTensor, QTensor, QTensor]:
         """(gate, up, down) of one expert, read now if needed. The views stay valid until the
         next call that may evict (use fetch() in the forward pass)."""
-        for _, views in self.fetch(layer, [expert]):
-            return views
+        for batch in self.fetch(layer, [expert]):
+            return batch[0][1]
 
     def close(self) -> None:
         if self.pool.slots is None:

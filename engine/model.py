@@ -34,8 +34,7 @@ class ResidentExperts:
 
     def fetch(self, layer: int, experts):
         moe = self.w.layers[layer].moe
-        for e in experts:
-            yield int(e), (moe.gate_exps[e], moe.up_exps[e], moe.down_exps[e])
+        yield [(int(e), (moe.gate_exps[e], moe.up_exps[e], moe.down_exps[e])) for e in experts]
 
 
 class Model:
@@ -66,6 +65,7 @@ class Model:
         self.v_cache = np.zeros(kv_shape, dtype=np.float32)
         self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
         self.kernel_threads = threads or kernels.default_threads()
+        self.kernel = kernels.backends.KernelCache(backend)  # for the experts' matmuls
         self.attn_scores = np.empty((cfg.n_head, n_ctx), dtype=np.float32)  # one-token attention scratch
 
     @property
@@ -167,17 +167,48 @@ class Model:
     def dense_ffn(self, ffn: FFN, h: np.ndarray) -> np.ndarray:
         return ffn.down(self.swiglu(*ffn.gate_up(h)))
 
+    def matmul(self, x: np.ndarray, qt: QTensor) -> np.ndarray:
+        """x @ W.T through the cached kernel choice (kernels.matmul checks and chooses per call)."""
+        kernel = self.kernel(qt.qtype, x.shape[0])
+        if kernel is None:
+            return kernels.matmul(x, qt, self.threads, self.backend)
+        out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
+        kernel.matmul_into(x, qt.data, int(qt.qtype), out, self.kernel_threads)
+        return out
+
     def expert_ffn(self, gate, up, down, h: np.ndarray) -> np.ndarray:
-        mm = kernels.matmul
-        act = self.swiglu(mm(h, gate, self.threads, self.backend), mm(h, up, self.threads, self.backend))
-        return mm(act, down, self.threads, self.backend)
+        h = np.ascontiguousarray(h, dtype=np.float32)
+        return self.matmul(self.swiglu(self.matmul(h, gate), self.matmul(h, up)), down)
+
+    def expert_batch(self, batch, h: np.ndarray, ys: dict) -> bool:
+        """Decode: every expert of `batch` on the one token h in two kernel calls (gate and up of
+        all, then down of all) instead of three small calls each; each output row has the bits
+        the single calls give. False (nothing done) where the kernel or the types do not allow it."""
+        gates, ups, downs = zip(*(parts for _, parts in batch))
+        tg, td = gates[0].qtype, downs[0].qtype
+        k_gu, k_d = self.kernel(tg, 1), self.kernel(td, 1)
+        if not (hasattr(k_gu, "matvec_many_into") and hasattr(k_d, "matvec_many_into")
+                and k_gu.matvec_many_supported(int(tg)) and k_d.matvec_many_supported(int(td))
+                and all(g.qtype == tg and u.qtype == tg for g, u in zip(gates, ups))
+                and all(d.qtype == td for d in downs)):
+            return False
+        t, ff = len(batch), gates[0].shape[0]
+        gu = np.empty((2 * t, ff), dtype=np.float32)  # gate rows of every expert, then up rows
+        k_gu.matvec_many_into(np.repeat(h, 2 * t, axis=0), [g.data for g in gates] + [u.data for u in ups],
+                              int(tg), gu, self.kernel_threads)
+        act = self.swiglu(gu[:t], gu[t:])  # [t, ff]
+        y = np.empty((t, downs[0].shape[0]), dtype=np.float32)
+        k_d.matvec_many_into(act, [d.data for d in downs], int(td), y, self.kernel_threads)
+        for j, (e, _) in enumerate(batch):
+            ys[e] = y[j:j + 1]
+        return True
 
     def streamed_ffn(self, i: int, h: np.ndarray, ahead: np.ndarray | None = None) -> np.ndarray:
         """A dense FFN read by the store as expert 0 of its layer."""
-        for _, parts in self.experts.fetch(i, [0]):
+        for batch in self.experts.fetch(i, [0]):
             if ahead is not None:
                 self.prefetch_next(i + 1, ahead)
-            return self.expert_ffn(*parts, h)
+            return self.expert_ffn(*batch[0][1], h)
 
     def prefetch_next(self, nxt: int, x: np.ndarray) -> None:
         """Guess layer nxt's experts from the residual after this layer's attention (it changes
@@ -206,17 +237,26 @@ class Model:
         """Routed experts (+ shared expert) on h. ahead: the residual to guess layer i+1's experts
         from, once this layer's reads are queued (the first step of fetch queues them)."""
         ids, weights = self.route(moe, h)
-        used = np.unique(ids)
+        one = len(h) == 1  # decode: every expert sees the one token; no row selection needed
+        used = np.sort(ids[0]) if one else np.unique(ids)
         ys = {}  # expert -> its output on the tokens routed to it, computed as the experts arrive
-        for e, parts in self.experts.fetch(i, used):
+        for batch in self.experts.fetch(i, used):
             if ahead is not None:
                 self.prefetch_next(i + 1, ahead)
                 ahead = None
-            ys[e] = self.expert_ffn(*parts, h[np.any(ids == e, axis=1)])
+            if one and len(batch) > 1 and self.expert_batch(batch, h, ys):
+                continue
+            for e, parts in batch:
+                ys[e] = self.expert_ffn(*parts, h if one else h[np.any(ids == e, axis=1)])
         out = np.zeros_like(h)
-        for e in used.tolist():  # summed in a fixed order: arrival order must not change the bits
-            rows, slot = np.nonzero(ids == e)
-            out[rows] += weights[rows, slot][:, None] * ys[e]
+        if one:  # the same sums as below, in the same order, without the index arithmetic
+            weight_of = dict(zip(ids[0].tolist(), weights[0]))
+            for e in used.tolist():
+                out += weight_of[e] * ys[e]
+        else:
+            for e in used.tolist():  # summed in a fixed order: arrival order must not change the bits
+                rows, slot = np.nonzero(ids == e)
+                out[rows] += weights[rows, slot][:, None] * ys[e]
         if moe.shared is not None:
             shared = self.dense_ffn(moe.shared, h)
             if moe.shared_gate is not None:

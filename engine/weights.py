@@ -23,7 +23,7 @@ from .gguf_file import GGUFError, GGUFFile
 class Linear:
     """y = x @ W.T (+ bias) for x: float32[n, cols]; W a QTensor of shape (rows, cols).
 
-    The kernel for each batch-size bucket is looked up once (kernels.backends.choose) and then
+    The kernel for each batch size is looked up once (kernels.backends.KernelCache) and then
     called directly: at decode a step makes ~4 calls per layer, and kernels.matmul's checks and
     table lookup would cost as much as a small layer's arithmetic.
     """
@@ -33,7 +33,7 @@ class Linear:
         self.qt, self.bias, self.threads, self.backend = qt, bias, threads, backend
         self._qtype = int(qt.qtype)
         self._threads = threads or kernels.default_threads()
-        self._kernels: dict[int, object] = {}  # n bucket -> fused kernel module (None: NumPy)
+        self._kernel = kernels.backends.KernelCache(backend)  # (qtype, n) -> fused kernel (None: NumPy)
         if qt.qtype == GGMLQuantizationType.F32:  # already float: a view of the file, no copy
             self.dense = qt.data.view(np.float32).reshape(qt.shape)
         elif dense or (dense is None and not kernels.backends.has_fused_kernel(qt.qtype, backend)):
@@ -45,18 +45,11 @@ class Linear:
     def shape(self) -> tuple[int, int]:
         return self.qt.shape
 
-    def _kernel(self, n: int):
-        b = kernels.backends.bucket(n)
-        if b not in self._kernels:
-            name = kernels.backends.choose(self.qt.qtype, n) if self.backend == "auto" else self.backend
-            self._kernels[b] = kernels.backends.kernel_for(name, self.qt.qtype) if name != "numpy" else None
-        return self._kernels[b]
-
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.dense is not None:
             y = x @ self.dense.T
         else:
-            kernel = self._kernel(x.shape[0])
+            kernel = self._kernel(self._qtype, x.shape[0])
             if kernel is None:
                 y = kernels.matmul(x, self.qt, self.threads, "numpy")
             else:

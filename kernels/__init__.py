@@ -67,6 +67,16 @@ class QTensor:
     def nbytes(self) -> int:
         return self.data.nbytes
 
+    @classmethod
+    def view(cls, qtype: GGMLQuantizationType, shape: tuple[int, int], data: np.ndarray) -> "QTensor":
+        """A QTensor without the checks, for hot paths whose arguments come from an already
+        checked layout (the expert store makes one per expert read)."""
+        qt = object.__new__(cls)
+        object.__setattr__(qt, "qtype", qtype)
+        object.__setattr__(qt, "shape", shape)
+        object.__setattr__(qt, "data", data)
+        return qt
+
 
 def dequantize(qt: QTensor, threads: int | None = None) -> np.ndarray:
     """float32[rows, cols] values of `qt` (bit-identical to gguf.quants.dequantize)."""

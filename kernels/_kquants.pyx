@@ -27,7 +27,7 @@ Layout of the work:
 
 from cython.parallel cimport prange
 from libc.math cimport rintf, fabsf
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uintptr_t
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -228,11 +228,33 @@ cdef void _matmul_amx_q2k(const float *x, const uint8_t *w, float *out, int64_t 
                              g0, g1, n, out, rows, scratch + t * nb * WS_AMX_WBLK, cbuf + t * 1024)
 
 
+cdef void _matvec_many_core(const float *x, const uint8_t **w, int qtype, float *out, int64_t tasks,
+                            int64_t rows, int64_t cols, int64_t bb, int8_t *qs, float *dq, float *fb,
+                            float *accbuf, int threads) noexcept nogil:
+    """Task t: out[t, :] = x[t, :] @ W_t.T. One parallel region over (task, row group) pairs,
+    each group made by _group exactly as _matmul_core makes it for one activation row."""
+    cdef int64_t nb = cols // QK_K
+    cdef int64_t ngroups = (rows + _WR - 1) // _WR
+    cdef int64_t r, k, t, i0
+    for r in prange(tasks, num_threads=threads, schedule="static"):
+        _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
+                           WS_KQ_PERMUTED(qtype))
+    for k in prange(tasks * ngroups, num_threads=threads, schedule="static"):
+        t = k // ngroups
+        i0 = (k % ngroups) * _WR
+        _group(qtype, w[t], i0, min(i0 + _WR, rows), nb * bb, bb, 1, rows, cols, qs + t * cols,
+               dq + t * nb, fb + t * 16 * nb, accbuf + openmp.omp_get_thread_num() * _WR * 16 * WS_KQ_NRMAX,
+               out + t * rows)
+
+
 def _aligned(nbytes, dtype=np.uint8):
     """A 64-byte aligned uint8 / int32 buffer of nbytes (tile loads and zmm stores want it)."""
     buf = np.empty(nbytes + 64, dtype=np.uint8)
     off = (-buf.ctypes.data) % 64
     return buf[off:off + nbytes].view(dtype)
+
+
+_TYPE_NAMES = {int(t): t.name for t in GGMLQuantizationType}
 
 
 def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float[:, ::1] out,
@@ -249,8 +271,8 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
         raise ValueError(f"matmul_into: GGML type {got} is not supported (supported: {names})")
     if threads < 1:
         raise ValueError(f"matmul_into: threads must be >= 1, got {threads}")
-    name = GGMLQuantizationType(qtype).name
     cdef int64_t n = x.shape[0], cols = x.shape[1], rows = w.shape[0]
+    name = _TYPE_NAMES[qtype]  # a dict lookup: an enum construction per call costs ~1 us at decode
     cdef int64_t bb = BLOCK_BYTES[qtype]
     if cols % QK_K:
         raise ValueError(f"matmul_into: x has {cols} columns, not a multiple of {QK_K} ({name} blocks)")
@@ -288,3 +310,50 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     with nogil:
         _matmul_core(&x[0, 0], &w[0, 0], qtype, &out[0, 0], n, rows, cols, bb,
                      &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], threads)
+
+
+def matvec_many_supported(int qtype):
+    """Whether matvec_many_into handles qtype with the bits matmul_into gives one row (not when
+    matmul_into itself would take the AMX path at n = 1)."""
+    return qtype in SUPPORTED and not (AMX and qtype == Q2_K and _AMX_MIN_N <= 1)
+
+
+def matvec_many_into(const float[:, ::1] x, list ws, int qtype, float[:, ::1] out, int threads=1):
+    """``out[t] = x[t] @ W_t.T`` for each task t: one activation row through its own weight matrix
+    ``ws[t]`` (uint8[rows, row_bytes], C-contiguous; all of ``qtype`` and one shape), in a single
+    parallel region: a decode step's routed experts at once instead of a small call each. Each
+    output row has the same bits as ``matmul_into`` gives for that row alone."""
+    cdef int64_t tasks = len(ws)
+    if x.shape[0] != tasks or out.shape[0] != tasks:
+        raise ValueError(f"matvec_many_into: {tasks} weights, x has {x.shape[0]} rows, out {out.shape[0]}")
+    if tasks == 0:
+        return
+    if not matvec_many_supported(qtype):
+        raise ValueError(f"matvec_many_into: type {_TYPE_NAMES.get(qtype, qtype)} is not supported")
+    if threads < 1:
+        raise ValueError(f"matvec_many_into: threads must be >= 1, got {threads}")
+    cdef int64_t cols = x.shape[1], bb = BLOCK_BYTES[qtype]
+    if cols % QK_K:
+        raise ValueError(f"matvec_many_into: x has {cols} columns, not a multiple of {QK_K}")
+    cdef int64_t nb = cols // QK_K
+    first = ws[0]
+    cdef int64_t rows = first.shape[0]
+    if out.shape[1] != rows:
+        raise ValueError(f"matvec_many_into: out must be float32[{tasks}, {rows}], got [{out.shape[0]}, {out.shape[1]}]")
+    ptrs = np.empty(tasks, dtype=np.uintp)  # the weights' addresses; ws keeps them alive
+    cdef const uint8_t[:, ::1] wv
+    for t in range(tasks):
+        wv = ws[t]
+        if wv.shape[0] != rows or wv.shape[1] != nb * bb:
+            raise ValueError(f"matvec_many_into: weight {t} is uint8[{wv.shape[0]}, {wv.shape[1]}], "
+                             f"expected [{rows}, {nb * bb}]")
+        ptrs[t] = <uintptr_t>&wv[0, 0]
+    cdef uintptr_t[::1] pv = ptrs
+    cdef int8_t[:, ::1] qs = np.empty((tasks, cols), dtype=np.int8)
+    cdef float[:, ::1] dq = np.empty((tasks, nb), dtype=np.float32)
+    cdef float[:, ::1] fb = np.empty((tasks, 16 * nb), dtype=np.float32)
+    acc_arr = np.empty(threads * _WR * 16 * WS_KQ_NRMAX + 16, dtype=np.float32)
+    cdef float[::1] acc = acc_arr[(-acc_arr.ctypes.data % 64) // 4:]
+    with nogil:
+        _matvec_many_core(&x[0, 0], <const uint8_t **>&pv[0], qtype, &out[0, 0], tasks, rows, cols, bb,
+                          &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], threads)

@@ -83,6 +83,26 @@ def choose(qtype: GGMLQuantizationType, n: int) -> str:
     return available(qtype)[0]
 
 
+class KernelCache:
+    """(qtype, n) -> the fused kernel module `backend` uses (None: NumPy), looked up once. At
+    decode a step makes hundreds of small matmuls; choosing each time would cost as much as a
+    small expert's arithmetic."""
+
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
+        self._cache: dict[tuple[int, int], object] = {}
+
+    def __call__(self, qtype, n: int):
+        key = (int(qtype), n)
+        try:
+            return self._cache[key]
+        except KeyError:
+            name = choose(qtype, n) if self.backend == "auto" else self.backend
+            kernel = kernel_for(name, qtype) if name != "numpy" else None
+            self._cache[key] = kernel
+            return kernel
+
+
 def write_table(best: dict[str, dict[str, str]], measurements: list[dict], machine: dict) -> Path:
     """Store the measured choice (type -> {n bucket: backend}) with the figures it came from."""
     global _table

@@ -147,3 +147,32 @@ def test_bad_inputs_raise():
         _kquants.matmul_into(x.astype(np.float64), raw, int(T.Q2_K), out, 1)
     with pytest.raises(ValueError):  # layout: not C-contiguous
         _kquants.matmul_into(np.asfortranarray(x), raw, int(T.Q2_K), out, 1)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("rows", [1, 17, 768])
+def test_matvec_many_equals_one_call_per_row(qtype, rows):
+    """A decode step's experts in one call: row t is x[t] @ W_t.T with the bits matmul_into gives."""
+    if not _kquants.matvec_many_supported(int(qtype)):
+        pytest.skip("matmul_into takes another path at n = 1 here")
+    rng = np.random.default_rng([int(qtype), rows])
+    cols, tasks = 512, 5
+    ws = [reference.random_raw(qtype, rows, cols, rng) for _ in range(tasks)]
+    x = rng.standard_normal((tasks, cols)).astype(np.float32)
+    out = np.full((tasks, rows), np.nan, dtype=np.float32)
+    for threads in (1, 2):
+        _kquants.matvec_many_into(x, ws, int(qtype), out, threads)
+        for t in range(tasks):
+            assert np.array_equal(out[t:t + 1], _run(x[t:t + 1], ws[t], qtype, threads)), (t, threads)
+
+
+def test_matvec_many_bad_inputs():
+    rng = np.random.default_rng(0)
+    ws = [reference.random_raw(T.Q2_K, 8, 256, rng) for _ in range(2)]
+    x = np.zeros((2, 256), np.float32)
+    with pytest.raises(ValueError, match="2 weights, x has 3 rows"):
+        _kquants.matvec_many_into(np.zeros((3, 256), np.float32), ws, int(T.Q2_K), np.zeros((2, 8), np.float32))
+    with pytest.raises(ValueError, match=r"weight 1 is uint8\[4, 84\], expected \[8, 84\]"):
+        _kquants.matvec_many_into(x, [ws[0], ws[1][:4]], int(T.Q2_K), np.zeros((2, 8), np.float32))
+    with pytest.raises(ValueError, match="type Q8_0 is not supported"):
+        _kquants.matvec_many_into(x, ws, int(T.Q8_0), np.zeros((2, 8), np.float32))

@@ -105,12 +105,12 @@ def test_failed_write_leaves_nothing(profiled, tmp_path):
 def test_format_summary(profiled):
     _, s = profiled
     text = format_summary(s)
-    assert f"hit rate {s['hit_rate']:.1%}" in text and "Belady optimum" in text and "disk 1.00 GB/s" in text
+    assert f"found in memory {s['hit_rate']:.1%}" in text and "Belady's offline optimum" in text and "disk 1.00 GB/s" in text
     assert text.startswith(f"{s['decode_tokens']} tokens at ")
     bare = {k: v for k, v in s.items() if k not in ("disk_gbps", "read_vs_disk", "belady_hit_rate", "cache_slots")}
     bare["prefetch"] = dict(s["prefetch"], issued=0)
     text = format_summary(bare)
-    assert "hit rate" in text and "Belady" not in text and "disk" not in text and "no prefetch issued" in text
+    assert "found in memory" in text and "Belady" not in text and "disk" not in text and "no prefetch issued" in text
     assert format_summary({}).startswith("0 tokens at 0.00 tok/s")
 
 

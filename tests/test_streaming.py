@@ -175,3 +175,27 @@ def test_peak_rss_stays_within_the_budget():
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["plan"] <= budget
     assert r["peak"] - r["before"] <= budget + 128 * 2**20, r
+
+
+def test_profile_cli_writes_trace_plots_and_json(moe_gguf, tmp_path, capsys):
+    from engine.cli import main
+
+    rc = main(["profile", str(moe_gguf), "-p", "Hello there", "-n", "6", "-c", "64", "--cache-slots", "4",
+               "--stream", "experts", "--prefetch", "lookahead", "--disk-gbps", "1.5",
+               "--trace", str(tmp_path / "t.json"), "--plot", str(tmp_path / "p.png"), "--json", str(tmp_path / "s.json")])
+    assert rc == 0
+    err = capsys.readouterr()
+    assert "found in memory" in err.out and "Belady" in err.out
+    trace = json.loads((tmp_path / "t.json").read_text())
+    assert any(e.get("ph") == "X" for e in trace["traceEvents"])
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["disk_gbps"] == 1.5 and summary["cache_slots"] == 4
+    for name in ("p.png", "p.hit_layers.png", "p.hit_cache.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budget_refusal_on_the_command_line(moe_gguf, capsys):
+    from engine.cli import main
+
+    assert main(["run", str(moe_gguf), "-p", "Hi", "--memory-budget", "64KiB"]) == 1
+    assert "memory budget 64.00 KiB is too small" in capsys.readouterr().err

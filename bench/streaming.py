@@ -1,0 +1,120 @@
+"""Streaming benchmark: a model larger than memory, run inside a memory cgroup, against the disk.
+
+    python bench/streaming.py MODEL.gguf --cgroup 3GiB [--budget 2.7GiB] [-n 32] \
+        [--config lru:routing --config lru:lookahead --config page-cache:lookahead ...] \
+        [--json out.json]
+
+For one run: the disk's raw bandwidth is measured first (`weightstream bench io`: parallel cold
+preads of expert-sized chunks of the model file after dropping it from the page cache); then each
+configuration (cache_policy:prefetch[:io]) runs in a fresh process inside a memory cgroup of
+--cgroup bytes (page cache included), with the model's pages dropped first so every run starts
+cold. Each child generates -n tokens greedily from a fixed prompt with the profiler on and prints
+its figures; this script prints a table (tokens/s, read GB/s and its ratio to the disk's, hit
+rate and its ratio to Belady's optimum at the same capacity, stall ms/token, cgroup peak) and
+writes everything as JSON. Needs root (cgroup, drop caches).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.bench_io import disk_bandwidth, drop_cached_pages  # noqa: E402
+from engine.budget import fmt_bytes, parse_size  # noqa: E402
+from engine.cgroup import MemoryCgroup  # noqa: E402
+from engine.expert_store import expert_layouts  # noqa: E402
+from engine.gguf_file import GGUFFile  # noqa: E402
+
+PROMPT = "The history of the printing press begins"
+
+CHILD = textwrap.dedent("""
+    import json, sys, time
+    from engine import Engine
+    path, budget, policy, prefetch, io, n_new, threads, prompt = sys.argv[1:9]
+    t0 = time.perf_counter()
+    with Engine.load(path, n_ctx=512, stream="experts", memory_budget=int(budget), cache_policy=policy,
+                     prefetch=prefetch, io=io, io_threads=int(threads), profile=True) as eng:
+        load_s = time.perf_counter() - t0
+        tokens = list(eng.generate_tokens(prompt, int(n_new)))
+        st = eng.stats()
+        summary = eng.profile_summary()
+        print(json.dumps({"tokens": tokens, "stats": st, "summary": summary, "load_s": load_s,
+                          "plan": eng.plan.describe()}))
+""")
+
+
+def run_config(model: Path, cgroup_bytes: int, budget: int, policy: str, prefetch: str, io: str, n_new: int,
+               io_threads: int) -> dict:
+    drop_cached_pages(model)
+    argv = [sys.executable, "-c", CHILD, str(model), str(budget), policy, prefetch, io, str(n_new), str(io_threads),
+            PROMPT]
+    with MemoryCgroup(cgroup_bytes) as cg:
+        t0 = time.perf_counter()
+        out = cg.run(argv, capture_output=True, text=True, timeout=3600)
+        wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        return {"error": f"exit {out.returncode} (oom kills {cg.oom_kills}): {out.stderr[-1500:]}"}
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r.update(cgroup_peak=cg.peak_bytes, oom_kills=cg.oom_kills, wall_s=wall)
+    return r
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--cgroup", default="3GiB", help="memory cgroup limit (page cache included)")
+    ap.add_argument("--budget", default=None, help="engine memory budget (default: cgroup - 320 MiB overhead)")
+    ap.add_argument("-n", "--n-predict", type=int, default=32)
+    ap.add_argument("--config", action="append", default=None,
+                    help="cache_policy:prefetch[:io], repeatable (default: a standard set)")
+    ap.add_argument("--io-threads", type=int, default=4)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    cgroup_bytes = parse_size(args.cgroup)
+    budget = parse_size(args.budget) if args.budget else cgroup_bytes - 320 * 2**20
+    configs = args.config or ["lru:none", "lru:routing", "lru:lookahead", "lfu:lookahead", "decay:lookahead",
+                              "page-cache:lookahead"]
+    with GGUFFile(args.model) as f:
+        expert_bytes = max(lay.expert_bytes for lay in expert_layouts(f).values())
+    size = args.model.stat().st_size
+    disk = disk_bandwidth(args.model, chunk_bytes=expert_bytes, threads=args.io_threads, n_reads=400)
+    disk_gbps = disk["bytes_per_s"] / 1e9
+    print(f"model {args.model.name}: {fmt_bytes(size)}; cgroup {fmt_bytes(cgroup_bytes)}, budget {fmt_bytes(budget)}; "
+          f"disk {disk_gbps:.2f} GB/s ({args.io_threads} threads, {fmt_bytes(expert_bytes)} cold reads)", flush=True)
+    results = []
+    header = (f"{'config':24} {'tok/s':>6} {'read GB/s':>9} {'vs disk':>7} {'hit':>6} {'belady':>6} {'vs opt':>6} "
+              f"{'stall ms/t':>10} {'MiB/tok':>8} {'peak':>9}")
+    print(header, flush=True)
+    for spec in configs:
+        policy, prefetch, *rest = spec.split(":")
+        io = rest[0] if rest else "auto"
+        r = run_config(args.model, cgroup_bytes, budget, policy, prefetch, io, args.n_predict, args.io_threads)
+        r["config"] = spec
+        results.append(r)
+        if "error" in r:
+            print(f"{spec:24} {r['error']}", flush=True)
+            continue
+        s = r["summary"]
+        gbps = s["bytes_per_token"] * s["decode_tok_s"] / 1e9  # decode reads per second
+        r["decode_read_gbps"] = gbps
+        print(f"{spec:24} {s['decode_tok_s']:6.2f} {gbps:9.2f} {gbps / disk_gbps:7.0%} {s['cache_hit_rate']:6.1%} "
+              f"{s['belady_hit_rate']:6.1%} {s['hit_rate_vs_belady']:6.0%} {s['stall_ms_per_token']:10.0f} "
+              f"{s['bytes_per_token'] / 2**20:8.1f} {fmt_bytes(r['cgroup_peak']):>9}", flush=True)
+    if args.json:
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"model": str(args.model), "size": size, "cgroup": cgroup_bytes, "budget": budget,
+                                   "disk": disk, "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1))
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
