@@ -108,10 +108,13 @@ def main(argv=None) -> int:
         print(f"{spec:24} {s['decode_tok_s']:6.2f} {gbps:9.2f} {gbps / disk_gbps:7.0%} {s['cache_hit_rate']:6.1%} "
               f"{s['belady_hit_rate']:6.1%} {s['hit_rate_vs_belady']:6.0%} {s['stall_ms_per_token']:10.0f} "
               f"{s['bytes_per_token'] / 2**20:8.1f} {fmt_bytes(r['cgroup_peak']):>9}", flush=True)
+    after = disk_bandwidth(args.model, chunk_bytes=expert_bytes, threads=args.io_threads, n_reads=400, seed=1)
+    print(f"disk after the runs: {after['bytes_per_s'] / 1e9:.2f} GB/s (the disk is shared and noisy: compare with "
+          f"{disk_gbps:.2f} before)", flush=True)
     if args.json:
         tmp = args.json.with_suffix(".tmp")
         tmp.write_text(json.dumps({"model": str(args.model), "size": size, "cgroup": cgroup_bytes, "budget": budget,
-                                   "disk": disk, "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1))
+                                   "disk": disk, "disk_after": after, "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1))
         os.replace(tmp, args.json)
     return 0
 

@@ -87,8 +87,8 @@ class Engine:
         memory_budget: bytes or "3GiB": resident weights + KV cache + work buffers + expert cache
             must fit; the cache gets what is left, and a budget too small is refused (BudgetError).
         cache_slots: the cache's size in experts, instead of what the budget leaves.
-        cache_policy: "lru", "lfu", "decay" (frequency with recency decay), or "page-cache" (no
-            cache of our own: buffered preads, the OS caches).
+        cache_policy: "lru", "lfu" (counts kept for evicted experts too), "decay" (frequency with
+            recency decay), or "page-cache" (no cache of our own: buffered preads, the OS caches).
         prefetch: "routing" (a layer's misses are all queued as soon as its routing is known and
             computed as they land), "lookahead" (also: layer i+1's router applied after layer i's
             attention queues its likely experts; `lookahead` of them, default top-k), "none" (one

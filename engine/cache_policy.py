@@ -37,11 +37,12 @@ class LRU:
     def insert(self, key) -> None:
         self._order[key] = None
 
-    def victim(self):
+    def victim(self, incoming=None):
         return next(iter(self._order))
 
-    def victim_excluding(self, skip) -> Hashable | None:
-        """The key to evict among those not in `skip` (keys in use or being read), or None."""
+    def victim_excluding(self, skip, incoming=None) -> Hashable | None:
+        """The key to evict for `incoming` among those not in `skip` (keys in use or being read),
+        or None."""
         return next((k for k in self._order if k not in skip), None)
 
     def remove(self, key) -> None:
@@ -69,14 +70,14 @@ class _ScoredHeap:
             self._heap = [(*e, k) for k, e in self._entry.items()]
             heapq.heapify(self._heap)
 
-    def victim(self):
+    def victim(self, incoming=None):
         while True:
             score, tick, key = self._heap[0]
             if self._entry.get(key) == (score, tick):
                 return key
             heapq.heappop(self._heap)
 
-    def victim_excluding(self, skip) -> Hashable | None:
+    def victim_excluding(self, skip, incoming=None) -> Hashable | None:
         """The key to evict among those not in `skip` (keys in use or being read), or None."""
         held = []  # valid entries passed over, pushed back after
         try:
@@ -101,35 +102,37 @@ class _ScoredHeap:
 
 
 class LFU(_ScoredHeap):
-    """Evict the key used least often while cached (ties: least recently used)."""
+    """Evict the cached key used least often (ties: least recently used). Counts are kept for keys
+    no longer cached ("perfect" LFU): a returning popular expert comes back with its count, and a
+    newcomer, counted once, is the next to go. This is what keeps a cache smaller than one token's
+    experts from cycling: the popular experts stay while the rest pass through one slot."""
 
     def __init__(self, capacity: int):
         super().__init__(capacity)
-        self._count: dict[Hashable, int] = {}
+        self._count: dict[Hashable, int] = {}  # every key seen, cached or not
 
     def insert(self, key) -> None:
-        self._count[key] = 1
-        self._push(key, 1)
+        self._count[key] = self._count.get(key, 0) + 1
+        self._push(key, self._count[key])
 
     def touch(self, key) -> None:
         self._count[key] += 1
         self._push(key, self._count[key])
 
-    def remove(self, key) -> None:
-        super().remove(key)
-        del self._count[key]
-
 
 class DecayedFrequency(_ScoredHeap):
-    """Evict the key with the lowest access count decayed by age: an access at time t adds
+    """Evict the cached key with the lowest access count decayed by age: an access at time t adds
     2**(t / half_life) to the key's score, which orders keys exactly as adding 1 and halving every
-    score each half_life accesses would, without touching every key on every access."""
+    score each half_life accesses would, without touching every key on every access. Scores are
+    kept for keys no longer cached, as in LFU."""
 
     def __init__(self, capacity: int, half_life: float | None = None):
         super().__init__(capacity)
-        self.half_life = half_life or max(1.0, 2.0 * capacity)
+        # 32 x capacity accesses: long enough that popular experts outlive a cache-sized scan (a
+        # token visits every layer), short enough to follow routing that drifts over ~100 tokens
+        self.half_life = half_life or max(1.0, 32.0 * capacity)
         self._now = 0
-        self._score: dict[Hashable, float] = {}
+        self._score: dict[Hashable, float] = {}  # every key seen, cached or not
         self._rebase_at = 512 * self.half_life  # keep 2**(t/h) far from float overflow
 
     def _bump(self, key, base: float) -> None:
@@ -137,24 +140,20 @@ class DecayedFrequency(_ScoredHeap):
         if self._now >= self._rebase_at:  # scale every score down by the same factor: order kept
             shift = 2.0 ** (-self._now / self.half_life)
             self._score = {k: s * shift for k, s in self._score.items()}
+            cached = [k for k in self._entry if k != key]
             self._heap, self._entry = [], {}
-            for k, s in self._score.items():
-                if k != key:
-                    self._push(k, s)
+            for k in cached:
+                self._push(k, self._score[k])
             base *= shift
             self._now = 0
         self._score[key] = base + 2.0 ** (self._now / self.half_life)
         self._push(key, self._score[key])
 
     def insert(self, key) -> None:
-        self._bump(key, 0.0)
+        self._bump(key, self._score.get(key, 0.0))
 
     def touch(self, key) -> None:
         self._bump(key, self._score[key])
-
-    def remove(self, key) -> None:
-        super().remove(key)
-        del self._score[key]
 
 
 POLICIES = {"lru": LRU, "lfu": LFU, "decay": DecayedFrequency}
@@ -180,7 +179,7 @@ def replay(trace: Iterable[Hashable], capacity: int, policy: str = "lru"):
             continue
         old = None
         if len(cached) >= capacity:
-            old = p.victim()
+            old = p.victim(key)
             p.remove(old)
             cached.discard(old)
         cached.add(key)

@@ -135,7 +135,7 @@ def cmd_profile(args) -> int:
     if disk is None and args.measure_disk:
         from .bench_io import disk_bandwidth
 
-        disk = disk_bandwidth(args.model, threads=max(1, args.io_threads))["bytes_per_s"] / 1e9
+        disk = disk_bandwidth(args.model, threads=max(1, args.io_threads), n_reads=200)["bytes_per_s"] / 1e9
         print(f"disk: {disk:.2f} GB/s (cold parallel preads of expert-sized chunks of the model file)", file=sys.stderr)
     with _load(args, profile=True) as engine:
         for piece in engine.stream(args.prompt, args.n_predict, **_sampling(args)):

@@ -231,7 +231,7 @@ class ExpertStore:
             key = (layer, int(e))
             if key in self._slot_of:
                 continue
-            slot = self._take_slot()
+            slot = self._take_slot(key)
             if slot is None:
                 break
             self._submit(key, slot, PREFETCH)
@@ -242,12 +242,13 @@ class ExpertStore:
         return issued
 
     # ---- slots --------------------------------------------------------------------------------
-    def _take_slot(self) -> int | None:
-        """A free slot, or the policy's victim among keys not in use and not being read."""
+    def _take_slot(self, incoming=None) -> int | None:
+        """A free slot, or the policy's victim (for `incoming`) among keys not in use and not
+        being read."""
         if self._free:
             return self._free.pop()
         busy = self._pinned | {k for k, j in self._job_of.items() if not j.finished}
-        old = self.policy.victim_excluding(busy)
+        old = self.policy.victim_excluding(busy, incoming)
         if old is None:
             return None
         if old in self._prefetched:
@@ -269,7 +270,7 @@ class ExpertStore:
 
     def _issue(self, missing: list, waiting: list, priority: int) -> None:
         while missing and not (self.sync and waiting):
-            slot = self._take_slot()
+            slot = self._take_slot(missing[-1])
             if slot is None:
                 return
             key = missing.pop()

@@ -182,3 +182,15 @@ def cached_hf_model(arch_name: str, tmp_path_factory, seed: int = 0, **overrides
         dirpath = tmp_path_factory.mktemp(f"hf-{arch_name}")
         _built[key] = make_hf_model(arch_name, dirpath, seed=seed, **overrides)
     return _built[key]
+
+
+def moe_gguf_file(arch: str, directory: Path) -> Path:
+    """A random-init `arch` MoE (this module's small config) converted to Q8_0 GGUF in directory:
+    the streaming tests' model."""
+    import torch
+
+    from engine.convert import convert_hf_to_gguf
+
+    torch.manual_seed(0)
+    _, hf_dir = make_hf_model(arch, Path(directory) / "hf", seed=1)
+    return convert_hf_to_gguf(hf_dir, Path(directory) / "model.gguf", "q8_0")

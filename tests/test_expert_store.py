@@ -7,10 +7,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from engine.cache_policy import simulate  # noqa: E402
-from engine.convert import convert_hf_to_gguf  # noqa: E402
 from engine.expert_store import ExpertStore, SlotPool, expert_layouts  # noqa: E402
 from engine.gguf_file import GGUFFile  # noqa: E402
-from tests.hf_models import make_hf_model, smollm2_gguf_path  # noqa: E402
+from tests.hf_models import moe_gguf_file, smollm2_gguf_path  # noqa: E402
 
 if smollm2_gguf_path() is None:
     pytest.skip("demo model (tokenizer source) unavailable", allow_module_level=True)
@@ -18,10 +17,7 @@ if smollm2_gguf_path() is None:
 
 @pytest.fixture(scope="module", params=["qwen3moe", "mixtral"])
 def moe_gguf(request, tmp_path_factory):
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp(request.param)
-    _, hf_dir = make_hf_model(request.param, d / "hf", seed=1)
-    return convert_hf_to_gguf(hf_dir, d / "model.gguf", "q8_0")
+    return moe_gguf_file(request.param, tmp_path_factory.mktemp(request.param))
 
 
 def routing_trace(f, n_tokens=40, top_k=2, seed=0):

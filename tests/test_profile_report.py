@@ -10,10 +10,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from engine import Engine  # noqa: E402
-from engine.convert import convert_hf_to_gguf  # noqa: E402
 from engine.profile_report import (chrome_trace, format_summary, plot_hit_rate_per_layer,  # noqa: E402
                                    plot_hit_rate_vs_cache, plot_token_timeline, write_report)
-from tests.hf_models import make_hf_model, smollm2_gguf_path  # noqa: E402
+from tests.hf_models import moe_gguf_file, smollm2_gguf_path  # noqa: E402
 
 if smollm2_gguf_path() is None:
     pytest.skip("demo model (tokenizer source) unavailable", allow_module_level=True)
@@ -24,10 +23,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
     """(Profiler, summary) of 8 generated tokens, experts streamed through a 4-slot cache."""
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("qwen3moe")
-    _, hf_dir = make_hf_model("qwen3moe", d / "hf", seed=1)
-    path = convert_hf_to_gguf(hf_dir, d / "model.gguf", "q8_0")
+    path = moe_gguf_file("qwen3moe", tmp_path_factory.mktemp("qwen3moe"))
     with Engine.load(path, n_ctx=64, stream="experts", cache_slots=4, prefetch="lookahead", profile=True) as eng:
         list(eng.generate_tokens(list(range(100, 108)), 8))
         return eng.profiler, eng.profile_summary(disk_gbps=1.0)

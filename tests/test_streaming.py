@@ -16,9 +16,8 @@ pytest.importorskip("transformers")
 from engine import Engine  # noqa: E402
 from engine import expert_io  # noqa: E402
 from engine.budget import BudgetError, parse_size  # noqa: E402
-from engine.convert import convert_hf_to_gguf  # noqa: E402
 from engine.expert_io import ExpertReadError  # noqa: E402
-from tests.hf_models import make_hf_model, smollm2_gguf_path  # noqa: E402
+from tests.hf_models import moe_gguf_file, smollm2_gguf_path  # noqa: E402
 
 if smollm2_gguf_path() is None:
     pytest.skip("demo model (tokenizer source) unavailable", allow_module_level=True)
@@ -28,10 +27,7 @@ N_BATCH = 16  # the same prompt batch on both sides: the kernels round per batch
 
 @pytest.fixture(scope="module", params=["qwen3moe", "mixtral"])
 def moe_gguf(request, tmp_path_factory):
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp(request.param)
-    _, hf_dir = make_hf_model(request.param, d / "hf", seed=1)
-    return convert_hf_to_gguf(hf_dir, d / "model.gguf", "q8_0")
+    return moe_gguf_file(request.param, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")
