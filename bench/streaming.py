@@ -66,6 +66,21 @@ def run_config(model: Path, cgroup_bytes: int, budget: int, policy: str, prefetc
     return r
 
 
+def format_table(results: list[dict], disk_gbps: float) -> str:
+    lines = [f"{'config':24} {'tok/s':>6} {'read GB/s':>9} {'vs disk':>7} {'hit':>6} {'belady':>6} {'vs opt':>6} "
+             f"{'stall ms/t':>10} {'MiB/tok':>8} {'peak':>9}"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['config']:24} {r['error']}")
+            continue
+        s = r["summary"]
+        gbps = r["decode_read_gbps"] = s["bytes_per_token"] * s["decode_tok_s"] / 1e9  # decode reads per second
+        lines.append(f"{r['config']:24} {s['decode_tok_s']:6.2f} {gbps:9.2f} {gbps / disk_gbps:7.0%} "
+                     f"{s['cache_hit_rate']:6.1%} {s['belady_hit_rate']:6.1%} {s['hit_rate_vs_belady']:6.0%} "
+                     f"{s['stall_ms_per_token']:10.0f} {s['bytes_per_token'] / 2**20:8.1f} {fmt_bytes(r['cgroup_peak']):>9}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", type=Path)
@@ -90,27 +105,19 @@ def main(argv=None) -> int:
     print(f"model {args.model.name}: {fmt_bytes(size)}; cgroup {fmt_bytes(cgroup_bytes)}, budget {fmt_bytes(budget)}; "
           f"disk {disk_gbps:.2f} GB/s ({args.io_threads} threads, {fmt_bytes(expert_bytes)} cold reads)", flush=True)
     results = []
-    header = (f"{'config':24} {'tok/s':>6} {'read GB/s':>9} {'vs disk':>7} {'hit':>6} {'belady':>6} {'vs opt':>6} "
-              f"{'stall ms/t':>10} {'MiB/tok':>8} {'peak':>9}")
-    print(header, flush=True)
     for spec in configs:
         policy, prefetch, *rest = spec.split(":")
         io = rest[0] if rest else "auto"
         r = run_config(args.model, cgroup_bytes, budget, policy, prefetch, io, args.n_predict, args.io_threads)
         r["config"] = spec
         results.append(r)
-        if "error" in r:
-            print(f"{spec:24} {r['error']}", flush=True)
-            continue
-        s = r["summary"]
-        gbps = s["bytes_per_token"] * s["decode_tok_s"] / 1e9  # decode reads per second
-        r["decode_read_gbps"] = gbps
-        print(f"{spec:24} {s['decode_tok_s']:6.2f} {gbps:9.2f} {gbps / disk_gbps:7.0%} {s['cache_hit_rate']:6.1%} "
-              f"{s['belady_hit_rate']:6.1%} {s['hit_rate_vs_belady']:6.0%} {s['stall_ms_per_token']:10.0f} "
-              f"{s['bytes_per_token'] / 2**20:8.1f} {fmt_bytes(r['cgroup_peak']):>9}", flush=True)
+        done = r["error"] if "error" in r else f"{r['summary']['decode_tok_s']:.2f} tok/s"
+        print(f"{spec}: {done}", flush=True)
     after = disk_bandwidth(args.model, chunk_bytes=expert_bytes, threads=args.io_threads, n_reads=400, seed=1)
-    print(f"disk after the runs: {after['bytes_per_s'] / 1e9:.2f} GB/s (the disk is shared and noisy: compare with "
-          f"{disk_gbps:.2f} before)", flush=True)
+    # the disk is shared and bursty (a cloud volume): its capability is the better of the two measurements
+    disk_best = max(disk_gbps, after["bytes_per_s"] / 1e9)
+    print(f"disk after the runs: {after['bytes_per_s'] / 1e9:.2f} GB/s; ratios below are against {disk_best:.2f}")
+    print(format_table(results, disk_best))
     if args.json:
         tmp = args.json.with_suffix(".tmp")
         tmp.write_text(json.dumps({"model": str(args.model), "size": size, "cgroup": cgroup_bytes, "budget": budget,

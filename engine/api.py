@@ -281,6 +281,8 @@ class Engine:
                               "stall_s": st.stall_s, "direct_io": self.store.direct,
                               "prefetch": {"issued": st.prefetch_issued, "used": st.prefetch_used,
                                            "wasted": st.prefetch_wasted, "cancelled": st.prefetch_cancelled}}
+        if self.profiler is not None:
+            out["profile"] = self.profile_summary()
         return out
 
     def profile_summary(self, disk_gbps: float | None = None) -> dict:
