@@ -39,30 +39,37 @@ CHILD = textwrap.dedent("""
     from engine import Engine
     path, budget, policy, prefetch, io, n_new, threads, prompt = sys.argv[1:9]
     t0 = time.perf_counter()
-    with Engine.load(path, n_ctx=512, stream="experts", memory_budget=int(budget), cache_policy=policy,
-                     prefetch=prefetch, io=io, io_threads=int(threads), profile=True) as eng:
+    stream = dict(stream="experts", memory_budget=int(budget), cache_policy=policy, prefetch=prefetch, io=io,
+                  io_threads=int(threads), profile=True) if int(budget) else {}  # budget 0: resident
+    with Engine.load(path, n_ctx=512, **stream) as eng:
         load_s = time.perf_counter() - t0
         tokens = list(eng.generate_tokens(prompt, int(n_new)))
         st = eng.stats()
-        summary = eng.profile_summary()
+        summary = st.pop("profile", None) or {"decode_tok_s": st["decode_tok_s"]}
         print(json.dumps({"tokens": tokens, "stats": st, "summary": summary, "load_s": load_s,
-                          "plan": eng.plan.describe()}))
+                          "plan": eng.plan.describe() if eng.plan else "resident"}))
 """)
 
 
-def run_config(model: Path, cgroup_bytes: int, budget: int, policy: str, prefetch: str, io: str, n_new: int,
-               io_threads: int) -> dict:
+def run_config(model: Path, cgroup_bytes: int | None, budget: int | None, policy: str, prefetch: str, io: str,
+               n_new: int, io_threads: int) -> dict:
+    """One child process, cold page cache, inside a memory cgroup of cgroup_bytes (None: none);
+    budget None runs the model resident."""
     drop_cached_pages(model)
-    argv = [sys.executable, "-c", CHILD, str(model), str(budget), policy, prefetch, io, str(n_new), str(io_threads),
-            PROMPT]
-    with MemoryCgroup(cgroup_bytes) as cg:
-        t0 = time.perf_counter()
-        out = cg.run(argv, capture_output=True, text=True, timeout=3600)
-        wall = time.perf_counter() - t0
+    argv = [sys.executable, "-c", CHILD, str(model), str(budget or 0), policy, prefetch, io, str(n_new),
+            str(io_threads), PROMPT]
+    t0 = time.perf_counter()
+    if cgroup_bytes is None:
+        out, peak, kills = subprocess.run(argv, capture_output=True, text=True, timeout=3600), None, 0
+    else:
+        with MemoryCgroup(cgroup_bytes) as cg:
+            out = cg.run(argv, capture_output=True, text=True, timeout=3600)
+        peak, kills = cg.peak_bytes, cg.oom_kills
+    wall = time.perf_counter() - t0
     if out.returncode != 0:
-        return {"error": f"exit {out.returncode} (oom kills {cg.oom_kills}): {out.stderr[-1500:]}"}
+        return {"error": f"exit {out.returncode} (oom kills {kills}): {out.stderr[-1500:]}"}
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    r.update(cgroup_peak=cg.peak_bytes, oom_kills=cg.oom_kills, wall_s=wall)
+    r.update(cgroup_peak=peak, oom_kills=kills, wall_s=wall)
     return r
 
 

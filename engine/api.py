@@ -41,7 +41,7 @@ class GenerationStats:
         return self.decode_steps / self.decode_s if self.decode_s else 0.0
 
 
-STREAM_MODES = ("none", "experts", "ffn")
+STREAM_MODES = ("none", "experts", "ffn", "auto")
 PREFETCH_MODES = ("none", "routing", "lookahead")
 
 
@@ -53,7 +53,7 @@ class _LoadOptions:
     stream: str = "none"  # "experts": routed experts read from the file; "ffn": dense FFNs too
     memory_budget: int | str | None = None  # "3GiB": resident + KV + work buffers + expert cache
     cache_slots: int | None = None  # experts the cache holds (default: what the budget leaves)
-    cache_policy: str = "lru"  # engine/cache_policy.py: lru, lfu, decay; or page-cache
+    cache_policy: str = "decay"  # engine/cache_policy.py: lru, lfu, decay; or page-cache
     prefetch: str = "routing"  # none | routing | lookahead (see Engine.load)
     lookahead: int | None = None  # experts guessed per layer with prefetch="lookahead" (default top-k)
     io: str = "auto"  # auto | direct | buffered
@@ -83,12 +83,14 @@ class Engine:
             types no fused kernel handles; True: all; False: none).
         stream: "none" (all weights used from the file's memory map), "experts" (routed experts
             are read from the file into an expert cache as they are needed; the rest is copied
-            into memory), "ffn" (dense FFNs stream too, as one always-chosen expert per layer).
+            into memory), "ffn" (dense FFNs stream too, as one always-chosen expert per layer),
+            "auto" ("experts" for a MoE model, "ffn" for a dense one).
         memory_budget: bytes or "3GiB": resident weights + KV cache + work buffers + expert cache
             must fit; the cache gets what is left, and a budget too small is refused (BudgetError).
         cache_slots: the cache's size in experts, instead of what the budget leaves.
-        cache_policy: "lru", "lfu" (counts kept for evicted experts too), "decay" (frequency with
-            recency decay), or "page-cache" (no cache of our own: buffered preads, the OS caches).
+        cache_policy: "decay" (default: frequency with recency decay), "lfu" (both keep the counts
+            of evicted experts), "lru", or "page-cache" (no cache of our own: buffered preads, the
+            OS caches). LRU cycles to 0% hits when the cache is smaller than one token's experts.
         prefetch: "routing" (a layer's misses are all queued as soon as its routing is known and
             computed as they land), "lookahead" (also: layer i+1's router applied after layer i's
             attention queues its likely experts; `lookahead` of them, default top-k), "none" (one
@@ -110,6 +112,8 @@ class Engine:
         store = None
         try:
             cfg = ModelConfig.from_metadata(f.metadata, source=str(path))
+            if opts.stream == "auto":  # what a budget needs: the experts of a MoE, a dense model's FFNs
+                opts.stream = "experts" if cfg.is_moe else "ffn"
             streaming = opts.stream != "none"
             direct = streaming and opts.cache_policy != PAGE_CACHE and opts.io != "buffered" and (
                 opts.io == "direct" or direct_io_supported(str(f.path)))

@@ -17,11 +17,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-b", "--batch-size", type=int, default=None, help="prompt tokens per forward pass (default 256)")
     g = p.add_argument_group("streaming (see Engine.load)")
     g.add_argument("--memory-budget", default=None,
-                   help="e.g. 3GiB: resident weights + KV cache + buffers + expert cache (implies --stream experts)")
-    g.add_argument("--stream", default=None, choices=["none", "experts", "ffn"],
-                   help="experts: routed experts stay on disk and are read ahead of use; ffn: dense FFNs too")
+                   help="e.g. 3GiB: resident weights + KV cache + buffers + expert cache (implies --stream auto)")
+    g.add_argument("--stream", default=None, choices=["none", "experts", "ffn", "auto"],
+                   help="experts: routed experts stay on disk and are read ahead of use; ffn: dense FFNs too; "
+                        "auto (the default with --memory-budget): experts for a MoE, ffn for a dense model")
     g.add_argument("--cache-slots", type=int, default=None, help="experts the cache holds (default: what the budget leaves)")
-    g.add_argument("--cache-policy", default="lru", choices=["lru", "lfu", "decay", "page-cache"])
+    g.add_argument("--cache-policy", default="decay", choices=["lru", "lfu", "decay", "page-cache"])
     g.add_argument("--prefetch", default="routing", choices=["none", "routing", "lookahead"])
     g.add_argument("--lookahead", type=int, default=None, help="experts guessed per layer (default: top-k)")
     g.add_argument("--io", default="auto", choices=["auto", "direct", "buffered"])
@@ -48,7 +49,7 @@ def _load(args, **extra):
     from .api import Engine
 
     opts = {"n_ctx": args.ctx_size, "n_batch": args.batch_size, **extra}
-    stream = args.stream or ("experts" if args.memory_budget else "none")
+    stream = args.stream or ("auto" if args.memory_budget else "none")
     if stream != "none":
         opts.update(stream=stream, memory_budget=args.memory_budget, cache_slots=args.cache_slots,
                     cache_policy=args.cache_policy, prefetch=args.prefetch, lookahead=args.lookahead,
