@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streaming import run_config  # noqa: E402
+from streaming import OVERHEAD, run_config  # noqa: E402
 
 from engine.bench_io import drop_cached_pages  # noqa: E402
 from engine.budget import fmt_bytes, parse_size  # noqa: E402
@@ -45,6 +45,10 @@ def run_llama_bench(exe: Path, model: Path, n_gen: int, threads: int, cgroup_byt
     """llama-bench's tg figure: {tok_s, stdev, raw}; or {error}."""
     drop_cached_pages(model)
     argv = [str(exe), "-m", str(model), "-p", "0", "-n", str(n_gen), "-t", str(threads), "-r", "1", "-o", "json"]
+    if cgroup_bytes is not None:
+        # repacking copies the weights into anonymous memory, which a model larger than the cgroup
+        # cannot have (OOM kill): mmap without repacking is how llama.cpp runs such a model
+        argv += ["--repack", "0", "-lm", "mmap"]
     if cgroup_bytes is None:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=7200)
         peak = None
@@ -81,7 +85,7 @@ def main(argv=None) -> int:
     if cgroup is None:
         ours = run_config(args.model, None, None, policy, prefetch, "auto", args.n_gen, 4)
     else:
-        ours = run_config(args.model, cgroup, cgroup - 320 * 2**20, policy, prefetch, "auto", args.n_gen, 4)
+        ours = run_config(args.model, cgroup, cgroup - OVERHEAD, policy, prefetch, "auto", args.n_gen, 4)
     where = "resident, no cgroup" if cgroup is None else f"{fmt_bytes(cgroup)} memory cgroup"
     print(f"{args.model.name} ({fmt_bytes(args.model.stat().st_size)}), {where}, decode {args.n_gen} tokens, "
           f"{args.threads} threads")

@@ -33,6 +33,11 @@ from engine.expert_store import expert_layouts  # noqa: E402
 from engine.gguf_file import GGUFFile  # noqa: E402
 
 PROMPT = "The history of the printing press begins"
+# What the process needs beyond the engine's budget inside the cgroup: interpreter and libraries,
+# the parsed metadata and tokenizer of a 152k-token vocabulary, thread stacks, and room for the
+# page cache to keep our own code and the file's metadata (a cgroup squeezed to the last page
+# evicts the libraries' code and thrashes).
+OVERHEAD = 512 * 2**20
 
 CHILD = textwrap.dedent("""
     import json, sys, time
@@ -92,7 +97,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", type=Path)
     ap.add_argument("--cgroup", default="3GiB", help="memory cgroup limit (page cache included)")
-    ap.add_argument("--budget", default=None, help="engine memory budget (default: cgroup - 320 MiB overhead)")
+    ap.add_argument("--budget", default=None, help="engine memory budget (default: cgroup - 512 MiB overhead)")
     ap.add_argument("-n", "--n-predict", type=int, default=32)
     ap.add_argument("--config", action="append", default=None,
                     help="cache_policy:prefetch[:io], repeatable (default: a standard set)")
@@ -101,7 +106,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     cgroup_bytes = parse_size(args.cgroup)
-    budget = parse_size(args.budget) if args.budget else cgroup_bytes - 320 * 2**20
+    budget = parse_size(args.budget) if args.budget else cgroup_bytes - OVERHEAD
     configs = args.config or ["lru:none", "lru:routing", "lru:lookahead", "lfu:lookahead", "decay:lookahead",
                               "page-cache:lookahead"]
     with GGUFFile(args.model) as f:

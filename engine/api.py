@@ -16,6 +16,7 @@ from .expert_store import PAGE_CACHE, ExpertStore
 from .gguf_file import GGUFFile
 from .model import Model
 from .profile import Profiler
+from .routing import RoutingTrace, parse_routing
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 from .weights import load_weights
@@ -59,6 +60,8 @@ class _LoadOptions:
     io: str = "auto"  # auto | direct | buffered
     io_threads: int = 4
     profile: bool = False
+    routing: str = "model"  # benchmarks only: "model", "trace:FILE", "synthetic[:...]" (engine/routing.py)
+    record_routing: bool = False  # record the experts chosen into engine.model.routing_trace
 
 
 class Engine:
@@ -97,6 +100,9 @@ class Engine:
             read at a time, computed before the next is asked: the baseline).
         io: "direct" (O_DIRECT), "buffered", or "auto" (direct where the filesystem allows);
         io_threads: reader threads. profile: record events for Engine.profile_summary() etc.
+        routing: for benchmarks only (generated text means nothing): where MoE layers' experts come
+            from, "model" (the router), "trace:FILE" or "synthetic[:zipf=Z,reuse=R,seed=S]" (engine/routing.py).
+        record_routing: record the experts chosen into engine.model.routing_trace (a RoutingTrace).
         Streamed output is bit-identical to stream="none" whatever these options are."""
         unknown = set(options) - set(_LoadOptions.__dataclass_fields__)
         if unknown:
@@ -112,6 +118,7 @@ class Engine:
         store = None
         try:
             cfg = ModelConfig.from_metadata(f.metadata, source=str(path))
+            routing = parse_routing(opts.routing, cfg)
             if opts.stream == "auto":  # what a budget needs: the experts of a MoE, a dense model's FFNs
                 opts.stream = "experts" if cfg.is_moe else "ffn"
             streaming = opts.stream != "none"
@@ -134,6 +141,9 @@ class Engine:
             lookahead = (opts.lookahead or max(1, cfg.n_expert_used)) if opts.prefetch == "lookahead" else 0
             model = Model(cfg, weights, n_ctx, threads, backend, experts=store, stream_ffn=opts.stream == "ffn",
                           lookahead=lookahead if streaming else 0, profiler=profiler)
+            model.routing = routing
+            if opts.record_routing:
+                model.routing_trace = RoutingTrace(cfg.n_layer, cfg.n_expert, cfg.n_expert_used)
         except BaseException:
             if store is not None:
                 store.close()
@@ -286,11 +296,11 @@ class Engine:
                               "prefetch": {"issued": st.prefetch_issued, "used": st.prefetch_used,
                                            "wasted": st.prefetch_wasted, "cancelled": st.prefetch_cancelled}}
         if self.profiler is not None:
-            out["profile"] = self.profile_summary()
+            out["profile"] = self.profile_summary(with_sweep=False)
         return out
 
-    def profile_summary(self, disk_gbps: float | None = None) -> dict:
+    def profile_summary(self, disk_gbps: float | None = None, with_sweep: bool = True) -> dict:
         """The profiler's figures (Engine.load(..., profile=True)): see engine/profile.py."""
         if self.profiler is None:
             raise RuntimeError("profile_summary: load the engine with profile=True")
-        return self.profiler.summary(self.store.n_slots if self.store else None, disk_gbps)
+        return self.profiler.summary(self.store.n_slots if self.store else None, disk_gbps, with_sweep=with_sweep)

@@ -56,6 +56,10 @@ class Model:
         # store to prefetch its top `lookahead` experts (0: off)
         self.lookahead = lookahead
         self.profiler = profiler
+        # benchmarks (engine/routing.py): a source of expert choices used instead of the router's
+        # (None: the router), and a RoutingTrace recording the choices made (None: not recorded)
+        self.routing = None
+        self.routing_trace = None
         self.n_ctx = n_ctx
         self.threads, self.backend = threads, backend
         self.rope = Rope(cfg.n_rot, cfg.rope_base, n_ctx, cfg.flags.rope, cfg.rope_freq_scale, weights.rope_freqs)
@@ -95,7 +99,7 @@ class Model:
             # after this layer's reads are queued, guess the next layer's experts from x (decode only)
             ahead = x if self.lookahead and i + 1 < len(self.w.layers) and n == 1 else None
             if layer.moe is not None:
-                x += self.moe(i, layer.moe, h, ahead)
+                x += self.moe(i, layer.moe, h, ahead, positions)
             elif self.stream_ffn:
                 x += self.streamed_ffn(i, h, ahead)
             else:
@@ -223,20 +227,40 @@ class Model:
         guess = np.argpartition(-logits[0], k - 1)[:k]
         self.experts.prefetch(nxt, guess[np.argsort(-logits[0, guess], kind="stable")])
 
-    def route(self, moe: MoEWeights, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k experts per token: (ids int64[n, k] by descending weight, weights float32[n, k])."""
+    def route(self, moe: MoEWeights, h: np.ndarray, layer: int | None = None,
+              positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k experts per token: (ids int64[n, k] by descending weight, weights float32[n, k]).
+        With self.routing set, the ids are its choices for (layer, each token's position),
+        weighted by the router's probabilities at those ids; self.routing_trace records the ids."""
         k = self.cfg.n_expert_used
         probs = softmax(moe.router(h))  # [n, n_expert]
-        ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        if self.routing is None:
+            ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        else:
+            ids = self.chosen_ids(layer, positions, probs)
         weights = np.take_along_axis(probs, ids, axis=-1)
         if self.cfg.flags.moe_norm_topk:
             weights = weights / np.sum(weights, axis=-1, keepdims=True)
+        if self.routing_trace is not None:
+            self.routing_trace.record(layer, ids)
         return ids, weights.astype(np.float32)
 
-    def moe(self, i: int, moe: MoEWeights, h: np.ndarray, ahead: np.ndarray | None = None) -> np.ndarray:
+    def chosen_ids(self, layer: int, positions: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """int64[n, k]: self.routing's experts for each token by descending router probability
+        (ties in the source's order), as the router orders its own: replaying the router's
+        choices gives the same ids in the same order. probs: float32[n, n_expert]."""
+        if layer is None or positions is None:
+            raise ValueError("Model.route: a routing source needs the layer and the tokens' positions")
+        ids = np.stack([self.routing.choose(layer, int(p)) for p in positions])  # [n, k]
+        order = np.argsort(-np.take_along_axis(probs, ids, axis=-1), axis=-1, kind="stable")
+        return np.take_along_axis(ids, order, axis=-1)
+
+    def moe(self, i: int, moe: MoEWeights, h: np.ndarray, ahead: np.ndarray | None = None,
+            positions: np.ndarray | None = None) -> np.ndarray:
         """Routed experts (+ shared expert) on h. ahead: the residual to guess layer i+1's experts
-        from, once this layer's reads are queued (the first step of fetch queues them)."""
-        ids, weights = self.route(moe, h)
+        from, once this layer's reads are queued (the first step of fetch queues them).
+        positions: int64[n], the tokens' positions (a routing source chooses by position)."""
+        ids, weights = self.route(moe, h, i, positions)
         one = len(h) == 1  # decode: every expert sees the one token; no row selection needed
         used = np.sort(ids[0]) if one else np.unique(ids)
         ys = {}  # expert -> its output on the tokens routed to it, computed as the experts arrive

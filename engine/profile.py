@@ -65,9 +65,10 @@ class Profiler:
         return [(layer, expert) for _, layer, expert, _ in self.accesses]
 
     def summary(self, n_slots: int | None = None, disk_gbps: float | None = None,
-                sweep_capacities=None) -> dict:
+                sweep_capacities=None, with_sweep: bool = True) -> dict:
         """Every figure as a plain dict (JSON-ready). Decode figures count forward passes of one
-        token; prefill passes are reported apart."""
+        token; prefill passes are reported apart. with_sweep=False leaves out the replay of every
+        policy at several capacities (the costly part: seconds for a long trace)."""
         decode = [f for f in self.forwards if f[1] == 1]
         decode_ids = {f[0] for f in decode}
         decode_s = sum(t1 - t0 for _, _, t0, t1 in decode)
@@ -119,8 +120,9 @@ class Profiler:
             out["cache_slots"] = n_slots
             out["belady_hit_rate"] = opt
             out["hit_rate_vs_belady"] = out["cache_hit_rate"] / opt if opt else 0.0
-            caps = sweep_capacities or sorted({max(1, int(n_slots * s)) for s in (0.25, 0.5, 1, 2, 4)})
-            out["sweep"] = sweep(trace, caps, tuple(POLICIES)) if trace else []
+            if with_sweep:
+                caps = sweep_capacities or sorted({max(1, int(n_slots * s)) for s in (0.25, 0.5, 1, 2, 4)})
+                out["sweep"] = sweep(trace, caps, tuple(POLICIES)) if trace else []
         return out
 
     def _hit_rate_per_layer(self) -> dict[int, float]:
