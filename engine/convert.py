@@ -29,6 +29,7 @@ place when complete, so a failed conversion leaves nothing behind.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -143,9 +144,7 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, o
     checkpoint = SafetensorsIndex(hf_dir)
     plan = plan_tensors(spec, hparams, checkpoint, weight_type)
 
-    tmp_path = out_path.with_name(f".{out_path.name}.{secrets.token_hex(4)}.tmp")
-    writer = gguf.GGUFWriter(tmp_path, spec.arch)
-    try:
+    with gguf_output(out_path, spec.arch) as (writer, tmp_path):
         for t in plan:  # header first: names, shapes and types are known before any data is read
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
         write_metadata(writer, spec, hparams, hf_dir, ftype)
@@ -164,17 +163,28 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, o
                 bar.update(t.nbytes)
         if bar is not None:
             bar.close()
+    return out_path
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint reading
+
+
+@contextlib.contextmanager
+def gguf_output(out_path: Path, arch: str):
+    """(GGUFWriter, its path): a writer on a temporary name beside out_path, renamed onto out_path
+    when the block completes and removed if it raises, so no reader ever sees a half-written
+    model. The block writes the header to the path it is given."""
+    tmp_path = out_path.with_name(f".{out_path.name}.{secrets.token_hex(4)}.tmp")
+    writer = gguf.GGUFWriter(tmp_path, arch)
+    try:
+        yield writer, tmp_path
         writer.close()
         os.replace(tmp_path, out_path)
     except BaseException:
         writer.close()
         tmp_path.unlink(missing_ok=True)
         raise
-    return out_path
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoint reading
 
 
 def load_hparams(hf_dir: Path) -> dict[str, Any]:

@@ -426,9 +426,7 @@ def synth_model(out_path: str | os.PathLike, preset: str | Preset, layers: int |
     tensors = plan(p, n_layer, attn_type, experts_type)
     tokenizer = demo_tokenizer()
 
-    tmp_path = out_path.with_name(f"{out_path.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp_path, p.arch)
-    try:
+    with convert.gguf_output(out_path, p.arch) as (writer, tmp_path):
         for t in tensors:  # infos first: GGUF's header lists every tensor before any data
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
         write_metadata(writer, p, n_layer, quant_type(experts_type), seed, tokenizer)
@@ -436,12 +434,6 @@ def synth_model(out_path: str | os.PathLike, preset: str | Preset, layers: int |
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         write_tensor_data(writer, tensors, seed, progress, out_path.name)
-        writer.close()
-        os.replace(tmp_path, out_path)
-    except BaseException:
-        writer.close()
-        tmp_path.unlink(missing_ok=True)
-        raise
     return out_path
 
 

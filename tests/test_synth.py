@@ -193,7 +193,7 @@ def test_file_reads_back_with_gguf(which, olmoe_file, qwen3_file):
     path, preset, seed = (olmoe_file, "olmoe-1b-7b", 7) if which == "olmoe" else (qwen3_file, "qwen3-30b-a3b", 0)
     p = synth.PRESETS[preset]
     reader = GGUFReader(path)
-    assert not list(path.parent.glob("*.tmp-*"))
+    assert not list(path.parent.glob(".*.tmp"))
     planned = synth.plan(preset, layers=1)
     assert [t.name for t in reader.tensors] == [t.name for t in planned]
     for t, want in zip(reader.tensors, planned):
