@@ -134,8 +134,9 @@ class Engine:
             n_ctx = plan.n_ctx if plan is not None else (opts.n_ctx or min(cfg.n_ctx_train, DEFAULT_N_CTX))
             profiler = Profiler() if opts.profile else None
             if streaming:
-                store = ExpertStore(f, plan.n_slots, opts.cache_policy, opts.io, opts.io_threads,
-                                    dense_ffn=opts.stream == "ffn", profiler=profiler,
+                # the io mode the plan sized the slots for (probed once, above)
+                store = ExpertStore(f, plan.n_slots, opts.cache_policy, "direct" if direct else "buffered",
+                                    opts.io_threads, dense_ffn=opts.stream == "ffn", profiler=profiler,
                                     sync=opts.prefetch == "none")
                 f.release_pages()  # nothing uses the memory map now: its pages leave our RSS
             lookahead = (opts.lookahead or max(1, cfg.n_expert_used)) if opts.prefetch == "lookahead" else 0

@@ -50,10 +50,10 @@ def _sampling(args) -> dict:
 def _load(args, **extra):
     from .api import Engine
 
-    opts = {"n_ctx": args.ctx_size, "n_batch": args.batch_size, **extra}
+    opts = {"n_ctx": args.ctx_size, "n_batch": args.batch_size, "routing": args.routing, **extra}
     stream = args.stream or ("auto" if args.memory_budget else "none")
     if stream != "none":
-        opts.update(stream=stream, memory_budget=args.memory_budget, cache_slots=args.cache_slots, routing=args.routing,
+        opts.update(stream=stream, memory_budget=args.memory_budget, cache_slots=args.cache_slots,
                     cache_policy=args.cache_policy, prefetch=args.prefetch, lookahead=args.lookahead,
                     io=args.io, io_threads=args.io_threads)
     elif args.memory_budget:

@@ -2,10 +2,10 @@
 
 Works on float32 NumPy arrays. Knows nothing about I/O: weights come from engine.weights,
 routed experts through `self.experts.fetch(layer, expert_ids)`: the file's memory map
-(ResidentExperts) or an ExpertStore that reads them ahead of use (engine/expert_store.py). The small per-token operations (norms,
-rope, SwiGLU, one-token attention) run in kernels._ops, one pass each into our own buffers;
-engine/ops.py holds their NumPy versions, the reference they are tested against, and the
-prefill attention (a batched matmul that BLAS does best).
+(ResidentExperts) or an ExpertStore that reads them ahead of use (engine/expert_store.py). The
+small per-token operations (norms, rope, SwiGLU, one-token attention) run in kernels._ops, one
+pass each into our own buffers; engine/ops.py holds their NumPy versions, the reference they are
+tested against, and the prefill attention (a batched matmul that BLAS does best).
 """
 from __future__ import annotations
 
@@ -171,18 +171,10 @@ class Model:
     def dense_ffn(self, ffn: FFN, h: np.ndarray) -> np.ndarray:
         return ffn.down(self.swiglu(*ffn.gate_up(h)))
 
-    def matmul(self, x: np.ndarray, qt: QTensor) -> np.ndarray:
-        """x @ W.T through the cached kernel choice (kernels.matmul checks and chooses per call)."""
-        kernel = self.kernel(qt.qtype, x.shape[0])
-        if kernel is None:
-            return kernels.matmul(x, qt, self.threads, self.backend)
-        out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
-        kernel.matmul_into(x, qt.data, int(qt.qtype), out, self.kernel_threads)
-        return out
-
     def expert_ffn(self, gate, up, down, h: np.ndarray) -> np.ndarray:
+        mm, t = self.kernel.matmul, self.kernel_threads  # the cached kernel choice, as Linear uses
         h = np.ascontiguousarray(h, dtype=np.float32)
-        return self.matmul(self.swiglu(self.matmul(h, gate), self.matmul(h, up)), down)
+        return mm(self.swiglu(mm(h, gate, t), mm(h, up, t)), down, t)
 
     def expert_batch(self, batch, h: np.ndarray, ys: dict) -> bool:
         """Decode: every expert of `batch` on the one token h in two kernel calls (gate and up of

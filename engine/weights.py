@@ -31,7 +31,6 @@ class Linear:
     def __init__(self, qt: QTensor, bias: np.ndarray | None = None, dense: bool | None = None,
                  threads: int | None = None, backend: str = "auto"):
         self.qt, self.bias, self.threads, self.backend = qt, bias, threads, backend
-        self._qtype = int(qt.qtype)
         self._threads = threads or kernels.default_threads()
         self._kernel = kernels.backends.KernelCache(backend)  # (qtype, n) -> fused kernel (None: NumPy)
         if qt.qtype == GGMLQuantizationType.F32:  # already float: a view of the file, no copy
@@ -49,13 +48,7 @@ class Linear:
         if self.dense is not None:
             y = x @ self.dense.T
         else:
-            kernel = self._kernel(self._qtype, x.shape[0])
-            if kernel is None:
-                y = kernels.matmul(x, self.qt, self.threads, "numpy")
-            else:
-                x = np.ascontiguousarray(x, dtype=np.float32)
-                y = np.empty((x.shape[0], self.qt.shape[0]), dtype=np.float32)
-                kernel.matmul_into(x, self.qt.data, self._qtype, y, self._threads)
+            y = self._kernel.matmul(x, self.qt, self._threads)
         if self.bias is not None:
             y += self.bias
         return y

@@ -15,6 +15,7 @@ import importlib
 import json
 from pathlib import Path
 
+import numpy as np
 from gguf import GGMLQuantizationType
 
 BACKENDS = ("auto", "numpy", "cython", "numba")
@@ -101,6 +102,19 @@ class KernelCache:
             kernel = kernel_for(name, qtype) if name != "numpy" else None
             self._cache[key] = kernel
             return kernel
+
+    def matmul(self, x: np.ndarray, qt, threads: int) -> np.ndarray:
+        """x @ W.T for x: float32[n, cols] and W = qt, through the cached kernel; where there is
+        none, through kernels.matmul (NumPy under "auto"; a named backend's own clear error)."""
+        kernel = self(qt.qtype, x.shape[0])
+        if kernel is None:
+            from kernels import matmul  # kernels/__init__ imports this module
+
+            return matmul(x, qt, threads, "numpy" if self.backend == "auto" else self.backend)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
+        kernel.matmul_into(x, qt.data, int(qt.qtype), out, threads)
+        return out
 
 
 def write_table(best: dict[str, dict[str, str]], measurements: list[dict], machine: dict) -> Path:
