@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streaming import OVERHEAD, run_config  # noqa: E402
+from streaming import OVERHEAD, run_config, stream_options  # noqa: E402
 
 from engine.bench_io import drop_cached_pages  # noqa: E402
 from engine.budget import fmt_bytes, parse_size  # noqa: E402
@@ -82,10 +82,8 @@ def main(argv=None) -> int:
     cgroup = None if args.no_cgroup else parse_size(args.cgroup)
     theirs = run_llama_bench(exe, args.model, args.n_gen, args.threads, cgroup)
     policy, prefetch = args.config.split(":")
-    if cgroup is None:
-        ours = run_config(args.model, None, None, policy, prefetch, "auto", args.n_gen, 4)
-    else:
-        ours = run_config(args.model, cgroup, cgroup - OVERHEAD, policy, prefetch, "auto", args.n_gen, 4)
+    budget = None if cgroup is None else cgroup - OVERHEAD
+    ours = run_config(args.model, cgroup, stream_options(budget, policy, prefetch), args.n_gen)
     where = "resident, no cgroup" if cgroup is None else f"{fmt_bytes(cgroup)} memory cgroup"
     print(f"{args.model.name} ({fmt_bytes(args.model.stat().st_size)}), {where}, decode {args.n_gen} tokens, "
           f"{args.threads} threads")

@@ -42,27 +42,33 @@ OVERHEAD = 512 * 2**20
 CHILD = textwrap.dedent("""
     import json, sys, time
     from engine import Engine
-    path, budget, policy, prefetch, io, n_new, threads, prompt = sys.argv[1:9]
+    path, options, n_new, prompt = sys.argv[1:5]
     t0 = time.perf_counter()
-    stream = dict(stream="experts", memory_budget=int(budget), cache_policy=policy, prefetch=prefetch, io=io,
-                  io_threads=int(threads), profile=True) if int(budget) else {}  # budget 0: resident
-    with Engine.load(path, n_ctx=512, **stream) as eng:
+    with Engine.load(path, **json.loads(options)) as eng:
         load_s = time.perf_counter() - t0
         tokens = list(eng.generate_tokens(prompt, int(n_new)))
         st = eng.stats()
         summary = st.pop("profile", None) or {"decode_tok_s": st["decode_tok_s"]}
+        summary["token_ms"] = 1e3 / st["decode_tok_s"] if st["decode_tok_s"] else 0.0  # output head included
         print(json.dumps({"tokens": tokens, "stats": st, "summary": summary, "load_s": load_s,
-                          "plan": eng.plan.describe() if eng.plan else "resident"}))
+                          "n_layer": eng.config.n_layer, "plan": eng.plan.describe() if eng.plan else "resident"}))
 """)
 
 
-def run_config(model: Path, cgroup_bytes: int | None, budget: int | None, policy: str, prefetch: str, io: str,
-               n_new: int, io_threads: int) -> dict:
-    """One child process, cold page cache, inside a memory cgroup of cgroup_bytes (None: none);
-    budget None runs the model resident."""
+def stream_options(budget: int | None, policy: str, prefetch: str, io: str = "auto", io_threads: int = 4,
+                   **extra) -> dict:
+    """Engine.load options for one streaming configuration (budget None: resident, no profiler)."""
+    if budget is None:
+        return dict(n_ctx=512, **extra)
+    return dict(n_ctx=512, stream="experts", memory_budget=int(budget), cache_policy=policy, prefetch=prefetch,
+                io=io, io_threads=io_threads, profile=True, **extra)
+
+
+def run_config(model: Path, cgroup_bytes: int | None, options: dict, n_new: int, prompt: str = PROMPT) -> dict:
+    """One child process running Engine.load(model, **options), cold page cache, inside a memory
+    cgroup of cgroup_bytes (None: none); returns its figures, or {"error": ...}."""
     drop_cached_pages(model)
-    argv = [sys.executable, "-c", CHILD, str(model), str(budget or 0), policy, prefetch, io, str(n_new),
-            str(io_threads), PROMPT]
+    argv = [sys.executable, "-c", CHILD, str(model), json.dumps(options), str(n_new), prompt]
     t0 = time.perf_counter()
     if cgroup_bytes is None:
         out, peak, kills = subprocess.run(argv, capture_output=True, text=True, timeout=3600), None, 0
@@ -72,10 +78,24 @@ def run_config(model: Path, cgroup_bytes: int | None, budget: int | None, policy
         peak, kills = cg.peak_bytes, cg.oom_kills
     wall = time.perf_counter() - t0
     if out.returncode != 0:
-        return {"error": f"exit {out.returncode} (oom kills {kills}): {out.stderr[-1500:]}"}
+        return {"error": f"exit {out.returncode} (oom kills {kills}): {out.stderr[-1500:]}", "wall_s": wall}
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r.update(cgroup_peak=peak, oom_kills=kills, wall_s=wall)
     return r
+
+
+def measure_disk(model: Path, io_threads: int, seed: int = 0) -> dict:
+    """Cold parallel preads of expert-sized chunks of the model file (`weightstream bench io`)."""
+    with GGUFFile(model) as f:
+        expert_bytes = max(lay.expert_bytes for lay in expert_layouts(f).values())
+    return disk_bandwidth(model, chunk_bytes=expert_bytes, threads=io_threads, n_reads=400, seed=seed)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Written beside, then renamed: a run cut short leaves the previous file intact."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def format_table(results: list[dict], disk_gbps: float) -> str:
@@ -109,32 +129,28 @@ def main(argv=None) -> int:
     budget = parse_size(args.budget) if args.budget else cgroup_bytes - OVERHEAD
     configs = args.config or ["lru:none", "lru:routing", "lru:lookahead", "lfu:lookahead", "decay:lookahead",
                               "page-cache:lookahead"]
-    with GGUFFile(args.model) as f:
-        expert_bytes = max(lay.expert_bytes for lay in expert_layouts(f).values())
     size = args.model.stat().st_size
-    disk = disk_bandwidth(args.model, chunk_bytes=expert_bytes, threads=args.io_threads, n_reads=400)
+    disk = measure_disk(args.model, args.io_threads)
     disk_gbps = disk["bytes_per_s"] / 1e9
     print(f"model {args.model.name}: {fmt_bytes(size)}; cgroup {fmt_bytes(cgroup_bytes)}, budget {fmt_bytes(budget)}; "
-          f"disk {disk_gbps:.2f} GB/s ({args.io_threads} threads, {fmt_bytes(expert_bytes)} cold reads)", flush=True)
+          f"disk {disk_gbps:.2f} GB/s ({args.io_threads} threads, {fmt_bytes(disk['chunk_bytes'])} cold reads)", flush=True)
     results = []
     for spec in configs:
         policy, prefetch, *rest = spec.split(":")
-        io = rest[0] if rest else "auto"
-        r = run_config(args.model, cgroup_bytes, budget, policy, prefetch, io, args.n_predict, args.io_threads)
+        options = stream_options(budget, policy, prefetch, rest[0] if rest else "auto", args.io_threads)
+        r = run_config(args.model, cgroup_bytes, options, args.n_predict)
         r["config"] = spec
         results.append(r)
         done = r["error"] if "error" in r else f"{r['summary']['decode_tok_s']:.2f} tok/s"
         print(f"{spec}: {done}", flush=True)
-    after = disk_bandwidth(args.model, chunk_bytes=expert_bytes, threads=args.io_threads, n_reads=400, seed=1)
+    after = measure_disk(args.model, args.io_threads, seed=1)
     # the disk is shared and bursty (a cloud volume): its capability is the better of the two measurements
     disk_best = max(disk_gbps, after["bytes_per_s"] / 1e9)
     print(f"disk after the runs: {after['bytes_per_s'] / 1e9:.2f} GB/s; ratios below are against {disk_best:.2f}")
     print(format_table(results, disk_best))
     if args.json:
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"model": str(args.model), "size": size, "cgroup": cgroup_bytes, "budget": budget,
-                                   "disk": disk, "disk_after": after, "date": time.strftime("%Y-%m-%d"), "results": results}, indent=1))
-        os.replace(tmp, args.json)
+        write_json(args.json, {"model": str(args.model), "size": size, "cgroup": cgroup_bytes, "budget": budget,
+                               "disk": disk, "disk_after": after, "date": time.strftime("%Y-%m-%d"), "results": results})
     return 0
 
 

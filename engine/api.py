@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -62,6 +63,25 @@ class _LoadOptions:
     profile: bool = False
     routing: str = "model"  # benchmarks only: "model", "trace:FILE", "synthetic[:...]" (engine/routing.py)
     record_routing: bool = False  # record the experts chosen into engine.model.routing_trace
+    progress: bool = False  # a progress bar while resident weights are copied in (on a terminal only)
+
+
+@contextmanager
+def _copy_progress(f: GGUFFile, plan: MemoryPlan | None, enabled: bool):
+    """A byte-count progress bar over the tensors f copies into memory meanwhile (tqdm shows it
+    only on a terminal)."""
+    if not enabled:
+        yield
+        return
+    from tqdm import tqdm
+
+    total = sum(t.nbytes for t in f.tensors.values()) - (plan.streamed if plan is not None else 0)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {f.path.name}", disable=None, leave=False) as bar:
+        f.on_copy = bar.update
+        try:
+            yield
+        finally:
+            f.on_copy = None
 
 
 class Engine:
@@ -76,7 +96,8 @@ class Engine:
         self.last_stats = GenerationStats()
 
     @classmethod
-    def load(cls, path, threads: int | None = None, backend: str = "auto", **options) -> "Engine":
+    def load(cls, path, threads: int | None = None, backend: str = "auto", distributed=None,
+             **options) -> "Engine":
         """Open a GGUF model (any shard of a split one).
 
         n_ctx: context length (default min(train ctx, 4096); under a budget, see engine/budget.py).
@@ -103,6 +124,9 @@ class Engine:
         routing: for benchmarks only (generated text means nothing): where MoE layers' experts come
             from, "model" (the router), "trace:FILE" or "synthetic[:zipf=Z,reuse=R,seed=S]" (engine/routing.py).
         record_routing: record the experts chosen into engine.model.routing_trace (a RoutingTrace).
+        progress: a progress bar on the terminal while the resident weights are copied in (streaming).
+        distributed: an engine.distributed.DistributedConfig: the layers run as pipeline stages on
+            Ray actors, each streaming its own experts under its own budget (needs ray).
         Streamed output is bit-identical to stream="none" whatever these options are."""
         unknown = set(options) - set(_LoadOptions.__dataclass_fields__)
         if unknown:
@@ -119,6 +143,12 @@ class Engine:
         try:
             cfg = ModelConfig.from_metadata(f.metadata, source=str(path))
             routing = parse_routing(opts.routing, cfg)
+            if distributed is not None:  # pipeline stages on Ray: engine/distributed.py
+                from .distributed import load_distributed
+
+                tokenizer = Tokenizer.from_metadata(f.metadata)
+                model, n_batch = load_distributed(path, f, cfg, opts, threads, backend, distributed)
+                return cls(path, f, cfg, model, tokenizer, time.perf_counter() - t0, n_batch=n_batch)
             if opts.stream == "auto":  # what a budget needs: the experts of a MoE, a dense model's FFNs
                 opts.stream = "experts" if cfg.is_moe else "ffn"
             streaming = opts.stream != "none"
@@ -129,8 +159,9 @@ class Engine:
                 plan = plan_memory(f, cfg, opts.memory_budget, opts.stream, opts.n_ctx, opts.cache_slots,
                                    opts.dequantize_resident, direct, min(cfg.n_ctx_train, DEFAULT_N_CTX), opts.n_batch)
             tokenizer = Tokenizer.from_metadata(f.metadata)
-            weights = load_weights(f, cfg, opts.dequantize_resident, threads, backend, copy=streaming,
-                                   stream_ffn=opts.stream == "ffn")
+            with _copy_progress(f, plan, enabled=opts.progress and streaming):
+                weights = load_weights(f, cfg, opts.dequantize_resident, threads, backend, copy=streaming,
+                                       stream_ffn=opts.stream == "ffn")
             n_ctx = plan.n_ctx if plan is not None else (opts.n_ctx or min(cfg.n_ctx_train, DEFAULT_N_CTX))
             profiler = Profiler() if opts.profile else None
             if streaming:
@@ -155,6 +186,8 @@ class Engine:
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
         if self.file is not None:
+            if hasattr(self.model, "pipeline_stats"):  # a PipelineModel: its stage actors
+                self.model.close()
             self.model = None
             if self.store is not None:
                 self.store.close()
@@ -298,6 +331,8 @@ class Engine:
                                            "wasted": st.prefetch_wasted, "cancelled": st.prefetch_cancelled}}
         if self.profiler is not None:
             out["profile"] = self.profile_summary(with_sweep=False)
+        if hasattr(self.model, "pipeline_stats"):  # distributed: per-stage figures, per-hop latency
+            out["pipeline"] = self.model.pipeline_stats()
         return out
 
     def profile_summary(self, disk_gbps: float | None = None, with_sweep: bool = True) -> dict:

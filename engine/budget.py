@@ -102,8 +102,8 @@ def resident_bytes(f: GGUFFile, streamed_names: set[str], dequantize_resident: b
     return total
 
 
-def kv_bytes(cfg: ModelConfig, n_ctx: int) -> int:
-    return 2 * cfg.n_layer * n_ctx * cfg.n_head_kv * cfg.head_dim * 4
+def kv_bytes(cfg: ModelConfig, n_ctx: int, n_layer: int | None = None) -> int:
+    return 2 * (cfg.n_layer if n_layer is None else n_layer) * n_ctx * cfg.n_head_kv * cfg.head_dim * 4
 
 
 def work_bytes(cfg: ModelConfig, n_ctx: int, batch: int) -> int:
@@ -118,12 +118,20 @@ def work_bytes(cfg: ModelConfig, n_ctx: int, batch: int) -> int:
 
 def plan_memory(f: GGUFFile, cfg: ModelConfig, budget=None, stream: str = "experts", n_ctx: int | None = None,
                 cache_slots: int | None = None, dequantize_resident: bool | None = None,
-                direct_io: bool = True, default_n_ctx: int = 4096, n_batch: int | None = None) -> MemoryPlan:
+                direct_io: bool = True, default_n_ctx: int = 4096, n_batch: int | None = None,
+                layers: range | None = None, ends: bool = True) -> MemoryPlan:
     """Size the KV cache, the prompt batch and the expert cache to fit `budget` (None: no limit;
-    cache_slots then defaults to one layer's experts). Raises BudgetError when it cannot fit."""
+    cache_slots then defaults to one layer's experts). Raises BudgetError when it cannot fit.
+    layers, ends: plan for a process holding only these layers (None: all) and, with ends, the
+    embedding and head (a pipeline stage, engine/distributed.py: its layers, no ends)."""
+    layers = range(cfg.n_layer) if layers is None else layers
     layouts = expert_layouts(f, dense_ffn=stream == "ffn") if stream != "none" else {}
+    layouts = {i: lay for i, lay in layouts.items() if i in layers}
     streamed_names = {info.name for lay in layouts.values() for info in lay.parts}
-    resident = resident_bytes(f, streamed_names, dequantize_resident)
+    not_held = {name for name in f.tensors  # another stage's layers, or the driver's ends
+                if (int(name.split(".")[1]) not in layers if name.startswith("blk.")
+                    else not ends and name != "rope_freqs.weight")}
+    resident = resident_bytes(f, streamed_names | not_held, dequantize_resident)
     streamed = sum(f.tensors[n].nbytes for n in streamed_names)
     slot_bytes = -(-max((lay.slot_bytes(direct_io) for lay in layouts.values()), default=0) // 4096) * 4096
     per_layer = max((min(lay.n_expert, max(1, cfg.n_expert_used)) for lay in layouts.values()), default=0)
@@ -133,12 +141,12 @@ def plan_memory(f: GGUFFile, cfg: ModelConfig, budget=None, stream: str = "exper
     batch = n_batch or MAX_PREFILL_BATCH
     if limit is not None:
         spare = limit - resident
-        while n_ctx is None and ctx > MIN_N_CTX and kv_bytes(cfg, ctx) > spare / 4:
+        while n_ctx is None and ctx > MIN_N_CTX and kv_bytes(cfg, ctx, len(layers)) > spare / 4:
             ctx //= 2
         while n_batch is None and batch > 1 and work_bytes(cfg, ctx, batch) > spare / 10:
             batch //= 2
     batch = min(batch, ctx)
-    kv, work = kv_bytes(cfg, ctx), work_bytes(cfg, ctx, batch)
+    kv, work = kv_bytes(cfg, ctx, len(layers)), work_bytes(cfg, ctx, batch)
 
     if cache_slots is not None:
         n_slots = cache_slots

@@ -29,6 +29,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--io-threads", type=int, default=4)
     g.add_argument("--routing", default="model",
                    help="benchmarks only: model | trace:FILE | synthetic[:zipf=Z,reuse=R,seed=S] (engine/routing.py)")
+    g = p.add_argument_group("distributed: pipeline stages on Ray (engine/distributed.py; needs .[distributed])")
+    g.add_argument("--ray-address", default=None, help="auto | ray://HOST:PORT (with --stages alone: a local Ray)")
+    g.add_argument("--stages", type=int, default=None, help="pipeline stages, one Ray actor each")
+    g.add_argument("--stage-budgets", default=None, help="per stage memory budget, e.g. 1GiB,1GiB")
+    g.add_argument("--transport", default="auto", choices=["auto", "compiled", "actor"])
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -51,13 +56,19 @@ def _load(args, **extra):
     from .api import Engine
 
     opts = {"n_ctx": args.ctx_size, "n_batch": args.batch_size, "routing": args.routing, **extra}
-    stream = args.stream or ("auto" if args.memory_budget else "none")
+    stream = args.stream or ("auto" if args.memory_budget or args.stages or args.ray_address else "none")
     if stream != "none":
         opts.update(stream=stream, memory_budget=args.memory_budget, cache_slots=args.cache_slots,
                     cache_policy=args.cache_policy, prefetch=args.prefetch, lookahead=args.lookahead,
-                    io=args.io, io_threads=args.io_threads)
+                    io=args.io, io_threads=args.io_threads, progress=True)
     elif args.memory_budget:
         opts.update(memory_budget=args.memory_budget)
+    if args.stages or args.ray_address:
+        from .distributed import DistributedConfig
+
+        budgets = args.stage_budgets.split(",") if args.stage_budgets else None
+        opts["distributed"] = DistributedConfig(address=args.ray_address, stages=args.stages or 2, budgets=budgets,
+                                                transport=args.transport)
     return Engine.load(args.model, threads=args.threads, backend=args.backend, **opts)
 
 
@@ -73,6 +84,16 @@ def _print_speed(engine) -> None:
         print(f"[experts: {x['slots']} cached, hit rate {x['hit_rate']:.1%} ({x['hits']} hits, {x['late']} late, "
               f"{x['misses']} misses), {x['bytes_read'] / 2**20:.1f} MiB read in {x['reads']} reads, "
               f"stalled {x['stall_s']:.2f} s; prefetch {x['prefetch']}]", file=sys.stderr)
+    if "pipeline" in s:
+        p = s["pipeline"]
+        hop = p["latency"].get("decode", {}).get("per_hop_ms")
+        print(f"[pipeline: {len(p['stages'])} stages over {p['transport']}"
+              + (f", {hop:.2f} ms per hop at decode" if hop is not None else "") + "]", file=sys.stderr)
+        for st in p["stages"]:
+            x = st["experts"]
+            print(f"[stage {st['stage']}: layers {st['layers'][0]}-{st['layers'][1] - 1} on {st['node']['ip']}, "
+                  f"memory {st['memory']['total'] / 2**20:.1f} MiB, hit rate {x['hit_rate']:.1%}, "
+                  f"{x['bytes_read'] / 2**20:.1f} MiB read]", file=sys.stderr)
 
 
 def cmd_run(args) -> int:
@@ -156,7 +177,7 @@ def cmd_profile(args) -> int:
 def cmd_convert(args) -> int:
     from .convert import convert_hf_to_gguf
 
-    out = convert_hf_to_gguf(args.hf_dir, args.out, args.type, progress=True)
+    out = convert_hf_to_gguf(args.hf_dir, args.out, args.type, progress=True, imatrix=args.imatrix)
     print(f"wrote {out}")
     return 0
 
@@ -164,19 +185,29 @@ def cmd_convert(args) -> int:
 DEMO_BUDGET = "80MiB"  # below the demo model's 98 MB file: its FFNs stream (weightstream's point)
 
 
+DEMO_MOE_BUDGET = "640MiB"  # the synthetic MoE demo model is ~2.3 GB: 3.5x this
+
+
 def cmd_demo(args) -> int:
     from .api import Engine
-    from .assets import demo_model_path
+    from .assets import demo_model_path, demo_moe_path
     from .profile_report import format_summary
 
-    path = demo_model_path(args.cache_dir)
-    streaming = args.memory_budget != "none"
-    opts = dict(memory_budget=args.memory_budget, stream="auto", prefetch="lookahead", profile=True) if streaming else {}
+    path = demo_moe_path(args.cache_dir) if args.moe else demo_model_path(args.cache_dir)
+    budget = args.memory_budget or (DEMO_MOE_BUDGET if args.moe else DEMO_BUDGET)
+    streaming = budget != "none"
+    opts = dict(memory_budget=budget, stream="auto", prefetch="lookahead", profile=True, progress=True) \
+        if streaming else {}
     with Engine.load(path, threads=args.threads, **opts) as engine:
         print(f"model: {path.name} ({engine.config.arch}, {engine.config.n_layer} layers, "
               f"{path.stat().st_size / 1e6:.0f} MB), loaded in {engine.load_s:.2f} s", file=sys.stderr)
         print(f"> {args.prompt}")
-        for piece in engine.chat([{"role": "user", "content": args.prompt}], args.n_predict, stream=True):
+        if args.moe:  # random weights: the text is noise; the point is running 3.5x past the budget
+            print("(synthetic MoE with random weights: the text means nothing; watch the figures)", file=sys.stderr)
+            pieces = engine.stream(args.prompt, args.n_predict)
+        else:
+            pieces = engine.chat([{"role": "user", "content": args.prompt}], args.n_predict, stream=True)
+        for piece in pieces:
             print(piece, end="", flush=True)
         print()
         _print_speed(engine)
@@ -226,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="write GGUF from a Hugging Face safetensors directory")
     p.add_argument("hf_dir")
     p.add_argument("out")
-    p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q2_k", "q3_k_m", "q4_k_m"])
+    p.add_argument("--imatrix", default=None, help="importance matrix for the q*_k recipes (weightstream imatrix)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="fetch the demo model (SmolLM2-135M-Instruct Q4_1) and generate")
@@ -234,16 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--n-predict", type=int, default=96)
     p.add_argument("-t", "--threads", type=int, default=None)
     p.add_argument("--cache-dir", default=None, help="where the model is cached (default ~/.cache/weightstream)")
-    p.add_argument("--memory-budget", default=DEMO_BUDGET,
-                   help=f"run under this budget, streaming what does not fit (default {DEMO_BUDGET}, less than "
-                        "the model; 'none': everything resident)")
+    p.add_argument("--memory-budget", default=None,
+                   help=f"run under this budget, streaming what does not fit (default {DEMO_BUDGET}, or "
+                        f"{DEMO_MOE_BUDGET} with --moe: less than the model; 'none': everything resident)")
+    p.add_argument("--moe", action="store_true",
+                   help="a synthetic MoE with OLMoE-1B-7B's shapes (~2.3 GB, written once into the cache), "
+                        "3.5x the budget: its experts stream")
     p.set_defaults(func=cmd_demo)
 
     from .bench_cli import register as register_bench
+    from .quantize_model import register as register_quantize
     from .synth import register as register_synth
 
     register_bench(sub)  # weightstream bench kernels | decode | bandwidth
     register_synth(sub)  # weightstream synth --preset NAME OUT.gguf
+    register_quantize(sub)  # weightstream quantize IN OUT q2_k | imatrix MODEL -f TEXT
     return parser
 
 

@@ -30,6 +30,7 @@ place when complete, so a failed conversion leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -120,15 +121,22 @@ ALWAYS_F32 = (".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight")
 
 
 def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type: str = "f16",
-                       progress: bool = False) -> Path:
+                       progress: bool = False, imatrix: str | os.PathLike | dict | None = None) -> Path:
     """Convert the Hugging Face checkpoint in `hf_dir` (config.json, model*.safetensors,
     tokenizer.json) into one GGUF file at `out_path`, as llama.cpp's converter would. Returns the
     path written. Raises ValueError for an unsupported architecture, configuration or tokenizer and
     for missing, unexpected or misshapen tensors; FileNotFoundError for missing inputs or a missing
-    output directory."""
+    output directory. out_type may also be a recipe of engine/recipes.py (q2_k, q3_k_m, q4_k_m):
+    each tensor then gets the recipe's type, quantized as engine/quantize_model.py does (with the
+    importance matrix `imatrix`, a file or a dict, if given)."""
+    from . import recipes
+
     hf_dir, out_path = Path(hf_dir), Path(out_path)
-    if out_type not in OUT_TYPES:
-        raise ValueError(f"out_type must be one of {sorted(OUT_TYPES)}, got {out_type!r}")
+    recipe = recipes.RECIPES.get(out_type) if out_type not in OUT_TYPES else None
+    if out_type not in OUT_TYPES and recipe is None:
+        raise ValueError(f"out_type must be one of {sorted(OUT_TYPES) + sorted(recipes.RECIPES)}, got {out_type!r}")
+    if imatrix is not None and recipe is None:
+        raise ValueError(f"an importance matrix needs a quantized recipe ({', '.join(recipes.RECIPES)}), not {out_type!r}")
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
     if not out_path.parent.is_dir():
@@ -139,15 +147,28 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, o
     spec = ARCHITECTURES.get(hf_arch)
     if spec is None:
         raise ValueError(f"{hf_dir}: unsupported architecture {hf_arch!r}; supported: {', '.join(ARCHITECTURES)}")
-    ftype, weight_type = OUT_TYPES[out_type]
+    ftype, weight_type = OUT_TYPES[out_type] if recipe is None else (recipe.file_type, QT.F32)
 
     checkpoint = SafetensorsIndex(hf_dir)
     plan = plan_tensors(spec, hparams, checkpoint, weight_type)
+    im_info = im_values = None
+    if recipe is not None:  # the recipe's type for each tensor, quantized with engine.quantize_model
+        from .imatrix import read_imatrix
+        from .quantize_model import quantize_array, write_recipe_keys
+
+        d = Dims.from_hparams(spec, hparams)
+        types = recipes.tensor_types(recipe, [(t.name, t.shape) for t in plan],
+                                     recipes.ModelShape(d.n_layer, d.n_expert, d.n_head, d.n_head_kv, spec.arch))
+        plan = [dataclasses.replace(t, qtype=types[t.name]) for t in plan]
+        im_info = read_imatrix(imatrix) if isinstance(imatrix, (str, os.PathLike)) else None
+        im_values = im_info.values if im_info is not None else imatrix
 
     with gguf_output(out_path, spec.arch) as (writer, tmp_path):
         for t in plan:  # header first: names, shapes and types are known before any data is read
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
         write_metadata(writer, spec, hparams, hf_dir, ftype)
+        if recipe is not None:
+            write_recipe_keys(writer, recipe, imatrix, im_info, im_values)
         writer.write_header_to_file(tmp_path)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -157,7 +178,10 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, o
 
             bar = tqdm(total=sum(t.nbytes for t in plan), unit="B", unit_scale=True, desc=f"{out_path.name}")
         for t in plan:
-            data = gguf.quants.quantize(t.load(checkpoint), t.qtype)
+            if recipe is None:
+                data = gguf.quants.quantize(t.load(checkpoint), t.qtype)
+            else:
+                data = quantize_array(t.load(checkpoint), t.qtype, (im_values or {}).get(t.name), t.name)
             writer.write_tensor_data(data)
             if bar is not None:
                 bar.update(t.nbytes)

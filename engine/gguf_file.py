@@ -13,7 +13,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
@@ -161,6 +161,9 @@ class GGUFFile:
         self._check_split_keys()
         self.tensors: dict[str, TensorInfo] = {}
         self._arrays: dict[str, np.ndarray] = {}
+        # called with the byte count of every tensor copied into memory (raw(copy=True)): a load's
+        # progress bar (Engine.load(progress=True)); None: nothing to tell
+        self.on_copy: Callable[[int], None] | None = None
         for p, reader in zip(self.paths, self._readers):
             self._index(p, reader)
 
@@ -208,6 +211,8 @@ class GGUFFile:
         if got != info.nbytes:
             raise GGUFError(f"{info.path}: tensor {name} at offset {info.offset}: read {got} of {info.nbytes} "
                             f"bytes (file truncated?)")
+        if self.on_copy is not None:
+            self.on_copy(info.nbytes)
         return out.reshape(*info.shape[:-1], info.row_bytes)
 
     def qtensor(self, name: str, expect_shape: tuple[int, ...] | None = None, copy: bool = False) -> QTensor:

@@ -41,7 +41,9 @@ class Model:
     """A decoder-only transformer with its own KV cache.
 
     forward(tokens, pos) appends len(tokens) positions to the cache starting at `pos` and returns
-    logits for the last token (or for every token with all_logits=True).
+    logits for the last token (or for every token with all_logits=True). It is embed, run_layers,
+    head: a pipeline stage (engine/distributed.py) holds the weights and KV cache of a slice of
+    the layers only (weights.layer_range) and calls run_layers on the residual it is sent.
     """
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, n_ctx: int,
@@ -60,11 +62,15 @@ class Model:
         # (None: the router), and a RoutingTrace recording the choices made (None: not recorded)
         self.routing = None
         self.routing_trace = None
+        # imatrix collection (engine/imatrix.py): told (layer, expert or None for a streamed dense
+        # FFN, input rows, SwiGLU output) by expert_ffn; None: off
+        self.observer = None
         self.n_ctx = n_ctx
         self.threads, self.backend = threads, backend
+        self.layer_range = weights.layer_range  # the layers held (all, or a pipeline stage's slice)
         self.rope = Rope(cfg.n_rot, cfg.rope_base, n_ctx, cfg.flags.rope, cfg.rope_freq_scale, weights.rope_freqs)
-        # KV cache, allocated once: float32[n_layer, n_ctx, n_head_kv, head_dim] each
-        kv_shape = (cfg.n_layer, n_ctx, cfg.n_head_kv, cfg.head_dim)
+        # KV cache, allocated once: float32[len(layer_range), n_ctx, n_head_kv, head_dim] each
+        kv_shape = (len(self.layer_range), n_ctx, cfg.n_head_kv, cfg.head_dim)
         self.k_cache = np.zeros(kv_shape, dtype=np.float32)
         self.v_cache = np.zeros(kv_shape, dtype=np.float32)
         self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
@@ -78,6 +84,17 @@ class Model:
 
     # ---- one pass -----------------------------------------------------------------------------
     def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
+        tokens, positions = self.check_tokens(tokens, pos)
+        prof = self.profiler
+        t_forward = prof.begin_forward(len(tokens)) if prof is not None else 0.0
+        x = self.embed(tokens)  # [n, n_embd], the residual stream (ours: updated in place)
+        h = self.run_layers(x, positions)
+        if prof is not None:
+            prof.end_forward(len(tokens), t_forward)
+        return self.head(x, all_logits, h)
+
+    def check_tokens(self, tokens, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens int64[n], positions int64[n]) after checking they fit the context and vocabulary."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n = len(tokens)
         if n == 0:
@@ -86,18 +103,23 @@ class Model:
             raise ContextFullError(f"context full: {pos} + {n} tokens exceed n_ctx={self.n_ctx}")
         if tokens.min() < 0 or tokens.max() >= self.cfg.n_vocab:
             raise ValueError(f"token id out of range [0, {self.cfg.n_vocab}): {tokens.min()}..{tokens.max()}")
-        positions = np.arange(pos, pos + n, dtype=np.int64)
+        return tokens, np.arange(pos, pos + n, dtype=np.int64)
+
+    def run_layers(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Layers layer_range on the residual x: float32[n, n_embd], updated in place (it must be
+        writable and C-contiguous). Returns the scratch buffer h (the head reuses it)."""
         prof = self.profiler
-        t_forward = prof.begin_forward(n) if prof is not None else 0.0
-        x = self.embed(tokens)  # [n, n_embd], the residual stream (ours: updated in place)
+        n, stop = len(x), self.layer_range.stop
         h = np.empty_like(x)  # normed input of each block
-        for i, layer in enumerate(self.w.layers):
+        for i in self.layer_range:
+            layer = self.w.layers[i]
             t_layer = time.perf_counter() if prof is not None else 0.0
             self.norm(x, layer.attn_norm, h)
             x += self.attention(i, layer, h, positions)
             self.norm(x, layer.ffn_norm, h)
-            # after this layer's reads are queued, guess the next layer's experts from x (decode only)
-            ahead = x if self.lookahead and i + 1 < len(self.w.layers) and n == 1 else None
+            # after this layer's reads are queued, guess the next layer's experts from x (decode
+            # only; not past this model's last layer: a pipeline's next stage has its own store)
+            ahead = x if self.lookahead and i + 1 < stop and n == 1 else None
             if layer.moe is not None:
                 x += self.moe(i, layer.moe, h, ahead, positions)
             elif self.stream_ffn:
@@ -106,8 +128,13 @@ class Model:
                 x += self.dense_ffn(layer.ffn, h)
             if prof is not None:
                 prof.layer(i, t_layer, time.perf_counter())
-        if prof is not None:
-            prof.end_forward(n, t_forward)
+        return h
+
+    def head(self, x: np.ndarray, all_logits: bool = False, h: np.ndarray | None = None) -> np.ndarray:
+        """Logits float32[n or 1, n_vocab] from the final residual x: float32[n, n_embd]; h: a
+        scratch buffer of x's shape (None: allocated)."""
+        if h is None:
+            h = np.empty_like(x)
         if not all_logits:
             x, h = x[-1:], h[-1:]
         return self.w.output(self.norm(x, self.w.output_norm, h))  # [n or 1, n_vocab]
@@ -143,14 +170,15 @@ class Model:
         _ops.rope_inplace(q, positions, self.rope.cos, self.rope.sin, cfg.n_rot, neox)
         _ops.rope_inplace(k, positions, self.rope.cos, self.rope.sin, cfg.n_rot, neox)
         start, end = positions[0], positions[-1] + 1
-        self.k_cache[i, start:end] = k
-        self.v_cache[i, start:end] = v
+        i_kv = i - self.layer_range.start  # this model's KV cache holds its layers only
+        self.k_cache[i_kv, start:end] = k
+        self.v_cache[i_kv, start:end] = v
         if n == 1:  # decode: one pass over the cache per head
             out = np.empty((H, D), dtype=np.float32)
-            _ops.attend_one(q[0], self.k_cache[i], self.v_cache[i], end, self.scale, out, self.attn_scores,
+            _ops.attend_one(q[0], self.k_cache[i_kv], self.v_cache[i_kv], end, self.scale, out, self.attn_scores,
                             self.kernel_threads)
             return L.wo(out.reshape(1, H * D))
-        keys, values = self.k_cache[i, :end], self.v_cache[i, :end]  # [T, Hkv, D]
+        keys, values = self.k_cache[i_kv, :end], self.v_cache[i_kv, :end]  # [T, Hkv, D]
         g = H // Hkv  # query heads per kv head
         qh = q.reshape(n, Hkv, g, D).transpose(1, 2, 0, 3)  # [Hkv, g, n, D]
         scores = (qh @ keys.transpose(1, 2, 0)[:, None]) * self.scale  # [Hkv, g, n, T]
@@ -171,10 +199,14 @@ class Model:
     def dense_ffn(self, ffn: FFN, h: np.ndarray) -> np.ndarray:
         return ffn.down(self.swiglu(*ffn.gate_up(h)))
 
-    def expert_ffn(self, gate, up, down, h: np.ndarray) -> np.ndarray:
+    def expert_ffn(self, gate, up, down, h: np.ndarray, which: tuple | None = None) -> np.ndarray:
+        """which: (layer, expert) for self.observer."""
         mm, t = self.kernel.matmul, self.kernel_threads  # the cached kernel choice, as Linear uses
         h = np.ascontiguousarray(h, dtype=np.float32)
-        return mm(self.swiglu(mm(h, gate, t), mm(h, up, t)), down, t)
+        act = self.swiglu(mm(h, gate, t), mm(h, up, t))
+        if self.observer is not None and which is not None:
+            self.observer.expert(*which, h, act)
+        return mm(act, down, t)
 
     def expert_batch(self, batch, h: np.ndarray, ys: dict) -> bool:
         """Decode: every expert of `batch` on the one token h in two kernel calls (gate and up of
@@ -204,7 +236,7 @@ class Model:
         for batch in self.experts.fetch(i, [0]):
             if ahead is not None:
                 self.prefetch_next(i + 1, ahead)
-            return self.expert_ffn(*batch[0][1], h)
+            return self.expert_ffn(*batch[0][1], h, (i, None))
 
     def prefetch_next(self, nxt: int, x: np.ndarray) -> None:
         """Guess layer nxt's experts from the residual after this layer's attention (it changes
@@ -260,10 +292,10 @@ class Model:
             if ahead is not None:
                 self.prefetch_next(i + 1, ahead)
                 ahead = None
-            if one and len(batch) > 1 and self.expert_batch(batch, h, ys):
+            if one and len(batch) > 1 and self.observer is None and self.expert_batch(batch, h, ys):
                 continue
             for e, parts in batch:
-                ys[e] = self.expert_ffn(*parts, h if one else h[np.any(ids == e, axis=1)])
+                ys[e] = self.expert_ffn(*parts, h if one else h[np.any(ids == e, axis=1)], (i, e))
         out = np.zeros_like(h)
         if one:  # the same sums as below, in the same order, without the index arithmetic
             weight_of = dict(zip(ids[0].tolist(), weights[0]))

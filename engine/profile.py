@@ -83,6 +83,9 @@ class Profiler:
         wall = sum(t1 - t0 for _, _, t0, t1 in self.forwards)
         busy = _union_seconds([(j.t_start, j.t_end) for j in reads])
         lat = sorted(j.t_end - j.t_start for j in reads)
+        # one transformer block of a decode pass, stalls included: the per-layer cost a model with
+        # more layers of the same shape would pay per token (bench/slice.py projects with it)
+        decode_layers = [t1 - t0 for f, _, t0, t1 in self.layers if f in decode_ids]
         out = {
             "forwards": len(self.forwards),
             "decode_tokens": n_tok,
@@ -101,6 +104,9 @@ class Profiler:
                          "recall": used / (used + misses) if used + misses else 0.0},
             "stall_ms_per_token": 1e3 * stall_decode / n_tok if n_tok else 0.0,
             "stall_s": sum(t1 - t0 for *_, t0, t1 in self.stalls),
+            "layer_ms": 1e3 * sum(decode_layers) / len(decode_layers) if decode_layers else 0.0,
+            "stall_ms_per_layer": 1e3 * stall_decode / len(decode_layers) if decode_layers else 0.0,
+            "forward_ms": 1e3 * decode_s / n_tok if n_tok else 0.0,  # a decode pass without the output head
             "reads": len(reads),
             "read_bytes": read_bytes,
             "reads_per_token": _per_token(reads, decode_ids, len, n_tok),

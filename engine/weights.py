@@ -119,20 +119,29 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
-    token_embd: QTensor  # [n_vocab, n_embd]
+    token_embd: QTensor | None  # [n_vocab, n_embd] (None: not loaded, ends=False)
     token_embd_dense: np.ndarray | None  # float32 copy when the head is tied and dequantized
-    output_norm: np.ndarray  # [n_embd]
-    output: Linear  # [n_vocab, n_embd] (token_embd when tied)
+    output_norm: np.ndarray | None  # [n_embd]
+    output: Linear | None  # [n_vocab, n_embd] (token_embd when tied)
     rope_freqs: np.ndarray | None  # llama3-style per-dimension frequency factors [n_rot/2]
-    layers: list[LayerWeights]
+    layers: list[LayerWeights | None]  # by layer index; None outside layer_range
+    layer_range: range | None = None  # the layers loaded (None: all of them)
+
+    def __post_init__(self):
+        if self.layer_range is None:
+            self.layer_range = range(len(self.layers))
 
 
 def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None = None,
                  threads: int | None = None, backend: str = "auto", copy: bool = False,
-                 stream_ffn: bool = False) -> ModelWeights:
+                 stream_ffn: bool = False, layers: range | None = None, ends: bool = True) -> ModelWeights:
     """copy: read every resident weight into our own memory (a memory budget needs them held, not
     left to the page cache). stream_ffn: leave dense FFNs on disk (LayerWeights.ffn is None; the
-    expert store reads them)."""
+    expert store reads them). layers: load only these layers (a pipeline stage's; None: all);
+    ends: load the embedding, output norm and head too (a stage leaves them to the driver)."""
+    layers = range(cfg.n_layer) if layers is None else layers
+    if layers.step != 1 or not 0 <= layers.start <= layers.stop <= cfg.n_layer:
+        raise ValueError(f"load_weights: layers {layers} is not a contiguous range within 0..{cfg.n_layer}")
     E, H, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim
 
     def linear(name, shape, bias_name=None, required=True):
@@ -148,8 +157,8 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None
             return None
         return f.array(name, (n,), copy).astype(np.float32)
 
-    layers = []
-    for i in range(cfg.n_layer):
+    loaded: list[LayerWeights | None] = [None] * cfg.n_layer
+    for i in layers:
         p = f"blk.{i}."
         bias = cfg.flags.qkv_bias
         if cfg.flags.qk_norm == "head":
@@ -158,7 +167,7 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None
             qn, kn = vec(p + "attn_q_norm.weight", H * D), vec(p + "attn_k_norm.weight", Hkv * D)
         else:
             qn = kn = None
-        layers.append(LayerWeights(
+        loaded[i] = LayerWeights(
             attn_norm=vec(p + "attn_norm.weight", E),
             wqkv=LinearGroup([linear(p + "attn_q.weight", (H * D, E), p + "attn_q.bias" if bias else None),
                               linear(p + "attn_k.weight", (Hkv * D, E), p + "attn_k.bias" if bias else None),
@@ -168,8 +177,11 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None
             ffn_norm=vec(p + "ffn_norm.weight", E),
             ffn=_load_dense_ffn(f, cfg, p, linear) if p + "ffn_gate_inp.weight" not in f and not stream_ffn else None,
             moe=_load_moe(f, cfg, p, linear) if p + "ffn_gate_inp.weight" in f else None,
-        ))
+        )
 
+    freqs = vec("rope_freqs.weight", cfg.n_rot // 2, required=False)
+    if not ends:
+        return ModelWeights(None, None, None, None, freqs, loaded, layers)
     token_embd = f.qtensor("token_embd.weight", (cfg.n_vocab, E), copy)
     if "output.weight" in f:
         output = linear("output.weight", (cfg.n_vocab, E))
@@ -177,8 +189,7 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None
     else:  # tied embeddings: the head multiplies by token_embd (llama.cpp does the same)
         output = Linear(token_embd, None, dequantize_resident, threads, backend)
         embd_dense = output.dense
-    freqs = vec("rope_freqs.weight", cfg.n_rot // 2, required=False)
-    return ModelWeights(token_embd, embd_dense, vec("output_norm.weight", E), output, freqs, layers)
+    return ModelWeights(token_embd, embd_dense, vec("output_norm.weight", E), output, freqs, loaded, layers)
 
 
 def _load_dense_ffn(f: GGUFFile, cfg: ModelConfig, p: str, linear) -> FFN:

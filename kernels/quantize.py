@@ -10,7 +10,7 @@ arrays rather than packed blocks so kernels and tests can use them directly.
 reference result of a kernel that quantizes its activations: dequantized weights times the
 dequantized (rounded) activations, in float64 then cast, so the only error left between it and a
 correct integer kernel is float summation order.
-(Weight quantizers for Q2_K / Q4_K / Q6_K come with the quantization issue.)
+(Weight quantizers, float32 matrices -> GGUF blocks, are in kernels/quantize_weights.py.)
 """
 from __future__ import annotations
 
