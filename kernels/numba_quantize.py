@@ -405,6 +405,28 @@ def _block_codes(sc, mins, sw, use_qw, top, Ls, Lm):
 
 
 @njit(fastmath=FASTMATH, **JIT)
+def _gather_levels(Lt, g0, n_sub, sub, L):
+    """L[sub * j + i] = Lt[i, g0 + j]: one super-block's levels out of _search_chunk's
+    transposed layout (Lt f32[sub, sub-blocks of the chunk], g0 the block's first sub-block)."""
+    for j in range(n_sub):
+        for i in range(sub):
+            L[sub * j + i] = Lt[i, g0 + j]
+
+
+@njit(fastmath=FASTMATH, **JIT)
+def _requantize_with_min(xb, dm, mm, Ls, Lm, sub, lmax, L):
+    """Re-round each sub-block's levels (0..lmax) against its stored scale dm * Ls[j] and min
+    mm * Lm[j], the values the file will hold; a sub-block whose scale is 0 keeps its levels."""
+    for j in range(Ls.shape[0]):
+        dl = dm * Ls[j]
+        if dl == ZERO:
+            continue
+        ml = mm * Lm[j]
+        for i in range(sub):
+            L[sub * j + i] = min(max(np.rint((xb[sub * j + i] + ml) / dl), ZERO), lmax)
+
+
+@njit(fastmath=FASTMATH, **JIT)
 def q2_k(x, qw, use_qw, scales, qs, d, dmin):
     """quantize_row_q2_K_ref / quantize_row_q2_K_impl. scales u8[nb, 16], qs u8[nb, 64], d, dmin f32[nb]."""
     L = np.empty(256, F32)
@@ -420,23 +442,14 @@ def q2_k(x, qw, use_qw, scales, qs, d, dmin):
             Lt, sc_all, mins_all, sw_all = _search_chunk(x, qw, False, b0, b1, 16, 3, Q2_RMIN, Q2_RDELTA,
                                                          Q2_NSTEP, True, ZERO)
         for b in range(b0, b1):
-            xb = x[b]
             g0 = (b - b0) * 16
-            for j in range(16):
-                for i in range(16):
-                    L[16 * j + i] = Lt[i, g0 + j]
+            _gather_levels(Lt, g0, 16, 16, L)
             dm, mm = _block_codes(sc_all[g0:g0 + 16], mins_all[g0:g0 + 16], sw_all[g0:g0 + 16],
                                   use_qw, 15, Ls, Lm)
             for j in range(16):
                 scales[b, j] = np.uint8(np.int64(Ls[j]) | (np.int64(Lm[j]) << 4))
             # requantize against the stored (fp16, 4-bit) scale and min of each sub-block
-            for j in range(16):
-                dl = dm * Ls[j]
-                if dl == ZERO:
-                    continue
-                ml = mm * Lm[j]
-                for i in range(16):
-                    L[16 * j + i] = min(max(np.rint((xb[16 * j + i] + ml) / dl), ZERO), F32(3))
+            _requantize_with_min(x[b], dm, mm, Ls, Lm, 16, F32(3), L)
             _pack_2bit(L, qs[b])
             d[b] = dm
             dmin[b] = mm
@@ -537,24 +550,15 @@ def q45_k(x, qw, use_qw, nmax, scales, qs, qh, d, dmin):
             Lt, sc_all, mins_all, sw_all = _search_chunk(x, qw, False, b0, b1, 32, nmax, rmin, rdelta,
                                                          nstep, False, ONE)
         for b in range(b0, b1):
-            xb = x[b]
             g0 = (b - b0) * 8
-            for j in range(8):
-                for i in range(32):
-                    L[32 * j + i] = Lt[i, g0 + j]
+            _gather_levels(Lt, g0, 8, 32, L)
             dm, mm = _block_codes(sc_all[g0:g0 + 8], mins_all[g0:g0 + 8], sw_all[g0:g0 + 8],
                                   use_qw, 63, Ls, Lm)
             for j in range(8):
                 ls[j] = np.int64(Ls[j])
                 lm[j] = np.int64(Lm[j])
             _pack_k4_scales(ls, lm, scales[b])
-            for j in range(8):
-                dl = dm * F32(ls[j])
-                if dl == ZERO:
-                    continue
-                ml = mm * F32(lm[j])
-                for i in range(32):
-                    L[32 * j + i] = min(max(np.rint((xb[32 * j + i] + ml) / dl), ZERO), fmax)
+            _requantize_with_min(x[b], dm, mm, Ls, Lm, 32, fmax, L)  # the codes are whole numbers
             # element 64c + 32h + l: low (h = 0) / high (h = 1) nibble of qs[32c + l]; Q5_K's
             # fifth bit is bit 2c + h of qh[l]
             qb_out = qs[b]
