@@ -17,7 +17,6 @@ after the warm-up the figures compare compute and transport, not the disk.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -29,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import Engine  # noqa: E402
+from engine.atomic import write_json  # noqa: E402
 from engine.distributed import DistributedConfig, _Stage  # noqa: E402
 from engine.gguf_file import GGUFFile  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
@@ -149,9 +149,7 @@ def main(argv=None) -> int:
         ray.shutdown()
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
+    write_json(out, result, indent=2)
     e, d = result["empty_hops"], result["decode"]
     print(f"empty hops ({e['payload_bytes']} B): compiled {e['compiled']['per_hop_ms_p50']:.3f} ms/hop (p50), "
           f"actor {e['actor']['per_hop_ms_p50']:.3f} ms/hop")

@@ -37,8 +37,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streaming import OVERHEAD, measure_disk, run_config, stream_options, write_json  # noqa: E402
+from streaming import OVERHEAD, measure_disk, run_config, stream_options  # noqa: E402
 
+from engine.atomic import replacing, write_json  # noqa: E402
 from engine.budget import fmt_bytes  # noqa: E402
 
 PAGE_CACHE_CONFIG = "page-cache:routing"
@@ -124,10 +125,9 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     ax_hit.set_ylim(0, 1)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png")  # the temporary name has no .png to go by
     plt.close(fig)
-    tmp.replace(path)
 
 
 def main(argv=None) -> int:
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg": [load_before, os.getloadavg()],
             "results": results}
     if args.json:
-        write_json(args.json, meta)
+        write_json(args.json, meta, indent=1)
     if args.plot:
         plot(results, args.plot, f"{args.model.name} ({fmt_bytes(size)}), routing {args.routing}, "
                                  f"cold start, cgroup = budget + {fmt_bytes(OVERHEAD)}, {meta['date']}")

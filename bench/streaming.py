@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.atomic import write_json  # noqa: E402
 from engine.bench_io import disk_bandwidth, drop_cached_pages  # noqa: E402
 from engine.budget import fmt_bytes, parse_size  # noqa: E402
 from engine.cgroup import MemoryCgroup  # noqa: E402
@@ -91,13 +91,6 @@ def measure_disk(model: Path, io_threads: int, seed: int = 0) -> dict:
     return disk_bandwidth(model, chunk_bytes=expert_bytes, threads=io_threads, n_reads=400, seed=seed)
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Written beside, then renamed: a run cut short leaves the previous file intact."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def format_table(results: list[dict], disk_gbps: float) -> str:
     lines = [f"{'config':24} {'tok/s':>6} {'read GB/s':>9} {'vs disk':>7} {'hit':>6} {'belady':>6} {'vs opt':>6} "
              f"{'stall ms/t':>10} {'MiB/tok':>8} {'peak':>9}"]
@@ -150,7 +143,8 @@ def main(argv=None) -> int:
     print(format_table(results, disk_best))
     if args.json:
         write_json(args.json, {"model": str(args.model), "size": size, "cgroup": cgroup_bytes, "budget": budget,
-                               "disk": disk, "disk_after": after, "date": time.strftime("%Y-%m-%d"), "results": results})
+                               "disk": disk, "disk_after": after, "date": time.strftime("%Y-%m-%d"), "results": results},
+                   indent=1)
     return 0
 
 

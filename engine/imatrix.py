@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import replacing
 
 
 @dataclass
@@ -189,20 +190,14 @@ def save_imatrix(path: str | os.PathLike, collector: Collector, chunk_size: int,
     values, ncalls = collector.result(chunk_size)
     if not values:
         raise ValueError("imatrix: nothing was collected")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<i", len(values)))
-            for name, v in values.items():
-                b = name.encode("utf-8")
-                f.write(struct.pack("<i", len(b)) + b + struct.pack("<ii", ncalls[name], v.size))
-                f.write((v * np.float32(ncalls[name])).astype("<f4").tobytes())
-            d = dataset.encode("utf-8")
-            f.write(struct.pack("<ii", chunks, len(d)) + d)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<i", len(values)))
+        for name, v in values.items():
+            b = name.encode("utf-8")
+            f.write(struct.pack("<i", len(b)) + b + struct.pack("<ii", ncalls[name], v.size))
+            f.write((v * np.float32(ncalls[name])).astype("<f4").tobytes())
+        d = dataset.encode("utf-8")
+        f.write(struct.pack("<ii", chunks, len(d)) + d)
     return path
 
 

@@ -10,46 +10,19 @@ paragraph (engine/profile.py records and computes; this module only writes files
 - plot_hit_rate_per_layer: which layers the cache serves badly.
 - plot_hit_rate_vs_cache: our hit rate against each policy and the optimum at other cache sizes.
 
-Every file is written to a temporary name in its directory and moved into place with os.replace,
+Every file is written to a temporary name in its directory and moved into place (engine/atomic.py),
 so a reader never sees half a file. matplotlib is optional (the `plot` extra) and imported only
 when a plot is asked for.
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
+from .atomic import replacing, write_json
 from .expert_io import DEMAND
 
 _COMPUTE_TID, _PID = 0, 1
 _STALL, _DEMAND, _PREFETCH, _LAYER = "tab:red", "tab:orange", "tab:blue", ("0.55", "0.78")
-
-
-@contextmanager
-def _replacing(path):
-    """Yield a temporary path next to `path`; on success move it onto `path`, on failure remove it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path, obj, **kw) -> Path:
-    path = Path(path)
-    with _replacing(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, **kw)
-    return path
 
 
 # ---- Chrome trace --------------------------------------------------------------------------------
@@ -81,7 +54,7 @@ def chrome_trace(prof, path) -> Path:
             args["error"] = str(job.error)
         events.append(span(f"read {layer}/{expert}", "demand" if job.priority == DEMAND else "prefetch",
                            job.thread + 1, job.t_start, job.t_end, **args))
-    return _write_json(path, {"traceEvents": events, "displayTimeUnit": "ms"})
+    return write_json(path, {"traceEvents": events, "displayTimeUnit": "ms"})
 
 
 # ---- plots -----------------------------------------------------------------------------------------
@@ -99,7 +72,7 @@ def _figure(width: float, height: float):
 
 def _save(fig, path) -> Path:
     path = Path(path)
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)  # the temporary name has no .png to go by
     return path
 
@@ -222,7 +195,7 @@ def write_report(prof, summary: dict, plot_path=None, trace_path=None, json_path
     timeline), out.hit_layers.png and out.hit_cache.png."""
     written = []
     if json_path:
-        written.append(_write_json(json_path, summary, indent=1))  # int keys (layers) become strings
+        written.append(write_json(json_path, summary, indent=1))  # int keys (layers) become strings
     if trace_path:
         written.append(chrome_trace(prof, trace_path))
     if plot_path:

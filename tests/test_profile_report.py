@@ -81,11 +81,11 @@ def test_write_report(profiled, tmp_path):
 
 def test_writes_go_through_a_temporary_name(profiled, tmp_path, monkeypatch):
     prof, s = profiled
-    import engine.profile_report as pr
+    import engine.atomic as atomic  # the report's writes go through engine/atomic.py
 
     moves = []
-    real_replace = pr.os.replace
-    monkeypatch.setattr(pr.os, "replace", lambda a, b: (moves.append((a, b)), real_replace(a, b)))
+    real_replace = atomic.os.replace
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (moves.append((a, b)), real_replace(a, b)))
     written = write_report(prof, s, tmp_path / "out.png", tmp_path / "trace.json", tmp_path / "out.json")
     assert [str(b) for _, b in moves] == [str(p) for p in written]
     assert all(str(a) != str(b) and str(a).startswith(str(tmp_path)) for a, b in moves)
