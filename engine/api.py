@@ -66,6 +66,35 @@ class _LoadOptions:
     progress: bool = False  # a progress bar while resident weights are copied in (on a terminal only)
 
 
+def build_model(f: GGUFFile, cfg: ModelConfig, opts: _LoadOptions, plan: MemoryPlan | None, n_ctx: int,
+                direct: bool, threads: int | None, backend: str, routing=None, layers: range | None = None,
+                ends: bool = True) -> Model:
+    """The Model of `layers` (all by default; a pipeline stage's slice with ends=False, see
+    engine/distributed.py): its weights loaded (copied in when streaming), and when opts.stream is
+    not "none" its ExpertStore (model.experts) with plan.n_slots slots reading in the io mode the
+    plan was sized for (direct). The store is closed again if the model cannot be built."""
+    streaming, ffn = opts.stream != "none", opts.stream == "ffn"
+    with _copy_progress(f, plan, enabled=opts.progress and streaming):
+        weights = load_weights(f, cfg, opts.dequantize_resident, threads, backend, copy=streaming,
+                               stream_ffn=ffn, layers=layers, ends=ends)
+    profiler = Profiler() if opts.profile else None
+    store = None
+    if streaming:
+        store = ExpertStore(f, plan.n_slots, opts.cache_policy, "direct" if direct else "buffered",
+                            opts.io_threads, dense_ffn=ffn, profiler=profiler, sync=opts.prefetch == "none")
+        f.release_pages()  # nothing uses the memory map now: its pages leave our RSS
+    lookahead = (opts.lookahead or max(1, cfg.n_expert_used)) if opts.prefetch == "lookahead" else 0
+    try:
+        model = Model(cfg, weights, n_ctx, threads, backend, experts=store, stream_ffn=ffn,
+                      lookahead=lookahead if streaming else 0, profiler=profiler)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    model.routing = routing
+    return model
+
+
 @contextmanager
 def _copy_progress(f: GGUFFile, plan: MemoryPlan | None, enabled: bool):
     """A byte-count progress bar over the tensors f copies into memory meanwhile (tqdm shows it
@@ -159,21 +188,9 @@ class Engine:
                 plan = plan_memory(f, cfg, opts.memory_budget, opts.stream, opts.n_ctx, opts.cache_slots,
                                    opts.dequantize_resident, direct, min(cfg.n_ctx_train, DEFAULT_N_CTX), opts.n_batch)
             tokenizer = Tokenizer.from_metadata(f.metadata)
-            with _copy_progress(f, plan, enabled=opts.progress and streaming):
-                weights = load_weights(f, cfg, opts.dequantize_resident, threads, backend, copy=streaming,
-                                       stream_ffn=opts.stream == "ffn")
             n_ctx = plan.n_ctx if plan is not None else (opts.n_ctx or min(cfg.n_ctx_train, DEFAULT_N_CTX))
-            profiler = Profiler() if opts.profile else None
-            if streaming:
-                # the io mode the plan sized the slots for (probed once, above)
-                store = ExpertStore(f, plan.n_slots, opts.cache_policy, "direct" if direct else "buffered",
-                                    opts.io_threads, dense_ffn=opts.stream == "ffn", profiler=profiler,
-                                    sync=opts.prefetch == "none")
-                f.release_pages()  # nothing uses the memory map now: its pages leave our RSS
-            lookahead = (opts.lookahead or max(1, cfg.n_expert_used)) if opts.prefetch == "lookahead" else 0
-            model = Model(cfg, weights, n_ctx, threads, backend, experts=store, stream_ffn=opts.stream == "ffn",
-                          lookahead=lookahead if streaming else 0, profiler=profiler)
-            model.routing = routing
+            model = build_model(f, cfg, opts, plan, n_ctx, direct, threads, backend, routing)
+            store, profiler = model.experts if streaming else None, model.profiler
             if opts.record_routing:
                 model.routing_trace = RoutingTrace(cfg.n_layer, cfg.n_expert, cfg.n_expert_used)
         except BaseException:

@@ -210,31 +210,20 @@ class _Stage:
         return out
 
     def load(self, layers: range, opts, budget, n_ctx: int, n_batch: int, direct: bool) -> dict:
-        from .expert_store import ExpertStore
+        from .api import build_model
         from .gguf_file import GGUFFile
-        from .model import Model
-        from .profile import Profiler
         from .routing import parse_routing
-        from .weights import load_weights
 
         t0 = time.perf_counter()
         self.file = f = GGUFFile(self.path)
         cfg = ModelConfig.from_metadata(f.metadata, source=self.path)
-        ffn = opts.stream == "ffn"
         self.layers, self.budget = layers, budget
         self.plan = plan_memory(f, cfg, budget, opts.stream, n_ctx, opts.cache_slots, opts.dequantize_resident,
                                 direct, n_ctx, n_batch, layers=layers, ends=False)
-        weights = load_weights(f, cfg, opts.dequantize_resident, self.threads, self.backend, copy=True,
-                               stream_ffn=ffn, layers=layers, ends=False)
-        self.profiler = Profiler() if opts.profile else None  # this stage's: in stats()["profile"]
-        self.store = ExpertStore(f, self.plan.n_slots, opts.cache_policy, "direct" if direct else "buffered",
-                                 opts.io_threads, dense_ffn=ffn, profiler=self.profiler,
-                                 sync=opts.prefetch == "none")
-        f.release_pages()  # nothing uses the memory map now
-        lookahead = (opts.lookahead or max(1, cfg.n_expert_used)) if opts.prefetch == "lookahead" else 0
-        self.model = Model(cfg, weights, self.plan.n_ctx, self.threads, self.backend, experts=self.store,
-                           stream_ffn=ffn, lookahead=lookahead, profiler=self.profiler)
-        self.model.routing = parse_routing(opts.routing, cfg)
+        # a stage always streams (load_distributed resolves opts.stream), so the model has a store
+        self.model = build_model(f, cfg, opts, self.plan, self.plan.n_ctx, direct, self.threads, self.backend,
+                                 parse_routing(opts.routing, cfg), layers=layers, ends=False)
+        self.store, self.profiler = self.model.experts, self.model.profiler  # this stage's: in stats()
         return {"load_s": time.perf_counter() - t0, "n_ctx": self.plan.n_ctx}
 
     def step(self, msg):
