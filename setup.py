@@ -28,10 +28,11 @@ directives = {
 
 
 def kernel_extension(name: str) -> Extension:
-    """kernels/<name>.pyx as the module kernels.<name> (kernels/ on the include path for the
-    hand-written SIMD headers)."""
+    """kernels/<name>.pyx as the module weightstream.kernels.<name> (pyproject.toml maps the
+    kernels/ folder onto that package; kernels/ is on the include path for the hand-written SIMD
+    headers)."""
     return Extension(
-        f"kernels.{name}",
+        f"weightstream.kernels.{name}",
         [f"kernels/{name}.pyx"],
         include_dirs=[np.get_include(), "kernels"],
         extra_compile_args=compile_args,

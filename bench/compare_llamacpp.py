@@ -20,13 +20,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streaming import OVERHEAD, run_config, stream_options  # noqa: E402
 
-from engine.bench_io import drop_cached_pages  # noqa: E402
-from engine.budget import fmt_bytes, parse_size  # noqa: E402
-from engine.cgroup import MemoryCgroup  # noqa: E402
+from weightstream.engine.bench_io import drop_cached_pages  # noqa: E402
+from weightstream.engine.budget import fmt_bytes, parse_size  # noqa: E402
+from weightstream.engine.cgroup import MemoryCgroup  # noqa: E402
 
 ENV = "WEIGHTSTREAM_LLAMACPP"
 

@@ -10,14 +10,14 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def bandwidth() -> dict[int, float]:
     """{threads: memory read bytes/s} for 1 and 2 threads."""
-    from kernels.bench import memory_bandwidth
+    from weightstream.kernels.bench import memory_bandwidth
 
     return {t: memory_bandwidth(t, size_bytes=512 << 20, repeats=10) for t in (1, 2)}
 
 
 @pytest.fixture(scope="session")
 def demo_model():
-    from engine.assets import demo_model_path
+    from weightstream.engine.assets import demo_model_path
 
     try:
         return demo_model_path(quiet=True)

@@ -25,13 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import Engine  # noqa: E402
-from engine.atomic import write_json  # noqa: E402
-from engine.distributed import DistributedConfig, _Stage  # noqa: E402
-from engine.gguf_file import GGUFFile  # noqa: E402
-from engine.config import ModelConfig  # noqa: E402
+from weightstream.engine import Engine  # noqa: E402
+from weightstream.engine.atomic import write_json  # noqa: E402
+from weightstream.engine.distributed import DistributedConfig, _Stage  # noqa: E402
+from weightstream.engine.gguf_file import GGUFFile  # noqa: E402
+from weightstream.engine.config import ModelConfig  # noqa: E402
 
 PROMPT = "The history of the printing press begins"
 DEFAULT_MODEL = Path("/tmp/ws_dist_bench/olmoe-1b-7b-4l.gguf")
@@ -39,7 +38,7 @@ DEFAULT_MODEL = Path("/tmp/ws_dist_bench/olmoe-1b-7b-4l.gguf")
 
 def default_model() -> Path:
     if not DEFAULT_MODEL.exists():
-        from engine.synth import synth_model
+        from weightstream.engine.synth import synth_model
 
         DEFAULT_MODEL.parent.mkdir(parents=True, exist_ok=True)
         synth_model(DEFAULT_MODEL, "olmoe-1b-7b", layers=4, progress=False)

@@ -35,12 +35,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streaming import OVERHEAD, measure_disk, run_config, stream_options  # noqa: E402
 
-from engine.atomic import replacing, write_json  # noqa: E402
-from engine.budget import fmt_bytes  # noqa: E402
+from weightstream.engine.atomic import replacing, write_json  # noqa: E402
+from weightstream.engine.budget import fmt_bytes  # noqa: E402
 
 PAGE_CACHE_CONFIG = "page-cache:routing"
 

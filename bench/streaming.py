@@ -23,14 +23,13 @@ import textwrap
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.atomic import write_json  # noqa: E402
-from engine.bench_io import disk_bandwidth, drop_cached_pages  # noqa: E402
-from engine.budget import fmt_bytes, parse_size  # noqa: E402
-from engine.cgroup import MemoryCgroup  # noqa: E402
-from engine.expert_store import expert_layouts  # noqa: E402
-from engine.gguf_file import GGUFFile  # noqa: E402
+from weightstream.engine.atomic import write_json  # noqa: E402
+from weightstream.engine.bench_io import disk_bandwidth, drop_cached_pages  # noqa: E402
+from weightstream.engine.budget import fmt_bytes, parse_size  # noqa: E402
+from weightstream.engine.cgroup import MemoryCgroup  # noqa: E402
+from weightstream.engine.expert_store import expert_layouts  # noqa: E402
+from weightstream.engine.gguf_file import GGUFFile  # noqa: E402
 
 PROMPT = "The history of the printing press begins"
 # What the process needs beyond the engine's budget inside the cgroup: interpreter and libraries,
@@ -41,7 +40,7 @@ OVERHEAD = 512 * 2**20
 
 CHILD = textwrap.dedent("""
     import json, sys, time
-    from engine import Engine
+    from weightstream.engine import Engine
     path, options, n_new, prompt = sys.argv[1:5]
     t0 = time.perf_counter()
     with Engine.load(path, **json.loads(options)) as eng:

@@ -9,7 +9,7 @@ fused kernel lands. The full grid is `weightstream bench kernels`; this is its r
 import numpy as np
 import pytest
 
-from kernels.bench import backend_status, blas_threads, matmul_caller, random_qtensor
+from weightstream.kernels.bench import backend_status, blas_threads, matmul_caller, random_qtensor
 
 SHAPES = [(14336, 4096), (4096, 14336)]  # W rows x cols: the dense FFN of DESIGN.md's figures
 CASES = [(qtype, shape, n, threads, backend)
@@ -50,7 +50,7 @@ def test_matmul(benchmark, bandwidth, case):
 
 @pytest.fixture(scope="module", params=[1, 2], ids=lambda t: f"t{t}")
 def demo_engine(request, demo_model):
-    from engine.api import Engine
+    from weightstream.engine.api import Engine
 
     threads = request.param
     with blas_threads(threads), Engine.load(demo_model, threads=threads) as engine:

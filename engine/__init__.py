@@ -4,7 +4,7 @@ from __future__ import annotations
 __all__ = ["Engine"]
 
 
-def __getattr__(name):  # lazy: `import engine` stays cheap for the CLI's --help
+def __getattr__(name):  # lazy: `import weightstream.engine` stays cheap for the CLI's --help
     if name == "Engine":
         from .api import Engine
 

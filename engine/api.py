@@ -62,7 +62,7 @@ class _LoadOptions:
     io_threads: int = 4
     profile: bool = False
     routing: str = "model"  # benchmarks only: "model", "trace:FILE", "synthetic[:...]" (engine/routing.py)
-    record_routing: bool = False  # record the experts chosen into engine.model.routing_trace
+    record_routing: bool = False  # record the experts chosen into weightstream.engine.model.routing_trace
     progress: bool = False  # a progress bar while resident weights are copied in (on a terminal only)
 
 
@@ -152,9 +152,9 @@ class Engine:
         io_threads: reader threads. profile: record events for Engine.profile_summary() etc.
         routing: for benchmarks only (generated text means nothing): where MoE layers' experts come
             from, "model" (the router), "trace:FILE" or "synthetic[:zipf=Z,reuse=R,seed=S]" (engine/routing.py).
-        record_routing: record the experts chosen into engine.model.routing_trace (a RoutingTrace).
+        record_routing: record the experts chosen into weightstream.engine.model.routing_trace (a RoutingTrace).
         progress: a progress bar on the terminal while the resident weights are copied in (streaming).
-        distributed: an engine.distributed.DistributedConfig: the layers run as pipeline stages on
+        distributed: an weightstream.engine.distributed.DistributedConfig: the layers run as pipeline stages on
             Ray actors, each streaming its own experts under its own budget (needs ray).
         Streamed output is bit-identical to stream="none" whatever these options are."""
         unknown = set(options) - set(_LoadOptions.__dataclass_fields__)

@@ -70,13 +70,13 @@ def register(subparsers) -> None:
 
 
 def _progress(r: dict) -> None:
-    from kernels.bench import format_row
+    from ..kernels.bench import format_row
 
     print(format_row(r), file=sys.stderr, flush=True)
 
 
 def cmd_bench_kernels(args) -> int:
-    from kernels import bench
+    from ..kernels import bench
 
     results = bench.run_suite(args.types, args.shapes, args.n, args.threads, args.backends, args.quick,
                               repeats=args.repeats, cold=not args.warm, progress=_progress)
@@ -89,7 +89,7 @@ def cmd_bench_kernels(args) -> int:
 
 
 def cmd_bench_decode(args) -> int:
-    from kernels.bench import save_results
+    from ..kernels.bench import save_results
 
     from .bench_decode import bench_decode, format_decode
 
@@ -107,7 +107,7 @@ def cmd_bench_decode(args) -> int:
 
 
 def cmd_bench_bandwidth(args) -> int:
-    from kernels.bench import machine_info, memory_bandwidth
+    from ..kernels.bench import machine_info, memory_bandwidth
 
     m = machine_info()
     print(f"{m['cpu']}, {m['cores']} cores, {m['date']}, load {m['loadavg'][0]:.2f}")
@@ -118,7 +118,7 @@ def cmd_bench_bandwidth(args) -> int:
 
 
 def cmd_bench_io(args) -> int:
-    from kernels.bench import save_results
+    from ..kernels.bench import save_results
 
     from .bench_io import EXPERT_CHUNK, disk_bandwidth, format_io, make_scratch_file
 

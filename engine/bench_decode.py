@@ -5,7 +5,7 @@ tg<N>: N single-token forward passes from an empty cache (text generation). Rand
 llama-bench uses: the speed does not depend on them, and no tokenizer or sampler time is counted.
 Each figure is the best of `repeats` runs, after one warm-up pass (Numba compiles on first use).
 
-"1 thread" pins OpenBLAS too (kernels.bench.blas_threads): otherwise the NumPy parts of the
+"1 thread" pins OpenBLAS too (weightstream.kernels.bench.blas_threads): otherwise the NumPy parts of the
 forward pass quietly use every core and a 1-thread figure is not comparable with llama.cpp -t 1.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from kernels import default_threads
-from kernels.bench import blas_threads, machine_info, machine_lines
+from ..kernels import default_threads
+from ..kernels.bench import blas_threads, machine_info, machine_lines
 
 from .api import PREFILL_BATCH, Engine
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from gguf import GGMLQuantizationType
 
-from kernels import backends
+from ..kernels import backends
 
 from .config import ModelConfig
 from .expert_store import expert_layouts

@@ -1,4 +1,4 @@
-"""The `weightstream` command (also `python -m engine`)."""
+"""The `weightstream` command (also `python -m weightstream`)."""
 from __future__ import annotations
 
 import argparse

@@ -15,7 +15,7 @@ and gguf-py's constants / tensor_mapping); the code is ours. What we follow:
 - metadata keys and the order llama.cpp writes them in: general.* (via gguf.Metadata, as
   llama.cpp does), hyperparameters (TextModel.set_gguf_parameters plus the per-architecture
   extras), general.quantization_version, then the tokenizer (TextModel._set_vocab_gpt2; the
-  tokenizer.ggml.pre name comes from engine.tokenizer, merges and special tokens from gguf's
+  tokenizer.ggml.pre name comes from weightstream.engine.tokenizer, merges and special tokens from gguf's
   SpecialVocab as in llama.cpp).
 
 One deliberate difference: tensors are written in a fixed order (token_embd, then block by block,
@@ -152,7 +152,7 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, o
     checkpoint = SafetensorsIndex(hf_dir)
     plan = plan_tensors(spec, hparams, checkpoint, weight_type)
     im_info = im_values = None
-    if recipe is not None:  # the recipe's type for each tensor, quantized with engine.quantize_model
+    if recipe is not None:  # the recipe's type for each tensor, quantized with weightstream.engine.quantize_model
         from .imatrix import read_imatrix
         from .quantize_model import quantize_array, write_recipe_keys
 
@@ -696,7 +696,7 @@ def write_vocab(w: gguf.GGUFWriter, spec: ArchSpec, hp: dict[str, Any], hf_dir: 
 
 
 def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
-    """llama.cpp's tokenizer.ggml.pre name for this tokenizer (engine.tokenizer decides it)."""
+    """llama.cpp's tokenizer.ggml.pre name for this tokenizer (weightstream.engine.tokenizer decides it)."""
     from .tokenizer import pre_name_for_hf_tokenizer
 
     name = pre_name_for_hf_tokenizer(tokenizer_json)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kernels import QTensor
+from ..kernels import QTensor
 
 from .cache_policy import make_policy
 from .expert_io import DEMAND, PREFETCH, ReadJob, ReadPool, ReadRange, aligned_span, region_bytes

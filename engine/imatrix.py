@@ -112,7 +112,7 @@ class _Observed:
 
 
 def attach(model, collector: Collector, process_output: bool = False) -> None:
-    """Make `model` (engine.model.Model) report every matrix input to `collector`."""
+    """Make `model` (weightstream.engine.model.Model) report every matrix input to `collector`."""
     def wrap(linear, names):
         return None if linear is None else _Observed(linear, names, collector)
 
@@ -145,7 +145,7 @@ def attach(model, collector: Collector, process_output: bool = False) -> None:
 
 def collect_imatrix(engine, text: str, n_ctx: int = 512, chunks: int | None = None,
                     process_output: bool = False, progress: bool = False) -> tuple[Collector, int]:
-    """Run engine (engine.api.Engine) over text in chunks of n_ctx tokens (BOS first when the model
+    """Run engine (weightstream.engine.api.Engine) over text in chunks of n_ctx tokens (BOS first when the model
     adds one, as llama-imatrix) and collect. Returns (the collector, chunks run)."""
     tok = engine.tokenizer
     ids = tok.encode(text, add_special=True, parse_special=False)

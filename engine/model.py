@@ -1,9 +1,9 @@
 """The forward pass: embedding, attention with a preallocated KV cache, dense or MoE FFN, head.
 
-Works on float32 NumPy arrays. Knows nothing about I/O: weights come from engine.weights,
+Works on float32 NumPy arrays. Knows nothing about I/O: weights come from weightstream.engine.weights,
 routed experts through `self.experts.fetch(layer, expert_ids)`: the file's memory map
 (ResidentExperts) or an ExpertStore that reads them ahead of use (engine/expert_store.py). The
-small per-token operations (norms, rope, SwiGLU, one-token attention) run in kernels._ops, one
+small per-token operations (norms, rope, SwiGLU, one-token attention) run in weightstream.kernels._ops, one
 pass each into our own buffers; engine/ops.py holds their NumPy versions, the reference they are
 tested against, and the prefill attention (a batched matmul that BLAS does best).
 """
@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-import kernels
-from kernels import QTensor, _ops
+from .. import kernels
+from ..kernels import QTensor, _ops
 
 from .config import ModelConfig
 from .config import ROPE_NEOX

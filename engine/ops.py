@@ -1,5 +1,5 @@
 """NumPy versions of the small float32 operations (norms, rope, softmax, activations): the reference
-that kernels._ops is tested against, and what the prefill attention uses (softmax, Rope tables)."""
+that weightstream.kernels._ops is tested against, and what the prefill attention uses (softmax, Rope tables)."""
 from __future__ import annotations
 
 import numpy as np

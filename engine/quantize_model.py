@@ -26,8 +26,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType
 
-import kernels
-from kernels import QTensor, formats, quantize_weights
+from .. import kernels
+from ..kernels import QTensor, formats, quantize_weights
 
 from . import recipes
 from .convert import gguf_output
@@ -53,7 +53,7 @@ DENSE = (QT.F32, QT.F16, QT.BF16)
 
 def quantize_rows(w: np.ndarray, qtype: QT, imatrix: np.ndarray | None = None) -> np.ndarray:
     """float32[rows, cols] -> uint8[rows, row_bytes] of qtype: the block types through
-    kernels.quantize_weights (imatrix: float32[cols], each column's importance), F32 / F16 / BF16
+    weightstream.kernels.quantize_weights (imatrix: float32[cols], each column's importance), F32 / F16 / BF16
     through gguf."""
     w = np.ascontiguousarray(w, dtype=np.float32)
     if qtype == QT.F32:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType
 
-import kernels
-from kernels import QTensor
+from .. import kernels
+from ..kernels import QTensor
 
 from .config import ModelConfig
 from .gguf_file import GGUFError, GGUFFile
@@ -23,7 +23,7 @@ from .gguf_file import GGUFError, GGUFFile
 class Linear:
     """y = x @ W.T (+ bias) for x: float32[n, cols]; W a QTensor of shape (rows, cols).
 
-    The kernel for each batch size is looked up once (kernels.backends.KernelCache) and then
+    The kernel for each batch size is looked up once (weightstream.kernels.backends.KernelCache) and then
     called directly: at decode a step makes ~4 calls per layer, and kernels.matmul's checks and
     table lookup would cost as much as a small layer's arithmetic.
     """

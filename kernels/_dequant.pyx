@@ -4,7 +4,7 @@
 ``dequantize_into(raw, qtype, out, threads)`` is the public, checked wrapper; each
 ``_row_*`` below dequantizes the blocks of one row and trusts its arguments.
 
-Results are bit-identical to ``kernels.reference`` (and so to ``gguf.quants`` and ggml's
+Results are bit-identical to ``weightstream.kernels.reference`` (and so to ``gguf.quants`` and ggml's
 scalar C): the same float32 operations in the same grouping. A compiler that fuses
 ``a * b + c`` into one FMA (GCC does by default once -march=native enables FMA) cannot change
 a result here, because every product that feeds an add is exact in float32: an fp16 scale
@@ -441,7 +441,7 @@ cdef inline void _dequant_row(int qtype, const uint8_t *x, out_ptr y, Py_ssize_t
 def dequantize_into(const uint8_t[:, ::1] raw, int qtype, float[:, ::1] out, int threads=1):
     """Dequantize ``raw`` (``uint8[rows, bytes_per_row]``, C-contiguous) of GGML type
     ``qtype`` into ``out`` (``float32[rows, cols]``, C-contiguous), ``threads`` OpenMP
-    threads over rows. Bit-identical to ``kernels.reference.dequantize``."""
+    threads over rows. Bit-identical to ``weightstream.kernels.reference.dequantize``."""
     if qtype not in BLOCK_SIZES:
         raise ValueError(f"unsupported GGML type {qtype!r}")
     if threads < 1:

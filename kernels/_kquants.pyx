@@ -3,9 +3,9 @@
 
 ``matmul_into(x, w, qtype, out, threads)`` computes ``out[n, rows] = x[n, cols] @ W.T`` straight
 on the GGUF blocks of W, as llama.cpp does: the activations are first quantized to Q8_K (int8 per
-256 with a float scale, bit-exact with ``kernels.quantize.quantize_q8_k``), then each weight block
+256 with a float scale, bit-exact with ``weightstream.kernels.quantize.quantize_q8_k``), then each weight block
 is multiplied in integers (exact) and scaled once per block in float. The result therefore equals
-``kernels.quantize.matmul_q8_ref`` up to float summation order.
+``weightstream.kernels.quantize.matmul_q8_ref`` up to float summation order.
 
 Layout of the work:
 

@@ -7,7 +7,7 @@ everything below it trusts its arguments.
 
 Quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), as llama.cpp's vec_dot kernels:
 
-* Activations are quantized once per call, per 32 values, exactly as ``kernels.quantize``'s
+* Activations are quantized once per call, per 32 values, exactly as ``weightstream.kernels.quantize``'s
   ``quantize_q8_0`` (Q4_0 / Q5_0 / Q8_0) and ``quantize_q8_1`` (Q4_1 / Q5_1) do it: int8 quants,
   fp16-rounded ``d``; for Q8_1 also ``s = fp16(d * sum(q))``.
 * Weights become *unsigned* bytes (Q4: nibble 0..15, Q5: 0..31, Q8_0: q + 128) so that one
@@ -589,7 +589,7 @@ def quantize_rows(const float[:, ::1] x, int qtype):
     for Q4_1 / Q5_1 and -offset * d * sum(qs) for Q4_0 (8), Q5_0 (16), Q8_0 (128)."""
     import numpy as np
     if qtype not in _BLOCKS or _BLOCKS[qtype][0] != 32:
-        raise ValueError(f"quantize_rows: {qtype} is not a quantized type of kernels._legacy")
+        raise ValueError(f"quantize_rows: {qtype} is not a quantized type of weightstream.kernels._legacy")
     if x.shape[1] % 32:
         raise ValueError(f"quantize_rows: {x.shape[1]} columns are not whole 32-element blocks")
     cdef Py_ssize_t n = x.shape[0], cols = x.shape[1], i
@@ -620,7 +620,7 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
             name = _T(qtype).name
         except ValueError:
             name = str(qtype)
-        raise ValueError(f"matmul_into: type {name} is not supported by kernels._legacy (supported: {names})")
+        raise ValueError(f"matmul_into: type {name} is not supported by weightstream.kernels._legacy (supported: {names})")
     if threads < 1:
         raise ValueError(f"matmul_into: threads must be >= 1, got {threads}")
     elements, nbytes = _BLOCKS[qtype]

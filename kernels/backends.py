@@ -19,7 +19,8 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 BACKENDS = ("auto", "numpy", "cython", "numba")
-_MODULES = {"cython": ("kernels._kquants", "kernels._legacy"), "numba": ("kernels.numba_kernels",)}
+# module names relative to this package (weightstream.kernels)
+_MODULES = {"cython": ("._kquants", "._legacy"), "numba": (".numba_kernels",)}
 TABLE_PATH = Path(__file__).with_name("backend_table.json")
 N_BUCKETS = (1, 8, 64, 512)  # a batch of n rows is looked up under the smallest bucket >= n
 
@@ -33,7 +34,7 @@ def _kernels_of(backend: str) -> dict[int, object]:
         found: dict[int, object] = {}
         for name in _MODULES.get(backend, ()):
             try:
-                module = importlib.import_module(name)
+                module = importlib.import_module(name, __package__)
             except ImportError:
                 continue
             for q in module.SUPPORTED:
@@ -108,7 +109,7 @@ class KernelCache:
         none, through kernels.matmul (NumPy under "auto"; a named backend's own clear error)."""
         kernel = self(qt.qtype, x.shape[0])
         if kernel is None:
-            from kernels import matmul  # kernels/__init__ imports this module
+            from . import matmul  # kernels/__init__ imports this module
 
             return matmul(x, qt, threads, "numpy" if self.backend == "auto" else self.backend)
         x = np.ascontiguousarray(x, dtype=np.float32)

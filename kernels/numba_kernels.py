@@ -8,15 +8,15 @@ theirs (stumpy's ``stump`` / ``_stump``).
 Strategy per type (measured; see the issue's report):
 
 * Q2_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 on a CPU with AVX-512 BW + VNNI (``HAVE_SIMD``):
-  activations quantized to int8 here, exactly as ``kernels.quantize`` (Q8_K / Q8_0 / Q8_1), and
+  activations quantized to int8 here, exactly as ``weightstream.kernels.quantize`` (Q8_K / Q8_0 / Q8_1), and
   integer dot products written as explicit LLVM vector IR (``vpmaddubsw`` / ``vpdpbusd``).
-  Reference: ``kernels.quantize.matmul_q8_ref``.
+  Reference: ``weightstream.kernels.quantize.matmul_q8_ref``.
 * Q3_K, Q4_K, Q5_K, Q6_K (and Q2_K without AVX-512): Q8_K activations, each super-block
   unpacked once to int16 with its scales folded in and dotted with every activation row in
-  plain Numba loops (LLVM vectorises them). Reference: ``kernels.quantize.matmul_q8_ref``.
+  plain Numba loops (LLVM vectorises them). Reference: ``weightstream.kernels.quantize.matmul_q8_ref``.
 * F32, F16, BF16 (and the 32-element types without AVX-512): float32 activations, weights
   dequantized exactly into a small float buffer, then dotted. Reference:
-  ``kernels.reference.matmul_ref``.
+  ``weightstream.kernels.reference.matmul_ref``.
 
 All kernels split rows over threads with ``prange`` (16 rows per task) and reuse each unpacked
 block across the activation rows of a tile (``tile_rows``: the tile's int8 activations stay in
@@ -73,7 +73,7 @@ def strategy(qtype, simd: bool = HAVE_SIMD) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Activation quantizers (bit-exact with kernels.quantize; no fastmath)
+# Activation quantizers (bit-exact with weightstream.kernels.quantize; no fastmath)
 # ---------------------------------------------------------------------------
 
 
@@ -136,7 +136,7 @@ def _quantize_q8_0(x, qs, d, qsum):
 
 
 def quantize_q8_k(x: np.ndarray, perm: np.ndarray | None = None):
-    """Q8_K of x as kernels.quantize.quantize_q8_k, block-major: (qs int8[nb, n, 256],
+    """Q8_K of x as weightstream.kernels.quantize.quantize_q8_k, block-major: (qs int8[nb, n, 256],
     d float32[nb, n], bsums int16[nb, n, 16]). With `perm`, qs[b, i, k] is element perm[k]."""
     n, cols = x.shape
     nb = cols // 256
@@ -149,7 +149,7 @@ def quantize_q8_k(x: np.ndarray, perm: np.ndarray | None = None):
 
 
 def quantize_q8_0(x: np.ndarray):
-    """Q8_0 of x as kernels.quantize.quantize_q8_0, block-major: (qs int8[nb, n, 32],
+    """Q8_0 of x as weightstream.kernels.quantize.quantize_q8_0, block-major: (qs int8[nb, n, 32],
     d float32[nb, n], qsum int32[nb, n]); Q8_1's quants and d are the same."""
     n, cols = x.shape
     nb = cols // 32

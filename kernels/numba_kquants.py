@@ -1,9 +1,9 @@
 """Numba kernels for the k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), Q8_K activations.
 
-Used through ``kernels.numba_kernels.matmul_into``; everything here trusts its inputs.
-Activations arrive quantized as ``kernels.quantize.quantize_q8_k`` does (bit for bit): quants,
+Used through ``weightstream.kernels.numba_kernels.matmul_into``; everything here trusts its inputs.
+Activations arrive quantized as ``weightstream.kernels.quantize.quantize_q8_k`` does (bit for bit): quants,
 one float scale ``xd`` per 256 values and ``bsums``, the sums of each 16 quants, through which
-the weights' mins are applied once per sub-block. Reference: ``kernels.quantize.matmul_q8_ref``.
+the weights' mins are applied once per sub-block. Reference: ``weightstream.kernels.quantize.matmul_q8_ref``.
 
 Two tiers:
 

@@ -1,7 +1,7 @@
 """Numba kernels for the legacy 32-element block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the
 dense types (F32, F16, BF16), plus the LLVM-IR helpers that numba_kquants.py shares.
 
-Used through ``kernels.numba_kernels.matmul_into``; everything here trusts its inputs.
+Used through ``weightstream.kernels.numba_kernels.matmul_into``; everything here trusts its inputs.
 
 Two tiers per legacy type:
 
@@ -12,10 +12,10 @@ Two tiers per legacy type:
   unsigned by an offset (q + 8, q + 16, q + 128) that is taken back exactly in int32 as
   ``offset * qsum``; Q4_1 / Q5_1's min enters as ``m * xd * qsum``, the exact sum of the block's
   dequantized activations. Per block and row: a float FMA into 8 lanes, reduced once per row.
-  Reference: ``kernels.quantize.matmul_q8_ref``.
+  Reference: ``weightstream.kernels.quantize.matmul_q8_ref``.
 * ``_<type>_kernel`` (generic, any CPU): each row's blocks are dequantized exactly as
-  ``kernels.reference`` into a float32 buffer of up to 256 values, then dotted with float32
-  activations. Reference: ``kernels.reference.matmul_ref``.
+  ``weightstream.kernels.reference`` into a float32 buffer of up to 256 values, then dotted with float32
+  activations. Reference: ``weightstream.kernels.reference.matmul_ref``.
 
 The dense types only have the float path (F16 through ``vcvtph2ps``).
 """
@@ -335,7 +335,7 @@ def _q8_0_simd_kernel(xq, xd, qsum, w, out, nt):
 
 @njit(inline="always")
 def _deq_block(kind, wr, o, fbuf, p):
-    """Dequantize the block at byte `o` of row `wr` into fbuf[p:p + 32] as kernels.reference."""
+    """Dequantize the block at byte `o` of row `wr` into fbuf[p:p + 32] as weightstream.kernels.reference."""
     if kind == 0:  # Q4_0: (nibble - 8) * d
         d = f16(wr, o)
         for l in range(16):

@@ -11,7 +11,7 @@ Transcribed from llama.cpp's ``ggml/src/ggml-quants.c`` (our own code, same algo
 
 Every kernel trusts its inputs (the wrapper checks them) and works on float32 (levels ``L`` are
 kept as float32 small integers inside the searches so that the 16/32-element loops vectorise).
-Outputs are written straight into the fields of a structured array of ``kernels.formats``
+Outputs are written straight into the fields of a structured array of ``weightstream.kernels.formats``
 blocks (uint8 fields, possibly strided); fp16 scales come back as float32 values already
 rounded to binary16 (``round_f16``), which the wrapper stores with an exact ``astype``.
 

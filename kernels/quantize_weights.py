@@ -2,7 +2,7 @@
 
 ``quantize(w, qtype, imatrix=None)`` returns ``uint8[rows, bytes_per_row]``: the blocks of
 ``kernels/formats.py`` laid out exactly as llama.cpp writes them, so ``gguf.quants.dequantize``
-and ``kernels.reference.dequantize`` read them. The cores are in ``kernels/numba_quantize.py``.
+and ``weightstream.kernels.reference.dequantize`` read them. The cores are in ``kernels/numba_quantize.py``.
 
 Algorithms (per sub-block scale and min chosen by an error-minimising search, not min/max):
 
@@ -17,7 +17,7 @@ Algorithms (per sub-block scale and min chosen by an error-minimising search, no
   the symmetric levels -127..127, weighted as the other legacy types.
 
 Bit-exactness with llama.cpp's bytes is not a goal (float summation order differs); what holds:
-the bytes decode (with gguf or kernels.reference, identically) to values whose error is below
+the bytes decode (with gguf or weightstream.kernels.reference, identically) to values whose error is below
 plain min/max rounding of the same format (tests/test_quantize_weights.py).
 ``bench_quantize()`` measures weights per second on one core.
 """
@@ -157,7 +157,7 @@ def bench_quantize(rows: int = 1024, cols: int = 4096, types=(T.Q2_K, T.Q4_K), i
     return result
 
 
-if __name__ == "__main__":  # python -m kernels.quantize_weights [--imatrix]
+if __name__ == "__main__":  # python -m weightstream.kernels.quantize_weights [--imatrix]
     import sys
 
     for k, v in bench_quantize(types=SUPPORTED, imatrix="--imatrix" in sys.argv).items():

@@ -1,6 +1,6 @@
 """Plain NumPy dequantizers: slow, obviously right, the oracle for every other kernel.
 
-One function per block type, written from the layouts in ``kernels.formats`` and
+One function per block type, written from the layouts in ``weightstream.kernels.formats`` and
 llama.cpp's ``dequantize_row_*`` (``ggml/src/ggml-quants.c``). Each takes a 1-D array of
 blocks (a structured array of ``formats.BLOCK_*``) and returns ``float32[n_blocks,
 elements_per_block]``, vectorised over blocks.

@@ -71,10 +71,10 @@ _tokenizer_dir: Path | None = None  # built once per process
 
 @functools.lru_cache(maxsize=None)
 def smollm2_gguf_path() -> Path | None:
-    """The SmolLM2 demo GGUF: engine.assets' cached copy, else the /tmp copy, else a download
-    through engine.assets; None when none of these works."""
+    """The SmolLM2 demo GGUF: weightstream.engine.assets' cached copy, else the /tmp copy, else a download
+    through weightstream.engine.assets; None when none of these works."""
     try:
-        from engine import assets
+        from weightstream.engine import assets
     except ImportError:
         assets = None
     if assets is not None and (assets.cache_dir() / assets.DEMO_FILENAME).exists():
@@ -189,7 +189,7 @@ def moe_gguf_file(arch: str, directory: Path) -> Path:
     the streaming tests' model."""
     import torch
 
-    from engine.convert import convert_hf_to_gguf
+    from weightstream.engine.convert import convert_hf_to_gguf
 
     torch.manual_seed(0)
     _, hf_dir = make_hf_model(arch, Path(directory) / "hf", seed=1)

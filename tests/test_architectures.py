@@ -16,8 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from engine import Engine  # noqa: E402
-from engine.convert import convert_hf_to_gguf  # noqa: E402
+from weightstream.engine import Engine  # noqa: E402
+from weightstream.engine.convert import convert_hf_to_gguf  # noqa: E402
 from tests.hf_models import CASES, make_hf_model, smollm2_gguf_path  # noqa: E402
 
 if smollm2_gguf_path() is None:
@@ -90,8 +90,8 @@ def test_logits_and_greedy_match_transformers(hf_case, out_type, tmp_path):
 @pytest.mark.parametrize("out_type", ["f32", "q8_0"])
 @pytest.mark.parametrize("backend", ["cython", "numba"])
 def test_fused_backends_match_the_float_path(hf_case, out_type, backend, tmp_path):
-    import kernels
-    from kernels.quantize import nmse
+    import weightstream.kernels as kernels
+    from weightstream.kernels.quantize import nmse
 
     case, model, hf_dir = hf_case
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "q8_0": gguf.GGMLQuantizationType.Q8_0}[out_type]

@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from engine.bench_io import disk_bandwidth, drop_cached_pages, make_scratch_file
-from engine.cli import main
+from weightstream.engine.bench_io import disk_bandwidth, drop_cached_pages, make_scratch_file
+from weightstream.engine.cli import main
 
 
 @pytest.fixture(scope="module")

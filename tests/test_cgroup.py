@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 
-from engine.bench_io import drop_cached_pages
-from engine.cgroup import MemoryCgroup, cgroup_unavailable
-from engine.synth import Preset, synth_model
+from weightstream.engine.bench_io import drop_cached_pages
+from weightstream.engine.cgroup import MemoryCgroup, cgroup_unavailable
+from weightstream.engine.synth import Preset, synth_model
 from tests.hf_models import smollm2_gguf_path
 
 reason = cgroup_unavailable()
@@ -32,7 +32,7 @@ N_NEW = 12
 
 CHILD = textwrap.dedent("""
     import json, sys
-    from engine import Engine
+    from weightstream.engine import Engine
     path, n_new = sys.argv[1], int(sys.argv[3])
     prompt = json.loads(sys.argv[4])
     opts = dict(stream="experts", memory_budget=int(sys.argv[2]), prefetch="lookahead") if int(sys.argv[2]) else {}

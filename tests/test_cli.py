@@ -1,4 +1,4 @@
-"""The weightstream command, run as a user would (python -m engine), on the demo model."""
+"""The weightstream command, run as a user would (python -m weightstream), on the demo model."""
 import subprocess
 import sys
 
@@ -6,7 +6,7 @@ import pytest
 
 
 def cli(*args, timeout=300):
-    done = subprocess.run([sys.executable, "-m", "engine", *map(str, args)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "weightstream", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
     return done.returncode, done.stdout, done.stderr
 

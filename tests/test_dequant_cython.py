@@ -1,4 +1,4 @@
-"""The Cython dequantizer (kernels._dequant) against kernels.reference, bit for bit."""
+"""The Cython dequantizer (weightstream.kernels._dequant) against weightstream.kernels.reference, bit for bit."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from kernels import formats, reference
+from weightstream.kernels import formats, reference
 
-_dequant = pytest.importorskip("kernels._dequant")
+_dequant = pytest.importorskip("weightstream.kernels._dequant")
 
 ALL_TYPES = sorted(formats.SUPPORTED_TYPES, key=lambda t: t.name)
 QUANT_TYPES = [t for t in ALL_TYPES if t not in (T.F32, T.F16, T.BF16)]

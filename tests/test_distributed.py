@@ -13,11 +13,11 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from engine import Engine  # noqa: E402
-from engine.budget import BudgetError, plan_memory  # noqa: E402
-from engine.config import ModelConfig  # noqa: E402
-from engine.distributed import DistributedConfig, StageCost, StageFailedError, place_layers  # noqa: E402
-from engine.gguf_file import GGUFFile  # noqa: E402
+from weightstream.engine import Engine  # noqa: E402
+from weightstream.engine.budget import BudgetError, plan_memory  # noqa: E402
+from weightstream.engine.config import ModelConfig  # noqa: E402
+from weightstream.engine.distributed import DistributedConfig, StageCost, StageFailedError, place_layers  # noqa: E402
+from weightstream.engine.gguf_file import GGUFFile  # noqa: E402
 from tests.hf_models import make_hf_model, smollm2_gguf_path  # noqa: E402
 
 if smollm2_gguf_path() is None:
@@ -44,7 +44,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def moe4(tmp_path_factory) -> Path:
     """A random-init qwen3moe of 4 layers (8 experts, top-2) in Q8_0 GGUF."""
-    from engine.convert import convert_hf_to_gguf
+    from weightstream.engine.convert import convert_hf_to_gguf
 
     d = tmp_path_factory.mktemp("moe4")
     _, hf_dir = make_hf_model("qwen3moe", d / "hf", seed=1, num_hidden_layers=N_LAYER)
@@ -159,7 +159,7 @@ def test_only_the_distributed_module_imports_ray():
 
 
 def test_cli_runs_the_pipeline(cluster, moe4, capsys):
-    from engine.cli import main
+    from weightstream.engine.cli import main
 
     base = ["run", str(moe4), "-p", "Hello there", "-n", "6", "-c", "64", "-b", str(N_BATCH), "-t", "1"]
     assert main(base) == 0

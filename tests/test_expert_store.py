@@ -6,9 +6,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from engine.cache_policy import simulate  # noqa: E402
-from engine.expert_store import ExpertStore, SlotPool, expert_layouts  # noqa: E402
-from engine.gguf_file import GGUFFile  # noqa: E402
+from weightstream.engine.cache_policy import simulate  # noqa: E402
+from weightstream.engine.expert_store import ExpertStore, SlotPool, expert_layouts  # noqa: E402
+from weightstream.engine.gguf_file import GGUFFile  # noqa: E402
 from tests.hf_models import moe_gguf_file, smollm2_gguf_path  # noqa: E402
 
 if smollm2_gguf_path() is None:
@@ -79,7 +79,7 @@ def test_bad_expert_and_truncated_file(moe_gguf, tmp_path):
 @pytest.mark.parametrize("policy", ["lru", "lfu", "decay"])
 @pytest.mark.parametrize("slots", [1, 3])
 def test_streamed_model_equals_resident_bit_for_bit(moe_gguf, policy, slots):
-    from engine import Engine
+    from weightstream.engine import Engine
 
     ids = np.random.default_rng(0).integers(0, 500, 24).tolist()
     with Engine.load(moe_gguf, n_ctx=64) as resident, \
@@ -91,7 +91,7 @@ def test_streamed_model_equals_resident_bit_for_bit(moe_gguf, policy, slots):
 
 
 def test_stream_option_is_checked(moe_gguf):
-    from engine import Engine
+    from weightstream.engine import Engine
 
     with pytest.raises(ValueError, match="stream must be one of .*, got 'layers'"):
         Engine.load(moe_gguf, stream="layers")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-import kernels
-from kernels import backends, formats, quantize, reference
+import weightstream.kernels as kernels
+from weightstream.kernels import backends, formats, quantize, reference
 
 # Error budgets, as NMSE against the float reference (x @ dequantized W.T). Kernels that quantize
 # activations to int8 (llama.cpp's Q8_K / Q8_0 / Q8_1) pay that rounding: ~1e-4 relative power.
@@ -105,6 +105,6 @@ def test_compiled_kernels_are_built():
     not a reason to skip the Cython tests."""
     import importlib
 
-    for name in ("kernels._dequant", "kernels._kquants", "kernels._legacy"):
+    for name in ("weightstream.kernels._dequant", "weightstream.kernels._kquants", "weightstream.kernels._legacy"):
         importlib.import_module(name)
     assert backends.has_fused_kernel(T.Q2_K, "cython") and backends.has_fused_kernel(T.Q4_1, "cython")

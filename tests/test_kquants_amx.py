@@ -1,4 +1,4 @@
-"""The AMX-INT8 path of the fused Q2_K matmul (kernels._kquants, n >= the AMX cut-off).
+"""The AMX-INT8 path of the fused Q2_K matmul (weightstream.kernels._kquants, n >= the AMX cut-off).
 
 Same references as tests/test_kquants_cython.py: ``matmul_q8_ref`` (the kernel's exact math up
 to float summation order, NMSE < 1e-8), threads 1 and 2 bit-identical, plus the AMX path against
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from kernels import reference
-from kernels.quantize import matmul_q8_ref, nmse
+from weightstream.kernels import reference
+from weightstream.kernels.quantize import matmul_q8_ref, nmse
 
-_kquants = pytest.importorskip("kernels._kquants")
+_kquants = pytest.importorskip("weightstream.kernels._kquants")
 
 pytestmark = pytest.mark.skipif(
     not getattr(_kquants, "AMX", False),

@@ -1,11 +1,11 @@
-"""The fused k-quant matmul (kernels._kquants) against the NumPy references.
+"""The fused k-quant matmul (weightstream.kernels._kquants) against the NumPy references.
 
 Two references, two tolerances (NMSE, as llama.cpp's test-backend-ops):
 
-* ``kernels.quantize.matmul_q8_ref``: dequantized weights times the Q8_K-quantized activations,
+* ``weightstream.kernels.quantize.matmul_q8_ref``: dequantized weights times the Q8_K-quantized activations,
   the exact math the kernel does (it quantizes x first). Only float summation order differs:
   NMSE < 1e-8.
-* ``kernels.reference.matmul_ref``: dequantized weights times the float activations. The kernel
+* ``weightstream.kernels.reference.matmul_ref``: dequantized weights times the float activations. The kernel
   differs by the Q8_K rounding of x (int8 per 256), NMSE ~1e-5 on these inputs: NMSE < 1e-3,
   checked on outputs of >= 64 elements with cols >= 768 (a single dot product of 256 terms can
   cancel to near zero and make any relative measure meaningless).
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from kernels import formats, reference
-from kernels.quantize import matmul_q8_ref, nmse
+from weightstream.kernels import formats, reference
+from weightstream.kernels.quantize import matmul_q8_ref, nmse
 
-_kquants = pytest.importorskip("kernels._kquants")
+_kquants = pytest.importorskip("weightstream.kernels._kquants")
 
 TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 Q8_NMSE = 1e-8

@@ -1,4 +1,4 @@
-"""The AMX-INT8 path of the legacy-type matmul (kernels._legacy, n >= the AMX cut-off).
+"""The AMX-INT8 path of the legacy-type matmul (weightstream.kernels._legacy, n >= the AMX cut-off).
 
 References as in tests/test_legacy_cython.py: ``matmul_q8_ref`` (NMSE; for Q4_1 / Q5_1 also the
 reference with Q8_1's fp16 s, which the kernel uses, at the float-rounding level), a bound on
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from kernels import formats, quantize, reference
-from kernels.quantize import matmul_q8_ref, nmse
+from weightstream.kernels import formats, quantize, reference
+from weightstream.kernels.quantize import matmul_q8_ref, nmse
 
-_legacy = pytest.importorskip("kernels._legacy")
+_legacy = pytest.importorskip("weightstream.kernels._legacy")
 
 pytestmark = pytest.mark.skipif(
     not getattr(_legacy, "AMX", False),

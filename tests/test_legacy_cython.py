@@ -1,6 +1,6 @@
-"""The fused legacy / float matmul (kernels._legacy) against the NumPy references.
+"""The fused legacy / float matmul (weightstream.kernels._legacy) against the NumPy references.
 
-Tolerances (NMSE, kernels.quantize.nmse), measured worst cases over the cases below in brackets:
+Tolerances (NMSE, weightstream.kernels.quantize.nmse), measured worst cases over the cases below in brackets:
 
 * Q4_0 / Q5_0 / Q8_0 vs ``matmul_q8_ref`` (same quantized activations, float64 sums): 1e-8
   [Q8_0 4e-13, Q4_0 4e-12, Q5_0 3e-10]. Left over is float32 rounding: per block
@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from kernels import formats, quantize, reference
+from weightstream.kernels import formats, quantize, reference
 
-_legacy = pytest.importorskip("kernels._legacy")
+_legacy = pytest.importorskip("weightstream.kernels._legacy")
 
 QUANT = [T.Q4_1, T.Q8_0, T.Q4_0, T.Q5_0, T.Q5_1]
 FLOAT = [T.F16, T.BF16, T.F32]

@@ -2,8 +2,8 @@
 
 Every type, both tiers (the AVX-512 int8 kernels where the CPU has them, and the portable
 plain-loop kernels), over seeded random blocks and awkward sizes. Kernels that quantize their
-activations are held to kernels.quantize.matmul_q8_ref (only float summation order differs:
-NMSE < 1e-8) and, loosely, to kernels.reference.matmul_ref; float kernels to matmul_ref.
+activations are held to weightstream.kernels.quantize.matmul_q8_ref (only float summation order differs:
+NMSE < 1e-8) and, loosely, to weightstream.kernels.reference.matmul_ref; float kernels to matmul_ref.
 """
 import itertools
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from kernels import numba_kernels as nk
-from kernels import quantize, reference
+from weightstream.kernels import numba_kernels as nk
+from weightstream.kernels import quantize, reference
 
 K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 LEGACY_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
@@ -90,7 +90,7 @@ def test_strategy():
 
 
 # ---------------------------------------------------------------------------
-# Activation quantizers: bit for bit with kernels.quantize
+# Activation quantizers: bit for bit with weightstream.kernels.quantize
 # ---------------------------------------------------------------------------
 
 

@@ -1,13 +1,13 @@
-"""kernels._ops (the per-token small operations) against the NumPy versions in engine/ops.py.
+"""weightstream.kernels._ops (the per-token small operations) against the NumPy versions in engine/ops.py.
 
 They accumulate in double where NumPy sums float32 pairwise, so they agree to float32 rounding:
 max |difference| below REL of the output's largest magnitude."""
 import numpy as np
 import pytest
 
-from engine.config import ROPE_NEOX, ROPE_NORM
-from engine.ops import Rope, rms_norm, silu, softmax
-from kernels import _ops
+from weightstream.engine.config import ROPE_NEOX, ROPE_NORM
+from weightstream.engine.ops import Rope, rms_norm, silu, softmax
+from weightstream.kernels import _ops
 
 REL = 2e-6
 

@@ -9,8 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from engine import Engine  # noqa: E402
-from engine.profile_report import (chrome_trace, format_summary, plot_hit_rate_per_layer,  # noqa: E402
+from weightstream.engine import Engine  # noqa: E402
+from weightstream.engine.profile_report import (chrome_trace, format_summary, plot_hit_rate_per_layer,  # noqa: E402
                                    plot_hit_rate_vs_cache, plot_token_timeline, write_report)
 from tests.hf_models import moe_gguf_file, smollm2_gguf_path  # noqa: E402
 
@@ -81,7 +81,7 @@ def test_write_report(profiled, tmp_path):
 
 def test_writes_go_through_a_temporary_name(profiled, tmp_path, monkeypatch):
     prof, s = profiled
-    import engine.atomic as atomic  # the report's writes go through engine/atomic.py
+    import weightstream.engine.atomic as atomic  # the report's writes go through engine/atomic.py
 
     moves = []
     real_replace = atomic.os.replace

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from kernels import quantize
+from weightstream.kernels import quantize
 
 
 def q8_k_loop(row):

@@ -14,10 +14,10 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from engine import imatrix as im  # noqa: E402
-from engine.api import Engine  # noqa: E402
-from engine.convert import convert_hf_to_gguf  # noqa: E402
-from engine.quantize_model import quantize_array, quantize_gguf  # noqa: E402
+from weightstream.engine import imatrix as im  # noqa: E402
+from weightstream.engine.api import Engine  # noqa: E402
+from weightstream.engine.convert import convert_hf_to_gguf  # noqa: E402
+from weightstream.engine.quantize_model import quantize_array, quantize_gguf  # noqa: E402
 from tests.hf_models import cached_hf_model, make_hf_model, smollm2_gguf_path  # noqa: E402
 
 pytestmark = pytest.mark.skipif(smollm2_gguf_path() is None, reason="SmolLM2 demo GGUF not available")
@@ -129,7 +129,7 @@ def test_recipe_rules_llama_cpp():
     """A few of llama.cpp's rules on shapes the tiny models do not have: 576-wide rows fall back to
     Q4_0 (SmolLM2), a tied output takes Q8_0 when Q6_K does not fit, 8-expert models keep attn_v /
     attn_k in Q8_0, q4_k_m's use_more_bits layers."""
-    from engine.recipes import ModelShape, tensor_types, use_more_bits
+    from weightstream.engine.recipes import ModelShape, tensor_types, use_more_bits
 
     smol = ModelShape(n_layer=30, n_head=9, n_head_kv=3, arch="llama")
     t = tensor_types("q2_k", [("token_embd.weight", (49152, 576)), ("blk.0.attn_v.weight", (192, 576)),
@@ -349,7 +349,7 @@ def test_expert_tensor_uses_each_experts_imatrix():
     w = rng.standard_normal((3, 8, 64)).astype(np.float32)
     weights = rng.uniform(0.1, 10, (3, 64)).astype(np.float32)
     got = quantize_array(w, QT.Q4_0, weights.reshape(-1))
-    from kernels.quantize_weights import quantize
+    from weightstream.kernels.quantize_weights import quantize
 
     for e in range(3):
         np.testing.assert_array_equal(got[e], quantize(w[e], QT.Q4_0, weights[e]))
@@ -362,7 +362,7 @@ def test_expert_tensor_uses_each_experts_imatrix():
 
 
 def test_failing_write_leaves_no_file(small_moe, tmp_path, monkeypatch):
-    from engine import quantize_model
+    from weightstream.engine import quantize_model
 
     real, calls = quantize_model.quantize_rows, []
 
@@ -381,7 +381,7 @@ def test_failing_write_leaves_no_file(small_moe, tmp_path, monkeypatch):
 
 
 def test_unsupported_ftype(small_moe, tmp_path, capsys):
-    from engine.cli import main
+    from weightstream.engine.cli import main
 
     with pytest.raises(ValueError, match="unknown quantization type 'q1_x'; supported: q2_k, q3_k_m, q4_k_m, q8_0"):
         quantize_gguf(small_moe, tmp_path / "q.gguf", "q1_x", progress=False)

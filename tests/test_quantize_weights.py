@@ -1,11 +1,11 @@
-"""Weight quantizers (kernels.quantize_weights) against gguf's dequantizers and naive min/max rounding."""
+"""Weight quantizers (weightstream.kernels.quantize_weights) against gguf's dequantizers and naive min/max rounding."""
 import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from kernels import reference
-from kernels.quantize_weights import SUPPORTED, quantize
+from weightstream.kernels import reference
+from weightstream.kernels.quantize_weights import SUPPORTED, quantize
 
 K_QUANTS = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 LEGACY = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0)
@@ -296,7 +296,7 @@ def make_qkx2_loop(x, w, nmax, rmin, rdelta, nstep, use_mad):
     (32, 31, (-0.9, 0.05, 36), False),  # Q5_K / Q5_1 with imatrix (make_qkx3's parameters)
 ])
 def test_batched_search_matches_ggml_loop(n, nmax, params, use_mad):
-    from kernels import numba_quantize as nq
+    from weightstream.kernels import numba_quantize as nq
 
     rng = np.random.default_rng(21)
     G = 300

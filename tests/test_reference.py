@@ -1,4 +1,4 @@
-"""kernels.formats and kernels.reference against the gguf package (llama.cpp's own Python).
+"""weightstream.kernels.formats and weightstream.kernels.reference against the gguf package (llama.cpp's own Python).
 
 The reference dequantizer must equal ``gguf.quants.dequantize`` bit for bit: float32 results
 are compared as uint32 bit patterns, so -0.0 vs 0.0 or a different NaN payload would fail.
@@ -11,7 +11,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
-from kernels import formats, reference
+from weightstream.kernels import formats, reference
 
 ALL_TYPES = sorted(formats.SUPPORTED_TYPES, key=lambda t: t.name)
 DENSE_TYPES = {T.F32, T.F16, T.BF16}

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from engine.routing import (FLASH_MOE_LRU, FLASH_MOE_OVERLAP, FLASH_MOE_QWEN35, FLASH_MOE_TOKENS, FLASH_MOE_TOP_K,
+from weightstream.engine.routing import (FLASH_MOE_LRU, FLASH_MOE_OVERLAP, FLASH_MOE_QWEN35, FLASH_MOE_TOKENS, FLASH_MOE_TOP_K,
                             RoutingTrace, RoutingTraceError, SyntheticRouting, consecutive_overlap, layer_choices,
                             lru_curve, parse_routing)
 
@@ -138,7 +138,7 @@ STREAMED = dict(n_ctx=64, stream="experts", cache_slots=4, profile=True)
 
 
 def test_recorded_trace_replays_the_same_expert_requests(moe_gguf, tmp_path):
-    from engine import Engine
+    from weightstream.engine import Engine
 
     path = tmp_path / "generate.json"
     with Engine.load(moe_gguf, record_routing=True, **STREAMED) as eng:
@@ -155,7 +155,7 @@ def test_recorded_trace_replays_the_same_expert_requests(moe_gguf, tmp_path):
 
 
 def test_replaying_the_models_own_routing_gives_the_same_bits(moe_gguf, tmp_path):
-    from engine import Engine
+    from weightstream.engine import Engine
 
     ids = np.random.default_rng(1).integers(0, 500, 20).tolist()
     path = tmp_path / "logits.json"

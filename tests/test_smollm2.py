@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from engine import Engine  # noqa: E402
+from weightstream.engine import Engine  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -34,8 +34,7 @@ def engine(demo_model):
 
 @pytest.fixture(scope="module")
 def fused_engine(demo_model):
-    import kernels
-
+    import weightstream.kernels as kernels
     if not kernels.backends.has_fused_kernel(kernels.backends.GGMLQuantizationType.Q4_1):
         pytest.fail("no fused Q4_1 kernel built: the compiled kernels are missing")
     with Engine.load(demo_model, n_ctx=512) as e:
@@ -101,7 +100,7 @@ def test_perplexity_matches_transformers(engine, hf_model):
 
 
 def test_fused_kernels_track_the_float_path(engine, fused_engine):
-    from kernels.quantize import nmse
+    from weightstream.kernels.quantize import nmse
 
     ids = engine.tokenizer.encode(PROMPTS[1])
     ref, got = engine.logits(ids), fused_engine.logits(ids)
@@ -128,7 +127,7 @@ def test_kv_cached_decode_equals_full_forward(which, request):
     else:
         # int8 activations: a last-bit difference between batched and single-row float math (BLAS
         # in attention) can flip a rounding to int8, so the two differ at the rounding noise level
-        from kernels.quantize import nmse
+        from weightstream.kernels.quantize import nmse
 
         assert nmse(cached, full) < FUSED_LOGITS_NMSE
         assert (cached.argmax(-1) == full.argmax(-1)).mean() >= FUSED_ARGMAX_AGREEMENT

@@ -13,10 +13,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from engine import Engine  # noqa: E402
-from engine import expert_io  # noqa: E402
-from engine.budget import BudgetError, parse_size  # noqa: E402
-from engine.expert_io import ExpertReadError  # noqa: E402
+from weightstream.engine import Engine  # noqa: E402
+from weightstream.engine import expert_io  # noqa: E402
+from weightstream.engine.budget import BudgetError, parse_size  # noqa: E402
+from weightstream.engine.expert_io import ExpertReadError  # noqa: E402
 from tests.hf_models import moe_gguf_file, smollm2_gguf_path  # noqa: E402
 
 if smollm2_gguf_path() is None:
@@ -145,8 +145,8 @@ def test_stream_ffn_runs_a_dense_model_under_a_budget():
 RSS_CHILD = textwrap.dedent("""
     import json, sys
     import psutil
-    from engine import Engine
-    import engine.api, kernels.backends, numba, tokenizers  # the libraries: not the model's memory
+    from weightstream.engine import Engine
+    import weightstream.engine.api, weightstream.kernels.backends, numba, tokenizers  # the libraries: not the model's memory
     proc = psutil.Process()
     before = proc.memory_info().rss
     with Engine.load(sys.argv[1], n_ctx=256, stream="ffn", memory_budget=sys.argv[2]) as eng:
@@ -174,7 +174,7 @@ def test_peak_rss_stays_within_the_budget():
 
 
 def test_profile_cli_writes_trace_plots_and_json(moe_gguf, tmp_path, capsys):
-    from engine.cli import main
+    from weightstream.engine.cli import main
 
     rc = main(["profile", str(moe_gguf), "-p", "Hello there", "-n", "6", "-c", "64", "--cache-slots", "4",
                "--stream", "experts", "--prefetch", "lookahead", "--disk-gbps", "1.5",
@@ -191,7 +191,7 @@ def test_profile_cli_writes_trace_plots_and_json(moe_gguf, tmp_path, capsys):
 
 
 def test_budget_refusal_on_the_command_line(moe_gguf, capsys):
-    from engine.cli import main
+    from weightstream.engine.cli import main
 
     assert main(["run", str(moe_gguf), "-p", "Hi", "--memory-budget", "64KiB"]) == 1
     assert "memory budget 64.00 KiB is too small" in capsys.readouterr().err

@@ -9,8 +9,8 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, TokenType
 from gguf.quants import dequantize
 
-from engine import synth
-from engine.cli import main as cli_main
+from weightstream.engine import synth
+from weightstream.engine.cli import main as cli_main
 
 # The real models' configs (config.json), independent of engine/synth.py's presets:
 # layers, hidden, q rows (heads*head_dim), kv rows, head_dim, experts, expert FFN, vocab,
@@ -113,7 +113,7 @@ def test_contents_depend_on_seed_and_name_not_chunking():
 
 
 def test_vocab_padded_and_truncated(demo_model):
-    from engine.tokenizer import Tokenizer
+    from weightstream.engine.tokenizer import Tokenizer
 
     source = synth.demo_tokenizer()
     tokens, types, merges = (source["tokenizer.ggml.tokens"], source["tokenizer.ggml.token_type"],
@@ -217,7 +217,7 @@ def test_file_reads_back_with_gguf(which, olmoe_file, qwen3_file):
 
 
 def test_qwen3_metadata_matches_llama_cpp_keys(qwen3_file):
-    from engine.gguf_file import GGUFFile
+    from weightstream.engine.gguf_file import GGUFFile
 
     with GGUFFile(qwen3_file) as f:
         m = f.metadata
@@ -229,7 +229,7 @@ def test_qwen3_metadata_matches_llama_cpp_keys(qwen3_file):
 
 @pytest.mark.parametrize("which", ["olmoe", "qwen3"])
 def test_file_runs_in_the_engine(which, olmoe_file, qwen3_file):
-    from engine import Engine
+    from weightstream.engine import Engine
 
     with Engine.load(olmoe_file if which == "olmoe" else qwen3_file, n_ctx=64) as engine:
         logits = engine.logits([1, 2, 3])
@@ -239,7 +239,7 @@ def test_file_runs_in_the_engine(which, olmoe_file, qwen3_file):
 
 
 def test_expert_dequantizes_to_the_wanted_scale(qwen3_file):
-    from engine.gguf_file import GGUFFile
+    from weightstream.engine.gguf_file import GGUFFile
 
     with GGUFFile(qwen3_file) as f:  # its index parses the 151936-token vocabulary faster than GGUFReader
         for name in ("blk.0.ffn_gate_exps.weight", "blk.0.ffn_down_exps.weight"):
