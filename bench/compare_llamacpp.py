@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from streaming import OVERHEAD, run_config, stream_options  # noqa: E402
 
-from weightstream.engine.bench_io import drop_cached_pages  # noqa: E402
-from weightstream.engine.budget import fmt_bytes, parse_size  # noqa: E402
-from weightstream.engine.cgroup import MemoryCgroup  # noqa: E402
+from weightstream.engine.tools.bench_io import drop_cached_pages  # noqa: E402
+from weightstream.engine.stream.budget import fmt_bytes, parse_size  # noqa: E402
+from cgroup import MemoryCgroup  # noqa: E402  (bench/cgroup.py)
 
 ENV = "WEIGHTSTREAM_LLAMACPP"
 

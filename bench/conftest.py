@@ -17,7 +17,7 @@ def bandwidth() -> dict[int, float]:
 
 @pytest.fixture(scope="session")
 def demo_model():
-    from weightstream.engine.assets import demo_model_path
+    from weightstream.engine.tools.assets import demo_model_path
 
     try:
         return demo_model_path(quiet=True)

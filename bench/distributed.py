@@ -1,4 +1,4 @@
-"""Pipeline overhead on Ray (engine/distributed.py): 2 stages on one machine against one process.
+"""Pipeline overhead on Ray (engine/runtime/distributed.py): 2 stages on one machine against one process.
 
     python bench/distributed.py [--model MODEL.gguf] [-n 32] [--hops 500] [--json bench/figures/distributed.json]
 
@@ -27,10 +27,10 @@ import numpy as np
 
 
 from weightstream.engine import Engine  # noqa: E402
-from weightstream.engine.atomic import write_json  # noqa: E402
-from weightstream.engine.distributed import DistributedConfig, _Stage  # noqa: E402
-from weightstream.engine.gguf_file import GGUFFile  # noqa: E402
-from weightstream.engine.config import ModelConfig  # noqa: E402
+from weightstream.engine.formats.atomic import write_json  # noqa: E402
+from weightstream.engine.runtime.distributed import DistributedConfig, _Stage  # noqa: E402
+from weightstream.engine.formats.gguf_file import GGUFFile  # noqa: E402
+from weightstream.engine.model.config import ModelConfig  # noqa: E402
 
 PROMPT = "The history of the printing press begins"
 DEFAULT_MODEL = Path("/tmp/ws_dist_bench/olmoe-1b-7b-4l.gguf")
@@ -38,7 +38,7 @@ DEFAULT_MODEL = Path("/tmp/ws_dist_bench/olmoe-1b-7b-4l.gguf")
 
 def default_model() -> Path:
     if not DEFAULT_MODEL.exists():
-        from weightstream.engine.synth import synth_model
+        from weightstream.engine.tools.synth import synth_model
 
         DEFAULT_MODEL.parent.mkdir(parents=True, exist_ok=True)
         synth_model(DEFAULT_MODEL, "olmoe-1b-7b", layers=4, progress=False)

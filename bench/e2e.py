@@ -23,7 +23,7 @@ slice's per-layer cost (stalls included, at the same cache per layer and the dis
 paid N times; printed and stored as a projection, not a measurement.
 
 --routing synthetic (the default here) replaces the synthetic model's random routers with
-engine/routing.py's generator calibrated to flash-moe's measured Qwen3.5-397B routing; `model`
+engine/observe/routing.py's generator calibrated to flash-moe's measured Qwen3.5-397B routing; `model`
 keeps the router. Needs root (cgroup, drop caches).
 """
 from __future__ import annotations
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from streaming import OVERHEAD, measure_disk, run_config, stream_options  # noqa: E402
 
-from weightstream.engine.atomic import replacing, write_json  # noqa: E402
-from weightstream.engine.budget import fmt_bytes  # noqa: E402
+from weightstream.engine.formats.atomic import replacing, write_json  # noqa: E402
+from weightstream.engine.stream.budget import fmt_bytes  # noqa: E402
 
 PAGE_CACHE_CONFIG = "page-cache:routing"
 
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     # synthetic routing its guesses are noise, so "on" is routing-time issue of a layer's misses
     ap.add_argument("--prefetch", default="none,routing", help="prefetch modes for each policy (off, on)")
     ap.add_argument("--no-page-cache", action="store_true", help="leave out the page-cache mode")
-    ap.add_argument("--routing", default="synthetic", help="model | synthetic[:...] | trace:FILE (engine/routing.py)")
+    ap.add_argument("--routing", default="synthetic", help="model | synthetic[:...] | trace:FILE (engine/observe/routing.py)")
     ap.add_argument("-n", "--n-predict", type=int, default=16)
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--project-layers", type=int, default=None, help="project tok/s for a model of N such layers")

@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 
-from weightstream.engine.atomic import write_json  # noqa: E402
-from weightstream.engine.bench_io import disk_bandwidth, drop_cached_pages  # noqa: E402
-from weightstream.engine.budget import fmt_bytes, parse_size  # noqa: E402
-from weightstream.engine.cgroup import MemoryCgroup  # noqa: E402
-from weightstream.engine.expert_store import expert_layouts  # noqa: E402
-from weightstream.engine.gguf_file import GGUFFile  # noqa: E402
+from weightstream.engine.formats.atomic import write_json  # noqa: E402
+from weightstream.engine.tools.bench_io import disk_bandwidth, drop_cached_pages  # noqa: E402
+from weightstream.engine.stream.budget import fmt_bytes, parse_size  # noqa: E402
+from cgroup import MemoryCgroup  # noqa: E402  (bench/cgroup.py)
+from weightstream.engine.stream.store import expert_layouts  # noqa: E402
+from weightstream.engine.formats.gguf_file import GGUFFile  # noqa: E402
 
 PROMPT = "The history of the printing press begins"
 # What the process needs beyond the engine's budget inside the cgroup: interpreter and libraries,

@@ -50,7 +50,7 @@ def test_matmul(benchmark, bandwidth, case):
 
 @pytest.fixture(scope="module", params=[1, 2], ids=lambda t: f"t{t}")
 def demo_engine(request, demo_model):
-    from weightstream.engine.api import Engine
+    from weightstream.engine.runtime.engine import Engine
 
     threads = request.param
     with blas_threads(threads), Engine.load(demo_model, threads=threads) as engine:

@@ -6,7 +6,7 @@ __all__ = ["Engine"]
 
 def __getattr__(name):  # lazy: `import weightstream.engine` stays cheap for the CLI's --help
     if name == "Engine":
-        from .api import Engine
+        from .runtime.engine import Engine
 
         return Engine
     raise AttributeError(name)

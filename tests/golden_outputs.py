@@ -33,7 +33,7 @@ def build_models(directory: Path) -> dict[str, Path]:
     import torch
 
     from tests.hf_models import CASES, make_hf_model, moe_gguf_file, smollm2_gguf_path
-    from weightstream.engine.convert import convert_hf_to_gguf
+    from weightstream.engine.tools.convert import convert_hf_to_gguf
 
     files: dict[str, Path] = {}
     for case in sorted(CASES):

@@ -3,7 +3,7 @@ need a checkpoint directory: the converter's, and the forward pass checked again
 
 `make_hf_model(arch_name, dirpath)` writes config.json, model.safetensors and a tokenizer into
 dirpath; `cached_hf_model(arch_name, tmp_path_factory)` builds each one once per pytest session.
-The cases (CASES) cover every architecture engine/convert.py supports. Shapes are small (hidden
+The cases (CASES) cover every architecture engine/tools/convert.py supports. Shapes are small (hidden
 64, 2 layers, 4 heads / 2 kv heads of 16 (OLMoE: 4 kv heads, see below), FFN 128, 4 or 8 experts
 top-2) and the weights are
 re-drawn with larger spreads than transformers' init (matrices N(0, 0.15), norms 1 +- 0.1, small
@@ -71,10 +71,10 @@ _tokenizer_dir: Path | None = None  # built once per process
 
 @functools.lru_cache(maxsize=None)
 def smollm2_gguf_path() -> Path | None:
-    """The SmolLM2 demo GGUF: weightstream.engine.assets' cached copy, else the /tmp copy, else a download
-    through weightstream.engine.assets; None when none of these works."""
+    """The SmolLM2 demo GGUF: weightstream.engine.tools.assets' cached copy, else the /tmp copy, else a download
+    through weightstream.engine.tools.assets; None when none of these works."""
     try:
-        from weightstream.engine import assets
+        from weightstream.engine.tools import assets
     except ImportError:
         assets = None
     if assets is not None and (assets.cache_dir() / assets.DEMO_FILENAME).exists():
@@ -189,7 +189,7 @@ def moe_gguf_file(arch: str, directory: Path) -> Path:
     the streaming tests' model."""
     import torch
 
-    from weightstream.engine.convert import convert_hf_to_gguf
+    from weightstream.engine.tools.convert import convert_hf_to_gguf
 
     torch.manual_seed(0)
     _, hf_dir = make_hf_model(arch, Path(directory) / "hf", seed=1)

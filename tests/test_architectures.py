@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from weightstream.engine import Engine  # noqa: E402
-from weightstream.engine.convert import convert_hf_to_gguf  # noqa: E402
+from weightstream.engine.tools.convert import convert_hf_to_gguf  # noqa: E402
 from tests.hf_models import CASES, make_hf_model, smollm2_gguf_path  # noqa: E402
 
 if smollm2_gguf_path() is None:

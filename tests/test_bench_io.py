@@ -1,12 +1,12 @@
-"""`weightstream bench io` (engine/bench_io.py) on a small scratch file: it reads as many whole
+"""`weightstream bench io` (engine/tools/bench_io.py) on a small scratch file: it reads as many whole
 chunks as asked and reports a bandwidth (the figure itself is not asserted)."""
 import os
 
 import numpy as np
 import pytest
 
-from weightstream.engine.bench_io import disk_bandwidth, drop_cached_pages, make_scratch_file
-from weightstream.engine.cli import main
+from weightstream.engine.tools.bench_io import disk_bandwidth, drop_cached_pages, make_scratch_file
+from weightstream.engine.cli.main import main
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def test_suite_table_and_json(tmp_path):
 
 
 def test_bench_decode_on_a_tiny_model(tmp_path):
-    from weightstream.engine.bench_decode import bench_decode, format_decode
+    from weightstream.engine.tools.bench_decode import bench_decode, format_decode
 
     meta = tiny_llama_metadata()
     meta["tokenizer.ggml.tokens"][2] = "<t0><t1>"  # one merge: a BPE vocabulary needs at least one
@@ -71,7 +71,7 @@ def test_bench_decode_on_a_tiny_model(tmp_path):
 
 
 def test_cli_parses_and_runs_bandwidth(capsys):
-    from weightstream.engine import bench_cli
+    from weightstream.engine.cli import bench as bench_cli
 
     ap = argparse.ArgumentParser()
     bench_cli.register(ap.add_subparsers(dest="command", required=True))

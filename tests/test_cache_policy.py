@@ -1,10 +1,10 @@
-"""Expert-cache replacement policies (engine/cache_policy.py) and the offline optimum."""
+"""Expert-cache replacement policies (engine/stream/policies.py) and the offline optimum."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from weightstream.engine.cache_policy import POLICIES, DecayedFrequency, belady_hits, make_policy, replay, simulate
+from weightstream.engine.stream.policies import POLICIES, DecayedFrequency, belady_hits, make_policy, replay, simulate
 
 
 def run(policy, trace, capacity):
@@ -70,7 +70,7 @@ def test_bad_arguments_are_named():
 
 
 def test_sweep_rises_with_capacity_and_stays_under_the_optimum():
-    from weightstream.engine.cache_policy import sweep
+    from weightstream.engine.stream.policies import sweep
 
     trace = (np.random.default_rng(1).zipf(1.5, 3000) % 64).tolist()
     rows = sweep(trace, [4, 16, 64])

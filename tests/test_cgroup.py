@@ -8,9 +8,9 @@ import textwrap
 
 import pytest
 
-from weightstream.engine.bench_io import drop_cached_pages
-from weightstream.engine.cgroup import MemoryCgroup, cgroup_unavailable
-from weightstream.engine.synth import Preset, synth_model
+from weightstream.engine.tools.bench_io import drop_cached_pages
+from bench.cgroup import MemoryCgroup, cgroup_unavailable
+from weightstream.engine.tools.synth import Preset, synth_model
 from tests.hf_models import smollm2_gguf_path
 
 reason = cgroup_unavailable()

@@ -1,4 +1,4 @@
-"""weightstream.engine.convert against independent references: gguf's own reader, name map and dequantizers,
+"""weightstream.engine.tools.convert against independent references: gguf's own reader, name map and dequantizers,
 the SmolLM2 GGUF that llama.cpp wrote (for the vocabulary), and the safetensors the tiny
 transformers models were saved to (for every value)."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors")
 
-from weightstream.engine.convert import convert_hf_to_gguf  # noqa: E402
+from weightstream.engine.tools.convert import convert_hf_to_gguf  # noqa: E402
 from tests.hf_models import CASES, GGUF_ARCH, cached_hf_model, make_hf_model, smollm2_gguf_path  # noqa: E402
 
 pytestmark = pytest.mark.skipif(smollm2_gguf_path() is None, reason="SmolLM2 demo GGUF not available")
@@ -179,7 +179,7 @@ def smollm2_vocab():
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_metadata(case, hf_dir, converted, smollm2_vocab):
-    from weightstream.engine.tokenizer import pre_name_for_hf_tokenizer
+    from weightstream.engine.formats.tokenizer import pre_name_for_hf_tokenizer
 
     hf = hf_dir(case)
     config = json.loads((hf / "config.json").read_text())
@@ -281,7 +281,7 @@ def test_permutation_pairs_rope_halves(hf_dir, converted):
 
 def test_olmoe_rms_eps_is_always_1e_5():
     """OlmoeModel.set_gguf_parameters writes 1e-5 whatever the config's rms_norm_eps."""
-    from weightstream.engine.convert import ARCHITECTURES, write_hparams
+    from weightstream.engine.tools.convert import ARCHITECTURES, write_hparams
 
     w = gguf.GGUFWriter(None, "olmoe")
     hp = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=32, num_attention_heads=4,
@@ -427,7 +427,7 @@ def test_truncated_checkpoint(hf_dir, tmp_path):
 
 def test_failure_while_writing_removes_the_partial_file(hf_dir, tmp_path, monkeypatch):
     """A read error after the header is on disk fails the conversion; the temporary file goes."""
-    from weightstream.engine import convert
+    from weightstream.engine.tools import convert
 
     load, partial = convert.SafetensorsIndex.load, []
 

@@ -1,4 +1,4 @@
-"""Pipeline stages on a local Ray cluster (engine/distributed.py): two stages, each streaming its
+"""Pipeline stages on a local Ray cluster (engine/runtime/distributed.py): two stages, each streaming its
 own experts under its own budget, give the single-process engine's logits and tokens bit for bit
 over both transports; a stage killed mid-generation raises StageFailedError naming it and the
 other stages are shut down; bad configurations are refused before any actor starts; the placement
@@ -14,10 +14,10 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from weightstream.engine import Engine  # noqa: E402
-from weightstream.engine.budget import BudgetError, plan_memory  # noqa: E402
-from weightstream.engine.config import ModelConfig  # noqa: E402
-from weightstream.engine.distributed import DistributedConfig, StageCost, StageFailedError, place_layers  # noqa: E402
-from weightstream.engine.gguf_file import GGUFFile  # noqa: E402
+from weightstream.engine.stream.budget import BudgetError, plan_memory  # noqa: E402
+from weightstream.engine.model.config import ModelConfig  # noqa: E402
+from weightstream.engine.runtime.distributed import DistributedConfig, StageCost, StageFailedError, place_layers  # noqa: E402
+from weightstream.engine.formats.gguf_file import GGUFFile  # noqa: E402
 from tests.hf_models import make_hf_model, smollm2_gguf_path  # noqa: E402
 
 if smollm2_gguf_path() is None:
@@ -44,7 +44,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def moe4(tmp_path_factory) -> Path:
     """A random-init qwen3moe of 4 layers (8 experts, top-2) in Q8_0 GGUF."""
-    from weightstream.engine.convert import convert_hf_to_gguf
+    from weightstream.engine.tools.convert import convert_hf_to_gguf
 
     d = tmp_path_factory.mktemp("moe4")
     _, hf_dir = make_hf_model("qwen3moe", d / "hf", seed=1, num_hidden_layers=N_LAYER)
@@ -155,11 +155,11 @@ def test_only_the_distributed_module_imports_ray():
     root = Path(__file__).resolve().parents[1]
     importers = [p.relative_to(root).as_posix() for d in ("engine", "kernels") for p in (root / d).rglob("*.py")
                  if re.search(r"^\s*(import ray|from ray)\b", p.read_text(), re.M)]
-    assert importers == ["engine/distributed.py"]
+    assert importers == ["engine/runtime/distributed.py"]
 
 
 def test_cli_runs_the_pipeline(cluster, moe4, capsys):
-    from weightstream.engine.cli import main
+    from weightstream.engine.cli.main import main
 
     base = ["run", str(moe4), "-p", "Hello there", "-n", "6", "-c", "64", "-b", str(N_BATCH), "-t", "1"]
     assert main(base) == 0

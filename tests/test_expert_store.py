@@ -1,4 +1,4 @@
-"""engine/expert_store.py: experts read into a fixed slot pool equal the file's bytes, whatever
+"""engine/stream/store.py: experts read into a fixed slot pool equal the file's bytes, whatever
 the pool size and policy, and the hit counts are the policy's (engine/cache_policy.simulate)."""
 import numpy as np
 import pytest
@@ -6,9 +6,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from weightstream.engine.cache_policy import simulate  # noqa: E402
-from weightstream.engine.expert_store import ExpertStore, SlotPool, expert_layouts  # noqa: E402
-from weightstream.engine.gguf_file import GGUFFile  # noqa: E402
+from weightstream.engine.stream.policies import simulate  # noqa: E402
+from weightstream.engine.stream.store import ExpertStore, SlotPool, expert_layouts  # noqa: E402
+from weightstream.engine.formats.gguf_file import GGUFFile  # noqa: E402
 from tests.hf_models import moe_gguf_file, smollm2_gguf_path  # noqa: E402
 
 if smollm2_gguf_path() is None:

@@ -5,9 +5,9 @@ import gguf
 import numpy as np
 import pytest
 
-from weightstream.engine.config import ConfigError, ModelConfig
-from weightstream.engine.gguf_file import GGUFError, GGUFFile
-from weightstream.engine.weights import load_weights
+from weightstream.engine.model.config import ConfigError, ModelConfig
+from weightstream.engine.formats.gguf_file import GGUFError, GGUFFile
+from weightstream.engine.model.weights import load_weights
 from tests.tiny_gguf import tiny_llama_metadata, tiny_llama_tensors, write_gguf
 
 
@@ -143,7 +143,7 @@ def test_copy_is_independent(tmp_path, tiny):
 
 
 def test_metadata_arrays_equal_gguf_readers(tmp_path):
-    """Our one-step array parsing (weightstream.engine.gguf_file._CheckedReader) reads what gguf's reader reads."""
+    """Our one-step array parsing (weightstream.engine.formats.gguf_file._CheckedReader) reads what gguf's reader reads."""
     meta = tiny_llama_metadata()
     meta["tokenizer.ggml.tokens"] = ["", "a", "ü€𝄞", "x" * 300] + [f"<t{i}>" for i in range(4, len(meta["tokenizer.ggml.tokens"]))]
     meta["tokenizer.ggml.scores"] = [float(i) / 3 for i in range(len(meta["tokenizer.ggml.tokens"]))]

@@ -63,7 +63,7 @@ def test_lives_beside_hugging_faces_kernels(tmp_path):
     no_engine, kernels_origin, ws_name, engine_module = __import__("json").loads(out.stdout)
     assert no_engine, "a top-level `engine` package is installed"
     assert not kernels_origin.startswith(str(ROOT)), "a top-level `kernels` resolves to our folder"
-    assert (ws_name, engine_module) == ("weightstream.kernels", "weightstream.engine.api")
+    assert (ws_name, engine_module) == ("weightstream.kernels", "weightstream.engine.runtime.engine")
 
 
 def test_python_m_weightstream_info(tiny_model, tmp_path):

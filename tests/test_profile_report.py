@@ -1,4 +1,4 @@
-"""The profiler's outputs (engine/profile_report.py) from a real streamed run: the Chrome trace has a
+"""The profiler's outputs (engine/observe/report.py) from a real streamed run: the Chrome trace has a
 track per thread and an event per pass and read, the plots are PNGs, every file is written through
 a temporary name, and the plots say what to install when matplotlib is missing."""
 import json
@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from weightstream.engine import Engine  # noqa: E402
-from weightstream.engine.profile_report import (chrome_trace, format_summary, plot_hit_rate_per_layer,  # noqa: E402
+from weightstream.engine.observe.report import (chrome_trace, format_summary, plot_hit_rate_per_layer,  # noqa: E402
                                    plot_hit_rate_vs_cache, plot_token_timeline, write_report)
 from tests.hf_models import moe_gguf_file, smollm2_gguf_path  # noqa: E402
 
@@ -81,7 +81,7 @@ def test_write_report(profiled, tmp_path):
 
 def test_writes_go_through_a_temporary_name(profiled, tmp_path, monkeypatch):
     prof, s = profiled
-    import weightstream.engine.atomic as atomic  # the report's writes go through engine/atomic.py
+    import weightstream.engine.formats.atomic as atomic  # the report's writes go through engine/formats/atomic.py
 
     moves = []
     real_replace = atomic.os.replace

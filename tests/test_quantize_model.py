@@ -1,5 +1,5 @@
-"""Model-level quantization: recipes (engine/recipes.py), requantizing a GGUF (engine/quantize_model.py),
-`convert --type q2_k`, and importance matrices (engine/imatrix.py), against independent references:
+"""Model-level quantization: recipes (engine/tools/recipes.py), requantizing a GGUF (engine/tools/quantize.py),
+`convert --type q2_k`, and importance matrices (engine/tools/imatrix.py), against independent references:
 gguf's own reader and dequantizers, the F32 file's logits, and activation statistics recomputed here
 in NumPy from the file's weights."""
 from __future__ import annotations
@@ -14,10 +14,10 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from weightstream.engine import imatrix as im  # noqa: E402
-from weightstream.engine.api import Engine  # noqa: E402
-from weightstream.engine.convert import convert_hf_to_gguf  # noqa: E402
-from weightstream.engine.quantize_model import quantize_array, quantize_gguf  # noqa: E402
+from weightstream.engine.tools import imatrix as im  # noqa: E402
+from weightstream.engine.runtime.engine import Engine  # noqa: E402
+from weightstream.engine.tools.convert import convert_hf_to_gguf  # noqa: E402
+from weightstream.engine.tools.quantize import quantize_array, quantize_gguf  # noqa: E402
 from tests.hf_models import cached_hf_model, make_hf_model, smollm2_gguf_path  # noqa: E402
 
 pytestmark = pytest.mark.skipif(smollm2_gguf_path() is None, reason="SmolLM2 demo GGUF not available")
@@ -87,7 +87,7 @@ def nmse(got, want):
 
 def q2_k_expected(name: str, n_layer: int = 2) -> QT:
     """llama.cpp's Q2_K mix for these shapes, written out by hand: 2 kv heads of 4 (GQA 2 < 4), rows
-    256 wide, untied output; experts stay Q2_K (our one deviation, see engine/recipes.py)."""
+    256 wide, untied output; experts stay Q2_K (our one deviation, see engine/tools/recipes.py)."""
     if name.endswith(("_norm.weight", ".bias", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")):
         return QT.F32
     if name == "output.weight":
@@ -129,7 +129,7 @@ def test_recipe_rules_llama_cpp():
     """A few of llama.cpp's rules on shapes the tiny models do not have: 576-wide rows fall back to
     Q4_0 (SmolLM2), a tied output takes Q8_0 when Q6_K does not fit, 8-expert models keep attn_v /
     attn_k in Q8_0, q4_k_m's use_more_bits layers."""
-    from weightstream.engine.recipes import ModelShape, tensor_types, use_more_bits
+    from weightstream.engine.tools.recipes import ModelShape, tensor_types, use_more_bits
 
     smol = ModelShape(n_layer=30, n_head=9, n_head_kv=3, arch="llama")
     t = tensor_types("q2_k", [("token_embd.weight", (49152, 576)), ("blk.0.attn_v.weight", (192, 576)),
@@ -362,7 +362,7 @@ def test_expert_tensor_uses_each_experts_imatrix():
 
 
 def test_failing_write_leaves_no_file(small_moe, tmp_path, monkeypatch):
-    from weightstream.engine import quantize_model
+    from weightstream.engine.tools import quantize as quantize_model
 
     real, calls = quantize_model.quantize_rows, []
 
@@ -381,7 +381,7 @@ def test_failing_write_leaves_no_file(small_moe, tmp_path, monkeypatch):
 
 
 def test_unsupported_ftype(small_moe, tmp_path, capsys):
-    from weightstream.engine.cli import main
+    from weightstream.engine.cli.main import main
 
     with pytest.raises(ValueError, match="unknown quantization type 'q1_x'; supported: q2_k, q3_k_m, q4_k_m, q8_0"):
         quantize_gguf(small_moe, tmp_path / "q.gguf", "q1_x", progress=False)

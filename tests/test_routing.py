@@ -1,4 +1,4 @@
-"""Routing sources (engine/routing.py): the calibrated synthetic generator reproduces flash-moe's
+"""Routing sources (engine/observe/routing.py): the calibrated synthetic generator reproduces flash-moe's
 per-layer LRU curve and overlap; its choices are deterministic in any request order; a trace
 recorded from a model replays to the same expert requests and, replayed on the same model, the
 same bits; bad specs and mismatched traces are refused with messages naming what is wrong."""
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from weightstream.engine.routing import (FLASH_MOE_LRU, FLASH_MOE_OVERLAP, FLASH_MOE_QWEN35, FLASH_MOE_TOKENS, FLASH_MOE_TOP_K,
+from weightstream.engine.observe.routing import (FLASH_MOE_LRU, FLASH_MOE_OVERLAP, FLASH_MOE_QWEN35, FLASH_MOE_TOKENS, FLASH_MOE_TOP_K,
                             RoutingTrace, RoutingTraceError, SyntheticRouting, consecutive_overlap, layer_choices,
                             lru_curve, parse_routing)
 

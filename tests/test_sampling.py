@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from weightstream.engine.sampling import Sampler, SamplingParams, apply_repeat_penalty
+from weightstream.engine.runtime.sampling import Sampler, SamplingParams, apply_repeat_penalty
 
 LOGITS = np.array([2.0, 1.0, 0.5, 3.0, -1.0, 0.0], dtype=np.float32)
 

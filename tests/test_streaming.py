@@ -14,9 +14,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from weightstream.engine import Engine  # noqa: E402
-from weightstream.engine import expert_io  # noqa: E402
-from weightstream.engine.budget import BudgetError, parse_size  # noqa: E402
-from weightstream.engine.expert_io import ExpertReadError  # noqa: E402
+from weightstream.engine.stream import reader as expert_io  # noqa: E402
+from weightstream.engine.stream.budget import BudgetError, parse_size  # noqa: E402
+from weightstream.engine.stream.reader import ExpertReadError  # noqa: E402
 from tests.hf_models import moe_gguf_file, smollm2_gguf_path  # noqa: E402
 
 if smollm2_gguf_path() is None:
@@ -146,7 +146,7 @@ RSS_CHILD = textwrap.dedent("""
     import json, sys
     import psutil
     from weightstream.engine import Engine
-    import weightstream.engine.api, weightstream.kernels.backends, numba, tokenizers  # the libraries: not the model's memory
+    import weightstream.engine.runtime.engine, weightstream.kernels.backends, numba, tokenizers  # the libraries: not the model's memory
     proc = psutil.Process()
     before = proc.memory_info().rss
     with Engine.load(sys.argv[1], n_ctx=256, stream="ffn", memory_budget=sys.argv[2]) as eng:
@@ -161,7 +161,7 @@ RSS_CHILD = textwrap.dedent("""
 
 def test_peak_rss_stays_within_the_budget():
     """In a fresh process: peak RSS - RSS before loading <= budget + 128 MiB. The budget covers the
-    model's memory (engine/budget.py); the stated overhead is the file's parsed metadata and the
+    model's memory (engine/stream/budget.py); the stated overhead is the file's parsed metadata and the
     tokenizer (~90 MiB for SmolLM2's 49k-token vocabulary, measured) and the kernels' first-call
     state. The interpreter and its libraries (~95 MiB) are counted in `before`."""
     budget = 60 * 2**20
@@ -174,7 +174,7 @@ def test_peak_rss_stays_within_the_budget():
 
 
 def test_profile_cli_writes_trace_plots_and_json(moe_gguf, tmp_path, capsys):
-    from weightstream.engine.cli import main
+    from weightstream.engine.cli.main import main
 
     rc = main(["profile", str(moe_gguf), "-p", "Hello there", "-n", "6", "-c", "64", "--cache-slots", "4",
                "--stream", "experts", "--prefetch", "lookahead", "--disk-gbps", "1.5",
@@ -191,7 +191,7 @@ def test_profile_cli_writes_trace_plots_and_json(moe_gguf, tmp_path, capsys):
 
 
 def test_budget_refusal_on_the_command_line(moe_gguf, capsys):
-    from weightstream.engine.cli import main
+    from weightstream.engine.cli.main import main
 
     assert main(["run", str(moe_gguf), "-p", "Hi", "--memory-budget", "64KiB"]) == 1
     assert "memory budget 64.00 KiB is too small" in capsys.readouterr().err

@@ -9,10 +9,10 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, TokenType
 from gguf.quants import dequantize
 
-from weightstream.engine import synth
-from weightstream.engine.cli import main as cli_main
+from weightstream.engine.tools import synth
+from weightstream.engine.cli.main import main as cli_main
 
-# The real models' configs (config.json), independent of engine/synth.py's presets:
+# The real models' configs (config.json), independent of engine/tools/synth.py's presets:
 # layers, hidden, q rows (heads*head_dim), kv rows, head_dim, experts, expert FFN, vocab,
 # q/k norm length (None: no q/k norm), q/k/v biases, shared expert FFN (0: none)
 REAL = {
@@ -113,7 +113,7 @@ def test_contents_depend_on_seed_and_name_not_chunking():
 
 
 def test_vocab_padded_and_truncated(demo_model):
-    from weightstream.engine.tokenizer import Tokenizer
+    from weightstream.engine.formats.tokenizer import Tokenizer
 
     source = synth.demo_tokenizer()
     tokens, types, merges = (source["tokenizer.ggml.tokens"], source["tokenizer.ggml.token_type"],
@@ -217,7 +217,7 @@ def test_file_reads_back_with_gguf(which, olmoe_file, qwen3_file):
 
 
 def test_qwen3_metadata_matches_llama_cpp_keys(qwen3_file):
-    from weightstream.engine.gguf_file import GGUFFile
+    from weightstream.engine.formats.gguf_file import GGUFFile
 
     with GGUFFile(qwen3_file) as f:
         m = f.metadata
@@ -239,7 +239,7 @@ def test_file_runs_in_the_engine(which, olmoe_file, qwen3_file):
 
 
 def test_expert_dequantizes_to_the_wanted_scale(qwen3_file):
-    from weightstream.engine.gguf_file import GGUFFile
+    from weightstream.engine.formats.gguf_file import GGUFFile
 
     with GGUFFile(qwen3_file) as f:  # its index parses the 151936-token vocabulary faster than GGUFReader
         for name in ("blk.0.ffn_gate_exps.weight", "blk.0.ffn_down_exps.weight"):

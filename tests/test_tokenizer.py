@@ -1,4 +1,4 @@
-"""weightstream.engine.tokenizer against Hugging Face tokenizers, on SmolLM2-135M-Instruct's GGUF vocabulary.
+"""weightstream.engine.formats.tokenizer against Hugging Face tokenizers, on SmolLM2-135M-Instruct's GGUF vocabulary.
 
 References:
 - transformers' own GGUF tokenizer (AutoTokenizer.from_pretrained(dir, gguf_file=...)), and
@@ -27,7 +27,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from weightstream.engine.tokenizer import (  # noqa: E402
+from weightstream.engine.formats.tokenizer import (  # noqa: E402
     PRE_TOKENIZER_REGEXES,
     Tokenizer,
     pre_name_for_hf_tokenizer,
@@ -55,7 +55,7 @@ DIGIT_AFTER_WHITESPACE = ["a  1", "x\n\n1", "values:\n    42\n\t\t7", "total =  
 @pytest.fixture(scope="module")
 def gguf_path() -> Path:
     try:
-        from weightstream.engine.assets import demo_model_path
+        from weightstream.engine.tools.assets import demo_model_path
 
         return Path(demo_model_path(quiet=True))
     except Exception:

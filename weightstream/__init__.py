@@ -21,7 +21,7 @@ __all__ = ["Engine", "__version__"]
 
 def __getattr__(name):  # lazy: `import weightstream` stays cheap for the CLI's --help
     if name == "Engine":
-        from .engine.api import Engine
+        from .engine.runtime.engine import Engine
 
         return Engine
     raise AttributeError(f"module 'weightstream' has no attribute {name!r}")

@@ -4,7 +4,7 @@
         write(tmp)                   # removed on failure
     write_json(path, obj, indent=1)  # the same for a JSON document
 
-(GGUF writers use engine/convert.py's gguf_output, which also fsyncs the data.)
+(GGUF writers use engine/tools/convert.py's gguf_output, which also fsyncs the data.)
 """
 from __future__ import annotations
 

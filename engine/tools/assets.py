@@ -67,7 +67,7 @@ def demo_model_path(cache: str | os.PathLike | None = None, quiet: bool = False)
 
 
 # `weightstream demo --moe`: a synthetic MoE with OLMoE-1B-7B's exact shapes (16 layers, 64
-# experts of 2048<->1024, top-8; random Q2_K experts, engine/synth.py), written once into the cache.
+# experts of 2048<->1024, top-8; random Q2_K experts, engine/tools/synth.py), written once into the cache.
 DEMO_MOE_PRESET = "olmoe-1b-7b"
 DEMO_MOE_FILENAME = "olmoe-1b-7b-synth-Q2_K.gguf"
 
@@ -76,7 +76,7 @@ def demo_moe_path(cache: str | os.PathLike | None = None, quiet: bool = False) -
     """Path of the synthetic demo MoE, writing it (~2.3 GB, seconds at disk speed) on first use.
     A cached file is reused if it is the preset's (synth writes to a temporary name and renames
     only a complete file, so a present file is whole)."""
-    from .gguf_file import GGUFFile
+    from ..formats.gguf_file import GGUFFile
     from .synth import PRESET_KEY, synth_model
 
     target = cache_dir(cache) / DEMO_MOE_FILENAME

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache_policy import simulate
+from ..stream.policies import simulate
 
 # flash-moe's routing profile of Qwen3.5-397B-A17B (512 experts a layer), 200 generated tokens
 # (paper/flash_moe.tex, "Expert Routing Statistics"; ../shared/notes/flash-moe-and-llm-in-a-flash.md):

@@ -15,10 +15,10 @@ import time
 
 import numpy as np
 
-from ..kernels import default_threads
-from ..kernels.bench import blas_threads, machine_info, machine_lines
+from ...kernels import default_threads
+from ...kernels.bench import blas_threads, machine_info, machine_lines
 
-from .api import PREFILL_BATCH, Engine
+from ..runtime.engine import PREFILL_BATCH, Engine
 
 
 def _best(fn, repeats: int) -> tuple[float, list[float]]:

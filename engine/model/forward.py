@@ -1,10 +1,10 @@
 """The forward pass: embedding, attention with a preallocated KV cache, dense or MoE FFN, head.
 
-Works on float32 NumPy arrays. Knows nothing about I/O: weights come from weightstream.engine.weights,
+Works on float32 NumPy arrays. Knows nothing about I/O: weights come from weightstream.engine.model.weights,
 routed experts through `self.experts.fetch(layer, expert_ids)`: the file's memory map
-(ResidentExperts) or an ExpertStore that reads them ahead of use (engine/expert_store.py). The
+(ResidentExperts) or an ExpertStore that reads them ahead of use (engine/stream/store.py). The
 small per-token operations (norms, rope, SwiGLU, one-token attention) run in weightstream.kernels._ops, one
-pass each into our own buffers; engine/ops.py holds their NumPy versions, the reference they are
+pass each into our own buffers; engine/model/ops.py holds their NumPy versions, the reference they are
 tested against, and the prefill attention (a batched matmul that BLAS does best).
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from .. import kernels
-from ..kernels import QTensor, _ops
+from ... import kernels
+from ...kernels import QTensor, _ops
 
 from .config import ModelConfig
 from .config import ROPE_NEOX
@@ -42,7 +42,7 @@ class Model:
 
     forward(tokens, pos) appends len(tokens) positions to the cache starting at `pos` and returns
     logits for the last token (or for every token with all_logits=True). It is embed, run_layers,
-    head: a pipeline stage (engine/distributed.py) holds the weights and KV cache of a slice of
+    head: a pipeline stage (engine/runtime/distributed.py) holds the weights and KV cache of a slice of
     the layers only (weights.layer_range) and calls run_layers on the residual it is sent.
     """
 
@@ -51,18 +51,18 @@ class Model:
                  lookahead: int = 0, profiler=None):
         self.cfg, self.w = cfg, weights
         # experts.fetch(layer, ids) -> (id, (gate, up, down)) QTensors: the file's memory map by
-        # default, or an ExpertStore reading them ahead of use (engine/expert_store.py)
+        # default, or an ExpertStore reading them ahead of use (engine/stream/store.py)
         self.experts = experts or ResidentExperts(weights)
         self.stream_ffn = stream_ffn  # dense FFNs come from self.experts too (expert 0 of their layer)
         # lookahead: after layer i's attention, apply layer i+1's router to the residual and ask the
         # store to prefetch its top `lookahead` experts (0: off)
         self.lookahead = lookahead
         self.profiler = profiler
-        # benchmarks (engine/routing.py): a source of expert choices used instead of the router's
+        # benchmarks (engine/observe/routing.py): a source of expert choices used instead of the router's
         # (None: the router), and a RoutingTrace recording the choices made (None: not recorded)
         self.routing = None
         self.routing_trace = None
-        # imatrix collection (engine/imatrix.py): told (layer, expert or None for a streamed dense
+        # imatrix collection (engine/tools/imatrix.py): told (layer, expert or None for a streamed dense
         # FFN, input rows, SwiGLU output) by expert_ffn; None: off
         self.observer = None
         self.n_ctx = n_ctx

@@ -1,11 +1,11 @@
 """Routed experts read from the GGUF file into a fixed pool of memory slots, ahead of use.
 
 One expert of one layer = its rows of the three stacked tensors ffn_gate_exps, ffn_up_exps and
-ffn_down_exps: three byte ranges of the file, read by the reader threads (engine/expert_io.py)
+ffn_down_exps: three byte ranges of the file, read by the reader threads (engine/stream/reader.py)
 straight into one slot. With stream="ffn" a dense layer's FFN is one more "expert" (number 0 of
 its layer), always chosen. The slots are allocated once, page-aligned, so a token allocates
 nothing and O_DIRECT reads land in them as they are. Which expert to give up when the pool is
-full is the policy's call (engine/cache_policy.py); experts in use or being read are never
+full is the policy's call (engine/stream/policies.py); experts in use or being read are never
 given up.
 
     store = ExpertStore(gguf_file, n_slots=64, policy="lru", io="auto", io_threads=4)
@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..kernels import QTensor
+from ...kernels import QTensor
 
-from .cache_policy import make_policy
-from .expert_io import DEMAND, PREFETCH, ReadJob, ReadPool, ReadRange, aligned_span, region_bytes
-from .gguf_file import GGUFError, GGUFFile, TensorInfo
+from .policies import make_policy
+from .reader import DEMAND, PREFETCH, ReadJob, ReadPool, ReadRange, aligned_span, region_bytes
+from ..formats.gguf_file import GGUFError, GGUFFile, TensorInfo
 
 EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 DENSE_FFN_TENSORS = ("ffn_gate", "ffn_up", "ffn_down")

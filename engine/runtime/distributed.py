@@ -45,9 +45,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .budget import BudgetError, parse_size, plan_memory
-from .config import ModelConfig
-from .expert_store import expert_layouts
+from ..stream.budget import BudgetError, parse_size, plan_memory
+from ..model.config import ModelConfig
+from ..stream.store import expert_layouts
 
 TRANSPORTS = ("compiled", "actor", "auto")
 MEMORY_BPS = 20e9  # bytes/s one core streams through a layer's weights (DESIGN.md: ~30 GB/s peak)
@@ -196,9 +196,9 @@ class _Stage:
         """Where this stage runs, whether O_DIRECT works on its copy of the file, and (measure_disk)
         its disk's bandwidth for expert-sized reads."""
         ray = _ray()
-        from .bench_io import disk_bandwidth
-        from .expert_io import direct_io_supported
-        from .gguf_file import GGUFFile
+        from ..tools.bench_io import disk_bandwidth
+        from ..stream.reader import direct_io_supported
+        from ..formats.gguf_file import GGUFFile
 
         out = {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
                "pid": os.getpid(), "direct_io": io != "buffered" and (io == "direct" or direct_io_supported(self.path))}
@@ -210,9 +210,9 @@ class _Stage:
         return out
 
     def load(self, layers: range, opts, budget, n_ctx: int, n_batch: int, direct: bool) -> dict:
-        from .api import build_model
-        from .gguf_file import GGUFFile
-        from .routing import parse_routing
+        from .engine import build_model
+        from ..formats.gguf_file import GGUFFile
+        from ..observe.routing import parse_routing
 
         t0 = time.perf_counter()
         self.file = f = GGUFFile(self.path)
@@ -425,8 +425,8 @@ def load_distributed(path, f, cfg: ModelConfig, opts, threads: int | None, backe
                      config: DistributedConfig) -> tuple[PipelineModel, int]:
     """The driver's model (embedding and head) and the stage actors, placed and loaded; returns
     (pipeline, prompt batch). f: the driver's open GGUFFile; opts: Engine.load's _LoadOptions."""
-    from .model import Model
-    from .weights import load_weights
+    from ..model.forward import Model
+    from ..model.weights import load_weights
 
     config.check(cfg.n_layer)
     if opts.record_routing:

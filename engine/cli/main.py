@@ -28,8 +28,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--io", default="auto", choices=["auto", "direct", "buffered"])
     g.add_argument("--io-threads", type=int, default=4)
     g.add_argument("--routing", default="model",
-                   help="benchmarks only: model | trace:FILE | synthetic[:zipf=Z,reuse=R,seed=S] (engine/routing.py)")
-    g = p.add_argument_group("distributed: pipeline stages on Ray (engine/distributed.py; needs .[distributed])")
+                   help="benchmarks only: model | trace:FILE | synthetic[:zipf=Z,reuse=R,seed=S] (engine/observe/routing.py)")
+    g = p.add_argument_group("distributed: pipeline stages on Ray (engine/runtime/distributed.py; needs .[distributed])")
     g.add_argument("--ray-address", default=None, help="auto | ray://HOST:PORT (with --stages alone: a local Ray)")
     g.add_argument("--stages", type=int, default=None, help="pipeline stages, one Ray actor each")
     g.add_argument("--stage-budgets", default=None, help="per stage memory budget, e.g. 1GiB,1GiB")
@@ -53,7 +53,7 @@ def _sampling(args) -> dict:
 
 
 def _load(args, **extra):
-    from .api import Engine
+    from ..runtime.engine import Engine
 
     opts = {"n_ctx": args.ctx_size, "n_batch": args.batch_size, "routing": args.routing, **extra}
     stream = args.stream or ("auto" if args.memory_budget or args.stages or args.ray_address else "none")
@@ -64,7 +64,7 @@ def _load(args, **extra):
     elif args.memory_budget:
         opts.update(memory_budget=args.memory_budget)
     if args.stages or args.ray_address:
-        from .distributed import DistributedConfig
+        from ..runtime.distributed import DistributedConfig
 
         budgets = args.stage_budgets.split(",") if args.stage_budgets else None
         opts["distributed"] = DistributedConfig(address=args.ray_address, stages=args.stages or 2, budgets=budgets,
@@ -132,8 +132,8 @@ def cmd_chat(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .gguf_file import GGUFFile
-    from .info import format_info, model_info
+    from ..formats.gguf_file import GGUFFile
+    from ..tools.info import format_info, model_info
 
     with GGUFFile(args.model) as f:
         info = model_info(f)
@@ -153,11 +153,11 @@ def cmd_perplexity(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from .profile_report import format_summary, write_report
+    from ..observe.report import format_summary, write_report
 
     disk = args.disk_gbps
     if disk is None and args.measure_disk:
-        from .bench_io import disk_bandwidth
+        from ..tools.bench_io import disk_bandwidth
 
         disk = disk_bandwidth(args.model, threads=max(1, args.io_threads), n_reads=200)["bytes_per_s"] / 1e9
         print(f"disk: {disk:.2f} GB/s (cold parallel preads of expert-sized chunks of the model file)", file=sys.stderr)
@@ -175,7 +175,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .convert import convert_hf_to_gguf
+    from ..tools.convert import convert_hf_to_gguf
 
     out = convert_hf_to_gguf(args.hf_dir, args.out, args.type, progress=True, imatrix=args.imatrix)
     print(f"wrote {out}")
@@ -189,9 +189,9 @@ DEMO_MOE_BUDGET = "640MiB"  # the synthetic MoE demo model is ~2.3 GB: 3.5x this
 
 
 def cmd_demo(args) -> int:
-    from .api import Engine
-    from .assets import demo_model_path, demo_moe_path
-    from .profile_report import format_summary
+    from ..runtime.engine import Engine
+    from ..tools.assets import demo_model_path, demo_moe_path
+    from ..observe.report import format_summary
 
     path = demo_moe_path(args.cache_dir) if args.moe else demo_model_path(args.cache_dir)
     budget = args.memory_budget or (DEMO_MOE_BUDGET if args.moe else DEMO_BUDGET)
@@ -274,9 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "3.5x the budget: its experts stream")
     p.set_defaults(func=cmd_demo)
 
-    from .bench_cli import register as register_bench
-    from .quantize_model import register as register_quantize
-    from .synth import register as register_synth
+    from .bench import register as register_bench
+    from ..tools.quantize import register as register_quantize
+    from ..tools.synth import register as register_synth
 
     register_bench(sub)  # weightstream bench kernels | decode | bandwidth
     register_synth(sub)  # weightstream synth --preset NAME OUT.gguf

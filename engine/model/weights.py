@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .. import kernels
-from ..kernels import QTensor
+from ... import kernels
+from ...kernels import QTensor
 
 from .config import ModelConfig
-from .gguf_file import GGUFError, GGUFFile
+from ..formats.gguf_file import GGUFError, GGUFFile
 
 
 class Linear:

@@ -2,8 +2,8 @@
 
 What llama-quantize does, tensor by tensor: every tensor of the input (any type we read) is
 expanded to float32 (kernels.dequantize, bit-identical to gguf's dequantizers) and quantized to the
-type engine/recipes.py gives it, weighting the error by the importance matrix when one is given
-(engine/imatrix.py; for a 3-D expert tensor, each expert by its own row of the matrix). A tensor
+type engine/tools/recipes.py gives it, weighting the error by the importance matrix when one is given
+(engine/tools/imatrix.py; for a 3-D expert tensor, each expert by its own row of the matrix). A tensor
 whose type does not change is copied byte for byte, as llama.cpp does ("nothing to do"): a Q4_1
 tensor kept in Q4_1 loses nothing. At most one tensor's output bytes and one expert's (or one
 row chunk's) float32 values are in memory at a time.
@@ -13,7 +13,7 @@ and a previous quantize.imatrix.*; general.file_type becomes the recipe's LlamaF
 `weightstream.quantize.recipe` names the recipe, and with an importance matrix llama.cpp's keys
 quantize.imatrix.file / .dataset / .entries_count / .chunks_count (tools/quantize/quantize.cpp)
 record where it came from. The file is written under a temporary name and renamed when complete
-(engine/convert.py gguf_output); a failure leaves nothing behind.
+(engine/tools/convert.py gguf_output); a failure leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType
 
-from .. import kernels
-from ..kernels import QTensor, formats, quantize_weights
+from ... import kernels
+from ...kernels import QTensor, formats, quantize_weights
 
 from . import recipes
 from .convert import gguf_output
-from .gguf_file import GGUFFile
+from ..formats.gguf_file import GGUFFile
 
 RECIPE_KEY = "weightstream.quantize.recipe"
 # llama.cpp's keys (src/llama-arch.cpp LLM_KV_QUANTIZE_IMATRIX_*), written by llama-quantize
@@ -100,7 +100,7 @@ def quantize_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike, ftype
                   threads: int | None = None) -> Path:
     """Requantize the GGUF at in_path (any shard of a split model) into one file at out_path with
     the recipe `ftype` (q2_k, q3_k_m, q4_k_m, q8_0). imatrix: an imatrix file path (llama.cpp's
-    legacy .dat or GGUF format; engine/imatrix.py) or a dict name -> float32 values. Returns the
+    legacy .dat or GGUF format; engine/tools/imatrix.py) or a dict name -> float32 values. Returns the
     path written."""
     from .imatrix import read_imatrix
 
@@ -229,7 +229,7 @@ def write_recipe_keys(writer: gguf.GGUFWriter, recipe: recipes.Recipe, imatrix, 
 
 
 def register(subparsers) -> None:
-    """Add `quantize` and `imatrix` to the top-level subparsers (engine/cli.py calls this)."""
+    """Add `quantize` and `imatrix` to the top-level subparsers (engine/cli/main.py calls this)."""
     from .imatrix import register as register_imatrix
 
     p = subparsers.add_parser("quantize", help="requantize a GGUF with a recipe (q2_k, q3_k_m, q4_k_m, q8_0)")

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 from gguf import GGMLQuantizationType
 
-from ..kernels import backends
+from ...kernels import backends
 
-from .config import ModelConfig
-from .expert_store import expert_layouts
-from .gguf_file import GGUFFile
+from ..model.config import ModelConfig
+from .store import expert_layouts
+from ..formats.gguf_file import GGUFFile
 
 MIN_N_CTX = 256
 MAX_PREFILL_BATCH = 256
@@ -123,7 +123,7 @@ def plan_memory(f: GGUFFile, cfg: ModelConfig, budget=None, stream: str = "exper
     """Size the KV cache, the prompt batch and the expert cache to fit `budget` (None: no limit;
     cache_slots then defaults to one layer's experts). Raises BudgetError when it cannot fit.
     layers, ends: plan for a process holding only these layers (None: all) and, with ends, the
-    embedding and head (a pipeline stage, engine/distributed.py: its layers, no ends)."""
+    embedding and head (a pipeline stage, engine/runtime/distributed.py: its layers, no ends)."""
     layers = range(cfg.n_layer) if layers is None else layers
     layouts = expert_layouts(f, dense_ffn=stream == "ffn") if stream != "none" else {}
     layouts = {i: lay for i, lay in layouts.items() if i in layers}

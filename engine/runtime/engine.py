@@ -10,17 +10,17 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .budget import MemoryPlan, plan_memory
-from .config import ModelConfig
-from .expert_io import direct_io_supported
-from .expert_store import PAGE_CACHE, ExpertStore
-from .gguf_file import GGUFFile
-from .model import Model
-from .profile import Profiler
-from .routing import RoutingTrace, parse_routing
+from ..stream.budget import MemoryPlan, plan_memory
+from ..model.config import ModelConfig
+from ..stream.reader import direct_io_supported
+from ..stream.store import PAGE_CACHE, ExpertStore
+from ..formats.gguf_file import GGUFFile
+from ..model.forward import Model
+from ..observe.profiler import Profiler
+from ..observe.routing import RoutingTrace, parse_routing
 from .sampling import Sampler, SamplingParams
-from .tokenizer import Tokenizer
-from .weights import load_weights
+from ..formats.tokenizer import Tokenizer
+from ..model.weights import load_weights
 
 DEFAULT_N_CTX = 4096
 PREFILL_BATCH = 256  # prompt tokens per forward call: bounds the attention score buffers
@@ -55,14 +55,14 @@ class _LoadOptions:
     stream: str = "none"  # "experts": routed experts read from the file; "ffn": dense FFNs too
     memory_budget: int | str | None = None  # "3GiB": resident + KV + work buffers + expert cache
     cache_slots: int | None = None  # experts the cache holds (default: what the budget leaves)
-    cache_policy: str = "decay"  # engine/cache_policy.py: lru, lfu, decay; or page-cache
+    cache_policy: str = "decay"  # engine/stream/policies.py: lru, lfu, decay; or page-cache
     prefetch: str = "routing"  # none | routing | lookahead (see Engine.load)
     lookahead: int | None = None  # experts guessed per layer with prefetch="lookahead" (default top-k)
     io: str = "auto"  # auto | direct | buffered
     io_threads: int = 4
     profile: bool = False
-    routing: str = "model"  # benchmarks only: "model", "trace:FILE", "synthetic[:...]" (engine/routing.py)
-    record_routing: bool = False  # record the experts chosen into weightstream.engine.model.routing_trace
+    routing: str = "model"  # benchmarks only: "model", "trace:FILE", "synthetic[:...]" (engine/observe/routing.py)
+    record_routing: bool = False  # record the experts chosen into weightstream.engine.model.forward.routing_trace
     progress: bool = False  # a progress bar while resident weights are copied in (on a terminal only)
 
 
@@ -70,7 +70,7 @@ def build_model(f: GGUFFile, cfg: ModelConfig, opts: _LoadOptions, plan: MemoryP
                 direct: bool, threads: int | None, backend: str, routing=None, layers: range | None = None,
                 ends: bool = True) -> Model:
     """The Model of `layers` (all by default; a pipeline stage's slice with ends=False, see
-    engine/distributed.py): its weights loaded (copied in when streaming), and when opts.stream is
+    engine/runtime/distributed.py): its weights loaded (copied in when streaming), and when opts.stream is
     not "none" its ExpertStore (model.experts) with plan.n_slots slots reading in the io mode the
     plan was sized for (direct). The store is closed again if the model cannot be built."""
     streaming, ffn = opts.stream != "none", opts.stream == "ffn"
@@ -129,8 +129,8 @@ class Engine:
              **options) -> "Engine":
         """Open a GGUF model (any shard of a split one).
 
-        n_ctx: context length (default min(train ctx, 4096); under a budget, see engine/budget.py).
-        n_batch: prompt tokens per forward pass (default 256; under a budget, see engine/budget.py).
+        n_ctx: context length (default min(train ctx, 4096); under a budget, see engine/stream/budget.py).
+        n_batch: prompt tokens per forward pass (default 256; under a budget, see engine/stream/budget.py).
             The kernels round per batch, so logits compare bit for bit only at equal n_batch.
         dequantize_resident: expand resident matrices to float32 at load (None, the default: only
             types no fused kernel handles; True: all; False: none).
@@ -151,10 +151,10 @@ class Engine:
         io: "direct" (O_DIRECT), "buffered", or "auto" (direct where the filesystem allows);
         io_threads: reader threads. profile: record events for Engine.profile_summary() etc.
         routing: for benchmarks only (generated text means nothing): where MoE layers' experts come
-            from, "model" (the router), "trace:FILE" or "synthetic[:zipf=Z,reuse=R,seed=S]" (engine/routing.py).
-        record_routing: record the experts chosen into weightstream.engine.model.routing_trace (a RoutingTrace).
+            from, "model" (the router), "trace:FILE" or "synthetic[:zipf=Z,reuse=R,seed=S]" (engine/observe/routing.py).
+        record_routing: record the experts chosen into weightstream.engine.model.forward.routing_trace (a RoutingTrace).
         progress: a progress bar on the terminal while the resident weights are copied in (streaming).
-        distributed: an weightstream.engine.distributed.DistributedConfig: the layers run as pipeline stages on
+        distributed: an weightstream.engine.runtime.distributed.DistributedConfig: the layers run as pipeline stages on
             Ray actors, each streaming its own experts under its own budget (needs ray).
         Streamed output is bit-identical to stream="none" whatever these options are."""
         unknown = set(options) - set(_LoadOptions.__dataclass_fields__)
@@ -172,7 +172,7 @@ class Engine:
         try:
             cfg = ModelConfig.from_metadata(f.metadata, source=str(path))
             routing = parse_routing(opts.routing, cfg)
-            if distributed is not None:  # pipeline stages on Ray: engine/distributed.py
+            if distributed is not None:  # pipeline stages on Ray: engine/runtime/distributed.py
                 from .distributed import load_distributed
 
                 tokenizer = Tokenizer.from_metadata(f.metadata)
@@ -353,7 +353,7 @@ class Engine:
         return out
 
     def profile_summary(self, disk_gbps: float | None = None, with_sweep: bool = True) -> dict:
-        """The profiler's figures (Engine.load(..., profile=True)): see engine/profile.py."""
+        """The profiler's figures (Engine.load(..., profile=True)): see engine/observe/profiler.py."""
         if self.profiler is None:
             raise RuntimeError("profile_summary: load the engine with profile=True")
         return self.profiler.summary(self.store.n_slots if self.store else None, disk_gbps, with_sweep=with_sweep)

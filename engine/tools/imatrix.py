@@ -13,7 +13,7 @@ How the model is observed (zero cost when not collecting):
   were concatenated, Q/K/V or gate/up, records the one input for each of its names);
 - routed experts, and dense FFNs streamed as experts, compute in Model.expert_ffn: Model.observer,
   None by default, is told (layer, expert, x, the SwiGLU output) there. That is the only hook in
-  engine/model.py, and it works the same whether the experts are resident or streamed from disk.
+  engine/model/forward.py, and it works the same whether the experts are resident or streamed from disk.
 
 The file format is llama.cpp's legacy imatrix.dat (save_imatrix_legacy), which llama-quantize reads:
 int32 n_entries; per entry (sorted by name): int32 name length, name bytes, int32 ncall, int32 nval,
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import replacing
+from ..formats.atomic import replacing
 
 
 @dataclass
@@ -112,7 +112,7 @@ class _Observed:
 
 
 def attach(model, collector: Collector, process_output: bool = False) -> None:
-    """Make `model` (weightstream.engine.model.Model) report every matrix input to `collector`."""
+    """Make `model` (weightstream.engine.model.forward.Model) report every matrix input to `collector`."""
     def wrap(linear, names):
         return None if linear is None else _Observed(linear, names, collector)
 
@@ -145,7 +145,7 @@ def attach(model, collector: Collector, process_output: bool = False) -> None:
 
 def collect_imatrix(engine, text: str, n_ctx: int = 512, chunks: int | None = None,
                     process_output: bool = False, progress: bool = False) -> tuple[Collector, int]:
-    """Run engine (weightstream.engine.api.Engine) over text in chunks of n_ctx tokens (BOS first when the model
+    """Run engine (weightstream.engine.runtime.engine.Engine) over text in chunks of n_ctx tokens (BOS first when the model
     adds one, as llama-imatrix) and collect. Returns (the collector, chunks run)."""
     tok = engine.tokenizer
     ids = tok.encode(text, add_special=True, parse_special=False)
@@ -295,7 +295,7 @@ def register(subparsers) -> None:
 
 
 def cmd_imatrix(args: argparse.Namespace) -> int:
-    from .api import Engine
+    from ..runtime.engine import Engine
 
     with open(args.file, encoding="utf-8") as fh:
         text = fh.read()

@@ -13,10 +13,10 @@ downloading the real weights. The weights are random; only their scale is chosen
 - F32, as llama.cpp keeps them: norms (ones), q/k biases (zeros), routers `ffn_gate_inp` and
   `ffn_gate_inp_shexp` (normal, std 1/sqrt(n_embd)).
 
-The hyperparameters are written through weightstream.engine.convert's write_hparams from a Hugging Face-style
+The hyperparameters are written through weightstream.engine.tools.convert's write_hparams from a Hugging Face-style
 config (Preset.hf_config), so the keys are those llama.cpp's converter writes for the architecture
 (plus attention.key_length/value_length always, and expert_weights_norm where a preset differs from
-its architecture's default); tensor names come from weightstream.engine.convert's name tables. llama.cpp's
+its architecture's default); tensor names come from weightstream.engine.tools.convert's name tables. llama.cpp's
 qwen2moe loader wants attn_q/attn_output of n_embd x n_embd, so the 400B-class preset has 16
 query heads of 256 (= 4096) rather than Qwen3.5's 32; llama.cpp also ignores expert_weights_norm
 for qwen2moe (it would not renormalise the top-k weights as we do). The tokenizer is the demo
@@ -46,10 +46,10 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType
 
-from ..kernels import formats
+from ...kernels import formats
 
 from . import convert
-from .config import ARCHITECTURES as ENGINE_ARCHITECTURES
+from ..model.config import ARCHITECTURES as ENGINE_ARCHITECTURES
 
 CHUNK_BYTES = 64 << 20  # generate-and-write unit: large enough for full-speed writes, small in memory
 PAD_TOKEN = "<|synth_pad_{}|>"
@@ -63,7 +63,7 @@ SEED_KEY = "weightstream.synth.seed"
 
 @dataclass(frozen=True)
 class Preset:
-    """One real model's shapes. `hf_arch` names the weightstream.engine.convert.ARCHITECTURES entry (the
+    """One real model's shapes. `hf_arch` names the weightstream.engine.tools.convert.ARCHITECTURES entry (the
     Hugging Face architecture) whose llama.cpp conventions the file follows."""
 
     name: str
@@ -86,7 +86,7 @@ class Preset:
     n_ff_shexp: int = 0  # shared expert FFN width (qwen2moe)
 
     def hf_config(self, n_layer: int | None = None) -> dict[str, Any]:
-        """The preset as the Hugging Face config.json weightstream.engine.convert reads (Dims, write_hparams)."""
+        """The preset as the Hugging Face config.json weightstream.engine.tools.convert reads (Dims, write_hparams)."""
         spec = convert.ARCHITECTURES[self.hf_arch]
         hp: dict[str, Any] = {
             "architectures": [self.hf_arch],
@@ -194,7 +194,7 @@ def check_layers(p: Preset, layers: int | None) -> int:
 
 def plan(preset: str | Preset, layers: int | None = None, attn_type: str = "q4_k",
          experts_type: str = "q2_k") -> list[PlannedTensor]:
-    """Every tensor of the file, in file order (weightstream.engine.convert's order), with its type and NumPy
+    """Every tensor of the file, in file order (weightstream.engine.tools.convert's order), with its type and NumPy
     shape: what llama.cpp's loader expects for the preset's architecture."""
     p = resolve_preset(preset)
     spec = convert.ARCHITECTURES[p.hf_arch]
@@ -379,7 +379,7 @@ def write_tokenizer(w: gguf.GGUFWriter, source: dict[str, Any], n_vocab: int) ->
 def demo_tokenizer() -> dict[str, Any]:
     """The demo model's (SmolLM2's) tokenizer.* metadata."""
     from .assets import demo_model_path
-    from .gguf_file import GGUFFile
+    from ..formats.gguf_file import GGUFFile
 
     with GGUFFile(demo_model_path(quiet=True)) as f:
         return {k: v for k, v in f.metadata.items() if k.startswith("tokenizer.")}
@@ -479,7 +479,7 @@ def prefetched(chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
 
 
 def register(subparsers) -> None:
-    """Add the `synth` command to the top-level subparsers (engine/cli.py calls this)."""
+    """Add the `synth` command to the top-level subparsers (engine/cli/main.py calls this)."""
     p = subparsers.add_parser("synth", help="write a synthetic MoE GGUF with a real model's tensor shapes")
     p.add_argument("out", help="output GGUF path")
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")

@@ -1,5 +1,5 @@
 """The prefetch profiler's outputs: a Chrome trace, three PNG plots, the summary as JSON and as a
-paragraph (engine/profile.py records and computes; this module only writes files and text).
+paragraph (engine/observe/profiler.py records and computes; this module only writes files and text).
 
     write_report(prof, summary, plot_path="out.png", trace_path="trace.json", json_path="out.json")
 
@@ -10,7 +10,7 @@ paragraph (engine/profile.py records and computes; this module only writes files
 - plot_hit_rate_per_layer: which layers the cache serves badly.
 - plot_hit_rate_vs_cache: our hit rate against each policy and the optimum at other cache sizes.
 
-Every file is written to a temporary name in its directory and moved into place (engine/atomic.py),
+Every file is written to a temporary name in its directory and moved into place (engine/formats/atomic.py),
 so a reader never sees half a file. matplotlib is optional (the `plot` extra) and imported only
 when a plot is asked for.
 """
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .atomic import replacing, write_json
-from .expert_io import DEMAND
+from ..formats.atomic import replacing, write_json
+from ..stream.reader import DEMAND
 
 _COMPUTE_TID, _PID = 0, 1
 _STALL, _DEMAND, _PREFETCH, _LAYER = "tab:red", "tab:orange", "tab:blue", ("0.55", "0.78")

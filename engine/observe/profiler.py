@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections import Counter, defaultdict
 
-from .cache_policy import POLICIES, belady_hits, sweep
+from ..stream.policies import POLICIES, belady_hits, sweep
 
 
 class Profiler:

@@ -5,8 +5,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from .config import ModelConfig
-from .gguf_file import GGUFFile
+from ..model.config import ModelConfig
+from ..formats.gguf_file import GGUFFile
 
 EXPERT_SUFFIXES = ("_exps.weight",)
 

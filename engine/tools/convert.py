@@ -15,7 +15,7 @@ and gguf-py's constants / tensor_mapping); the code is ours. What we follow:
 - metadata keys and the order llama.cpp writes them in: general.* (via gguf.Metadata, as
   llama.cpp does), hyperparameters (TextModel.set_gguf_parameters plus the per-architecture
   extras), general.quantization_version, then the tokenizer (TextModel._set_vocab_gpt2; the
-  tokenizer.ggml.pre name comes from weightstream.engine.tokenizer, merges and special tokens from gguf's
+  tokenizer.ggml.pre name comes from weightstream.engine.formats.tokenizer, merges and special tokens from gguf's
   SpecialVocab as in llama.cpp).
 
 One deliberate difference: tensors are written in a fixed order (token_embd, then block by block,
@@ -126,8 +126,8 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, o
     tokenizer.json) into one GGUF file at `out_path`, as llama.cpp's converter would. Returns the
     path written. Raises ValueError for an unsupported architecture, configuration or tokenizer and
     for missing, unexpected or misshapen tensors; FileNotFoundError for missing inputs or a missing
-    output directory. out_type may also be a recipe of engine/recipes.py (q2_k, q3_k_m, q4_k_m):
-    each tensor then gets the recipe's type, quantized as engine/quantize_model.py does (with the
+    output directory. out_type may also be a recipe of engine/tools/recipes.py (q2_k, q3_k_m, q4_k_m):
+    each tensor then gets the recipe's type, quantized as engine/tools/quantize.py does (with the
     importance matrix `imatrix`, a file or a dict, if given)."""
     from . import recipes
 
@@ -152,9 +152,9 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, o
     checkpoint = SafetensorsIndex(hf_dir)
     plan = plan_tensors(spec, hparams, checkpoint, weight_type)
     im_info = im_values = None
-    if recipe is not None:  # the recipe's type for each tensor, quantized with weightstream.engine.quantize_model
+    if recipe is not None:  # the recipe's type for each tensor, quantized with weightstream.engine.tools.quantize
         from .imatrix import read_imatrix
-        from .quantize_model import quantize_array, write_recipe_keys
+        from .quantize import quantize_array, write_recipe_keys
 
         d = Dims.from_hparams(spec, hparams)
         types = recipes.tensor_types(recipe, [(t.name, t.shape) for t in plan],
@@ -696,8 +696,8 @@ def write_vocab(w: gguf.GGUFWriter, spec: ArchSpec, hp: dict[str, Any], hf_dir: 
 
 
 def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
-    """llama.cpp's tokenizer.ggml.pre name for this tokenizer (weightstream.engine.tokenizer decides it)."""
-    from .tokenizer import pre_name_for_hf_tokenizer
+    """llama.cpp's tokenizer.ggml.pre name for this tokenizer (weightstream.engine.formats.tokenizer decides it)."""
+    from ..formats.tokenizer import pre_name_for_hf_tokenizer
 
     name = pre_name_for_hf_tokenizer(tokenizer_json)
     if not name:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
-from ..kernels import QTensor, formats
+from ...kernels import QTensor, formats
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -235,7 +235,7 @@ class GGUFFile:
 
     def array(self, name: str, expect_shape: tuple[int, ...] | None = None, copy: bool = False) -> np.ndarray:
         """Any tensor dequantized to float32, in NumPy shape order (norms, biases, small tensors)."""
-        from ..kernels import reference
+        from ...kernels import reference
 
         info = self.info(name)
         self._check_shape(info, expect_shape)

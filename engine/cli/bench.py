@@ -1,4 +1,4 @@
-"""`weightstream bench kernels | decode | bandwidth | io`: the argparse wiring (engine/cli.py calls
+"""`weightstream bench kernels | decode | bandwidth | io`: the argparse wiring (engine/cli/main.py calls
 register(sub)). Tables go to stdout as markdown; progress and the machine's load go to stderr."""
 from __future__ import annotations
 
@@ -70,13 +70,13 @@ def register(subparsers) -> None:
 
 
 def _progress(r: dict) -> None:
-    from ..kernels.bench import format_row
+    from ...kernels.bench import format_row
 
     print(format_row(r), file=sys.stderr, flush=True)
 
 
 def cmd_bench_kernels(args) -> int:
-    from ..kernels import bench
+    from ...kernels import bench
 
     results = bench.run_suite(args.types, args.shapes, args.n, args.threads, args.backends, args.quick,
                               repeats=args.repeats, cold=not args.warm, progress=_progress)
@@ -89,13 +89,13 @@ def cmd_bench_kernels(args) -> int:
 
 
 def cmd_bench_decode(args) -> int:
-    from ..kernels.bench import save_results
+    from ...kernels.bench import save_results
 
-    from .bench_decode import bench_decode, format_decode
+    from ..tools.bench_decode import bench_decode, format_decode
 
     path = args.model
     if path == "demo":
-        from .assets import demo_model_path
+        from ..tools.assets import demo_model_path
 
         path = demo_model_path()
     results = [bench_decode(path, args.n_prompt, args.n_gen, t, args.backend, args.repetitions)
@@ -107,7 +107,7 @@ def cmd_bench_decode(args) -> int:
 
 
 def cmd_bench_bandwidth(args) -> int:
-    from ..kernels.bench import machine_info, memory_bandwidth
+    from ...kernels.bench import machine_info, memory_bandwidth
 
     m = machine_info()
     print(f"{m['cpu']}, {m['cores']} cores, {m['date']}, load {m['loadavg'][0]:.2f}")
@@ -118,9 +118,9 @@ def cmd_bench_bandwidth(args) -> int:
 
 
 def cmd_bench_io(args) -> int:
-    from ..kernels.bench import save_results
+    from ...kernels.bench import save_results
 
-    from .bench_io import EXPERT_CHUNK, disk_bandwidth, format_io, make_scratch_file
+    from ..tools.bench_io import EXPERT_CHUNK, disk_bandwidth, format_io, make_scratch_file
 
     if args.make_gib:
         print(f"writing {args.make_gib} GiB to {args.file}", file=sys.stderr)

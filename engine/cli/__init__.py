@@ -1,0 +1,1 @@
+"""The `weightstream` command: one module per command group."""

@@ -1,0 +1,1 @@
+"""Running a model: the Engine API, sampling, pipeline stages on Ray."""
