@@ -22,10 +22,13 @@ The dense types only have the float path (F16 through ``vcvtph2ps``).
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .traits import TRAITS
 
 F32 = np.float32
 FASTMATH = {"reassoc", "contract", "nsz"}  # no 'arcp' / 'afn': no approximate division
@@ -176,8 +179,8 @@ def tile_rows(cols):
 # ---------------------------------------------------------------------------
 
 # kind -> (block bytes, weight offset added to make it unsigned (0: has a min instead), has min)
-_LEGACY = {"q4_0": (18, 8, False), "q4_1": (20, 0, True), "q5_0": (22, 16, False),
-           "q5_1": (24, 0, True), "q8_0": (34, 128, False)}
+_LEGACY = {kind: (TRAITS[T[kind.upper()]].block_bytes, offset, has_min) for kind, offset, has_min in (
+    ("q4_0", 8, False), ("q4_1", 0, True), ("q5_0", 16, False), ("q5_1", 0, True), ("q8_0", 128, False))}
 
 
 def _weights_u8(builder, pb, kind):

@@ -29,18 +29,18 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from . import formats, numba_quantize as nq
+from .traits import TRAITS
 
 __all__ = ["quantize", "SUPPORTED", "bench_quantize"]
 
 T = GGMLQuantizationType
 
-SUPPORTED: tuple[GGMLQuantizationType, ...] = (
-    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-)
+# the types kernels/traits.py gives a quantizer core
+SUPPORTED: tuple[GGMLQuantizationType, ...] = tuple(q for q, t in TRAITS.items() if t.quantizer)
 
-# legacy type -> (nmax of the search, has a min)
 _MAX_ABS = 1e18  # far above what fp16 scales hold (65504 per level); keeps x^2 finite
 
+# legacy type -> (nmax of the search, has a min)
 _LEGACY = {T.Q4_0: (8, False), T.Q4_1: (15, True), T.Q5_0: (16, False), T.Q5_1: (31, True),
            T.Q8_0: (127, False)}
 
