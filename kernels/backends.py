@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType
 
 BACKENDS = ("auto", "numpy", "cython", "numba")
 # module names relative to this package (weightstream.kernels)
-_MODULES = {"cython": ("._kquants", "._legacy"), "numba": (".numba_kernels",)}
+_MODULES = {"cython": ("._kquants", "._legacy"), "numba": (".numba.matmul",)}
 TABLE_PATH = Path(__file__).with_name("backend_table.json")
 N_BUCKETS = (1, 8, 64, 512)  # a batch of n rows is looked up under the smallest bucket >= n
 

@@ -2,7 +2,7 @@
 
 ``quantize(w, qtype, imatrix=None)`` returns ``uint8[rows, bytes_per_row]``: the blocks of
 ``kernels/formats.py`` laid out exactly as llama.cpp writes them, so ``gguf.quants.dequantize``
-and ``weightstream.kernels.reference.dequantize`` read them. The cores are in ``kernels/numba_quantize.py``.
+and ``weightstream.kernels.reference.dequantize`` read them. The cores are in ``kernels/numba/quantize.py``.
 
 Algorithms (per sub-block scale and min chosen by an error-minimising search, not min/max):
 
@@ -28,7 +28,8 @@ import time
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import formats, numba_quantize as nq
+from . import formats
+from .numba import quantize as nq
 from .traits import TRAITS
 
 __all__ = ["quantize", "SUPPORTED", "bench_quantize"]

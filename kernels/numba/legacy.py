@@ -1,7 +1,7 @@
 """Numba kernels for the legacy 32-element block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the
-dense types (F32, F16, BF16), plus the LLVM-IR helpers that numba_kquants.py shares.
+dense types (F32, F16, BF16), plus the LLVM-IR helpers that kquants.py shares.
 
-Used through ``weightstream.kernels.numba_kernels.matmul_into``; everything here trusts its inputs.
+Used through ``weightstream.kernels.numba.matmul.matmul_into``; everything here trusts its inputs.
 
 Two tiers per legacy type:
 
@@ -28,7 +28,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .traits import TRAITS
+from ..traits import TRAITS
 
 F32 = np.float32
 FASTMATH = {"reassoc", "contract", "nsz"}  # no 'arcp' / 'afn': no approximate division
@@ -87,7 +87,7 @@ def dot_f32(buf, xr, xo, ne):
 
 
 # ---------------------------------------------------------------------------
-# LLVM IR helpers for the SIMD intrinsics (AVX-512 BW / VNNI; see numba_kernels.HAVE_SIMD)
+# LLVM IR helpers for the SIMD intrinsics (AVX-512 BW / VNNI; see matmul.HAVE_SIMD)
 # ---------------------------------------------------------------------------
 
 I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)

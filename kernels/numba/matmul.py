@@ -2,7 +2,7 @@
 
 Public: ``SUPPORTED`` and ``matmul_into(x, w, qtype, out, threads)``. The wrapper checks its
 inputs and raises ValueError naming the problem; the ``_*_kernel`` cores in
-``numba_kquants.py`` (k-quants) and ``numba_legacy.py`` (32-element and dense types) trust
+``kquants.py`` (k-quants) and ``legacy.py`` (32-element and dense types) trust
 theirs (stumpy's ``stump`` / ``_stump``).
 
 Strategy per type (measured; see the issue's report):
@@ -33,10 +33,10 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
-from . import formats, traits
-from . import numba_kquants as kq
-from . import numba_legacy as lg
-from .numba_legacy import F32, JIT, round_f16, tile_rows
+from .. import formats, traits
+from . import kquants as kq
+from . import legacy as lg
+from .legacy import F32, JIT, round_f16, tile_rows
 
 __all__ = ["SUPPORTED", "HAVE_SIMD", "matmul_into", "quantize_q8_k", "quantize_q8_0", "strategy"]
 
