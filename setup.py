@@ -29,19 +29,20 @@ directives = {
 
 def kernel_extension(name: str) -> Extension:
     """kernels/<name>.pyx as the module weightstream.kernels.<name> (pyproject.toml maps the
-    kernels/ folder onto that package; kernels/ is on the include path for the hand-written SIMD
-    headers)."""
+    kernels/ folder onto that package; kernels/csrc/ holds the hand-written C headers: common.h
+    for every module, the SIMD / AMX kernels of _kquants and _legacy)."""
     return Extension(
         f"weightstream.kernels.{name}",
         [f"kernels/{name}.pyx"],
-        include_dirs=[np.get_include(), "kernels"],
+        include_dirs=[np.get_include(), "kernels/csrc"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
     )
 
 
-# _dequant: block -> float32; _kquants: fused Q2_K..Q6_K matmul; _legacy: Q4_0..Q8_0 and floats;
-# _ops: the small per-token operations (norm, rope, SwiGLU, one-token attention)
+# _dequant: block -> float32 (common.h); _kquants: fused Q2_K..Q6_K matmul (kquants_simd.h,
+# kquants_amx.h); _legacy: Q4_0..Q8_0 and floats (legacy.h, legacy_amx.h); _ops: the small
+# per-token operations (norm, rope, SwiGLU, one-token attention)
 extensions = [kernel_extension(name) for name in ("_dequant", "_kquants", "_legacy", "_ops")]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives))

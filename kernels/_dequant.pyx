@@ -23,106 +23,32 @@ on the host's byte order.
 
 from cython.parallel cimport prange
 from libc.stdint cimport int8_t, int32_t, uint8_t, uint16_t, uint32_t
+from libc.string cimport memcpy
 
 from gguf import GGMLQuantizationType
 
-cdef extern from *:
-    """
-    #include <string.h>
+from .traits import TRAITS
 
-    typedef union { float f; uint32_t u; } ws_f32;   /* float <-> bits */
-
-    /* IEEE binary16 -> binary32, exact for every input: zeros, subnormals, normals,
-       infinities, and NaNs with sign and payload kept (no quieting, as NumPy's
-       float16 -> float32 cast). Branch-free (masks, not if/else) so that GCC vectorises the
-       F16 row loop: with branches it will not, as under its default -ftrapping-math it may
-       not speculate the int -> float conversion. */
-    static inline float ws_fp16_to_fp32(uint16_t h) {
-        uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-        uint32_t em = h & 0x7FFFu;                          /* exponent and mantissa bits */
-        /* normal, inf, nan: shift up 13 and rebias the exponent by 127 - 15 = 112; an
-           all-ones exponent (31: inf / nan) must become 255, not 143: 112 more. */
-        uint32_t special = 0u - (uint32_t)(em >= 0x7C00u);  /* all ones for inf / nan */
-        uint32_t wide = (em << 13) + ((127u - 15u) << 23) + (special & ((255u - 143u) << 23));
-        /* zero and subnormals: em * 2^-24, exact in float32 and never a float32 subnormal
-           (so FTZ / DAZ modes cannot touch it). */
-        ws_f32 sub;
-        sub.f = (float)(int32_t)em * 0x1p-24f;
-        uint32_t normal = 0u - (uint32_t)(em >= 0x0400u);   /* all ones unless zero / subnormal */
-        ws_f32 r;
-        r.u = sign | (wide & normal) | (sub.u & ~normal);
-        return r.f;
-    }
-
-    /* bfloat16 is the top half of a binary32. */
-    static inline float ws_bf16_to_fp32(uint16_t h) {
-        ws_f32 r;
-        r.u = (uint32_t)h << 16;
-        return r.f;
-    }
-
-    /* GGUF is little-endian; an unaligned 16-bit load (memcpy) on little-endian hosts. */
-    static inline uint16_t ws_load_u16(const uint8_t *p) {
-    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-        uint16_t v;
-        memcpy(&v, p, sizeof v);
-        return v;
-    #else
-        return (uint16_t)(p[0] | (p[1] << 8));
-    #endif
-    }
-
-    static inline uint32_t ws_load_u32(const uint8_t *p) {
-        return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-    }
-
-    static inline void ws_copy_f32(const uint8_t *src, float *dst, size_t n) {
-        memcpy(dst, src, n * sizeof(float));   /* F32 rows: a byte copy keeps NaN payloads */
-    }
-    """
+# type numbers, block sizes and the fp16 / little-endian loads (kernels/csrc/common.h)
+cdef extern from "common.h":
+    enum:
+        WS_F32, WS_F16, WS_BF16, WS_Q4_0, WS_Q4_1, WS_Q5_0, WS_Q5_1, WS_Q8_0
+        WS_Q2_K, WS_Q3_K, WS_Q4_K, WS_Q5_K, WS_Q6_K
+    int block_elements "ws_block_elements" (int t) noexcept nogil
+    int block_bytes "ws_block_bytes" (int t) noexcept nogil
     float fp16_to_fp32 "ws_fp16_to_fp32" (uint16_t h) noexcept nogil
     float bf16_to_fp32 "ws_bf16_to_fp32" (uint16_t h) noexcept nogil
     uint16_t load_u16 "ws_load_u16" (const uint8_t *p) noexcept nogil
     uint32_t load_u32 "ws_load_u32" (const uint8_t *p) noexcept nogil
-    void copy_f32 "ws_copy_f32" (const uint8_t *src, float *dst, size_t n) noexcept nogil
     # The output row as a restrict pointer: uint8_t reads may alias any store in C, and
     # without this the compiler must assume a store to y can change the block bytes,
     # which keeps it from vectorising the inner loops.
     ctypedef float *out_ptr "float * __restrict__"
 
 
-# GGMLQuantizationType values (gguf.constants); the tests check them against the enum.
-cdef enum:
-    T_F32 = 0
-    T_F16 = 1
-    T_Q4_0 = 2
-    T_Q4_1 = 3
-    T_Q5_0 = 6
-    T_Q5_1 = 7
-    T_Q8_0 = 8
-    T_Q2_K = 10
-    T_Q3_K = 11
-    T_Q4_K = 12
-    T_Q5_K = 13
-    T_Q6_K = 14
-    T_BF16 = 30
-
-# {type value: (elements per block, bytes per block)}, as formats.block_size.
-BLOCK_SIZES = {
-    T_F32: (1, 4),
-    T_F16: (1, 2),
-    T_BF16: (1, 2),
-    T_Q8_0: (32, 34),
-    T_Q4_0: (32, 18),
-    T_Q4_1: (32, 20),
-    T_Q5_0: (32, 22),
-    T_Q5_1: (32, 24),
-    T_Q2_K: (256, 84),
-    T_Q3_K: (256, 110),
-    T_Q4_K: (256, 144),
-    T_Q5_K: (256, 176),
-    T_Q6_K: (256, 210),
-}
+# {type value: (elements per block, bytes per block)}, as formats.block_size, for the types of
+# kernels/traits.py (common.h's numbers; the tests check the two agree).
+BLOCK_SIZES = {int(q): (block_elements(q), block_bytes(q)) for q in TRAITS}
 SUPPORTED = frozenset(BLOCK_SIZES)
 
 
@@ -410,32 +336,32 @@ cdef inline void _row_q6_k(const uint8_t *x, out_ptr y, Py_ssize_t nb) noexcept 
 cdef inline void _dequant_row(int qtype, const uint8_t *x, out_ptr y, Py_ssize_t nb,
                               Py_ssize_t cols) noexcept nogil:
     # nb: blocks in the row; cols: elements in the row (= nb for the dense types).
-    if qtype == T_Q2_K:
+    if qtype == WS_Q2_K:
         _row_q2_k(x, y, nb)
-    elif qtype == T_Q3_K:
+    elif qtype == WS_Q3_K:
         _row_q3_k(x, y, nb)
-    elif qtype == T_Q4_K:
+    elif qtype == WS_Q4_K:
         _row_q4_k(x, y, nb)
-    elif qtype == T_Q5_K:
+    elif qtype == WS_Q5_K:
         _row_q5_k(x, y, nb)
-    elif qtype == T_Q6_K:
+    elif qtype == WS_Q6_K:
         _row_q6_k(x, y, nb)
-    elif qtype == T_Q8_0:
+    elif qtype == WS_Q8_0:
         _row_q8_0(x, y, nb)
-    elif qtype == T_Q4_0:
+    elif qtype == WS_Q4_0:
         _row_q4_0(x, y, nb)
-    elif qtype == T_Q4_1:
+    elif qtype == WS_Q4_1:
         _row_q4_1(x, y, nb)
-    elif qtype == T_Q5_0:
+    elif qtype == WS_Q5_0:
         _row_q5_0(x, y, nb)
-    elif qtype == T_Q5_1:
+    elif qtype == WS_Q5_1:
         _row_q5_1(x, y, nb)
-    elif qtype == T_F16:
+    elif qtype == WS_F16:
         _row_f16(x, y, cols)
-    elif qtype == T_BF16:
+    elif qtype == WS_BF16:
         _row_bf16(x, y, cols)
-    elif qtype == T_F32:
-        copy_f32(x, y, <size_t>cols)
+    elif qtype == WS_F32:
+        memcpy(y, x, <size_t>cols * sizeof(float))  # a byte copy keeps NaN payloads
 
 
 def dequantize_into(const uint8_t[:, ::1] raw, int qtype, float[:, ::1] out, int threads=1):

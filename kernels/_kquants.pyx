@@ -16,11 +16,11 @@ Layout of the work:
   activation rows go in tiles of up to 6 (WS_KQ_NRMAX) and each weight row is unpacked once per tile, so an
   unpacked block serves up to 6 activation rows from registers, while the group's weight bytes
   and the tile's activations stay in L1/L2.
-* The per-block math lives in ``_kquants_simd.h``: AVX-512 VNNI/VBMI intrinsics when the compiler
+* The per-block math lives in ``kquants_simd.h``: AVX-512 VNNI/VBMI intrinsics when the compiler
   targets them (-march=native on Zen 4 / Ice Lake and later), portable scalar C otherwise
   (WEIGHTSTREAM_PORTABLE=1). ``SIMD`` says which one this build has.
 * Q2_K with n >= ``_AMX_MIN_N`` activation rows (prefill, batched experts) goes to AMX-INT8 tiles
-  instead (``_kquants_amx.h``) when the build targets AMX and Linux grants the tile state
+  instead (``kquants_amx.h``) when the build targets AMX and Linux grants the tile state
   (``AMX``): the Q8_K activations are repacked into the tiles' VNNI layout per 16 rows, and each
   thread unpacks 16 weight rows once per chunk of activation groups (sized to stay in L2).
 """
@@ -32,9 +32,19 @@ from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uintptr_t
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from . import traits
+
 cimport openmp
 
-cdef extern from "_kquants_simd.h" nogil:
+# type numbers and block sizes (kernels/csrc/common.h)
+cdef extern from "common.h" nogil:
+    enum:
+        WS_Q2_K
+        WS_QK_K
+    int ws_block_bytes(int qtype)
+
+# per-block math, AVX-512 or portable C (kernels/csrc/kquants_simd.h)
+cdef extern from "kquants_simd.h" nogil:
     int WS_KQ_AVX512
     int WS_KQ_NRMAX
     ctypedef struct ws_kq_act:
@@ -42,12 +52,12 @@ cdef extern from "_kquants_simd.h" nogil:
         const float *dx
         const float *fb
         int64_t qx_stride, dx_stride, fb_stride
-    int ws_kq_block_bytes(int qtype)
     bint WS_KQ_PERMUTED(int qtype)
     void ws_kq_rows(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a, int nr,
                     float *accbuf, int first, int last, float *out, int64_t ostride)
 
-cdef extern from "_kquants_amx.h" nogil:
+# Q2_K prefill on AMX tiles (kernels/csrc/kquants_amx.h)
+cdef extern from "kquants_amx.h" nogil:
     int WS_KQ_AMX
     int WS_AMX_WBLK
     int WS_AMX_XBLK
@@ -59,13 +69,11 @@ cdef extern from "_kquants_amx.h" nogil:
                           int64_t ostride, uint8_t *scratch, int32_t *cbuf)
 
 cdef enum:
-    QK_K = 256
-    Q2_K = 10
+    QK_K = WS_QK_K
+    Q2_K = WS_Q2_K
 
-SUPPORTED = frozenset(int(t) for t in (GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K,
-                                       GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K,
-                                       GGMLQuantizationType.Q6_K))
-BLOCK_BYTES = {q: ws_kq_block_bytes(q) for q in SUPPORTED}
+SUPPORTED = frozenset(int(q) for q in traits.types_on("cython", traits.K_QUANT))
+BLOCK_BYTES = {q: ws_block_bytes(q) for q in SUPPORTED}
 SIMD = bool(WS_KQ_AVX512)
 # AMX tiles usable: compiled for AMX-INT8 and the tile state granted by the kernel (once per process)
 AMX = bool(WS_KQ_AMX) and bool(ws_amx_request())

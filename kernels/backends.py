@@ -1,56 +1,108 @@
-"""Which kernel runs a matmul: the registry of backends and the measured choice for "auto".
+"""Which kernel runs a matmul: the Backend protocol, the registry of backends, the one dispatch
+object (KernelCache) and the measured choice for "auto".
 
-A backend module exposes SUPPORTED (the GGML type values it handles) and
-matmul_into(x float32[n, cols], w uint8[rows, row_bytes], qtype int, out float32[n, rows], threads).
-"cython" is two compiled modules (k-quants, legacy block types); "numba" is JIT-compiled on first
-use; "numpy" dequantizes and calls BLAS (always available, and the fallback).
+A backend (``Backend``) multiplies x float32[n, cols] by W.T, W being uint8[rows, row_bytes] of
+GGUF blocks, for the types it ``supports``; ``many_kernel(qtype)`` is its optional batched-decode
+capability (``matvec_many_into``: one activation row through each of several weights in one
+call), None where it has none. "cython" is two compiled modules (k-quants, legacy block types);
+"numba" is JIT-compiled on first use; "numpy" dequantizes and calls BLAS (always available, the
+fallback; kernels.matmul runs it, so it is not in REGISTRY).
 
-"auto" picks, per weight type and batch size, the backend that measured fastest on this machine:
-the table lives in backend_table.json beside this file, written by `weightstream bench kernels
---write-table`. Without a measurement for a case it prefers cython, then numba, then numpy.
+"auto" picks, per weight type and batch size, the backend that measured fastest: `weightstream
+bench kernels --write-table` writes the table for this CPU model to the user's cache
+(``$WEIGHTSTREAM_CACHE`` or ``~/.cache/weightstream``, ``backend_table-<cpu model>.json``);
+without one, the table shipped beside this file (read-only) applies. Without a measurement for a
+case it prefers cython, then numba, then numpy.
 """
 from __future__ import annotations
 
 import importlib
 import json
+import os
+import re
+from functools import lru_cache
 from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
 BACKENDS = ("auto", "numpy", "cython", "numba")
-# module names relative to this package (weightstream.kernels)
-_MODULES = {"cython": ("._kquants", "._legacy"), "numba": (".numba_kernels",)}
-TABLE_PATH = Path(__file__).with_name("backend_table.json")
+SHIPPED_TABLE = Path(__file__).with_name("backend_table.json")  # the default; never written
 N_BUCKETS = (1, 8, 64, 512)  # a batch of n rows is looked up under the smallest bucket >= n
 
-_loaded: dict[str, dict[int, object]] = {}  # backend -> {qtype value: module}
-_table: dict[str, dict[str, str]] | None = None
+
+class Backend(Protocol):
+    name: str
+
+    def supports(self, qtype: GGMLQuantizationType | int) -> bool: ...
+
+    def kernel_for(self, qtype: GGMLQuantizationType | int):
+        """The object whose matmul_into multiplies qtype (what KernelCache caches), or None."""
+
+    def matmul_into(self, x: np.ndarray, w: np.ndarray, qtype: int, out: np.ndarray, threads: int) -> None:
+        """out[n, rows] = x[n, cols] @ W.T (all C-contiguous; w: uint8[rows, row_bytes])."""
+
+    def many_kernel(self, qtype: GGMLQuantizationType | int) -> Callable | None:
+        """matvec_many_into(x float32[t, cols], ws list of t weights, qtype, out float32[t, rows],
+        threads) for qtype, each row with the bits matmul_into gives it alone; None if absent."""
 
 
-def _kernels_of(backend: str) -> dict[int, object]:
-    """{qtype: module} for a backend, importing its modules once (missing modules: no kernels)."""
-    if backend not in _loaded:
-        found: dict[int, object] = {}
-        for name in _MODULES.get(backend, ()):
-            try:
-                module = importlib.import_module(name, __package__)
-            except ImportError:
-                continue
-            for q in module.SUPPORTED:
-                found.setdefault(int(q), module)
-        _loaded[backend] = found
-    return _loaded[backend]
+class ModuleBackend:
+    """A backend made of kernel modules, each exposing SUPPORTED (GGML type values) and
+    matmul_into (and optionally matvec_many_supported / matvec_many_into). Modules are imported
+    on first use; one that cannot be imported (an unbuilt checkout) contributes no types."""
+
+    def __init__(self, name: str, modules: tuple[str, ...]):
+        self.name = name
+        self._module_names = modules  # relative to this package (weightstream.kernels)
+        self._by_type: dict[int, object] | None = None
+
+    def _modules(self) -> dict[int, object]:
+        if self._by_type is None:
+            found: dict[int, object] = {}
+            for name in self._module_names:
+                try:
+                    module = importlib.import_module(name, __package__)
+                except ImportError:
+                    continue
+                for q in module.SUPPORTED:
+                    found.setdefault(int(q), module)
+            self._by_type = found
+        return self._by_type
+
+    def kernel_for(self, qtype):
+        """The module implementing qtype, or None."""
+        return self._modules().get(int(qtype))
+
+    def supports(self, qtype) -> bool:
+        return self.kernel_for(qtype) is not None
+
+    def matmul_into(self, x, w, qtype, out, threads) -> None:
+        self.kernel_for(qtype).matmul_into(x, w, int(qtype), out, threads)
+
+    def many_kernel(self, qtype):
+        module = self.kernel_for(qtype)
+        if module is None or not hasattr(module, "matvec_many_into"):
+            return None
+        return module.matvec_many_into if module.matvec_many_supported(int(qtype)) else None
+
+
+REGISTRY: dict[str, Backend] = {
+    "cython": ModuleBackend("cython", ("._kquants", "._legacy")),
+    "numba": ModuleBackend("numba", (".numba.matmul",)),
+}
 
 
 def kernel_for(backend: str, qtype: GGMLQuantizationType):
     """The module implementing qtype in backend, or None."""
-    return _kernels_of(backend).get(int(qtype))
+    b = REGISTRY.get(backend)
+    return b.kernel_for(qtype) if b is not None else None
 
 
 def available(qtype: GGMLQuantizationType) -> list[str]:
     """Backends that can multiply qtype here (numpy always can)."""
-    return [b for b in ("cython", "numba") if kernel_for(b, qtype) is not None] + ["numpy"]
+    return [name for name, b in REGISTRY.items() if b.supports(qtype)] + ["numpy"]
 
 
 def has_fused_kernel(qtype: GGMLQuantizationType, backend: str = "auto") -> bool:
@@ -66,14 +118,54 @@ def bucket(n: int) -> int:
     return next((b for b in N_BUCKETS if n <= b), N_BUCKETS[-1])
 
 
+# ---------------------------------------------------------------------------
+# The measured table: the user's, for this CPU model, else the shipped default
+# ---------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """$WEIGHTSTREAM_CACHE, else ~/.cache/weightstream (engine/assets.py's convention; kernels
+    does not import engine). Not created here: only write_table needs it to exist."""
+    return Path(os.environ.get("WEIGHTSTREAM_CACHE") or Path.home() / ".cache" / "weightstream")
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's "model name" from /proc/cpuinfo ("unknown" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def user_table_path() -> Path:
+    """Where this CPU model's measured table lives in the user's cache."""
+    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") or "unknown"
+    return cache_dir() / f"backend_table-{slug}.json"
+
+
+_table: tuple[Path, dict[str, dict[str, str]]] | None = None  # (user table path, its "best")
+
+
 def _measured() -> dict[str, dict[str, str]]:
+    """type name -> {n bucket: backend}, read once per user table path."""
     global _table
-    if _table is None:
-        try:
-            _table = json.loads(TABLE_PATH.read_text())["best"]
-        except (OSError, ValueError, KeyError):
-            _table = {}
-    return _table
+    user = user_table_path()
+    if _table is None or _table[0] != user:
+        best: dict[str, dict[str, str]] = {}
+        for path in (user, SHIPPED_TABLE):
+            try:
+                best = json.loads(path.read_text())["best"]
+                break
+            except (OSError, ValueError, KeyError):
+                continue
+        _table = (user, best)
+    return _table[1]
 
 
 def choose(qtype: GGMLQuantizationType, n: int) -> str:
@@ -85,6 +177,25 @@ def choose(qtype: GGMLQuantizationType, n: int) -> str:
     return available(qtype)[0]
 
 
+def write_table(best: dict[str, dict[str, str]], measurements: list[dict], machine: dict) -> Path:
+    """Store the measured choice (type -> {n bucket: backend}) with the figures it came from, as
+    this CPU model's table in the user's cache (atomically: a temporary name, then os.replace)."""
+    global _table
+    path = user_table_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"cpu_model": cpu_model(), "machine": machine, "best": best,
+                               "measurements": measurements}, indent=1))
+    os.replace(tmp, path)
+    _table = (path, best)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------
+
+
 class KernelCache:
     """(qtype, n) -> the fused kernel module `backend` uses (None: NumPy), looked up once. At
     decode a step makes hundreds of small matmuls; choosing each time would cost as much as a
@@ -93,16 +204,29 @@ class KernelCache:
     def __init__(self, backend: str = "auto"):
         self.backend = backend
         self._cache: dict[tuple[int, int], object] = {}
+        self._many: dict[int, Callable | None] = {}
+
+    def _backend_name(self, qtype, n: int) -> str:
+        return choose(qtype, n) if self.backend == "auto" else self.backend
 
     def __call__(self, qtype, n: int):
         key = (int(qtype), n)
         try:
             return self._cache[key]
         except KeyError:
-            name = choose(qtype, n) if self.backend == "auto" else self.backend
+            name = self._backend_name(qtype, n)
             kernel = kernel_for(name, qtype) if name != "numpy" else None
             self._cache[key] = kernel
             return kernel
+
+    def many_kernel(self, qtype) -> Callable | None:
+        """The batched-decode kernel (Backend.many_kernel) of the backend chosen for qtype at
+        n = 1, or None where that backend has none for qtype (callers then run one matmul each)."""
+        key = int(qtype)
+        if key not in self._many:
+            backend = REGISTRY.get(self._backend_name(qtype, 1))
+            self._many[key] = backend.many_kernel(qtype) if backend is not None else None
+        return self._many[key]
 
     def matmul(self, x: np.ndarray, qt, threads: int) -> np.ndarray:
         """x @ W.T for x: float32[n, cols] and W = qt, through the cached kernel; where there is
@@ -116,13 +240,3 @@ class KernelCache:
         out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
         kernel.matmul_into(x, qt.data, int(qt.qtype), out, threads)
         return out
-
-
-def write_table(best: dict[str, dict[str, str]], measurements: list[dict], machine: dict) -> Path:
-    """Store the measured choice (type -> {n bucket: backend}) with the figures it came from."""
-    global _table
-    tmp = TABLE_PATH.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"machine": machine, "best": best, "measurements": measurements}, indent=1))
-    tmp.replace(TABLE_PATH)
-    _table = best
-    return TABLE_PATH

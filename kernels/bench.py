@@ -348,7 +348,8 @@ def best_backends(results: dict) -> dict[str, dict[str, str]]:
 
 
 def write_backend_table(results: dict) -> Path:
-    """Store best_backends(results) where weightstream.kernels.backends.choose reads it (backend_table.json)."""
+    """Store best_backends(results) where weightstream.kernels.backends.choose reads it: this CPU model's
+    table in the user's cache (backends.user_table_path()); returns its path."""
     from . import backends
 
     keep = ("qtype", "shape", "n", "threads", "backend", "seconds", "weight_bytes_per_s")

@@ -15,6 +15,9 @@ Conventions:
   and is cross-checked against ``gguf.GGML_QUANT_SIZES``.
 * The dense types (F32, F16, BF16) are "blocks" of one element, as in ggml.
 
+Which types are supported, and their block sizes, come from ``kernels/traits.py``; this module
+adds the field layout of each.
+
 ``gguf.GGMLQuantizationType`` is the type enum everywhere; functions here also accept
 its plain integer values.
 """
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .traits import TRAITS
 
 __all__ = [
     "QK_K",
@@ -198,29 +203,14 @@ BLOCK_DTYPES: dict[GGMLQuantizationType, np.dtype] = {
     T.Q6_K: BLOCK_Q6_K,
 }
 
-# Elements per block; bytes per block is the dtype's itemsize.
-_BLOCK_ELEMENTS: dict[GGMLQuantizationType, int] = {
-    T.F32: 1,
-    T.F16: 1,
-    T.BF16: 1,
-    T.Q8_0: QK8_0,
-    T.Q4_0: QK4_0,
-    T.Q4_1: QK4_1,
-    T.Q5_0: QK5_0,
-    T.Q5_1: QK5_1,
-    T.Q2_K: QK_K,
-    T.Q3_K: QK_K,
-    T.Q4_K: QK_K,
-    T.Q5_K: QK_K,
-    T.Q6_K: QK_K,
-}
+# Which types exist and their block sizes come from kernels/traits.py; here each gets its fields.
+SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(TRAITS)
+assert set(BLOCK_DTYPES) == SUPPORTED_TYPES
 
-SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(BLOCK_DTYPES)
-
-# Cross-check every layout against the gguf package (llama.cpp's own table).
+# Cross-check every layout against the traits table and the gguf package (llama.cpp's own table).
 for _qtype, _dtype in BLOCK_DTYPES.items():
-    assert GGML_QUANT_SIZES[_qtype] == (_BLOCK_ELEMENTS[_qtype], _dtype.itemsize), _qtype.name
-assert len(SUPPORTED_TYPES) == 13
+    assert TRAITS[_qtype].block_bytes == _dtype.itemsize, _qtype.name
+    assert GGML_QUANT_SIZES[_qtype] == (TRAITS[_qtype].block_elements, _dtype.itemsize), _qtype.name
 del _qtype, _dtype
 
 
@@ -239,7 +229,7 @@ def as_qtype(qtype: GGMLQuantizationType | int) -> GGMLQuantizationType:
 def block_size(qtype: GGMLQuantizationType | int) -> tuple[int, int]:
     """``(elements_per_block, bytes_per_block)`` of ``qtype``, as ``gguf.GGML_QUANT_SIZES``."""
     qt = as_qtype(qtype)
-    return _BLOCK_ELEMENTS[qt], BLOCK_DTYPES[qt].itemsize
+    return TRAITS[qt].block_elements, TRAITS[qt].block_bytes
 
 
 def row_bytes(qtype: GGMLQuantizationType | int, cols: int) -> int:

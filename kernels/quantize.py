@@ -19,12 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from . import reference
+from . import reference, traits
 
 QK_K = 256
 QK8_0 = 32
-
-_K_QUANTS = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 
 
 @dataclass(frozen=True)
@@ -50,14 +48,7 @@ class QuantizedActivations:
 
 def activation_type(qtype: T) -> T | None:
     """The activation quantization llama.cpp pairs with a weight type (None: float activations)."""
-    qtype = T(qtype)
-    if qtype in _K_QUANTS:
-        return T.Q8_K
-    if qtype in (T.Q4_0, T.Q5_0, T.Q8_0):
-        return T.Q8_0
-    if qtype in (T.Q4_1, T.Q5_1):
-        return T.Q8_1
-    return None
+    return traits.of(qtype).activation
 
 
 def _rows(x: np.ndarray, block: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 ``quantize(w, qtype, imatrix=None)`` returns ``uint8[rows, bytes_per_row]``: the blocks of
 ``kernels/formats.py`` laid out exactly as llama.cpp writes them, so ``gguf.quants.dequantize``
-and ``weightstream.kernels.reference.dequantize`` read them. The cores are in ``kernels/numba_quantize.py``.
+and ``weightstream.kernels.reference.dequantize`` read them. The cores are in ``kernels/numba/quantize.py``.
 
 Algorithms (per sub-block scale and min chosen by an error-minimising search, not min/max):
 
@@ -28,19 +28,20 @@ import time
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import formats, numba_quantize as nq
+from . import formats
+from .numba import quantize as nq
+from .traits import TRAITS
 
 __all__ = ["quantize", "SUPPORTED", "bench_quantize"]
 
 T = GGMLQuantizationType
 
-SUPPORTED: tuple[GGMLQuantizationType, ...] = (
-    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-)
+# the types kernels/traits.py gives a quantizer core
+SUPPORTED: tuple[GGMLQuantizationType, ...] = tuple(q for q, t in TRAITS.items() if t.quantizer)
 
-# legacy type -> (nmax of the search, has a min)
 _MAX_ABS = 1e18  # far above what fp16 scales hold (65504 per level); keeps x^2 finite
 
+# legacy type -> (nmax of the search, has a min)
 _LEGACY = {T.Q4_0: (8, False), T.Q4_1: (15, True), T.Q5_0: (16, False), T.Q5_1: (31, True),
            T.Q8_0: (127, False)}
 

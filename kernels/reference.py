@@ -29,6 +29,7 @@ from gguf import GGMLQuantizationType
 
 from . import formats
 from .formats import QK_K
+from .traits import TRAITS
 
 __all__ = [
     "dequantize",
@@ -240,20 +241,9 @@ def dequantize_q6_k(blocks: np.ndarray) -> np.ndarray:
     return y.reshape(n, QK_K)
 
 
+# each type's function, as kernels/traits.py names it
 _DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
-    GGMLQuantizationType.F32: dequantize_f32,
-    GGMLQuantizationType.F16: dequantize_f16,
-    GGMLQuantizationType.BF16: dequantize_bf16,
-    GGMLQuantizationType.Q8_0: dequantize_q8_0,
-    GGMLQuantizationType.Q4_0: dequantize_q4_0,
-    GGMLQuantizationType.Q4_1: dequantize_q4_1,
-    GGMLQuantizationType.Q5_0: dequantize_q5_0,
-    GGMLQuantizationType.Q5_1: dequantize_q5_1,
-    GGMLQuantizationType.Q2_K: dequantize_q2_k,
-    GGMLQuantizationType.Q3_K: dequantize_q3_k,
-    GGMLQuantizationType.Q4_K: dequantize_q4_k,
-    GGMLQuantizationType.Q5_K: dequantize_q5_k,
-    GGMLQuantizationType.Q6_K: dequantize_q6_k,
+    qtype: globals()[traits.dequantizer] for qtype, traits in TRAITS.items()
 }
 assert set(_DEQUANTIZERS) == formats.SUPPORTED_TYPES
 

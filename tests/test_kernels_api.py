@@ -108,3 +108,19 @@ def test_compiled_kernels_are_built():
     for name in ("weightstream.kernels._dequant", "weightstream.kernels._kquants", "weightstream.kernels._legacy"):
         importlib.import_module(name)
     assert backends.has_fused_kernel(T.Q2_K, "cython") and backends.has_fused_kernel(T.Q4_1, "cython")
+
+
+def test_traits_table_agrees_with_gguf_and_the_c_header():
+    """kernels/traits.py is the one Python table; kernels/csrc/common.h repeats its numbers for C."""
+    from gguf import GGML_QUANT_SIZES
+
+    from weightstream.kernels import _dequant, traits
+    from weightstream.kernels.numba import quantize as numba_quantize
+
+    assert formats.SUPPORTED_TYPES == set(traits.TRAITS)
+    for qtype, row in traits.TRAITS.items():
+        assert GGML_QUANT_SIZES[qtype] == (row.block_elements, row.block_bytes), qtype.name
+        assert _dequant.BLOCK_SIZES[int(qtype)] == (row.block_elements, row.block_bytes), qtype.name
+        assert callable(getattr(reference, row.dequantizer))
+        assert row.quantizer is None or callable(getattr(numba_quantize, row.quantizer))
+        assert quantize.activation_type(qtype) == row.activation

@@ -1,4 +1,4 @@
-"""Numba fused matmul kernels (kernels/numba_kernels.py) against the NumPy references.
+"""Numba fused matmul kernels (kernels/numba/) against the NumPy references.
 
 Every type, both tiers (the AVX-512 int8 kernels where the CPU has them, and the portable
 plain-loop kernels), over seeded random blocks and awkward sizes. Kernels that quantize their
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from weightstream.kernels import numba_kernels as nk
+from weightstream.kernels.numba import matmul as nk
 from weightstream.kernels import quantize, reference
 
 K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]

@@ -296,7 +296,7 @@ def make_qkx2_loop(x, w, nmax, rmin, rdelta, nstep, use_mad):
     (32, 31, (-0.9, 0.05, 36), False),  # Q5_K / Q5_1 with imatrix (make_qkx3's parameters)
 ])
 def test_batched_search_matches_ggml_loop(n, nmax, params, use_mad):
-    from weightstream.kernels import numba_quantize as nq
+    from weightstream.kernels.numba import quantize as nq
 
     rng = np.random.default_rng(21)
     G = 300

@@ -38,7 +38,8 @@ def register(subparsers) -> None:
     k.add_argument("--quick", action="store_true", help="Q2_K, dense shapes + one expert shape, n=1,64")
     k.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
     k.add_argument("--write-table", action="store_true",
-                   help="store the fastest backend per (type, n) for backend='auto' (kernels/backend_table.json)")
+                   help="store the fastest backend per (type, n) for backend='auto' "
+                        "(~/.cache/weightstream/backend_table-<cpu>.json)")
     k.set_defaults(func=cmd_bench_kernels)
 
     d = sub.add_parser("decode", help="prefill (pp) and decode (tg) tokens/s, as llama-bench")

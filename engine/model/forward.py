@@ -214,19 +214,18 @@ class Model:
         the single calls give. False (nothing done) where the kernel or the types do not allow it."""
         gates, ups, downs = zip(*(parts for _, parts in batch))
         tg, td = gates[0].qtype, downs[0].qtype
-        k_gu, k_d = self.kernel(tg, 1), self.kernel(td, 1)
-        if not (hasattr(k_gu, "matvec_many_into") and hasattr(k_d, "matvec_many_into")
-                and k_gu.matvec_many_supported(int(tg)) and k_d.matvec_many_supported(int(td))
+        many_gu, many_d = self.kernel.many_kernel(tg), self.kernel.many_kernel(td)
+        if not (many_gu is not None and many_d is not None
                 and all(g.qtype == tg and u.qtype == tg for g, u in zip(gates, ups))
                 and all(d.qtype == td for d in downs)):
             return False
         t, ff = len(batch), gates[0].shape[0]
         gu = np.empty((2 * t, ff), dtype=np.float32)  # gate rows of every expert, then up rows
-        k_gu.matvec_many_into(np.repeat(h, 2 * t, axis=0), [g.data for g in gates] + [u.data for u in ups],
-                              int(tg), gu, self.kernel_threads)
+        many_gu(np.repeat(h, 2 * t, axis=0), [g.data for g in gates] + [u.data for u in ups],
+                int(tg), gu, self.kernel_threads)
         act = self.swiglu(gu[:t], gu[t:])  # [t, ff]
         y = np.empty((t, downs[0].shape[0]), dtype=np.float32)
-        k_d.matvec_many_into(act, [d.data for d in downs], int(td), y, self.kernel_threads)
+        many_d(act, [d.data for d in downs], int(td), y, self.kernel_threads)
         for j, (e, _) in enumerate(batch):
             ys[e] = y[j:j + 1]
         return True

@@ -1,7 +1,7 @@
 """Numba kernels for the legacy 32-element block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the
-dense types (F32, F16, BF16), plus the LLVM-IR helpers that numba_kquants.py shares.
+dense types (F32, F16, BF16), plus the LLVM-IR helpers that kquants.py shares.
 
-Used through ``weightstream.kernels.numba_kernels.matmul_into``; everything here trusts its inputs.
+Used through ``weightstream.kernels.numba.matmul.matmul_into``; everything here trusts its inputs.
 
 Two tiers per legacy type:
 
@@ -22,10 +22,13 @@ The dense types only have the float path (F16 through ``vcvtph2ps``).
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGMLQuantizationType as T
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from ..traits import TRAITS
 
 F32 = np.float32
 FASTMATH = {"reassoc", "contract", "nsz"}  # no 'arcp' / 'afn': no approximate division
@@ -84,7 +87,7 @@ def dot_f32(buf, xr, xo, ne):
 
 
 # ---------------------------------------------------------------------------
-# LLVM IR helpers for the SIMD intrinsics (AVX-512 BW / VNNI; see numba_kernels.HAVE_SIMD)
+# LLVM IR helpers for the SIMD intrinsics (AVX-512 BW / VNNI; see matmul.HAVE_SIMD)
 # ---------------------------------------------------------------------------
 
 I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -176,8 +179,8 @@ def tile_rows(cols):
 # ---------------------------------------------------------------------------
 
 # kind -> (block bytes, weight offset added to make it unsigned (0: has a min instead), has min)
-_LEGACY = {"q4_0": (18, 8, False), "q4_1": (20, 0, True), "q5_0": (22, 16, False),
-           "q5_1": (24, 0, True), "q8_0": (34, 128, False)}
+_LEGACY = {kind: (TRAITS[T[kind.upper()]].block_bytes, offset, has_min) for kind, offset, has_min in (
+    ("q4_0", 8, False), ("q4_1", 0, True), ("q5_0", 16, False), ("q5_1", 0, True), ("q8_0", 128, False))}
 
 
 def _weights_u8(builder, pb, kind):

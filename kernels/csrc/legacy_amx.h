@@ -1,6 +1,6 @@
 /* AMX-INT8 tiles for the legacy 32-element block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) in the
  * matrix-matrix product (prefill), used by kernels/_legacy.pyx when n >= its AMX cut-off.
- * Included at the end of _legacy.pyx's C block: it uses lg_unpack_pair, lg_bs, lg_offset, ...
+ * Built on legacy.h's helpers (lg_unpack_pair, lg_offset, ...).
  *
  * Per 32-element block b, 16 weight rows m and 16 activation rows n:
  *
@@ -17,7 +17,7 @@
  * The scales differ per block, so every block's C is stored and scaled in floats; that float
  * work (3-4 vector ops per 16 outputs per block) is the cost, the tile products are cheap.
  * The product of block b goes to one C tile / buffer while block b - 1's is scaled (two
- * operand pairs: tile registers are not renamed, see _kquants_amx.h).
+ * operand pairs: tile registers are not renamed, see kquants_amx.h).
  *
  * Buffers (64-byte aligned, LG_AMX_BLK bytes per block):
  *   weights, per 16-row group and block: A  int8/u8[16 m][32 k]   (the activations' k order)
@@ -28,6 +28,8 @@
  */
 #ifndef LG_LEGACY_AMX_H
 #define LG_LEGACY_AMX_H
+
+#include "legacy.h"
 
 #if LG_SIMD && defined(__AMX_TILE__) && defined(__AMX_INT8__)
 #define LG_AMX 1
@@ -45,7 +47,7 @@ static int lg_amx_built(void) { return LG_AMX; }
 #if LG_AMX
 
 /* Linux hands out AMX tile state only on request (once per process, all threads); the same
-   call as _kquants_amx.h's, repeated here so the two modules do not depend on each other. */
+   call as kquants_amx.h's, repeated here so the two modules do not depend on each other. */
 static int lg_amx_request(void) {
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
 }
@@ -88,7 +90,7 @@ static void lg_amx_pack_act(const int8_t *xq, const float *dx, const float *cs, 
 /* Weight rows w[0..nrw-1] (row stride row_bytes, nrw <= 16) -> nb blocks of A / dw / mw. */
 static void lg_amx_unpack(const int t, const uint8_t *w, size_t row_bytes, int nb, int nrw,
                           uint8_t *scr) {
-    const int bs = lg_bs(t), has_min = lg_has_min(t);
+    const int bs = ws_block_bytes(t), has_min = lg_has_min(t);
     const __m512i off = _mm512_set1_epi8((char)lg_offset(t));
     for (int m = 0; m < 16; m++) {
         const uint8_t *row = w + (size_t)m * row_bytes;
@@ -107,8 +109,8 @@ static void lg_amx_unpack(const int t, const uint8_t *w, size_t row_bytes, int n
         for (int b = 0; b < nb; b++) {
             float *f = (float *)(scr + (size_t)b * LG_AMX_BLK + 512);
             const uint8_t *p = row + (size_t)b * bs;
-            f[m] = m < nrw ? _cvtsh_ss(lg_u16(p)) : 0.0f;
-            f[16 + m] = m < nrw && has_min ? _cvtsh_ss(lg_u16(p + 2)) : 0.0f;
+            f[m] = m < nrw ? _cvtsh_ss(ws_load_u16(p)) : 0.0f;
+            f[16 + m] = m < nrw && has_min ? _cvtsh_ss(ws_load_u16(p + 2)) : 0.0f;
         }
     }
 }
@@ -125,7 +127,7 @@ static void lg_amx_unpack(const int t, const uint8_t *w, size_t row_bytes, int n
     } while (0)
 
 /* acc[m][:] += (dw[m] * dx[:]) * C[m][:] */
-LG_INLINE void lg_amx_scale(const int32_t *c, const uint8_t *wb, const uint8_t *xb,
+WS_INLINE void lg_amx_scale(const int32_t *c, const uint8_t *wb, const uint8_t *xb,
                             __m512 acc[16]) {
     const float *dw = (const float *)(wb + 512);
     const __m512 dx = _mm512_load_ps((const float *)(xb + 512));
@@ -138,7 +140,7 @@ LG_INLINE void lg_amx_scale(const int32_t *c, const uint8_t *wb, const uint8_t *
 /* acc[m][:] += sum_b mw_b[m] * s_b[:] (Q4_1 / Q5_1's min term): a loop of its own, measured
    faster than one more FMA per row inside lg_amx_scale (Q4_1 / Q8_0 time 1.23 -> 1.09,
    3072x576, n = 256, one thread). */
-LG_INLINE void lg_amx_min_term(const uint8_t *wsc, const uint8_t *xact, int nb, __m512 acc[16]) {
+WS_INLINE void lg_amx_min_term(const uint8_t *wsc, const uint8_t *xact, int nb, __m512 acc[16]) {
     for (int b = 0; b < nb; b++) {
         const float *mw = (const float *)(wsc + (size_t)b * LG_AMX_BLK + 576);
         const __m512 s = _mm512_load_ps((const float *)(xact + (size_t)b * LG_AMX_BLK + 576));
@@ -147,7 +149,7 @@ LG_INLINE void lg_amx_min_term(const uint8_t *wsc, const uint8_t *xact, int nb, 
 }
 
 /* One 16 x 16 output tile over all nb blocks: out[r][m] for r < nrx, m < nrw. */
-LG_INLINE void lg_amx_tile_out(const int has_min, const uint8_t *wsc, const uint8_t *xact, int nb,
+WS_INLINE void lg_amx_tile_out(const int has_min, const uint8_t *wsc, const uint8_t *xact, int nb,
                                int nrw, int nrx, float *out, size_t ostride) {
     int32_t c[2][256] __attribute__((aligned(64)));   /* C of blocks b (even / odd) */
     __m512 acc[16];

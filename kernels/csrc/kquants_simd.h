@@ -26,8 +26,7 @@
 #ifndef WS_KQUANTS_SIMD_H
 #define WS_KQUANTS_SIMD_H
 
-#include <stdint.h>
-#include <string.h>
+#include "common.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__F16C__)
@@ -50,45 +49,15 @@ typedef struct {
     int64_t qx_stride, dx_stride, fb_stride;
 } ws_kq_act;
 
-enum { WS_Q2_K = 10, WS_Q3_K = 11, WS_Q4_K = 12, WS_Q5_K = 13, WS_Q6_K = 14 };
-
 /* 1 where the kernel reads each block's 256 int8 activations permuted: position 64j + 32h + l
    holds element 128h + 32j + l, the order of Q2_K's 2-bit planes (plane j of qs[32h + l]), so
    that one 64-byte load of qs feeds all four planes without cross-lane work. */
 #define WS_KQ_PERMUTED(qtype) (WS_KQ_AVX512 && (qtype) == WS_Q2_K)
 
-static inline int ws_kq_block_bytes(int qtype) {
-    switch (qtype) {
-    case WS_Q2_K: return 84;
-    case WS_Q3_K: return 110;
-    case WS_Q4_K: return 144;
-    case WS_Q5_K: return 176;
-    case WS_Q6_K: return 210;
-    default: return 0;
-    }
-}
-
-static inline uint16_t ws_kq_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-static inline uint32_t ws_kq_u32(const uint8_t *p) {
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-}
-
-/* IEEE binary16 -> binary32, exact (finite inputs, zeros and subnormals included). */
-static inline float ws_kq_half(const uint8_t *p) {
-    uint16_t h = ws_kq_u16(p);
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7FFFu, bits;
-    union { float f; uint32_t u; } r;
-    if (em >= 0x7C00u) bits = (em << 13) | 0x7F800000u;                 /* inf / nan */
-    else if (em >= 0x0400u) bits = (em << 13) + ((127u - 15u) << 23);     /* normal */
-    else { r.f = (float)em * 0x1p-24f; bits = r.u; }                    /* zero / subnormal */
-    r.u = sign | bits;
-    return r.f;
-}
-
 /* Q3_K's 12 bytes -> 16 unsigned 6-bit scales (ggml's kmask trick). */
 static inline void ws_kq_q3_scales(const uint8_t *s, uint32_t aux[4]) {
     const uint32_t m1 = 0x03030303u, m2 = 0x0f0f0f0fu;
-    uint32_t a0 = ws_kq_u32(s), a1 = ws_kq_u32(s + 4), t = ws_kq_u32(s + 8);
+    uint32_t a0 = ws_load_u32(s), a1 = ws_load_u32(s + 4), t = ws_load_u32(s + 8);
     aux[0] = (a0 & m2) | (((t >> 0) & m1) << 4);
     aux[1] = (a1 & m2) | (((t >> 2) & m1) << 4);
     aux[2] = ((a0 >> 4) & m2) | (((t >> 4) & m1) << 4);
@@ -98,7 +67,7 @@ static inline void ws_kq_q3_scales(const uint8_t *s, uint32_t aux[4]) {
 /* Q4_K / Q5_K's 12 bytes -> bytes 0..7: the 8 scales, bytes 8..15: the 8 mins (6-bit). */
 static inline void ws_kq_k4_scales(const uint8_t *s, uint32_t u[4]) {
     const uint32_t k1 = 0x3f3f3f3fu, k2 = 0x0f0f0f0fu, k3 = 0x03030303u;
-    uint32_t a = ws_kq_u32(s), b = ws_kq_u32(s + 4), c = ws_kq_u32(s + 8);
+    uint32_t a = ws_load_u32(s), b = ws_load_u32(s + 4), c = ws_load_u32(s + 8);
     u[0] = a & k1;
     u[1] = (c & k2) | (((a >> 6) & k3) << 4);
     u[2] = b & k1;
@@ -147,7 +116,7 @@ WS_AI void ws_bcast_half2(const uint8_t *p, __m512 *d, __m512 *dmin) {
 }
 
 WS_AI __m512 ws_bcast_half(const uint8_t *p) {
-    return _mm512_set1_ps(_cvtsh_ss(ws_kq_u16(p)));
+    return _mm512_set1_ps(_cvtsh_ss(ws_load_u16(p)));
 }
 
 /* int16 scales (in the low 16 words of sw) spread so 128-bit lane m of zmm p is sub-block 4p+m */
@@ -284,7 +253,7 @@ WS_AI void ws_unpack_q6k(const uint8_t *b, ws_ublk *u) {
 WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a,
                           const int nr, float *accbuf, int first, int last, float *out,
                           int64_t ostride) {
-    const int bb = ws_kq_block_bytes(qtype);
+    const int bb = ws_block_bytes(qtype);
     /* scale and min terms: two accumulators (two short dependency chains) when few rows */
     const int split = nr <= 4;
     __m512 acc[WS_KQ_NRMAX], accm[WS_KQ_NRMAX];
@@ -362,8 +331,8 @@ static void ws_unpack_scalar(int qtype, const uint8_t *b, ws_sblk *u) {
     int k, i;
     switch (qtype) {
     case WS_Q2_K: {
-        float dmin = ws_kq_half(b + 82);
-        u->d = ws_kq_half(b + 80);
+        float dmin = ws_half_at(b + 82);
+        u->d = ws_half_at(b + 80);
         for (k = 0; k < 16; k++) { u->sc[k] = b[k] & 15; u->g[k] = dmin * (float)(b[k] >> 4); }
         for (i = 0; i < 256; i++)
             u->q[i] = (b[16 + 32 * (i / 128) + i % 32] >> (2 * ((i / 32) % 4))) & 3;
@@ -374,7 +343,7 @@ static void ws_unpack_scalar(int qtype, const uint8_t *b, ws_sblk *u) {
         uint8_t s[16];
         ws_kq_q3_scales(b + 96, aux);
         memcpy(s, aux, 16);
-        u->d = ws_kq_half(b + 108);
+        u->d = ws_half_at(b + 108);
         for (k = 0; k < 16; k++) { u->sc[k] = (int)s[k] - 32; u->g[k] = 4.0f * u->d * (float)u->sc[k]; }
         for (i = 0; i < 256; i++) {
             int low = (b[32 + 32 * (i / 128) + i % 32] >> (2 * ((i / 32) % 4))) & 3;
@@ -388,10 +357,10 @@ static void ws_unpack_scalar(int qtype, const uint8_t *b, ws_sblk *u) {
         uint32_t sm[4];
         uint8_t s[16];
         const uint8_t *qs = b + (qtype == WS_Q4_K ? 16 : 48);
-        float dmin = ws_kq_half(b + 2);
+        float dmin = ws_half_at(b + 2);
         ws_kq_k4_scales(b + 4, sm);
         memcpy(s, sm, 16);
-        u->d = ws_kq_half(b);
+        u->d = ws_half_at(b);
         for (k = 0; k < 16; k++) { u->sc[k] = s[k / 2]; u->g[k] = dmin * (float)s[8 + k / 2]; }
         for (i = 0; i < 256; i++) {
             int q = (qs[32 * (i / 64) + i % 32] >> (4 * ((i / 32) % 2))) & 15;
@@ -401,7 +370,7 @@ static void ws_unpack_scalar(int qtype, const uint8_t *b, ws_sblk *u) {
         break;
     }
     default: {  /* Q6_K */
-        u->d = ws_kq_half(b + 208);
+        u->d = ws_half_at(b + 208);
         for (k = 0; k < 16; k++) { u->sc[k] = (int8_t)b[192 + k]; u->g[k] = 32.0f * u->d * (float)u->sc[k]; }
         for (i = 0; i < 256; i++) {
             int h = i / 128, kk = (i / 32) % 4, l = i % 32;
@@ -417,7 +386,7 @@ static void ws_unpack_scalar(int qtype, const uint8_t *b, ws_sblk *u) {
 static void ws_kq_rows_scalar(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a,
                               int nr, float *accbuf, int first, int last, float *out,
                               int64_t ostride) {
-    const int bb = ws_kq_block_bytes(qtype);
+    const int bb = ws_block_bytes(qtype);
     float acc[WS_KQ_NRMAX];
     ws_sblk u;
     for (int r = 0; r < nr; r++) acc[r] = first ? 0.0f : accbuf[16 * r];

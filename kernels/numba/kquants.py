@@ -1,6 +1,6 @@
 """Numba kernels for the k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), Q8_K activations.
 
-Used through ``weightstream.kernels.numba_kernels.matmul_into``; everything here trusts its inputs.
+Used through ``weightstream.kernels.numba.matmul.matmul_into``; everything here trusts its inputs.
 Activations arrive quantized as ``weightstream.kernels.quantize.quantize_q8_k`` does (bit for bit): quants,
 one float scale ``xd`` per 256 values and ``bsums``, the sums of each 16 quants, through which
 the weights' mins are applied once per sub-block. Reference: ``weightstream.kernels.quantize.matmul_q8_ref``.
@@ -28,7 +28,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .numba_legacy import (F32, FASTMATH, FLT, I8, I16, I32, JIT, ROWS_PER_TASK, arr, bcast, c64, prefetch,
+from .legacy import (F32, FASTMATH, FLT, I8, I16, I32, JIT, ROWS_PER_TASK, arr, bcast, c64, prefetch,
                            call, f16, half_at, hsum, splat, vec, vload)
 
 

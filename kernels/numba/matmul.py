@@ -2,7 +2,7 @@
 
 Public: ``SUPPORTED`` and ``matmul_into(x, w, qtype, out, threads)``. The wrapper checks its
 inputs and raises ValueError naming the problem; the ``_*_kernel`` cores in
-``numba_kquants.py`` (k-quants) and ``numba_legacy.py`` (32-element and dense types) trust
+``kquants.py`` (k-quants) and ``legacy.py`` (32-element and dense types) trust
 theirs (stumpy's ``stump`` / ``_stump``).
 
 Strategy per type (measured; see the issue's report):
@@ -33,18 +33,14 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
-from . import formats
-from . import numba_kquants as kq
-from . import numba_legacy as lg
-from .numba_legacy import F32, JIT, round_f16, tile_rows
+from .. import formats, traits
+from . import kquants as kq
+from . import legacy as lg
+from .legacy import F32, JIT, round_f16, tile_rows
 
 __all__ = ["SUPPORTED", "HAVE_SIMD", "matmul_into", "quantize_q8_k", "quantize_q8_0", "strategy"]
 
-SUPPORTED: frozenset[T] = frozenset({
-    T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
-    T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0,
-    T.F32, T.F16, T.BF16,
-})
+SUPPORTED: frozenset[T] = traits.types_on("numba")
 
 
 def _have_simd() -> bool:
@@ -59,8 +55,8 @@ def _have_simd() -> bool:
 
 HAVE_SIMD = _have_simd()
 
-_K_QUANTS = frozenset({T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K})
-_LEGACY = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0})
+_K_QUANTS = traits.types_on("numba", traits.K_QUANT)
+_LEGACY = traits.types_on("numba", traits.LEGACY)
 
 
 def strategy(qtype, simd: bool = HAVE_SIMD) -> str:

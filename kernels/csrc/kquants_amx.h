@@ -1,5 +1,5 @@
 /* AMX-INT8 tiles for the Q2_K matrix-matrix product (prefill, batched experts), used by
- * kernels/_kquants.pyx when n >= a cut-off (decode stays on _kquants_simd.h's AVX-512 path).
+ * kernels/_kquants.pyx when n >= a cut-off (decode stays on kquants_simd.h's AVX-512 path).
  *
  * Per weight block (256 elements) of 16 weight rows m and 16 activation rows n:
  *
@@ -27,7 +27,7 @@
 #ifndef WS_KQUANTS_AMX_H
 #define WS_KQUANTS_AMX_H
 
-#include "_kquants_simd.h"
+#include "kquants_simd.h"
 
 #if WS_KQ_AVX512 && defined(__AMX_TILE__) && defined(__AMX_INT8__)
 #define WS_KQ_AMX 1
@@ -114,8 +114,8 @@ static void ws_amx_unpack_q2k(const uint8_t *w, int64_t row_bytes, int64_t nb, i
             _mm_store_si128((__m128i *)(s + 4096 + 32 * m), mins);
             _mm_store_si128((__m128i *)(s + 4096 + 32 * m + 16), _mm_slli_epi16(mins, 4));
             float *dd = (float *)(s + 4096 + 512);
-            dd[m] = _cvtsh_ss(ws_kq_u16(blk + 80));
-            dd[16 + m] = _cvtsh_ss(ws_kq_u16(blk + 82));
+            dd[m] = _cvtsh_ss(ws_load_u16(blk + 80));
+            dd[16 + m] = _cvtsh_ss(ws_load_u16(blk + 82));
         }
     }
 }

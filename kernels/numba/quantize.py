@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .numba_legacy import F32, FASTMATH, JIT, round_f16
+from .legacy import F32, FASTMATH, JIT, round_f16
 
 GROUP_MAX_EPS = F32(1e-15)  # ggml: a group whose largest |x| is below this is all zero
 ZERO = F32(0.0)

@@ -1,0 +1,428 @@
+/* The legacy 32-element block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the float types (F32, F16,
+ * BF16) for kernels/_legacy.pyx: activation quantization (Q8_0 / Q8_1), weight unpacking, and the
+ * per-chunk matmul (decode: unpack while multiplying; prefill: unpack a chunk of rows into an L2
+ * scratch, then tiles of activation rows). _legacy.pyx's docstring describes the method;
+ * legacy_amx.h adds the AMX prefill path on top of these helpers.
+ */
+#ifndef WS_LEGACY_H
+#define WS_LEGACY_H
+
+#include "common.h"
+#include <stddef.h>
+#include <stdlib.h>
+#include <math.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__) && defined(__BMI2__)
+#define LG_SIMD 1
+#include <immintrin.h>
+#else
+#define LG_SIMD 0
+#endif
+
+static int lg_simd(void) { return LG_SIMD; }
+/* Bytes ahead of the weights being read that each thread prefetches: one core's hardware
+   prefetcher alone keeps too few lines in flight to stream at the memory's rate (the same
+   measurement as WS_KQ_PREFETCH in kquants_simd.h). Rows of a chunk are contiguous. */
+#ifndef LG_PREFETCH
+#define LG_PREFETCH 2048
+#endif
+
+/* offset of the quants and of qh inside a block */
+WS_INLINE int lg_qs_off(int t) {
+    switch (t) { case WS_Q4_0: return 2; case WS_Q4_1: return 4; case WS_Q5_0: return 6; case WS_Q5_1: return 8; default: return 2; }
+}
+WS_INLINE int lg_qh_off(int t) { return t == WS_Q5_0 ? 2 : 4; }
+/* Q4_1 / Q5_1 carry a min (use Q8_1's s); the others an offset folded via sum(q) */
+WS_INLINE int lg_has_min(int t) { return t == WS_Q4_1 || t == WS_Q5_1; }
+WS_INLINE int lg_offset(int t) { return t == WS_Q4_0 ? 8 : t == WS_Q5_0 ? 16 : t == WS_Q8_0 ? 128 : 0; }
+WS_INLINE int lg_interleaved(int t) { return t != WS_Q8_0; }
+
+/* binary32 -> binary16 -> binary32, round to nearest even (NumPy's astype(float16)) */
+static inline float lg_round_f16(float f) {
+#if LG_SIMD
+    return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+#else
+    ws_f32 x; x.f = f;
+    uint32_t sign = x.u & 0x80000000u, ax = x.u & 0x7FFFFFFFu;
+    ws_f32 r;
+    if (ax >= 0x7F800000u) return f;                          /* inf / nan */
+    if (ax >= 0x477FF000u) { r.u = sign | 0x7F800000u; return r.f; }   /* rounds to inf */
+    if (ax < 0x38800000u) {                                  /* half subnormal: units of 2^-24 */
+        ws_f32 a; a.u = ax;
+        float q = nearbyintf(a.f * 0x1p24f);
+        r.f = q * 0x1p-24f; r.u |= sign; return r.f;
+    }
+    uint32_t t = ax + 0xFFFu + ((ax >> 13) & 1u);             /* round mantissa to 10 bits, RNE */
+    r.u = sign | (t & 0xFFFFE000u);
+    return r.f;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------
+   Activations: one row of cols = 32 * nb floats -> xq int8[nbp * 32], dx[nbp], cs[nbp]
+   (nbp = nb rounded up to 16; padding is zero). cs = s (min types) or -off * dx * sum(q).
+   ---------------------------------------------------------------------------------- */
+static void lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, float *dx, float *cs) {
+    const int inter = lg_interleaved(t), has_min = lg_has_min(t), off = lg_offset(t);
+    for (int b = 0; b < nb; b++) {
+        const float *v = x + 32 * (size_t)b;
+        int8_t *q = xq + 32 * (size_t)b;
+        float d, id;
+        int isum = 0;
+#if LG_SIMD
+        __m512 a0 = _mm512_loadu_ps(v), a1 = _mm512_loadu_ps(v + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
+        d = amax / 127.0f;
+        id = d != 0.0f ? 1.0f / d : 0.0f;
+        const __m512 vid = _mm512_set1_ps(id), half = _mm512_set1_ps(0.5f);
+        const __m512i signbit = _mm512_set1_epi32((int)0x80000000u);
+        __m512 s0 = _mm512_mul_ps(a0, vid), s1 = _mm512_mul_ps(a1, vid);
+        /* sign(s) * floor(|s| + 0.5f), in float32 as NumPy does */
+        __m512 r0 = _mm512_roundscale_ps(_mm512_add_ps(_mm512_abs_ps(s0), half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        __m512 r1 = _mm512_roundscale_ps(_mm512_add_ps(_mm512_abs_ps(s1), half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+        r0 = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r0), _mm512_and_si512(_mm512_castps_si512(s0), signbit)));
+        r1 = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r1), _mm512_and_si512(_mm512_castps_si512(s1), signbit)));
+        __m512i i0 = _mm512_cvttps_epi32(r0), i1 = _mm512_cvttps_epi32(r1);
+        isum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+        __m128i b0 = _mm512_cvtepi32_epi8(i0), b1 = _mm512_cvtepi32_epi8(i1);
+        if (inter) { __m128i t0 = _mm_unpacklo_epi8(b0, b1), t1 = _mm_unpackhi_epi8(b0, b1); b0 = t0; b1 = t1; }
+        _mm_storeu_si128((__m128i *)q, b0);
+        _mm_storeu_si128((__m128i *)(q + 16), b1);
+#else
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) { float a = fabsf(v[j]); if (a > amax) amax = a; }
+        d = amax / 127.0f;
+        id = d != 0.0f ? 1.0f / d : 0.0f;
+        int8_t tmp[32];
+        for (int j = 0; j < 32; j++) {
+            volatile float s = v[j] * id;          /* no contraction into the add below */
+            float a = floorf(fabsf(s) + 0.5f);
+            int qi = (int)a;
+            tmp[j] = (int8_t)(s < 0.0f ? -qi : qi);
+            isum += tmp[j];
+        }
+        for (int j = 0; j < 16; j++) {
+            if (inter) { q[2 * j] = tmp[j]; q[2 * j + 1] = tmp[16 + j]; }
+            else { q[j] = tmp[j]; q[16 + j] = tmp[16 + j]; }
+        }
+#endif
+        float dr = lg_round_f16(d);
+        dx[b] = dr;
+        if (has_min) cs[b] = lg_round_f16(d * (float)isum);
+        else cs[b] = dr * (float)(-off * isum);
+    }
+    for (int b = nb; b < nbp; b++) {
+        memset(xq + 32 * (size_t)b, 0, 32);
+        dx[b] = 0.0f; cs[b] = 0.0f;
+    }
+}
+
+/* ---------------------------------------------------------------------------------
+   Weights -> unsigned bytes in the activations' order, 64 per pair of blocks.
+   ---------------------------------------------------------------------------------- */
+#if LG_SIMD
+/* the pair of blocks at p (two = 0: only the first exists; the second reads as zeros) */
+WS_INLINE __m512i lg_unpack_pair(const int t, const uint8_t *p, int two) {
+    const int bs = ws_block_bytes(t);
+    if (t == WS_Q8_0) {
+        __m256i lo = _mm256_loadu_si256((const __m256i *)(p + 2));
+        __m256i hi = two ? _mm256_loadu_si256((const __m256i *)(p + bs + 2)) : _mm256_setzero_si256();
+        return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), _mm512_set1_epi8((char)0x80));
+    }
+    const int qo = lg_qs_off(t);
+    __m128i lo = _mm_loadu_si128((const __m128i *)(p + qo));
+    __m128i hi = two ? _mm_loadu_si128((const __m128i *)(p + bs + qo)) : _mm_setzero_si128();
+    __m512i w = _mm512_cvtepu8_epi16(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+    /* 16-bit word k = byte b: low byte = b & 15 (element k), high byte = b >> 4 (element 16 + k) */
+    __m512i v = _mm512_ternarylogic_epi32(w, _mm512_slli_epi16(w, 4), _mm512_set1_epi16(0x0F0F), 0xA8);
+    if (t == WS_Q5_0 || t == WS_Q5_1) {
+        const int ho = lg_qh_off(t);
+        uint32_t h0 = ws_load_u32(p + ho), h1 = two ? ws_load_u32(p + bs + ho) : 0u;
+        uint64_t m0 = _pdep_u32(h0 & 0xFFFFu, 0x55555555u) | _pdep_u32(h0 >> 16, 0xAAAAAAAAu);
+        uint64_t m1 = _pdep_u32(h1 & 0xFFFFu, 0x55555555u) | _pdep_u32(h1 >> 16, 0xAAAAAAAAu);
+        v = _mm512_mask_add_epi8(v, (__mmask64)(m0 | (m1 << 32)), v, _mm512_set1_epi8(16));
+    }
+    return v;
+}
+/* fp16 d (and m) of up to 16 blocks from p: one 32-bit gather of each block's first bytes */
+WS_INLINE void lg_scales16(const int t, const uint8_t *p, int k, __m512 *dw, __m512 *cw) {
+    const int bs = ws_block_bytes(t);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(bs));
+    __mmask16 km = k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << k) - 1u);
+    __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), km, idx, (const void *)p, 1);
+    *dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+    if (lg_has_min(t)) *cw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
+    else *cw = *dw;
+}
+#endif
+
+/* one weight row -> ubuf u8[nbp * 32], dwb[nbp], cwb[nbp] (zero padded) */
+static void lg_unpack_row(int t, const uint8_t *w, int nb, int nbp, uint8_t *ubuf, float *dwb, float *cwb) {
+    const int bs = ws_block_bytes(t);
+#if LG_SIMD
+    for (int b = 0; b < nb; b += 2)
+        _mm512_storeu_si512((void *)(ubuf + 32 * (size_t)b), lg_unpack_pair(t, w + (size_t)b * bs, b + 1 < nb));
+    for (int b = nb + (nb & 1); b < nbp; b += 2) _mm512_storeu_si512((void *)(ubuf + 32 * (size_t)b), _mm512_setzero_si512());
+    for (int g = 0; g < nbp; g += 16) {
+        __m512 dw, cw;
+        int k = nb - g;
+        if (k <= 0) { dw = cw = _mm512_setzero_ps(); }
+        else lg_scales16(t, w + (size_t)g * bs, k, &dw, &cw);
+        _mm512_storeu_ps(dwb + g, dw); _mm512_storeu_ps(cwb + g, cw);
+    }
+#else
+    const int qo = lg_qs_off(t), inter = lg_interleaved(t), off = lg_offset(t);
+    memset(ubuf, 0, 32 * (size_t)nbp);
+    for (int b = 0; b < nbp; b++) { dwb[b] = 0.0f; cwb[b] = 0.0f; }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *p = w + (size_t)b * bs;
+        uint8_t *u = ubuf + 32 * (size_t)b;
+        uint8_t e[32];
+        if (t == WS_Q8_0) { for (int j = 0; j < 32; j++) e[j] = (uint8_t)(p[2 + j] ^ 0x80u); }
+        else {
+            for (int j = 0; j < 16; j++) { e[j] = p[qo + j] & 15u; e[16 + j] = p[qo + j] >> 4; }
+            if (t == WS_Q5_0 || t == WS_Q5_1) {
+                uint32_t h = ws_load_u32(p + lg_qh_off(t));
+                for (int j = 0; j < 32; j++) e[j] |= (uint8_t)(((h >> j) & 1u) << 4);
+            }
+        }
+        for (int j = 0; j < 16; j++) {
+            if (inter) { u[2 * j] = e[j]; u[2 * j + 1] = e[16 + j]; }
+            else { u[j] = e[j]; u[16 + j] = e[16 + j]; }
+        }
+        dwb[b] = ws_fp16_to_fp32(ws_load_u16(p));
+        cwb[b] = lg_has_min(t) ? ws_fp16_to_fp32(ws_load_u16(p + 2)) : dwb[b];
+    }
+    (void)off;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------
+   Dot products of one weight row with R activation rows.
+   fused: read blocks from wrow directly; else from the unpacked ubuf / dwb / cwb.
+   xq / dx / cs: activation row 0, next rows xs bytes / fs floats further.
+   out[r * os] = result for activation row r.
+   ---------------------------------------------------------------------------------- */
+#if LG_SIMD
+WS_INLINE void lg_dot_tile(const int t, const int fused, const int R,
+                           const uint8_t *wrow, const uint8_t *ubuf, const float *dwb, const float *cwb,
+                           int nb, const int8_t *xq, const float *dx, const float *cs,
+                           size_t xs, size_t fs, float *out, size_t os, int accum) {
+    const int bs = ws_block_bytes(t);
+    __m512 acc[4][2], acc2[4];
+    for (int r = 0; r < R; r++) { acc[r][0] = acc[r][1] = acc2[r] = _mm512_setzero_ps(); }
+    const __m512i base = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m512i zero = _mm512_setzero_si512();
+    for (int g = 0; g < nb; g += 16) {
+        const int k = nb - g < 16 ? nb - g : 16;
+        __m512 dw, cw, S[4];
+        if (fused) {  /* prefetch: see LG_PREFETCH */
+            for (int o = 0; o < 16 * bs; o += 64)
+                _mm_prefetch((const char *)wrow + (size_t)g * bs + LG_PREFETCH + o, _MM_HINT_T0);
+            lg_scales16(t, wrow + (size_t)g * bs, k, &dw, &cw);
+        }
+        else { dw = _mm512_loadu_ps(dwb + g); cw = _mm512_loadu_ps(cwb + g); }
+        for (int r = 0; r < R; r++) {
+            S[r] = _mm512_mul_ps(dw, _mm512_loadu_ps(dx + r * fs + g));
+            acc2[r] = _mm512_fmadd_ps(cw, _mm512_loadu_ps(cs + r * fs + g), acc2[r]);
+        }
+        const int np = (k + 1) >> 1;
+        int j = 0;
+        #define LG_PAIR(J, A) do { \
+                const int blk = g + 2 * (J); \
+                __m512i wv = fused ? lg_unpack_pair(t, wrow + (size_t)blk * bs, blk + 1 < nb) \
+                                   : _mm512_loadu_si512((const void *)(ubuf + 32 * (size_t)blk)); \
+                __m512i ix = _mm512_add_epi32(base, _mm512_set1_epi32(2 * (J))); \
+                for (int r = 0; r < R; r++) { \
+                    __m512i d = _mm512_dpbusd_epi32(zero, wv, _mm512_loadu_si512((const void *)(xq + r * xs + 32 * (size_t)blk))); \
+                    acc[r][A] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(ix, S[r]), acc[r][A]); \
+                } \
+            } while (0)
+        for (; j + 2 <= np; j += 2) { LG_PAIR(j, 0); LG_PAIR(j + 1, 1); }
+        if (j < np) LG_PAIR(j, 0);
+        #undef LG_PAIR
+    }
+    for (int r = 0; r < R; r++)
+        out[r * os] = (accum ? out[r * os] : 0.0f) + _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), acc2[r]));
+}
+#else
+WS_INLINE void lg_dot_tile(const int t, const int fused, const int R,
+                           const uint8_t *wrow, const uint8_t *ubuf, const float *dwb, const float *cwb,
+                           int nb, const int8_t *xq, const float *dx, const float *cs,
+                           size_t xs, size_t fs, float *out, size_t os, int accum) {
+    (void)t; (void)fused; (void)wrow;
+    for (int r = 0; r < R; r++) {
+        const int8_t *xr = xq + r * xs;
+        float acc = 0.0f, acc2 = 0.0f;
+        for (int b = 0; b < nb; b++) {
+            int32_t d = 0;
+            const uint8_t *u = ubuf + 32 * (size_t)b;
+            const int8_t *a = xr + 32 * (size_t)b;
+            for (int j = 0; j < 32; j++) d += (int32_t)u[j] * (int32_t)a[j];
+            acc += (float)d * (dwb[b] * dx[r * fs + b]);
+            acc2 += cwb[b] * cs[r * fs + b];
+        }
+        out[r * os] = (accum ? out[r * os] : 0.0f) + (acc + acc2);
+    }
+}
+#endif
+
+/* ---------------------------------------------------------------------------------
+   Float weights: out[r * os] = sum_k x[r][k] * w[k] for R activation rows.
+   ---------------------------------------------------------------------------------- */
+#if LG_SIMD
+WS_INLINE __m512 lg_fload(const int t, const uint8_t *w, int k) {
+    if (t == WS_F32) return _mm512_loadu_ps((const float *)w + k);
+    __m256i h = _mm256_loadu_si256((const __m256i *)(w + 2 * (size_t)k));
+    if (t == WS_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+WS_INLINE __m512 lg_fload_mask(const int t, const uint8_t *w, int k, __mmask16 m) {
+    if (t == WS_F32) return _mm512_maskz_loadu_ps(m, (const float *)w + k);
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const void *)(w + 2 * (size_t)k));
+    if (t == WS_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+WS_INLINE void lg_fdot_tile(const int t, const int R, const uint8_t *w, int cols,
+                            const float *x, size_t xs, float *out, size_t os) {
+    __m512 acc[4][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    int k = 0;
+    const int esz = t == WS_F32 ? 4 : 2;
+    for (; k + 32 <= cols; k += 32) {
+        for (int o = 0; o < 32 * esz; o += 64)
+            _mm_prefetch((const char *)w + (size_t)k * esz + LG_PREFETCH + o, _MM_HINT_T0);
+        __m512 w0 = lg_fload(t, w, k), w1 = lg_fload(t, w, k + 16);
+        for (int r = 0; r < R; r++) {
+            acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * xs + k), acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * xs + k + 16), acc[r][1]);
+        }
+    }
+    for (; k < cols; k += 16) {
+        int left = cols - k;
+        __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+        __m512 w0 = lg_fload_mask(t, w, k, m);
+        for (int r = 0; r < R; r++)
+            acc[r][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, x + r * xs + k), acc[r][0]);
+    }
+    for (int r = 0; r < R; r++) out[r * os] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+}
+#else
+WS_INLINE void lg_fdot_tile(const int t, const int R, const uint8_t *w, int cols,
+                            const float *x, size_t xs, float *out, size_t os) {
+    for (int r = 0; r < R; r++) {
+        float acc = 0.0f;
+        for (int k = 0; k < cols; k++) {
+            float wk;
+            if (t == WS_F32) memcpy(&wk, w + 4 * (size_t)k, 4);
+            else if (t == WS_F16) wk = ws_fp16_to_fp32(ws_load_u16(w + 2 * (size_t)k));
+            else { ws_f32 c; c.u = (uint32_t)ws_load_u16(w + 2 * (size_t)k) << 16; wk = c.f; }
+            acc += wk * x[r * xs + k];
+        }
+        out[r * os] = acc;
+    }
+}
+#endif
+
+/* ---------------------------------------------------------------------------------
+   Dispatch: constant (type, fused, R) instantiations of the inline kernels.
+   ---------------------------------------------------------------------------------- */
+#define LG_DOT_ARGS wrow, ubuf, dwb, cwb, nb, xq, dx, cs, xs, fs, out, os, accum
+#define LG_DOT_R(T, F) switch (R) { case 1: lg_dot_tile(T, F, 1, LG_DOT_ARGS); break; case 2: lg_dot_tile(T, F, 2, LG_DOT_ARGS); break; case 3: lg_dot_tile(T, F, 3, LG_DOT_ARGS); break; default: lg_dot_tile(T, F, 4, LG_DOT_ARGS); break; }
+#define LG_DOT_FN(NAME, T) static void NAME(int fused, int R, const uint8_t *wrow, const uint8_t *ubuf, const float *dwb, const float *cwb, int nb, const int8_t *xq, const float *dx, const float *cs, size_t xs, size_t fs, float *out, size_t os, int accum) { if (fused) { LG_DOT_R(T, 1) } else { LG_DOT_R(T, 0) } }
+LG_DOT_FN(lg_dot_q4_0, WS_Q4_0)
+LG_DOT_FN(lg_dot_q4_1, WS_Q4_1)
+LG_DOT_FN(lg_dot_q5_0, WS_Q5_0)
+LG_DOT_FN(lg_dot_q5_1, WS_Q5_1)
+LG_DOT_FN(lg_dot_q8_0, WS_Q8_0)
+
+typedef void (*lg_dot_fn)(int, int, const uint8_t *, const uint8_t *, const float *, const float *, int,
+                          const int8_t *, const float *, const float *, size_t, size_t, float *, size_t, int);
+static lg_dot_fn lg_dot_for(int t) {
+    switch (t) {
+    case WS_Q4_0: return lg_dot_q4_0; case WS_Q4_1: return lg_dot_q4_1; case WS_Q5_0: return lg_dot_q5_0;
+    case WS_Q5_1: return lg_dot_q5_1; default: return lg_dot_q8_0;
+    }
+}
+
+#define LG_FDOT_R(T) switch (R) { case 1: lg_fdot_tile(T, 1, w, cols, x, xs, out, os); break; case 2: lg_fdot_tile(T, 2, w, cols, x, xs, out, os); break; case 3: lg_fdot_tile(T, 3, w, cols, x, xs, out, os); break; default: lg_fdot_tile(T, 4, w, cols, x, xs, out, os); break; }
+static void lg_fdot(int t, int R, const uint8_t *w, int cols, const float *x, size_t xs, float *out, size_t os) {
+    if (t == WS_F32) { LG_FDOT_R(WS_F32) } else if (t == WS_F16) { LG_FDOT_R(WS_F16) } else { LG_FDOT_R(WS_BF16) }
+}
+
+/* ---------------------------------------------------------------------------------
+   One call's state and the work of one chunk of weight rows [r0, r1).
+   ---------------------------------------------------------------------------------- */
+typedef struct {
+    int t, n, rows, cols, nb, nbp, fused, wb;
+    const uint8_t *w; size_t w_stride;
+    const float *x; size_t x_stride;
+    const int8_t *xq; const float *dx; const float *cs; size_t xs, fs;
+    float *out; size_t o_stride;
+    uint8_t *scratch; size_t scratch_bytes;    /* per thread */
+} lg_ctx;
+
+#define LG_TILE 4
+#define LG_CB 128
+
+static void lg_chunk(const lg_ctx *c, int r0, int r1, int tid) {
+    if (r1 > c->rows) r1 = c->rows;
+    if (c->t == WS_F32 || c->t == WS_F16 || c->t == WS_BF16) {
+        for (int i0 = 0; i0 < c->n; i0 += LG_TILE) {
+            int R = c->n - i0 < LG_TILE ? c->n - i0 : LG_TILE;
+            for (int row = r0; row < r1; row++)
+                lg_fdot(c->t, R, c->w + (size_t)row * c->w_stride, c->cols, c->x + (size_t)i0 * c->x_stride,
+                        c->x_stride, c->out + (size_t)i0 * c->o_stride + row, c->o_stride);
+        }
+        return;
+    }
+    lg_dot_fn dot = lg_dot_for(c->t);
+    const int bs = ws_block_bytes(c->t);
+    /* Decode: whole rows, one sequential weight stream (slicing columns as prefill does
+       measured slower here: 16 interleaved row streams). */
+    if (c->fused) {
+        for (int b0 = 0; b0 < c->nb; b0 += c->nb) {
+            const int k = c->nb;
+            for (int row = r0; row < r1; row++)
+                for (int i0 = 0; i0 < c->n; i0 += LG_TILE) {
+                    int R = c->n - i0 < LG_TILE ? c->n - i0 : LG_TILE;
+                    dot(1, R, c->w + (size_t)row * c->w_stride + (size_t)b0 * bs, NULL, NULL, NULL, k,
+                        c->xq + (size_t)i0 * c->xs + 32 * (size_t)b0, c->dx + (size_t)i0 * c->fs + b0,
+                        c->cs + (size_t)i0 * c->fs + b0, c->xs, c->fs,
+                        c->out + (size_t)i0 * c->o_stride + row, c->o_stride, b0 > 0);
+                }
+        }
+        return;
+    }
+    /* prefill: unpack rows [r0, r1) once, then every activation tile against them */
+    uint8_t *ub = c->scratch + (size_t)tid * c->scratch_bytes;
+    const size_t ubytes = 32 * (size_t)c->nbp;
+    float *fb = (float *)(ub + ubytes * c->wb);
+    for (int row = r0; row < r1; row++) {
+        int i = row - r0;
+        lg_unpack_row(c->t, c->w + (size_t)row * c->w_stride, c->nb, c->nbp, ub + ubytes * i,
+                      fb + (size_t)2 * c->nbp * i, fb + (size_t)2 * c->nbp * i + c->nbp);
+    }
+    /* Prefill: columns in slices of LG_CB blocks (4096 values), so that a tile's activations
+       (4 rows x 4 KiB int8) stay in L1 while the chunk's unpacked rows come from L2. */
+    for (int b0 = 0; b0 < c->nb; b0 += LG_CB) {
+        const int k = c->nb - b0 < LG_CB ? c->nb - b0 : LG_CB;
+        for (int i0 = 0; i0 < c->n; i0 += LG_TILE) {
+            int R = c->n - i0 < LG_TILE ? c->n - i0 : LG_TILE;
+            for (int row = r0; row < r1; row++) {
+                int i = row - r0;
+                const float *dwb = fb + (size_t)2 * c->nbp * i;
+                dot(0, R, NULL, ub + ubytes * i + 32 * (size_t)b0, dwb + b0, dwb + c->nbp + b0, k,
+                    c->xq + (size_t)i0 * c->xs + 32 * (size_t)b0, c->dx + (size_t)i0 * c->fs + b0,
+                    c->cs + (size_t)i0 * c->fs + b0, c->xs, c->fs,
+                    c->out + (size_t)i0 * c->o_stride + row, c->o_stride, b0 > 0);
+            }
+        }
+    }
+}
+
+static void *lg_alloc(size_t bytes) {
+    size_t b = (bytes + 63) / 64 * 64;
+    return aligned_alloc(64, b ? b : 64);
+}
+
+#endif /* WS_LEGACY_H */

@@ -1,0 +1,43 @@
+"""backend="auto"'s measured table: written to the user's cache for this CPU model, read from there
+before the shipped default, which stays untouched; and the dispatch object's batched-decode kernel."""
+import hashlib
+import json
+
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from weightstream.kernels import backends
+
+
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("WEIGHTSTREAM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(backends, "_table", None)
+    yield tmp_path / "cache"
+    backends._table = None  # the next test reads the tables afresh
+
+
+def test_written_table_goes_to_the_user_cache_and_choose_follows_it(user_cache):
+    shipped = hashlib.sha256(backends.SHIPPED_TABLE.read_bytes()).hexdigest()
+    default = backends.choose(T.Q4_K, 1)  # from the shipped table: no user table yet
+    other = next(b for b in backends.available(T.Q4_K) if b != default)
+    path = backends.write_table({"Q4_K": {"1": other}}, [], {"cpu": "test"})
+
+    assert path.parent == user_cache and path.name.startswith("backend_table-")
+    assert json.loads(path.read_text())["cpu_model"] == backends.cpu_model()
+    assert [p.name for p in user_cache.iterdir()] == [path.name]  # no temporary file left behind
+    assert backends.choose(T.Q4_K, 1) == other
+    backends._table = None  # a fresh process reads it back from the cache
+    assert backends.choose(T.Q4_K, 1) == other
+    assert hashlib.sha256(backends.SHIPPED_TABLE.read_bytes()).hexdigest() == shipped
+
+
+def test_many_kernel_is_the_chosen_backends_batched_decode_or_none():
+    cython = backends.REGISTRY["cython"]
+    if not cython.supports(T.Q4_K):
+        pytest.skip("the Cython kernels are not built here")
+    from weightstream.kernels import _kquants
+
+    assert backends.KernelCache("cython").many_kernel(T.Q4_K) == _kquants.matvec_many_into
+    assert backends.KernelCache("cython").many_kernel(T.Q4_0) is None  # _legacy has none
+    assert backends.KernelCache("numpy").many_kernel(T.Q4_K) is None
