@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from streaming import OVERHEAD, run_config, stream_options  # noqa: E402
 
-from weightstream.engine.tools.bench_io import drop_cached_pages  # noqa: E402
+from weightstream.engine.stream.disk import drop_cached_pages  # noqa: E402
 from weightstream.engine.stream.budget import fmt_bytes, parse_size  # noqa: E402
 from cgroup import MemoryCgroup  # noqa: E402  (bench/cgroup.py)
 

@@ -1,11 +1,11 @@
-"""`weightstream bench io` (engine/tools/bench_io.py) on a small scratch file: it reads as many whole
+"""`weightstream bench io` (engine/stream/disk.py) on a small scratch file: it reads as many whole
 chunks as asked and reports a bandwidth (the figure itself is not asserted)."""
 import os
 
 import numpy as np
 import pytest
 
-from weightstream.engine.tools.bench_io import disk_bandwidth, drop_cached_pages, make_scratch_file
+from weightstream.engine.stream.disk import disk_bandwidth, drop_cached_pages, make_scratch_file
 from weightstream.engine.cli.main import main
 
 

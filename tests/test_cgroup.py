@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from weightstream.engine.tools.bench_io import drop_cached_pages
+from weightstream.engine.stream.disk import drop_cached_pages
 from bench.cgroup import MemoryCgroup, cgroup_unavailable
 from weightstream.engine.tools.synth import Preset, synth_model
 from tests.hf_models import smollm2_gguf_path

@@ -2,7 +2,6 @@
 import subprocess
 import sys
 
-import pytest
 
 
 def cli(*args, timeout=300):

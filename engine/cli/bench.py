@@ -121,7 +121,7 @@ def cmd_bench_bandwidth(args) -> int:
 def cmd_bench_io(args) -> int:
     from ...kernels.bench import save_results
 
-    from ..tools.bench_io import EXPERT_CHUNK, disk_bandwidth, format_io, make_scratch_file
+    from ..stream.disk import EXPERT_CHUNK, disk_bandwidth, format_io, make_scratch_file
 
     if args.make_gib:
         print(f"writing {args.make_gib} GiB to {args.file}", file=sys.stderr)

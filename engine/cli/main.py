@@ -6,6 +6,8 @@ import json
 import sys
 import time
 
+from ..errors import WeightstreamError
+
 DEMO_PROMPT = "Explain in three sentences why the sky is blue."
 
 
@@ -157,7 +159,7 @@ def cmd_profile(args) -> int:
 
     disk = args.disk_gbps
     if disk is None and args.measure_disk:
-        from ..tools.bench_io import disk_bandwidth
+        from ..stream.disk import disk_bandwidth
 
         disk = disk_bandwidth(args.model, threads=max(1, args.io_threads), n_reads=200)["bytes_per_s"] / 1e9
         print(f"disk: {disk:.2f} GB/s (cold parallel preads of expert-sized chunks of the model file)", file=sys.stderr)
@@ -190,7 +192,8 @@ DEMO_MOE_BUDGET = "640MiB"  # the synthetic MoE demo model is ~2.3 GB: 3.5x this
 
 def cmd_demo(args) -> int:
     from ..runtime.engine import Engine
-    from ..tools.assets import demo_model_path, demo_moe_path
+    from ..tools.assets import demo_model_path
+    from ..tools.synth import demo_moe_path
     from ..observe.report import format_summary
 
     path = demo_moe_path(args.cache_dir) if args.moe else demo_model_path(args.cache_dir)
@@ -290,7 +293,8 @@ def main(argv=None) -> int:
         args.ctx = args.ctx_size = args.ctx_size or 512
     try:
         return args.func(args)
-    except (OSError, ValueError, RuntimeError, MemoryError) as e:  # BudgetError is a MemoryError
+    except (WeightstreamError, OSError, ValueError, RuntimeError, MemoryError) as e:  # ours, and the
+        # builtins a library below may raise for a bad file or option
         print(f"weightstream: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -4,15 +4,18 @@
         write(tmp)                   # removed on failure
     write_json(path, obj, indent=1)  # the same for a JSON document
 
-(GGUF writers use engine/tools/convert.py's gguf_output, which also fsyncs the data.)
+    with gguf_output(path, arch) as (writer, tmp):   # a GGUFWriter on a temporary name, the same way
 """
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+import gguf
 
 
 @contextmanager
@@ -37,3 +40,20 @@ def write_json(path, obj, **kw) -> Path:
     with replacing(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, **kw)
     return path
+
+
+@contextmanager
+def gguf_output(out_path: Path, arch: str):
+    """(GGUFWriter, its path): a writer on a temporary name beside out_path, renamed onto out_path
+    when the block completes and removed if it raises, so no reader ever sees a half-written
+    model. The block writes the header to the path it is given."""
+    tmp_path = out_path.with_name(f".{out_path.name}.{secrets.token_hex(4)}.tmp")
+    writer = gguf.GGUFWriter(tmp_path, arch)
+    try:
+        yield writer, tmp_path
+        writer.close()
+        os.replace(tmp_path, out_path)
+    except BaseException:
+        writer.close()
+        tmp_path.unlink(missing_ok=True)
+        raise

@@ -19,14 +19,11 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from ...kernels import QTensor, formats
+from ..errors import GGUFError
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-
-
-class GGUFError(ValueError):
-    """A GGUF file that cannot be used: names the file and what is wrong."""
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ..errors import ConfigError
+
 ROPE_NORM = "norm"  # llama.cpp LLAMA_ROPE_TYPE_NORM: rotate adjacent pairs (x[2i], x[2i+1])
 ROPE_NEOX = "neox"  # llama.cpp LLAMA_ROPE_TYPE_NEOX: rotate halves (x[i], x[i + n_rot/2])
 
@@ -31,10 +33,6 @@ ARCHITECTURES: dict[str, ArchFlags] = {
     "qwen3moe": ArchFlags(rope=ROPE_NEOX, qk_norm="head", moe_norm_topk=True, requires_moe=True),
     "olmoe": ArchFlags(rope=ROPE_NEOX, qk_norm="full", requires_moe=True),
 }
-
-
-class ConfigError(ValueError):
-    """Metadata that does not describe a model we can run."""
 
 
 @dataclass(frozen=True)

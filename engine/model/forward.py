@@ -20,10 +20,7 @@ from .config import ModelConfig
 from .config import ROPE_NEOX
 from .ops import Rope, sigmoid, softmax
 from .weights import FFN, LayerWeights, ModelWeights, MoEWeights
-
-
-class ContextFullError(RuntimeError):
-    pass
+from ..errors import ContextFullError
 
 
 class ResidentExperts:

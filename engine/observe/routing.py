@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..stream.policies import simulate
+from ..errors import RoutingTraceError
 
 # flash-moe's routing profile of Qwen3.5-397B-A17B (512 experts a layer), 200 generated tokens
 # (paper/flash_moe.tex, "Expert Routing Statistics"; ../shared/notes/flash-moe-and-llm-in-a-flash.md):
@@ -103,10 +104,6 @@ class SyntheticRouting:
             rank_of = np.random.default_rng((self.seed, 0, layer)).permutation(self.n_expert)  # expert -> rank - 1
             self._popularity[layer] = (rank_of + 1.0) ** -self.zipf
         return self._popularity[layer]
-
-
-class RoutingTraceError(ValueError):
-    pass
 
 
 class RoutingTrace:

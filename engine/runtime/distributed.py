@@ -41,22 +41,19 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..stream.budget import BudgetError, parse_size, plan_memory
 from ..model.config import ModelConfig
 from ..stream.store import expert_layouts
+from ..errors import StageFailedError
 
 TRANSPORTS = ("compiled", "actor", "auto")
 MEMORY_BPS = 20e9  # bytes/s one core streams through a layer's weights (DESIGN.md: ~30 GB/s peak)
 PING_TIMEOUT_S = 5.0  # to tell a dead stage from a slow one after a failed step
 DISK_PROBE_READS = 32  # expert-sized reads per stage for the bandwidth the placement uses
-
-
-class StageFailedError(RuntimeError):
-    """A pipeline stage died, left with its node, or did not answer within the timeout."""
 
 
 def _ray():
@@ -196,7 +193,7 @@ class _Stage:
         """Where this stage runs, whether O_DIRECT works on its copy of the file, and (measure_disk)
         its disk's bandwidth for expert-sized reads."""
         ray = _ray()
-        from ..tools.bench_io import disk_bandwidth
+        from ..stream.disk import disk_bandwidth
         from ..stream.reader import direct_io_supported
         from ..formats.gguf_file import GGUFFile
 
@@ -210,9 +207,8 @@ class _Stage:
         return out
 
     def load(self, layers: range, opts, budget, n_ctx: int, n_batch: int, direct: bool) -> dict:
-        from .engine import build_model
         from ..formats.gguf_file import GGUFFile
-        from ..observe.routing import parse_routing
+        from .build import build_model
 
         t0 = time.perf_counter()
         self.file = f = GGUFFile(self.path)
@@ -220,9 +216,9 @@ class _Stage:
         self.layers, self.budget = layers, budget
         self.plan = plan_memory(f, cfg, budget, opts.stream, n_ctx, opts.cache_slots, opts.dequantize_resident,
                                 direct, n_ctx, n_batch, layers=layers, ends=False)
-        # a stage always streams (load_distributed resolves opts.stream), so the model has a store
-        self.model = build_model(f, cfg, opts, self.plan, self.plan.n_ctx, direct, self.threads, self.backend,
-                                 parse_routing(opts.routing, cfg), layers=layers, ends=False)
+        # a stage always streams (Engine.load resolves its options with always_stream), so it has a store
+        self.model = build_model(f, cfg, opts, self.plan, direct, self.threads, self.backend, layers=layers,
+                                 ends=False)
         self.store, self.profiler = self.model.experts, self.model.profiler  # this stage's: in stats()
         return {"load_s": time.perf_counter() - t0, "n_ctx": self.plan.n_ctx}
 
@@ -424,7 +420,7 @@ class PipelineModel:
 def load_distributed(path, f, cfg: ModelConfig, opts, threads: int | None, backend: str,
                      config: DistributedConfig) -> tuple[PipelineModel, int]:
     """The driver's model (embedding and head) and the stage actors, placed and loaded; returns
-    (pipeline, prompt batch). f: the driver's open GGUFFile; opts: Engine.load's _LoadOptions."""
+    (pipeline, prompt batch). f: the driver's open GGUFFile; opts: Engine.load's LoadOptions, resolved for a stage (it always streams)."""
     from ..model.forward import Model
     from ..model.weights import load_weights
 
@@ -436,9 +432,6 @@ def load_distributed(path, f, cfg: ModelConfig, opts, threads: int | None, backe
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    opts = replace(opts, stream=opts.stream if opts.stream != "none" else "auto")  # stages always stream
-    if opts.stream == "auto":
-        opts.stream = "experts" if cfg.is_moe else "ffn"
     budgets = list(config.budgets) if config.budgets is not None else [opts.memory_budget] * config.stages
     for b in budgets:
         if b is not None:
@@ -464,9 +457,9 @@ def load_distributed(path, f, cfg: ModelConfig, opts, threads: int | None, backe
         measure = config.layer_ranges is None and config.disk_bps is None
         infos = _get(ray, [a.probe.remote(measure, opts.io_threads, opts.io) for a in actors], config.load_timeout_s,
                      "probing the stages")
-        direct = [i["direct_io"] and opts.cache_policy != "page-cache" for i in infos]
+        direct = [opts.io_mode(i["direct_io"]) == "direct" for i in infos]
         plan_kwargs = dict(stream=opts.stream, n_ctx=opts.n_ctx, cache_slots=opts.cache_slots,
-                           dequantize_resident=opts.dequantize_resident, default_n_ctx=min(cfg.n_ctx_train, 4096),
+                           dequantize_resident=opts.dequantize_resident, default_n_ctx=opts.default_n_ctx(cfg),
                            n_batch=opts.n_batch)
         estimates = None
         if config.layer_ranges is not None:

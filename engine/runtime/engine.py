@@ -3,26 +3,25 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..stream.budget import MemoryPlan, plan_memory
-from ..model.config import ModelConfig
-from ..stream.reader import direct_io_supported
-from ..stream.store import PAGE_CACHE, ExpertStore
 from ..formats.gguf_file import GGUFFile
+from ..formats.tokenizer import Tokenizer
+from ..model.config import ModelConfig
 from ..model.forward import Model
 from ..observe.profiler import Profiler
-from ..observe.routing import RoutingTrace, parse_routing
+from ..observe.routing import parse_routing
+from ..stream.budget import MemoryPlan, plan_memory
+from ..stream.reader import direct_io_supported
+from ..stream.store import ExpertStore
+from .build import build_model
+from .options import LoadOptions
 from .sampling import Sampler, SamplingParams
-from ..formats.tokenizer import Tokenizer
-from ..model.weights import load_weights
 
-DEFAULT_N_CTX = 4096
 PREFILL_BATCH = 256  # prompt tokens per forward call: bounds the attention score buffers
 
 
@@ -41,76 +40,6 @@ class GenerationStats:
     @property
     def decode_tok_s(self) -> float:
         return self.decode_steps / self.decode_s if self.decode_s else 0.0
-
-
-STREAM_MODES = ("none", "experts", "ffn", "auto")
-PREFETCH_MODES = ("none", "routing", "lookahead")
-
-
-@dataclass
-class _LoadOptions:
-    n_ctx: int | None = None
-    n_batch: int | None = None  # prompt tokens per forward pass (default 256, less under a small budget)
-    dequantize_resident: bool | None = None  # None: only types without a fused kernel
-    stream: str = "none"  # "experts": routed experts read from the file; "ffn": dense FFNs too
-    memory_budget: int | str | None = None  # "3GiB": resident + KV + work buffers + expert cache
-    cache_slots: int | None = None  # experts the cache holds (default: what the budget leaves)
-    cache_policy: str = "decay"  # engine/stream/policies.py: lru, lfu, decay; or page-cache
-    prefetch: str = "routing"  # none | routing | lookahead (see Engine.load)
-    lookahead: int | None = None  # experts guessed per layer with prefetch="lookahead" (default top-k)
-    io: str = "auto"  # auto | direct | buffered
-    io_threads: int = 4
-    profile: bool = False
-    routing: str = "model"  # benchmarks only: "model", "trace:FILE", "synthetic[:...]" (engine/observe/routing.py)
-    record_routing: bool = False  # record the experts chosen into weightstream.engine.model.forward.routing_trace
-    progress: bool = False  # a progress bar while resident weights are copied in (on a terminal only)
-
-
-def build_model(f: GGUFFile, cfg: ModelConfig, opts: _LoadOptions, plan: MemoryPlan | None, n_ctx: int,
-                direct: bool, threads: int | None, backend: str, routing=None, layers: range | None = None,
-                ends: bool = True) -> Model:
-    """The Model of `layers` (all by default; a pipeline stage's slice with ends=False, see
-    engine/runtime/distributed.py): its weights loaded (copied in when streaming), and when opts.stream is
-    not "none" its ExpertStore (model.experts) with plan.n_slots slots reading in the io mode the
-    plan was sized for (direct). The store is closed again if the model cannot be built."""
-    streaming, ffn = opts.stream != "none", opts.stream == "ffn"
-    with _copy_progress(f, plan, enabled=opts.progress and streaming):
-        weights = load_weights(f, cfg, opts.dequantize_resident, threads, backend, copy=streaming,
-                               stream_ffn=ffn, layers=layers, ends=ends)
-    profiler = Profiler() if opts.profile else None
-    store = None
-    if streaming:
-        store = ExpertStore(f, plan.n_slots, opts.cache_policy, "direct" if direct else "buffered",
-                            opts.io_threads, dense_ffn=ffn, profiler=profiler, sync=opts.prefetch == "none")
-        f.release_pages()  # nothing uses the memory map now: its pages leave our RSS
-    lookahead = (opts.lookahead or max(1, cfg.n_expert_used)) if opts.prefetch == "lookahead" else 0
-    try:
-        model = Model(cfg, weights, n_ctx, threads, backend, experts=store, stream_ffn=ffn,
-                      lookahead=lookahead if streaming else 0, profiler=profiler)
-    except BaseException:
-        if store is not None:
-            store.close()
-        raise
-    model.routing = routing
-    return model
-
-
-@contextmanager
-def _copy_progress(f: GGUFFile, plan: MemoryPlan | None, enabled: bool):
-    """A byte-count progress bar over the tensors f copies into memory meanwhile (tqdm shows it
-    only on a terminal)."""
-    if not enabled:
-        yield
-        return
-    from tqdm import tqdm
-
-    total = sum(t.nbytes for t in f.tensors.values()) - (plan.streamed if plan is not None else 0)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {f.path.name}", disable=None, leave=False) as bar:
-        f.on_copy = bar.update
-        try:
-            yield
-        finally:
-            f.on_copy = None
 
 
 class Engine:
@@ -157,48 +86,31 @@ class Engine:
         distributed: an weightstream.engine.runtime.distributed.DistributedConfig: the layers run as pipeline stages on
             Ray actors, each streaming its own experts under its own budget (needs ray).
         Streamed output is bit-identical to stream="none" whatever these options are."""
-        unknown = set(options) - set(_LoadOptions.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"Engine.load: unknown option(s) {sorted(unknown)}; "
-                            f"known: {sorted(_LoadOptions.__dataclass_fields__)}")
-        opts = _LoadOptions(**options)
-        if opts.stream not in STREAM_MODES:
-            raise ValueError(f"Engine.load: stream must be one of {STREAM_MODES}, got {opts.stream!r}")
-        if opts.prefetch not in PREFETCH_MODES:
-            raise ValueError(f"Engine.load: prefetch must be one of {PREFETCH_MODES}, got {opts.prefetch!r}")
+        opts = LoadOptions.from_kwargs(**options)
         t0 = time.perf_counter()
         f = GGUFFile(path)
-        store = None
         try:
             cfg = ModelConfig.from_metadata(f.metadata, source=str(path))
-            routing = parse_routing(opts.routing, cfg)
+            tokenizer = Tokenizer.from_metadata(f.metadata)
             if distributed is not None:  # pipeline stages on Ray: engine/runtime/distributed.py
                 from .distributed import load_distributed
 
-                tokenizer = Tokenizer.from_metadata(f.metadata)
-                model, n_batch = load_distributed(path, f, cfg, opts, threads, backend, distributed)
+                parse_routing(opts.routing, cfg)  # a bad source fails here, before any actor starts
+                model, n_batch = load_distributed(path, f, cfg, opts.resolved(cfg, always_stream=True), threads,
+                                                  backend, distributed)
                 return cls(path, f, cfg, model, tokenizer, time.perf_counter() - t0, n_batch=n_batch)
-            if opts.stream == "auto":  # what a budget needs: the experts of a MoE, a dense model's FFNs
-                opts.stream = "experts" if cfg.is_moe else "ffn"
-            streaming = opts.stream != "none"
-            direct = streaming and opts.cache_policy != PAGE_CACHE and opts.io != "buffered" and (
-                opts.io == "direct" or direct_io_supported(str(f.path)))
+            opts = opts.resolved(cfg)
+            direct = opts.streaming and opts.io_mode(direct_io_supported(str(f.path))) == "direct"
             plan = None
-            if streaming or opts.memory_budget is not None:
+            if opts.streaming or opts.memory_budget is not None:
                 plan = plan_memory(f, cfg, opts.memory_budget, opts.stream, opts.n_ctx, opts.cache_slots,
-                                   opts.dequantize_resident, direct, min(cfg.n_ctx_train, DEFAULT_N_CTX), opts.n_batch)
-            tokenizer = Tokenizer.from_metadata(f.metadata)
-            n_ctx = plan.n_ctx if plan is not None else (opts.n_ctx or min(cfg.n_ctx_train, DEFAULT_N_CTX))
-            model = build_model(f, cfg, opts, plan, n_ctx, direct, threads, backend, routing)
-            store, profiler = model.experts if streaming else None, model.profiler
-            if opts.record_routing:
-                model.routing_trace = RoutingTrace(cfg.n_layer, cfg.n_expert, cfg.n_expert_used)
-        except BaseException:
-            if store is not None:
-                store.close()
+                                   opts.dequantize_resident, direct, opts.default_n_ctx(cfg), opts.n_batch)
+            model = build_model(f, cfg, opts, plan, direct, threads, backend)
+        except BaseException:  # build_model closes the store it made if the model cannot be built
             f.close()
             raise
-        return cls(path, f, cfg, model, tokenizer, time.perf_counter() - t0, store, plan, profiler, opts.n_batch)
+        store = model.experts if opts.streaming else None
+        return cls(path, f, cfg, model, tokenizer, time.perf_counter() - t0, store, plan, model.profiler, opts.n_batch)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:

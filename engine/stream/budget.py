@@ -30,15 +30,12 @@ from ...kernels import backends
 from ..model.config import ModelConfig
 from .store import expert_layouts
 from ..formats.gguf_file import GGUFFile
+from ..errors import BudgetError
 
 MIN_N_CTX = 256
 MAX_PREFILL_BATCH = 256
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
-
-
-class BudgetError(MemoryError):
-    """The memory budget cannot hold what the model must keep in memory."""
 
 
 def parse_size(size) -> int:

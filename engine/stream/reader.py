@@ -24,18 +24,16 @@ import mmap
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+from ..errors import ExpertReadError
 
 ALIGN = 4096  # O_DIRECT alignment: the logical block size of every filesystem we meet is <= 4 KiB
 DEMAND, PREFETCH = 0, 1  # job priorities: lower is served first
 
 QUEUED, RUNNING, DONE, CANCELLED = "queued", "running", "done", "cancelled"
-
-
-class ExpertReadError(OSError):
-    """A read of an expert failed or came back short: names the file, tensor, offset and sizes."""
 
 
 @dataclass(frozen=True)

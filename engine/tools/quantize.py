@@ -13,7 +13,7 @@ and a previous quantize.imatrix.*; general.file_type becomes the recipe's LlamaF
 `weightstream.quantize.recipe` names the recipe, and with an importance matrix llama.cpp's keys
 quantize.imatrix.file / .dataset / .entries_count / .chunks_count (tools/quantize/quantize.cpp)
 record where it came from. The file is written under a temporary name and renamed when complete
-(engine/tools/convert.py gguf_output); a failure leaves nothing behind.
+(engine/formats/atomic.py gguf_output); a failure leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ from ... import kernels
 from ...kernels import QTensor, formats, quantize_weights
 
 from . import recipes
-from .convert import gguf_output
+from .imatrix import read_imatrix
+from ..formats.atomic import gguf_output
 from ..formats.gguf_file import GGUFFile
 
 RECIPE_KEY = "weightstream.quantize.recipe"
@@ -102,8 +103,6 @@ def quantize_gguf(in_path: str | os.PathLike, out_path: str | os.PathLike, ftype
     the recipe `ftype` (q2_k, q3_k_m, q4_k_m, q8_0). imatrix: an imatrix file path (llama.cpp's
     legacy .dat or GGUF format; engine/tools/imatrix.py) or a dict name -> float32 values. Returns the
     path written."""
-    from .imatrix import read_imatrix
-
     recipe = recipes.get_recipe(ftype)
     in_path, out_path = Path(in_path), Path(out_path)
     if not out_path.parent.is_dir():

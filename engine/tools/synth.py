@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,9 @@ from gguf import LlamaFileType
 from ...kernels import formats
 
 from . import convert
+from .assets import cache_dir, demo_model_path
+from ..formats.atomic import gguf_output
+from ..formats.gguf_file import GGUFFile
 from ..model.config import ARCHITECTURES as ENGINE_ARCHITECTURES
 
 CHUNK_BYTES = 64 << 20  # generate-and-write unit: large enough for full-speed writes, small in memory
@@ -378,9 +382,6 @@ def write_tokenizer(w: gguf.GGUFWriter, source: dict[str, Any], n_vocab: int) ->
 
 def demo_tokenizer() -> dict[str, Any]:
     """The demo model's (SmolLM2's) tokenizer.* metadata."""
-    from .assets import demo_model_path
-    from ..formats.gguf_file import GGUFFile
-
     with GGUFFile(demo_model_path(quiet=True)) as f:
         return {k: v for k, v in f.metadata.items() if k.startswith("tokenizer.")}
 
@@ -426,7 +427,7 @@ def synth_model(out_path: str | os.PathLike, preset: str | Preset, layers: int |
     tensors = plan(p, n_layer, attn_type, experts_type)
     tokenizer = demo_tokenizer()
 
-    with convert.gguf_output(out_path, p.arch) as (writer, tmp_path):
+    with gguf_output(out_path, p.arch) as (writer, tmp_path):
         for t in tensors:  # infos first: GGUF's header lists every tensor before any data
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
         write_metadata(writer, p, n_layer, quant_type(experts_type), seed, tokenizer)
@@ -500,3 +501,27 @@ def cmd_synth(args: argparse.Namespace) -> int:
     size = path.stat().st_size
     print(f"{path}: {size / 2**30:.2f} GiB in {seconds:.1f} s ({size / seconds / 1e6:.0f} MB/s)")
     return 0
+
+
+# `weightstream demo --moe`: a synthetic MoE with OLMoE-1B-7B's exact shapes (16 layers, 64
+# experts of 2048<->1024, top-8; random Q2_K experts), written once into the cache.
+DEMO_MOE_PRESET = "olmoe-1b-7b"
+DEMO_MOE_FILENAME = "olmoe-1b-7b-synth-Q2_K.gguf"
+
+
+def demo_moe_path(cache: str | os.PathLike | None = None, quiet: bool = False) -> Path:
+    """Path of the synthetic demo MoE, writing it (~2.3 GB, seconds at disk speed) on first use.
+    A cached file is reused if it is the preset's (synth writes to a temporary name and renames
+    only a complete file, so a present file is whole)."""
+    target = cache_dir(cache) / DEMO_MOE_FILENAME
+    if target.exists():
+        try:
+            with GGUFFile(target) as f:
+                if f.metadata.get(PRESET_KEY) == DEMO_MOE_PRESET:
+                    return target
+        except (OSError, ValueError):  # unreadable (GGUFError is a ValueError): written again below
+            pass
+    if not quiet:
+        print(f"weightstream: writing the synthetic MoE demo model ({DEMO_MOE_PRESET} shapes) to {target} ...",
+              file=sys.stderr)
+    return synth_model(target, DEMO_MOE_PRESET, progress=not quiet)
