@@ -12,29 +12,16 @@ measured table (kernels/backends.py).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import backends, formats, reference
+from . import backends, formats
 from .backends import BACKENDS
-
-try:  # the Cython build is optional at import time: a source checkout without a build still works
-    from . import _dequant
-except ImportError:  # pragma: no cover - exercised only on unbuilt checkouts
-    _dequant = None
+from .expand import default_threads, dequantize
 
 __all__ = ["QTensor", "dequantize", "matmul", "default_threads", "GGMLQuantizationType"]
-
-
-def default_threads() -> int:
-    """Cores this process may run on (respects taskset / cgroup cpusets)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -76,16 +63,6 @@ class QTensor:
         object.__setattr__(qt, "shape", shape)
         object.__setattr__(qt, "data", data)
         return qt
-
-
-def dequantize(qt: QTensor, threads: int | None = None) -> np.ndarray:
-    """float32[rows, cols] values of `qt` (bit-identical to gguf.quants.dequantize)."""
-    if _dequant is not None:
-        out = np.empty(qt.shape, dtype=np.float32)
-        data = np.ascontiguousarray(qt.data)
-        _dequant.dequantize_into(data, int(qt.qtype), out, threads or default_threads())
-        return out
-    return reference.dequantize(qt.data, qt.qtype, qt.shape)
 
 
 def matmul(x: np.ndarray, qt: QTensor, threads: int | None = None, backend: str = "auto",

@@ -27,6 +27,8 @@ from typing import Callable, Protocol
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from .expand import dequantize
+
 BACKENDS = ("auto", "numpy", "cython", "numba")
 SHIPPED_TABLE = Path(__file__).with_name("backend_table.json")  # the default; never written
 N_BUCKETS = (1, 8, 64, 512)  # a batch of n rows is looked up under the smallest bucket >= n
@@ -232,10 +234,14 @@ class KernelCache:
         """x @ W.T for x: float32[n, cols] and W = qt, through the cached kernel; where there is
         none, through kernels.matmul (NumPy under "auto"; a named backend's own clear error)."""
         kernel = self(qt.qtype, x.shape[0])
-        if kernel is None:
-            from . import matmul  # kernels/__init__ imports this module
-
-            return matmul(x, qt, threads, "numpy" if self.backend == "auto" else self.backend)
+        if kernel is None:  # NumPy: expand and call BLAS (what kernels.matmul does for "numpy")
+            if self.backend not in ("auto", "numpy"):
+                raise ValueError(f"backend {self.backend!r} has no kernel for {qt.qtype.name} here "
+                                 f"(available: {', '.join(available(qt.qtype))})")
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
+            np.matmul(x, dequantize(qt, threads).T, out=out)
+            return out
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
         kernel.matmul_into(x, qt.data, int(qt.qtype), out, threads)

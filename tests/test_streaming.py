@@ -79,6 +79,19 @@ def test_memory_budget_sizes_the_cache(moe_gguf, reference):
         Engine.load(moe_gguf, n_ctx=plan.n_ctx, n_batch=N_BATCH, stream="experts", memory_budget=too_small)
 
 
+def test_a_budget_alone_streams_as_the_command_line_does(moe_gguf, reference):
+    """Engine.load(path, memory_budget=B) means what `--memory-budget B` means: the experts of a
+    MoE stream (stream="auto"), rather than a refusal because the whole model does not fit."""
+    ids, logits, tokens, cfg = reference
+    with Engine.load(moe_gguf, n_batch=N_BATCH, stream="experts") as eng:
+        plan = eng.plan
+    budget = plan.resident + plan.kv_cache + plan.work + 3 * plan.slot_bytes
+    with Engine.load(moe_gguf, n_ctx=plan.n_ctx, n_batch=N_BATCH, memory_budget=budget) as eng:
+        assert eng.store is not None and eng.store.n_slots == 3
+        assert np.array_equal(eng.logits(ids), logits)
+    with pytest.raises(BudgetError, match="too small"):  # asked for explicitly: every expert resident
+        Engine.load(moe_gguf, n_ctx=plan.n_ctx, n_batch=N_BATCH, memory_budget=budget, stream="none")
+
 def test_parse_size():
     assert parse_size("3GiB") == 3 * 2**30 == parse_size("3G") == parse_size(" 3 gib ")
     assert parse_size("1.5GB") == 1_500_000_000 and parse_size("512MiB") == 2**29 and parse_size(1234) == 1234
