@@ -546,10 +546,6 @@ class Tokenizer:
             raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
         return i
 
-    def is_special(self, token_id: int) -> bool:
-        """Control or unknown: left out by decode(skip_special=True), as llama.cpp's special=false."""
-        return self._types[self._check_id(token_id)] in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN)
-
     def token_to_piece(self, token_id: int) -> bytes:
         """The bytes one token stands for (llama.cpp's token_to_piece with special=true).
 
@@ -603,10 +599,6 @@ class Tokenizer:
         return StreamDecoder(self, skip_special)
 
     # ---- chat ------------------------------------------------------------------------------------
-
-    def token_text(self, token_id: int) -> str:
-        """The vocabulary entry for a token, as the GGUF spells it."""
-        return self._tokens[self._check_id(token_id)]
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kw: Any) -> str:
         """Render `tokenizer.chat_template` as transformers' apply_chat_template(tokenize=False) does.

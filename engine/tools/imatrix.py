@@ -272,11 +272,6 @@ def _read_gguf_imatrix(path: Path) -> ImatrixData:
     return ImatrixData(values, datasets[0] if datasets else "", int(chunks.contents()) if chunks is not None else 0)
 
 
-def load_imatrix(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """name -> float32[n_mat * cols], the mean x^2 of each column (what the quantizers take)."""
-    return read_imatrix(path).values
-
-
 # ----------------------------------------------------------------------------------------------
 # command line
 
