@@ -28,7 +28,7 @@ from weightstream.engine.formats.atomic import write_json  # noqa: E402
 from weightstream.engine.stream.disk import disk_bandwidth, drop_cached_pages  # noqa: E402
 from weightstream.engine.stream.budget import fmt_bytes, parse_size  # noqa: E402
 from cgroup import MemoryCgroup  # noqa: E402  (bench/cgroup.py)
-from weightstream.engine.stream.store import expert_layouts  # noqa: E402
+from weightstream.engine.stream.layout import expert_layouts  # noqa: E402
 from weightstream.engine.formats.gguf_file import GGUFFile  # noqa: E402
 
 PROMPT = "The history of the printing press begins"

@@ -7,7 +7,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from weightstream.engine.stream.policies import simulate  # noqa: E402
-from weightstream.engine.stream.store import ExpertStore, SlotPool, expert_layouts  # noqa: E402
+from weightstream.engine.stream.layout import expert_layouts  # noqa: E402
+from weightstream.engine.stream.slots import SlotPool  # noqa: E402
+from weightstream.engine.stream.store import ExpertStore  # noqa: E402
 from weightstream.engine.formats.gguf_file import GGUFFile  # noqa: E402
 from tests.hf_models import moe_gguf_file, smollm2_gguf_path  # noqa: E402
 

@@ -47,7 +47,7 @@ import numpy as np
 
 from ..stream.budget import BudgetError, parse_size, plan_memory
 from ..model.config import ModelConfig
-from ..stream.store import expert_layouts
+from ..stream.layout import expert_layouts
 from ..errors import StageFailedError
 
 TRANSPORTS = ("compiled", "actor", "auto")

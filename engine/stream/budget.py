@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType
 from ...kernels import backends
 
 from ..model.config import ModelConfig
-from .store import expert_layouts
+from .layout import expert_layouts
 from ..formats.gguf_file import GGUFFile
 from ..errors import BudgetError
 

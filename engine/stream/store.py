@@ -20,97 +20,21 @@ caching to the operating system's page cache, which is what flash-moe found best
 """
 from __future__ import annotations
 
-import mmap
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from ...kernels import QTensor
 
+from .layout import expert_layouts
 from .policies import make_policy
 from .reader import DEMAND, PREFETCH, ReadJob, ReadPool, ReadRange, aligned_span, region_bytes
-from ..formats.gguf_file import GGUFError, GGUFFile, TensorInfo
+from .slots import SlotPool
+from ..formats.gguf_file import GGUFError, GGUFFile
 from ..errors import ExpertIndexError
 
-EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
-DENSE_FFN_TENSORS = ("ffn_gate", "ffn_up", "ffn_down")
-PAGE = mmap.PAGESIZE
 PAGE_CACHE = "page-cache"
 READ_TIMEOUT_S = 120.0  # no read of a few MiB takes this long on a working disk: fail, do not hang
-
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    """Where one layer's experts live: the stacked gate, up and down tensors [n_expert, rows, cols],
-    or a dense FFN's three matrices [rows, cols] (stacked=False: one expert)."""
-
-    layer: int
-    parts: tuple[TensorInfo, TensorInfo, TensorInfo]
-    stacked: bool = True
-
-    @property
-    def n_expert(self) -> int:
-        return self.parts[0].shape[0] if self.stacked else 1
-
-    def part_shape(self, i: int) -> tuple[int, int]:
-        shape = self.parts[i].shape
-        return tuple(shape[1:]) if self.stacked else tuple(shape)
-
-    def part_bytes(self, i: int) -> int:
-        """Bytes of one expert's slice of part i (its rows x row_bytes)."""
-        return self.part_shape(i)[0] * self.parts[i].row_bytes
-
-    @property
-    def expert_bytes(self) -> int:
-        return sum(self.part_bytes(i) for i in range(3))
-
-    def slot_bytes(self, direct: bool) -> int:
-        return sum(region_bytes(self.part_bytes(i), direct) for i in range(3))
-
-
-def expert_layouts(f: GGUFFile, dense_ffn: bool = False) -> dict[int, ExpertLayout]:
-    """{layer: layout} for every layer with routed experts, and with dense_ffn for every layer
-    with a dense FFN too."""
-    layouts = {}
-    for name in f.tensors:
-        if not name.startswith("blk."):
-            continue
-        layer = int(name.split(".")[1])
-        if name.endswith(f".{EXPERT_TENSORS[0]}.weight"):
-            parts = tuple(f.info(f"blk.{layer}.{t}.weight") for t in EXPERT_TENSORS)
-            if len({p.shape[0] for p in parts}) != 1:
-                raise GGUFError(f"{f.path}: layer {layer}'s expert tensors disagree on the expert count: "
-                                f"{[p.shape for p in parts]}")
-            layouts[layer] = ExpertLayout(layer, parts)
-        elif dense_ffn and name.endswith(f".{DENSE_FFN_TENSORS[0]}.weight"):
-            layouts[layer] = ExpertLayout(layer, tuple(f.info(f"blk.{layer}.{t}.weight") for t in DENSE_FFN_TENSORS),
-                                          stacked=False)
-    return layouts
-
-
-class SlotPool:
-    """n_slots buffers of slot_bytes each (rounded up to whole pages), allocated once."""
-
-    def __init__(self, n_slots: int, slot_bytes: int):
-        if n_slots < 1:
-            raise ValueError(f"SlotPool: need at least one slot, got {n_slots}")
-        self.stride = -(-slot_bytes // PAGE) * PAGE
-        raw = np.empty(n_slots * self.stride + PAGE, dtype=np.uint8)  # one allocation
-        # touch every page now: a read into a never-touched slot page-faults its pages in (zeroing,
-        # cgroup charge, the mm lock shared with the compute thread), which made reads into fresh
-        # slots ~3x slower than into reused ones (bench/e2e.py at 50-100% budgets); the budget
-        # counts these bytes anyway
-        raw[::PAGE] = 0
-        start = -raw.ctypes.data % PAGE
-        self.slots = raw[start:start + n_slots * self.stride].reshape(n_slots, self.stride)  # uint8[n_slots, stride]
-
-    @property
-    def nbytes(self) -> int:
-        return self.slots.nbytes
-
-    def close(self) -> None:
-        self.slots = None  # the memory goes when the last view of a slot does
 
 
 @dataclass
