@@ -54,6 +54,11 @@ class Profiler:
     def stall(self, layer: int, t0: float, t1: float) -> None:
         self.stalls.append((self.forward, layer, t0, t1))
 
+    def read_queued(self, job) -> None:
+        """A read was queued: tag it with the forward pass that queued it (the store never reads
+        the profiler; the tag travels with the job to read_done and the reports)."""
+        job.forward = self.forward
+
     def read_done(self, job) -> None:
         self.reads.append(job)
 

@@ -64,7 +64,7 @@ class ReadJob:
     t_end: float = 0.0
     nbytes: int = 0  # bytes transferred (O_DIRECT: whole pages)
     wanted: int = 0  # bytes of the expert itself
-    forward: int = -1  # the forward pass that queued it (profiler)
+    forward: int = -1  # the forward pass that queued it (set by the profiler, when there is one)
     _seq: int = 0  # the valid heap entry's sequence number (older entries are stale)
 
     @property

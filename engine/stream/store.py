@@ -225,7 +225,7 @@ class ExpertStore:
             pos += region_bytes(n, self.direct)
         job = ReadJob(key, slot, dest, ranges, priority, wanted=lay.expert_bytes)
         if self.profiler is not None:
-            job.forward = self.profiler.forward
+            self.profiler.read_queued(job)
         self._slot_of[key], self._job_of[key], self._views_of[key] = slot, job, tuple(views)
         self.policy.insert(key)
         self.reader.submit(job)
