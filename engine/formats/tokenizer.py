@@ -546,6 +546,17 @@ class Tokenizer:
             raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
         return i
 
+    def chunks(self, text: str, n_ctx: int) -> tuple[list[list[int]], int]:
+        """(chunks, tokens in text): the text's tokens cut into whole chunks of n_ctx, BOS put in
+        each chunk's first place when the model adds BOS, as llama-perplexity and llama-imatrix cut
+        their texts. The tail shorter than n_ctx is left out."""
+        ids = self.encode(text, add_special=True, parse_special=False)
+        chunks = [list(ids[c * n_ctx:(c + 1) * n_ctx]) for c in range(len(ids) // n_ctx)]
+        if self.add_bos and self.bos_id is not None:
+            for chunk in chunks:
+                chunk[0] = self.bos_id
+        return chunks, len(ids)
+
     def token_to_piece(self, token_id: int) -> bytes:
         """The bytes one token stands for (llama.cpp's token_to_piece with special=true).
 

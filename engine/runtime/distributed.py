@@ -245,14 +245,9 @@ class _Stage:
         return msg
 
     def stats(self) -> dict:
-        p, st = self.plan, self.store.stats
-        out = {"stage": self.index, "layers": [self.layers.start, self.layers.stop],
-                "budget": p.budget, "memory": {"resident": p.resident, "kv_cache": p.kv_cache, "work": p.work,
-                                               "expert_cache": p.cache, "total": p.total, "n_ctx": p.n_ctx},
-                "experts": {"slots": self.store.n_slots, "hits": st.hits, "late": st.late, "misses": st.misses,
-                            "hit_rate": st.hit_rate, "bytes_read": st.bytes_read, "stall_s": st.stall_s,
-                            "direct_io": self.store.direct, "prefetch_issued": st.prefetch_issued},
-                "steps": self.steps, "compute_s": self.compute_s}
+        out = {"stage": self.index, "layers": [self.layers.start, self.layers.stop], "budget": self.plan.budget,
+               "memory": self.plan.summary(), "experts": self.store.summary(),
+               "steps": self.steps, "compute_s": self.compute_s}
         if self.profiler is not None:
             out["profile"] = self.profiler.summary(self.store.n_slots, with_sweep=False)
         return out

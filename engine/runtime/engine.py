@@ -156,20 +156,15 @@ class Engine:
         """Perplexity as llama-perplexity computes it: the text's tokens cut into non-overlapping
         chunks of n_ctx (BOS put in each chunk's first place when the model adds BOS), and in each
         chunk only the second half's predictions scored."""
-        tok = self.tokenizer
-        ids = tok.encode(text, add_special=True, parse_special=False)
-        n_chunks = len(ids) // n_ctx
-        if n_chunks == 0:
-            raise ValueError(f"perplexity: text has {len(ids)} tokens, fewer than n_ctx={n_ctx}")
+        chunks, n_tokens = self.tokenizer.chunks(text, n_ctx)
+        if not chunks:
+            raise ValueError(f"perplexity: text has {n_tokens} tokens, fewer than n_ctx={n_ctx}")
         first = n_ctx // 2
         nll, count = 0.0, 0
-        for c in range(n_chunks):
-            chunk = list(ids[c * n_ctx:(c + 1) * n_ctx])
-            if tok.add_bos and tok.bos_id is not None:
-                chunk[0] = tok.bos_id
+        for chunk in chunks:
             logits = self._forward_all(chunk).astype(np.float64)
             pred = logits[first:n_ctx - 1]  # position j predicts token j + 1
-            target = np.asarray(ids[c * n_ctx + first + 1:(c + 1) * n_ctx])
+            target = np.asarray(chunk[first + 1:n_ctx])  # the text's own tokens: BOS only replaces place 0
             m = pred.max(axis=1)
             logz = m + np.log(np.exp(pred - m[:, None]).sum(axis=1))
             nll += float(np.sum(logz - pred[np.arange(len(target)), target]))
@@ -248,16 +243,9 @@ class Engine:
         out = {"load_s": self.load_s, "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
                "prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s}
         if self.plan is not None:
-            p = self.plan
-            out["memory"] = {"budget": p.budget, "resident": p.resident, "kv_cache": p.kv_cache, "work": p.work,
-                             "expert_cache": p.cache, "n_ctx": p.n_ctx, "streamed": p.streamed}
+            out["memory"] = self.plan.summary()
         if self.store is not None:  # cumulative since load
-            st = self.store.stats
-            out["experts"] = {"slots": self.store.n_slots, "hits": st.hits, "late": st.late, "misses": st.misses,
-                              "hit_rate": st.hit_rate, "bytes_read": st.bytes_read, "reads": st.reads,
-                              "stall_s": st.stall_s, "direct_io": self.store.direct,
-                              "prefetch": {"issued": st.prefetch_issued, "used": st.prefetch_used,
-                                           "wasted": st.prefetch_wasted, "cancelled": st.prefetch_cancelled}}
+            out["experts"] = self.store.summary()
         if self.profiler is not None:
             out["profile"] = self.profile_summary(with_sweep=False)
         if hasattr(self.model, "pipeline_stats"):  # distributed: per-stage figures, per-hop latency

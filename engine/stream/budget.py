@@ -75,6 +75,11 @@ class MemoryPlan:
     def total(self) -> int:
         return self.resident + self.kv_cache + self.work + self.cache
 
+    def summary(self) -> dict:
+        """The plan's figures in bytes, as Engine.stats() and a pipeline stage report them."""
+        return {"budget": self.budget, "resident": self.resident, "kv_cache": self.kv_cache, "work": self.work,
+                "expert_cache": self.cache, "total": self.total, "n_ctx": self.n_ctx, "streamed": self.streamed}
+
     def describe(self) -> str:
         return (f"resident weights {fmt_bytes(self.resident)} + KV cache {fmt_bytes(self.kv_cache)} "
                 f"(n_ctx {self.n_ctx}) + work buffers {fmt_bytes(self.work)} (batch {self.prefill_batch}) "

@@ -171,6 +171,15 @@ class ExpertStore:
             issued += 1
         return issued
 
+    def summary(self) -> dict:
+        """The store's figures since it was made, as Engine.stats() and a pipeline stage report them."""
+        st = self.stats
+        return {"slots": self.n_slots, "hits": st.hits, "late": st.late, "misses": st.misses,
+                "hit_rate": st.hit_rate, "bytes_read": st.bytes_read, "reads": st.reads,
+                "stall_s": st.stall_s, "direct_io": self.direct,
+                "prefetch": {"issued": st.prefetch_issued, "used": st.prefetch_used,
+                             "wasted": st.prefetch_wasted, "cancelled": st.prefetch_cancelled}}
+
     # ---- slots --------------------------------------------------------------------------------
     def _take_slot(self, incoming=None) -> int | None:
         """A free slot, or the policy's victim (for `incoming`) among keys not in use and not

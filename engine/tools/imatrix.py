@@ -147,13 +147,11 @@ def collect_imatrix(engine, text: str, n_ctx: int = 512, chunks: int | None = No
                     process_output: bool = False, progress: bool = False) -> tuple[Collector, int]:
     """Run engine (weightstream.engine.runtime.engine.Engine) over text in chunks of n_ctx tokens (BOS first when the model
     adds one, as llama-imatrix) and collect. Returns (the collector, chunks run)."""
-    tok = engine.tokenizer
-    ids = tok.encode(text, add_special=True, parse_special=False)
-    n_chunks = len(ids) // n_ctx
-    if n_chunks == 0:
-        raise ValueError(f"imatrix: the calibration text has {len(ids)} tokens, fewer than one chunk of {n_ctx}")
-    if chunks is not None:
-        n_chunks = min(n_chunks, chunks)
+    pieces, n_tokens = engine.tokenizer.chunks(text, n_ctx)
+    if not pieces:
+        raise ValueError(f"imatrix: the calibration text has {n_tokens} tokens, fewer than one chunk of {n_ctx}")
+    pieces = pieces[:chunks] if chunks is not None else pieces
+    n_chunks = len(pieces)
     model = engine._require_open()
     if n_ctx > model.n_ctx:
         raise ValueError(f"imatrix: chunk size {n_ctx} exceeds the engine's context {model.n_ctx}")
@@ -165,10 +163,7 @@ def collect_imatrix(engine, text: str, n_ctx: int = 512, chunks: int | None = No
         from tqdm import tqdm
 
         bar = tqdm(total=n_chunks, unit="chunk", desc="imatrix")
-    for c in range(n_chunks):
-        chunk = list(ids[c * n_ctx:(c + 1) * n_ctx])
-        if tok.add_bos and tok.bos_id is not None:
-            chunk[0] = tok.bos_id
+    for chunk in pieces:
         for s in range(0, n_ctx, b):
             model.forward(chunk[s:s + b], s, all_logits=process_output)
         if bar is not None:
