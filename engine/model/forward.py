@@ -1,10 +1,11 @@
-"""The forward pass: embedding, attention with a preallocated KV cache, dense or MoE FFN, head.
+"""The forward pass: embedding, attention with each layer's KV cache, dense or MoE FFN, head.
 
 Works on float32 NumPy arrays. Knows nothing about I/O: weights come from weightstream.engine.model.weights,
 routed experts through `self.experts.fetch(layer, expert_ids)`: the file's memory map
 (ResidentExperts) or an ExpertStore that reads them ahead of use (engine/stream/store.py). The
 small per-token operations (norms, rope, SwiGLU, one-token attention) run in weightstream.kernels._ops, one
-pass each into our own buffers; engine/model/ops.py holds their NumPy versions, the reference they are
+pass each into our own buffers; each layer's state between tokens (its KV cache) is its own object
+from engine/model/state.py, allocated once. engine/model/ops.py holds their NumPy versions, the reference they are
 tested against, and the prefill attention (a batched matmul that BLAS does best).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ...kernels import QTensor, _ops
 from .config import ModelConfig
 from .config import ROPE_NEOX
 from .ops import Rope, sigmoid, softmax
+from .state import layer_state
 from .weights import FFN, LayerWeights, ModelWeights, MoEWeights
 
 
@@ -38,11 +40,11 @@ class ResidentExperts:
 
 
 class Model:
-    """A decoder-only transformer with its own KV cache.
+    """A decoder-only transformer with its own per-layer state (a KV cache per attention layer).
 
     forward(tokens, pos) appends len(tokens) positions to the cache starting at `pos` and returns
     logits for the last token (or for every token with all_logits=True). It is embed, run_layers,
-    head: a pipeline stage (engine/runtime/distributed.py) holds the weights and KV cache of a slice of
+    head: a pipeline stage (engine/runtime/distributed.py) holds the weights and states of a slice of
     the layers only (weights.layer_range) and calls run_layers on the residual it is sent.
     """
 
@@ -69,18 +71,12 @@ class Model:
         self.threads, self.backend = threads, backend
         self.layer_range = weights.layer_range  # the layers held (all, or a pipeline stage's slice)
         self.rope = Rope(cfg.n_rot, cfg.rope_base, n_ctx, cfg.flags.rope, cfg.rope_freq_scale, weights.rope_freqs)
-        # KV cache, allocated once: float32[len(layer_range), n_ctx, n_head_kv, head_dim] each
-        kv_shape = (len(self.layer_range), n_ctx, cfg.n_head_kv, cfg.head_dim)
-        self.k_cache = np.zeros(kv_shape, dtype=np.float32)
-        self.v_cache = np.zeros(kv_shape, dtype=np.float32)
+        # layer index -> its state (engine/model/state.py), allocated once: the layers held only
+        self.states = {i: layer_state(cfg, i, n_ctx) for i in self.layer_range}
         self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
         self.kernel_threads = threads or kernels.default_threads()
         self.kernel = kernels.backends.KernelCache(backend)  # for the experts' matmuls
         self.attn_scores = np.empty((cfg.n_head, n_ctx), dtype=np.float32)  # one-token attention scratch
-
-    @property
-    def kv_cache_bytes(self) -> int:
-        return self.k_cache.nbytes + self.v_cache.nbytes
 
     # ---- one pass -----------------------------------------------------------------------------
     def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
@@ -170,15 +166,15 @@ class Model:
         _ops.rope_inplace(q, positions, self.rope.cos, self.rope.sin, cfg.n_rot, neox)
         _ops.rope_inplace(k, positions, self.rope.cos, self.rope.sin, cfg.n_rot, neox)
         start, end = positions[0], positions[-1] + 1
-        i_kv = i - self.layer_range.start  # this model's KV cache holds its layers only
-        self.k_cache[i_kv, start:end] = k
-        self.v_cache[i_kv, start:end] = v
+        cache = self.states[i]
+        cache.k[start:end] = k
+        cache.v[start:end] = v
         if n == 1:  # decode: one pass over the cache per head
             out = np.empty((H, D), dtype=np.float32)
-            _ops.attend_one(q[0], self.k_cache[i_kv], self.v_cache[i_kv], end, self.scale, out, self.attn_scores,
+            _ops.attend_one(q[0], cache.k, cache.v, end, self.scale, out, self.attn_scores,
                             self.kernel_threads)
             return L.wo(out.reshape(1, H * D))
-        keys, values = self.k_cache[i_kv, :end], self.v_cache[i_kv, :end]  # [T, Hkv, D]
+        keys, values = cache.k[:end], cache.v[:end]  # [T, Hkv, D]
         g = H // Hkv  # query heads per kv head
         qh = q.reshape(n, Hkv, g, D).transpose(1, 2, 0, 3)  # [Hkv, g, n, D]
         scores = (qh @ keys.transpose(1, 2, 0)[:, None]) * self.scale  # [Hkv, g, n, T]
