@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from weightstream.engine import Engine  # noqa: E402
+from weightstream.engine.model.workspace import work_buffers  # noqa: E402
 from weightstream.engine.stream import reader as expert_io  # noqa: E402
 from weightstream.engine.stream.budget import BudgetError, parse_size  # noqa: E402
 from weightstream.engine.stream.reader import ExpertReadError  # noqa: E402
@@ -77,6 +78,18 @@ def test_memory_budget_sizes_the_cache(moe_gguf, reference):
     with pytest.raises(BudgetError, match=r"memory budget .* is too small: the resident weights, KV cache and work "
                                           r"buffers and one layer's 2 expert slot\(s\) need"):
         Engine.load(moe_gguf, n_ctx=plan.n_ctx, n_batch=N_BATCH, stream="experts", memory_budget=too_small)
+
+
+def test_budget_counts_what_the_model_allocates(moe_gguf):
+    """The plan's kv_cache is the layers' states, and its work covers the Model's Workspace: the
+    same functions size both (engine/model/state.py, engine/model/workspace.py)."""
+    with Engine.load(moe_gguf, n_batch=N_BATCH, stream="experts") as eng:
+        plan, model = eng.plan, eng.model
+        assert sorted(model.states) == list(range(eng.config.n_layer))
+        assert plan.kv_cache == sum(state.nbytes for state in model.states.values())
+        buffers = work_buffers(eng.config, plan.prefill_batch, plan.n_ctx)
+        assert model.work.nbytes == sum(b.nbytes for b in buffers if b.held)
+        assert plan.work == sum(b.nbytes for b in buffers) > model.work.nbytes
 
 
 def test_parse_size():

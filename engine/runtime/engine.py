@@ -15,7 +15,7 @@ from ..model.config import ModelConfig
 from ..stream.reader import direct_io_supported
 from ..stream.store import PAGE_CACHE, ExpertStore
 from ..formats.gguf_file import GGUFFile
-from ..model.forward import Model
+from ..model.forward import PREFILL_BATCH, Model
 from ..observe.profiler import Profiler
 from ..observe.routing import RoutingTrace, parse_routing
 from .sampling import Sampler, SamplingParams
@@ -23,7 +23,6 @@ from ..formats.tokenizer import Tokenizer
 from ..model.weights import load_weights
 
 DEFAULT_N_CTX = 4096
-PREFILL_BATCH = 256  # prompt tokens per forward call: bounds the attention score buffers
 
 
 @dataclass
@@ -72,7 +71,8 @@ def build_model(f: GGUFFile, cfg: ModelConfig, opts: _LoadOptions, plan: MemoryP
     """The Model of `layers` (all by default; a pipeline stage's slice with ends=False, see
     engine/runtime/distributed.py): its weights loaded (copied in when streaming), and when opts.stream is
     not "none" its ExpertStore (model.experts) with plan.n_slots slots reading in the io mode the
-    plan was sized for (direct). The store is closed again if the model cannot be built."""
+    plan was sized for (direct). The store is closed again if the model cannot be built. Its
+    workspace holds buffers for the prompt batch Engine uses (plan's, else opts.n_batch or 256)."""
     streaming, ffn = opts.stream != "none", opts.stream == "ffn"
     with _copy_progress(f, plan, enabled=opts.progress and streaming):
         weights = load_weights(f, cfg, opts.dequantize_resident, threads, backend, copy=streaming,
@@ -85,8 +85,9 @@ def build_model(f: GGUFFile, cfg: ModelConfig, opts: _LoadOptions, plan: MemoryP
         f.release_pages()  # nothing uses the memory map now: its pages leave our RSS
     lookahead = (opts.lookahead or max(1, cfg.n_expert_used)) if opts.prefetch == "lookahead" else 0
     try:
+        n_batch = plan.prefill_batch if plan is not None else (opts.n_batch or PREFILL_BATCH)
         model = Model(cfg, weights, n_ctx, threads, backend, experts=store, stream_ffn=ffn,
-                      lookahead=lookahead if streaming else 0, profiler=profiler)
+                      lookahead=lookahead if streaming else 0, profiler=profiler, n_batch=n_batch)
     except BaseException:
         if store is not None:
             store.close()

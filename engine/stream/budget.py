@@ -8,7 +8,8 @@ The budget covers everything the engine allocates for the model:
               routers, embeddings, the output head; dense FFNs too unless stream="ffn")
     kv_cache  every layer's state (engine/model/state.py: a layer's float32 K and V for n_ctx
               positions), sized by the function the Model allocates it with
-    work      per-step buffers at the largest prompt batch (activations, attention scores, logits)
+    work      per-step buffers at the largest prompt batch (activations, attention scores, logits):
+              engine/model/workspace.py's work_buffers, the list the Model's Workspace allocates
     cache     expert slots: whatever is left, in whole slots
 It does not cover the Python interpreter and its libraries (NumPy, Numba, our kernels: ~100-200 MB
 measured as the process's RSS before loading), which the tests state as the overhead.
@@ -30,6 +31,7 @@ from ...kernels import backends
 
 from ..model.config import ModelConfig
 from ..model.state import state_bytes
+from ..model.workspace import work_buffers
 from .store import expert_layouts
 from ..formats.gguf_file import GGUFFile
 
@@ -105,13 +107,9 @@ def resident_bytes(f: GGUFFile, streamed_names: set[str], dequantize_resident: b
 
 
 def work_bytes(cfg: ModelConfig, n_ctx: int, batch: int) -> int:
-    """Per-step buffers at a prompt batch of `batch` tokens (float32): residual and normed input,
-    Q/K/V and their copies, attention scores/mask/probabilities [n_head, batch, n_ctx], the FFN's
-    gate/up/activation, the experts' outputs, and the logits of every position (perplexity)."""
-    E, H, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim
-    ff = max(cfg.n_ff, cfg.n_ff_exp, cfg.n_ff_shexp)
-    per_token = 4 * E + 2 * (H + 2 * Hkv) * D + 3 * ff + max(1, cfg.n_expert_used) * E + cfg.n_vocab
-    return 4 * (batch * per_token + 3 * H * batch * n_ctx)
+    """Per-step buffers at a prompt batch of `batch` tokens: those the Model's Workspace holds
+    and those a prefill call allocates (engine/model/workspace.py's work_buffers, both)."""
+    return sum(b.nbytes for b in work_buffers(cfg, batch, n_ctx))
 
 
 def plan_memory(f: GGUFFile, cfg: ModelConfig, budget=None, stream: str = "experts", n_ctx: int | None = None,
