@@ -65,6 +65,9 @@ class Workspace:
         self.n_batch = n_batch
         self.buffers = {b.name: np.empty(b.shape[0] * b.shape[1], dtype=np.float32)
                         for b in work_buffers(cfg, n_batch, n_ctx) if b.held}
+        # (name, rows, cols) -> its view, made once: a decode step asks for the same few hundred
+        # times, and a lookup costs less than slicing and reshaping (or than np.empty)
+        self.views: dict[tuple[str, int, int], np.ndarray] = {}
 
     @property
     def nbytes(self) -> int:
@@ -73,8 +76,11 @@ class Workspace:
     def take(self, name: str, rows: int, cols: int) -> np.ndarray:
         """float32[rows, cols], C-contiguous: a view of buffer `name` (its contents are whatever
         the last user left), or a new array where the buffer is too small."""
-        buf = self.buffers[name]
-        size = rows * cols
-        if size > buf.size:
-            return np.empty((rows, cols), dtype=np.float32)
-        return buf[:size].reshape(rows, cols)
+        key = (name, rows, cols)
+        view = self.views.get(key)
+        if view is None:
+            buf = self.buffers[name]
+            if rows * cols > buf.size:
+                return np.empty((rows, cols), dtype=np.float32)
+            view = self.views[key] = buf[:rows * cols].reshape(rows, cols)
+        return view
