@@ -255,7 +255,8 @@ class Model:
         for batch in self.experts.fetch(i, [0]):
             if ahead is not None:
                 self.prefetch_next(i + 1, ahead)
-            return self.expert_ffn(*batch[0][1], h, (i, None), self.work.take("ffn_out", len(h), self.cfg.n_embd))
+            out = self.work.take("ffn_out", len(h), self.cfg.n_embd)  # as dense_ffn's
+            return self.expert_ffn(*batch[0][1], h, (i, None), out)
 
     def prefetch_next(self, nxt: int, x: np.ndarray) -> None:
         """Guess layer nxt's experts from the residual after this layer's attention (it changes
