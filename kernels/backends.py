@@ -230,19 +230,22 @@ class KernelCache:
             self._many[key] = backend.many_kernel(qtype) if backend is not None else None
         return self._many[key]
 
-    def matmul(self, x: np.ndarray, qt, threads: int) -> np.ndarray:
+    def matmul(self, x: np.ndarray, qt, threads: int, out: np.ndarray | None = None) -> np.ndarray:
         """x @ W.T for x: float32[n, cols] and W = qt, through the cached kernel; where there is
-        none, through kernels.matmul (NumPy under "auto"; a named backend's own clear error)."""
+        none, through kernels.matmul (NumPy under "auto"; a named backend's own clear error).
+        out: a C-contiguous float32[n, rows] to write into (None: allocated)."""
         kernel = self(qt.qtype, x.shape[0])
         if kernel is None:  # NumPy: expand and call BLAS (what kernels.matmul does for "numpy")
             if self.backend not in ("auto", "numpy"):
                 raise ValueError(f"backend {self.backend!r} has no kernel for {qt.qtype.name} here "
                                  f"(available: {', '.join(available(qt.qtype))})")
             x = np.ascontiguousarray(x, dtype=np.float32)
-            out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
+            if out is None:
+                out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
             np.matmul(x, dequantize(qt, threads).T, out=out)
             return out
         x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
+        if out is None:
+            out = np.empty((x.shape[0], qt.shape[0]), dtype=np.float32)
         kernel.matmul_into(x, qt.data, int(qt.qtype), out, threads)
         return out

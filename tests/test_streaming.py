@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from weightstream.engine import Engine  # noqa: E402
+from weightstream.engine.model.workspace import work_buffers  # noqa: E402
 from weightstream.engine.stream import reader as expert_io  # noqa: E402
 from weightstream.engine.stream.budget import BudgetError, parse_size  # noqa: E402
 from weightstream.engine.stream.reader import ExpertReadError  # noqa: E402
@@ -91,6 +92,19 @@ def test_a_budget_alone_streams_as_the_command_line_does(moe_gguf, reference):
         assert np.array_equal(eng.logits(ids), logits)
     with pytest.raises(BudgetError, match="too small"):  # asked for explicitly: every expert resident
         Engine.load(moe_gguf, n_ctx=plan.n_ctx, n_batch=N_BATCH, memory_budget=budget, stream="none")
+
+
+def test_budget_counts_what_the_model_allocates(moe_gguf):
+    """The plan's kv_cache is the layers' states, and its work covers the Model's Workspace: the
+    same functions size both (engine/model/state.py, engine/model/workspace.py)."""
+    with Engine.load(moe_gguf, n_batch=N_BATCH, stream="experts") as eng:
+        plan, model = eng.plan, eng.model
+        assert sorted(model.states) == list(range(eng.config.n_layer))
+        assert plan.kv_cache == sum(state.nbytes for state in model.states.values())
+        buffers = work_buffers(eng.config, plan.prefill_batch, plan.n_ctx)
+        assert model.work.nbytes == sum(b.nbytes for b in buffers if b.held)
+        assert plan.work == sum(b.nbytes for b in buffers) > model.work.nbytes
+
 
 def test_parse_size():
     assert parse_size("3GiB") == 3 * 2**30 == parse_size("3G") == parse_size(" 3 gib ")

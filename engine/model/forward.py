@@ -1,11 +1,15 @@
-"""The forward pass: embedding, attention with a preallocated KV cache, dense or MoE FFN, head.
+"""The forward pass: embedding, attention with each layer's KV cache, dense or MoE FFN, head.
 
 Works on float32 NumPy arrays. Knows nothing about I/O: weights come from weightstream.engine.model.weights,
 routed experts through `self.experts.fetch(layer, expert_ids)`: the file's memory map
 (ResidentExperts) or an ExpertStore that reads them ahead of use (engine/stream/store.py). The
 small per-token operations (norms, rope, SwiGLU, one-token attention) run in weightstream.kernels._ops, one
-pass each into our own buffers; engine/model/ops.py holds their NumPy versions, the reference they are
-tested against, and the prefill attention (a batched matmul that BLAS does best).
+pass each into our own buffers. Buffers live in the Model's Workspace (engine/model/workspace.py),
+allocated once and reused by every call, so that a decode step allocates almost nothing (the
+residual from embed, router probabilities, the logits it returns); each layer's state between
+tokens (its KV cache) is its own object from engine/model/state.py, allocated once too.
+engine/model/ops.py holds the NumPy versions of the small operations, the reference they are tested
+against, and the prefill attention (a batched matmul that BLAS does best).
 """
 from __future__ import annotations
 
@@ -19,8 +23,13 @@ from ...kernels import QTensor, _ops
 from .config import ModelConfig
 from .config import ROPE_NEOX
 from .ops import Rope, sigmoid, softmax
+from .state import layer_state
+from .workspace import Workspace
 from .weights import FFN, LayerWeights, ModelWeights, MoEWeights
 from ..errors import ContextFullError
+
+
+PREFILL_BATCH = 256  # prompt tokens per forward call: bounds the attention score buffers
 
 
 class ResidentExperts:
@@ -35,17 +44,17 @@ class ResidentExperts:
 
 
 class Model:
-    """A decoder-only transformer with its own KV cache.
+    """A decoder-only transformer with its own per-layer state (a KV cache per attention layer).
 
     forward(tokens, pos) appends len(tokens) positions to the cache starting at `pos` and returns
     logits for the last token (or for every token with all_logits=True). It is embed, run_layers,
-    head: a pipeline stage (engine/runtime/distributed.py) holds the weights and KV cache of a slice of
+    head: a pipeline stage (engine/runtime/distributed.py) holds the weights and states of a slice of
     the layers only (weights.layer_range) and calls run_layers on the residual it is sent.
     """
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, n_ctx: int,
                  threads: int | None = None, backend: str = "auto", experts=None, stream_ffn: bool = False,
-                 lookahead: int = 0, profiler=None):
+                 lookahead: int = 0, profiler=None, n_batch: int = PREFILL_BATCH):
         self.cfg, self.w = cfg, weights
         # experts.fetch(layer, ids) -> (id, (gate, up, down)) QTensors: the file's memory map by
         # default, or an ExpertStore reading them ahead of use (engine/stream/store.py)
@@ -66,18 +75,14 @@ class Model:
         self.threads, self.backend = threads, backend
         self.layer_range = weights.layer_range  # the layers held (all, or a pipeline stage's slice)
         self.rope = Rope(cfg.n_rot, cfg.rope_base, n_ctx, cfg.flags.rope, cfg.rope_freq_scale, weights.rope_freqs)
-        # KV cache, allocated once: float32[len(layer_range), n_ctx, n_head_kv, head_dim] each
-        kv_shape = (len(self.layer_range), n_ctx, cfg.n_head_kv, cfg.head_dim)
-        self.k_cache = np.zeros(kv_shape, dtype=np.float32)
-        self.v_cache = np.zeros(kv_shape, dtype=np.float32)
+        # layer index -> its state (engine/model/state.py), allocated once: the layers held only
+        self.states = {i: layer_state(cfg, i, n_ctx) for i in self.layer_range}
         self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
         self.kernel_threads = threads or kernels.default_threads()
         self.kernel = kernels.backends.KernelCache(backend)  # for the experts' matmuls
-        self.attn_scores = np.empty((cfg.n_head, n_ctx), dtype=np.float32)  # one-token attention scratch
-
-    @property
-    def kv_cache_bytes(self) -> int:
-        return self.k_cache.nbytes + self.v_cache.nbytes
+        # per-step buffers for calls of up to n_batch tokens (longer calls allocate what does not fit)
+        self.work = Workspace(cfg, n_batch, n_ctx)
+        self.attn_scores = self.work.take("scores", cfg.n_head, n_ctx)  # one-token attention scratch
 
     # ---- one pass -----------------------------------------------------------------------------
     def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
@@ -107,7 +112,7 @@ class Model:
         writable and C-contiguous). Returns the scratch buffer h (the head reuses it)."""
         prof = self.profiler
         n, stop = len(x), self.layer_range.stop
-        h = np.empty_like(x)  # normed input of each block
+        h = self.work.take("norm", n, x.shape[1])  # normed input of each block
         for i in self.layer_range:
             layer = self.w.layers[i]
             t_layer = time.perf_counter() if prof is not None else 0.0
@@ -129,7 +134,8 @@ class Model:
 
     def head(self, x: np.ndarray, all_logits: bool = False, h: np.ndarray | None = None) -> np.ndarray:
         """Logits float32[n or 1, n_vocab] from the final residual x: float32[n, n_embd]; h: a
-        scratch buffer of x's shape (None: allocated)."""
+        scratch buffer of x's shape (None: allocated). The logits are a new array each call:
+        callers keep them past the next step (Engine._forward_all, tests comparing steps)."""
         if h is None:
             h = np.empty_like(x)
         if not all_logits:
@@ -147,6 +153,7 @@ class Model:
         return out
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
+        """The residual stream float32[n, n_embd]: a new array each call (the caller owns it)."""
         if self.w.token_embd_dense is not None:
             return self.w.token_embd_dense[tokens]
         qt = self.w.token_embd  # only the looked-up rows are expanded
@@ -156,7 +163,7 @@ class Model:
     def attention(self, i: int, L: LayerWeights, h: np.ndarray, positions: np.ndarray) -> np.ndarray:
         cfg = self.cfg
         n, H, Hkv, D = len(h), cfg.n_head, cfg.n_head_kv, cfg.head_dim
-        q, k, v = L.wqkv(h)  # [n, H*D], [n, Hkv*D], [n, Hkv*D]
+        q, k, v = L.wqkv(h, self.work.take("qkv", n, (H + 2 * Hkv) * D))  # [n, H*D], [n, Hkv*D], [n, Hkv*D]
         q, k = np.ascontiguousarray(q), np.ascontiguousarray(k)  # (a copy only when n > 1)
         if cfg.flags.qk_norm == "full":  # olmoe: norm over the whole projection, before splitting heads
             q, k = self.norm(q, L.q_norm, q), self.norm(k, L.k_norm, k)
@@ -167,15 +174,18 @@ class Model:
         _ops.rope_inplace(q, positions, self.rope.cos, self.rope.sin, cfg.n_rot, neox)
         _ops.rope_inplace(k, positions, self.rope.cos, self.rope.sin, cfg.n_rot, neox)
         start, end = positions[0], positions[-1] + 1
-        i_kv = i - self.layer_range.start  # this model's KV cache holds its layers only
-        self.k_cache[i_kv, start:end] = k
-        self.v_cache[i_kv, start:end] = v
+        cache = self.states[i]
+        cache.k[start:end] = k
+        cache.v[start:end] = v
         if n == 1:  # decode: one pass over the cache per head
-            out = np.empty((H, D), dtype=np.float32)
-            _ops.attend_one(q[0], self.k_cache[i_kv], self.v_cache[i_kv], end, self.scale, out, self.attn_scores,
+            out = self.work.take("attn", 1, H * D)
+            _ops.attend_one(q[0], cache.k, cache.v, end, self.scale, out.reshape(H, D), self.attn_scores,
                             self.kernel_threads)
-            return L.wo(out.reshape(1, H * D))
-        keys, values = self.k_cache[i_kv, :end], self.v_cache[i_kv, :end]  # [T, Hkv, D]
+            return L.wo(out, self.work.take("attn_proj", 1, cfg.n_embd))
+        # prefill: the scores, mask and probabilities [Hkv, g, n, T] are allocated per call (the
+        # budget counts them: work_buffers' "prefill_scores"); held, they would take n_batch times
+        # a decode step's
+        keys, values = cache.k[:end], cache.v[:end]  # [T, Hkv, D]
         g = H // Hkv  # query heads per kv head
         qh = q.reshape(n, Hkv, g, D).transpose(1, 2, 0, 3)  # [Hkv, g, n, D]
         scores = (qh @ keys.transpose(1, 2, 0)[:, None]) * self.scale  # [Hkv, g, n, T]
@@ -184,31 +194,40 @@ class Model:
         probs = softmax(scores)
         out = probs @ values.transpose(1, 0, 2)[:, None]  # [Hkv, g, n, D]
         out = out.transpose(2, 0, 1, 3).reshape(n, H * D)
-        return L.wo(out)
+        return L.wo(out, self.work.take("attn_proj", n, cfg.n_embd))
 
     # ---- feed-forward -------------------------------------------------------------------------
-    @staticmethod
-    def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        act = np.empty(gate.shape, dtype=np.float32)  # [n, n_ff]
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """silu(gate) * up into the workspace's act buffer: float32[n, n_ff]."""
+        act = self.work.take("act", *gate.shape)
         _ops.swiglu_into(gate, up, act)
         return act
 
     def dense_ffn(self, ffn: FFN, h: np.ndarray) -> np.ndarray:
-        return ffn.down(self.swiglu(*ffn.gate_up(h)))
+        """Into the workspace's ffn_out buffer: float32[n, n_embd]."""
+        n, ff = len(h), ffn.down.shape[1]
+        act = self.swiglu(*ffn.gate_up(h, self.work.take("gate_up", n, 2 * ff)))
+        return ffn.down(act, self.work.take("ffn_out", n, self.cfg.n_embd))
 
-    def expert_ffn(self, gate, up, down, h: np.ndarray, which: tuple | None = None) -> np.ndarray:
-        """which: (layer, expert) for self.observer."""
+    def expert_ffn(self, gate, up, down, h: np.ndarray, which: tuple | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """which: (layer, expert) for self.observer. out: float32[n, n_embd] for the result (None:
+        a new array, for outputs that must outlive the next expert's)."""
         mm, t = self.kernel.matmul, self.kernel_threads  # the cached kernel choice, as Linear uses
         h = np.ascontiguousarray(h, dtype=np.float32)
-        act = self.swiglu(mm(h, gate, t), mm(h, up, t))
+        n = len(h)
+        gu = self.work.take("gate_up", 2 * n, gate.shape[0])  # gate rows, then up rows
+        act = self.swiglu(mm(h, gate, t, gu[:n]), mm(h, up, t, gu[n:]))
         if self.observer is not None and which is not None:
-            self.observer.expert(*which, h, act)
-        return mm(act, down, t)
+            self.observer.expert(*which, h, act)  # used at once: act is the workspace's
+        return mm(act, down, t, out)
 
-    def expert_batch(self, batch, h: np.ndarray, ys: dict) -> bool:
+    def expert_batch(self, batch, h: np.ndarray, ys: dict, slots: np.ndarray) -> bool:
         """Decode: every expert of `batch` on the one token h in two kernel calls (gate and up of
         all, then down of all) instead of three small calls each; each output row has the bits
-        the single calls give. False (nothing done) where the kernel or the types do not allow it."""
+        the single calls give. The outputs go to the next len(batch) rows of slots (float32[k,
+        n_embd]) after the len(ys) already used. False (nothing done) where the kernel or the
+        types do not allow it."""
         gates, ups, downs = zip(*(parts for _, parts in batch))
         tg, td = gates[0].qtype, downs[0].qtype
         many_gu, many_d = self.kernel.many_kernel(tg), self.kernel.many_kernel(td)
@@ -217,11 +236,12 @@ class Model:
                 and all(d.qtype == td for d in downs)):
             return False
         t, ff = len(batch), gates[0].shape[0]
-        gu = np.empty((2 * t, ff), dtype=np.float32)  # gate rows of every expert, then up rows
-        many_gu(np.repeat(h, 2 * t, axis=0), [g.data for g in gates] + [u.data for u in ups],
-                int(tg), gu, self.kernel_threads)
+        gu = self.work.take("gate_up", 2 * t, ff)  # gate rows of every expert, then up rows
+        rows = self.work.take("experts_in", 2 * t, h.shape[1])  # the token, once per matrix
+        rows[:] = h
+        many_gu(rows, [g.data for g in gates] + [u.data for u in ups], int(tg), gu, self.kernel_threads)
         act = self.swiglu(gu[:t], gu[t:])  # [t, ff]
-        y = np.empty((t, downs[0].shape[0]), dtype=np.float32)
+        y = slots[len(ys):len(ys) + t]  # [t, n_embd]
         many_d(act, [d.data for d in downs], int(td), y, self.kernel_threads)
         for j, (e, _) in enumerate(batch):
             ys[e] = y[j:j + 1]
@@ -232,11 +252,14 @@ class Model:
         for batch in self.experts.fetch(i, [0]):
             if ahead is not None:
                 self.prefetch_next(i + 1, ahead)
-            return self.expert_ffn(*batch[0][1], h, (i, None))
+            out = self.work.take("ffn_out", len(h), self.cfg.n_embd)  # as dense_ffn's
+            return self.expert_ffn(*batch[0][1], h, (i, None), out)
 
     def prefetch_next(self, nxt: int, x: np.ndarray) -> None:
         """Guess layer nxt's experts from the residual after this layer's attention (it changes
-        little from layer to layer) and ask the store to read them ahead. x: float32[1, n_embd]."""
+        little from layer to layer) and ask the store to read them ahead. x: float32[1, n_embd].
+        Its norm and router logits are small new arrays: the workspace's norm buffer still holds
+        this layer's FFN input."""
         moe = self.w.layers[nxt].moe
         if moe is None:
             if self.stream_ffn:
@@ -284,19 +307,27 @@ class Model:
         one = len(h) == 1  # decode: every expert sees the one token; no row selection needed
         used = np.sort(ids[0]) if one else np.unique(ids)
         ys = {}  # expert -> its output on the tokens routed to it, computed as the experts arrive
+        # decode: the outputs go to the workspace, one row each in arrival order; prefill: each
+        # expert's rows are new arrays (n_batch * k rows held would be mostly idle)
+        slots = self.work.take("experts_out", len(used), self.cfg.n_embd) if one else None
         for batch in self.experts.fetch(i, used):
             if ahead is not None:
                 self.prefetch_next(i + 1, ahead)
                 ahead = None
-            if one and len(batch) > 1 and self.observer is None and self.expert_batch(batch, h, ys):
+            if one and len(batch) > 1 and self.observer is None and self.expert_batch(batch, h, ys, slots):
                 continue
             for e, parts in batch:
-                ys[e] = self.expert_ffn(*parts, h if one else h[np.any(ids == e, axis=1)], (i, e))
-        out = np.zeros_like(h)
+                if one:
+                    ys[e] = self.expert_ffn(*parts, h, (i, e), slots[len(ys):len(ys) + 1])
+                else:
+                    ys[e] = self.expert_ffn(*parts, h[np.any(ids == e, axis=1)], (i, e))
+        out = self.work.take("moe_out", *h.shape)
+        out.fill(0)
         if one:  # the same sums as below, in the same order, without the index arithmetic
             weight_of = dict(zip(ids[0].tolist(), weights[0]))
             for e in used.tolist():
-                out += weight_of[e] * ys[e]
+                y = ys[e]  # its slot: scaled in place, it is not used again
+                out += np.multiply(y, weight_of[e], out=y)
         else:
             for e in used.tolist():  # summed in a fixed order: arrival order must not change the bits
                 rows, slot = np.nonzero(ids == e)

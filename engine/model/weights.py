@@ -44,11 +44,12 @@ class Linear:
     def shape(self) -> tuple[int, int]:
         return self.qt.shape
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """out: a C-contiguous float32[n, rows] to write into (None: allocated)."""
         if self.dense is not None:
-            y = x @ self.dense.T
+            y = x @ self.dense.T if out is None else np.matmul(x, self.dense.T, out=out)
         else:
-            y = self._kernel.matmul(x, self.qt, self._threads)
+            y = self._kernel.matmul(x, self.qt, self._threads, out)
         if self.bias is not None:
             y += self.bias
         return y
@@ -80,11 +81,18 @@ class LinearGroup:
         else:
             self.parts = parts
 
-    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> list[np.ndarray]:
+        """out: a C-contiguous float32 buffer of len(x) * sum(sizes) elements to write into (None:
+        allocated): one [n, sum(sizes)] matrix for a concatenated group, else one [n, size]
+        block after the other."""
+        n = len(x)
         if len(self.parts) == 1:
-            y = self.parts[0](x)
+            y = self.parts[0](x, None if out is None else out.reshape(n, -1))
             return [y[:, s] for s in self.slices]
-        return [p(x) for p in self.parts]
+        if out is None:
+            return [p(x) for p in self.parts]
+        flat = out.reshape(-1)
+        return [p(x, flat[n * s.start:n * s.stop].reshape(n, -1)) for p, s in zip(self.parts, self.slices)]
 
 
 @dataclass

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from ..formats.gguf_file import GGUFFile
 from ..model.config import ModelConfig
-from ..model.forward import Model
+from ..model.forward import PREFILL_BATCH, Model
 from ..model.weights import load_weights
 from ..observe.profiler import Profiler
 from ..observe.routing import RoutingTrace, parse_routing
@@ -22,7 +22,8 @@ def build_model(f: GGUFFile, cfg: ModelConfig, opts: LoadOptions, plan: MemoryPl
     weights loaded (copied in when streaming), and when opts.stream (resolved: see
     LoadOptions.resolved) is not "none" its ExpertStore (model.experts) with plan.n_slots slots
     reading in the io mode the plan was sized for (direct). The store is closed again if the model
-    cannot be built."""
+    cannot be built. Its workspace holds buffers for the prompt batch Engine uses (the plan's, else
+    opts.n_batch or PREFILL_BATCH)."""
     streaming, ffn = opts.streaming, opts.stream == "ffn"
     routing = parse_routing(opts.routing, cfg)  # a bad routing source fails before any weight is read
     n_ctx = plan.n_ctx if plan is not None else (opts.n_ctx or opts.default_n_ctx(cfg))
@@ -35,9 +36,10 @@ def build_model(f: GGUFFile, cfg: ModelConfig, opts: LoadOptions, plan: MemoryPl
         store = ExpertStore(f, plan.n_slots, opts.cache_policy, "direct" if direct else "buffered",
                             opts.io_threads, dense_ffn=ffn, profiler=profiler, sync=opts.prefetch == "none")
         f.release_pages()  # nothing uses the memory map now: its pages leave our RSS
+    n_batch = plan.prefill_batch if plan is not None else (opts.n_batch or PREFILL_BATCH)
     try:
         model = Model(cfg, weights, n_ctx, threads, backend, experts=store, stream_ffn=ffn,
-                      lookahead=opts.lookahead_experts(cfg) if streaming else 0, profiler=profiler)
+                      lookahead=opts.lookahead_experts(cfg) if streaming else 0, profiler=profiler, n_batch=n_batch)
     except BaseException:
         if store is not None:
             store.close()

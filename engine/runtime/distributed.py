@@ -475,7 +475,7 @@ def load_distributed(path, f, cfg: ModelConfig, opts, threads: int | None, backe
                    enumerate(zip(actors, ranges))], config.load_timeout_s, "loading the stages")
         weights = load_weights(f, cfg, opts.dequantize_resident, threads, backend, copy=True, layers=range(0))
         f.release_pages()
-        driver = Model(cfg, weights, n_ctx, threads, backend)
+        driver = Model(cfg, weights, n_ctx, threads, backend, n_batch=n_batch)
         pipeline = PipelineModel(driver, actors, infos, ranges, config, pg, owns_ray, estimates)
         if config.transport != "actor":
             try:

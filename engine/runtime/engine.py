@@ -12,7 +12,7 @@ import numpy as np
 from ..formats.gguf_file import GGUFFile
 from ..formats.tokenizer import Tokenizer
 from ..model.config import ModelConfig
-from ..model.forward import Model
+from ..model.forward import PREFILL_BATCH, Model
 from ..observe.profiler import Profiler
 from ..observe.routing import parse_routing
 from ..stream.budget import MemoryPlan, plan_memory
@@ -22,7 +22,6 @@ from .build import build_model
 from .options import LoadOptions
 from .sampling import Sampler, SamplingParams
 
-PREFILL_BATCH = 256  # prompt tokens per forward call: bounds the attention score buffers
 
 
 @dataclass

@@ -6,14 +6,16 @@
 The budget covers everything the engine allocates for the model:
     resident  every weight that does not stream, copied into our memory (norms, attention,
               routers, embeddings, the output head; dense FFNs too unless stream="ffn")
-    kv_cache  float32 K and V for n_ctx positions of every layer
-    work      per-step buffers at the largest prompt batch (activations, attention scores, logits)
+    kv_cache  every layer's state (engine/model/state.py: a layer's float32 K and V for n_ctx
+              positions), sized by the function the Model allocates it with
+    work      per-step buffers at the largest prompt batch (activations, attention scores, logits):
+              engine/model/workspace.py's work_buffers, the list the Model's Workspace allocates
     cache     expert slots: whatever is left, in whole slots
 It does not cover the Python interpreter and its libraries (NumPy, Numba, our kernels: ~100-200 MB
 measured as the process's RSS before loading), which the tests state as the overhead.
 
 With a budget and no n_ctx, the context is halved from min(train, 4096) until the KV cache takes
-at most a quarter of what the resident weights leave (never below 256), and the prompt batch is
+(the layers' states) at most a quarter of what the resident weights leave (never below 256), and the prompt batch is
 halved from 256 until the work buffers take at most a tenth, so a small budget still leaves room
 for experts. A budget that cannot hold the resident part, the KV cache, the work buffers and one
 layer's worth of routed experts is refused with the figures.
@@ -28,6 +30,8 @@ from gguf import GGMLQuantizationType
 from ...kernels import backends
 
 from ..model.config import ModelConfig
+from ..model.state import state_bytes
+from ..model.workspace import work_buffers
 from .layout import expert_layouts
 from ..formats.gguf_file import GGUFFile
 from ..errors import BudgetError
@@ -59,7 +63,7 @@ def fmt_bytes(n: float) -> str:
 class MemoryPlan:
     budget: int | None
     resident: int
-    kv_cache: int
+    kv_cache: int  # the per-layer states (KV caches) of the layers held
     work: int
     slot_bytes: int  # one expert slot (page-rounded; O_DIRECT heads included)
     n_slots: int
@@ -104,18 +108,10 @@ def resident_bytes(f: GGUFFile, streamed_names: set[str], dequantize_resident: b
     return total
 
 
-def kv_bytes(cfg: ModelConfig, n_ctx: int, n_layer: int | None = None) -> int:
-    return 2 * (cfg.n_layer if n_layer is None else n_layer) * n_ctx * cfg.n_head_kv * cfg.head_dim * 4
-
-
 def work_bytes(cfg: ModelConfig, n_ctx: int, batch: int) -> int:
-    """Per-step buffers at a prompt batch of `batch` tokens (float32): residual and normed input,
-    Q/K/V and their copies, attention scores/mask/probabilities [n_head, batch, n_ctx], the FFN's
-    gate/up/activation, the experts' outputs, and the logits of every position (perplexity)."""
-    E, H, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim
-    ff = max(cfg.n_ff, cfg.n_ff_exp, cfg.n_ff_shexp)
-    per_token = 4 * E + 2 * (H + 2 * Hkv) * D + 3 * ff + max(1, cfg.n_expert_used) * E + cfg.n_vocab
-    return 4 * (batch * per_token + 3 * H * batch * n_ctx)
+    """Per-step buffers at a prompt batch of `batch` tokens: those the Model's Workspace holds
+    and those a prefill call allocates (engine/model/workspace.py's work_buffers, both)."""
+    return sum(b.nbytes for b in work_buffers(cfg, batch, n_ctx))
 
 
 def plan_memory(f: GGUFFile, cfg: ModelConfig, budget=None, stream: str = "experts", n_ctx: int | None = None,
@@ -143,12 +139,12 @@ def plan_memory(f: GGUFFile, cfg: ModelConfig, budget=None, stream: str = "exper
     batch = n_batch or MAX_PREFILL_BATCH
     if limit is not None:
         spare = limit - resident
-        while n_ctx is None and ctx > MIN_N_CTX and kv_bytes(cfg, ctx, len(layers)) > spare / 4:
+        while n_ctx is None and ctx > MIN_N_CTX and state_bytes(cfg, ctx, layers) > spare / 4:
             ctx //= 2
         while n_batch is None and batch > 1 and work_bytes(cfg, ctx, batch) > spare / 10:
             batch //= 2
     batch = min(batch, ctx)
-    kv, work = kv_bytes(cfg, ctx, len(layers)), work_bytes(cfg, ctx, batch)
+    kv, work = state_bytes(cfg, ctx, layers), work_bytes(cfg, ctx, batch)
 
     if cache_slots is not None:
         n_slots = cache_slots
