@@ -1,8 +1,8 @@
 """The forward pass: embedding, attention with each layer's KV cache, dense or MoE FFN, head.
 
 Works on float32 NumPy arrays. Knows nothing about I/O: weights come from weightstream.engine.model.weights,
-routed experts through `self.experts.fetch(layer, expert_ids)`: the file's memory map
-(ResidentExperts) or an ExpertStore that reads them ahead of use (engine/stream/store.py). The
+routed experts through `self.experts.fetch(layer, expert_ids)`, an ExpertSource (engine/model/experts.py):
+the file's memory map (ResidentExperts) or an ExpertStore that reads them ahead of use (engine/stream/store.py). The
 small per-token operations (norms, rope, SwiGLU, one-token attention) run in weightstream.kernels._ops, one
 pass each into our own buffers. Buffers live in the Model's Workspace (engine/model/workspace.py),
 allocated once and reused by every call, so that a decode step allocates almost nothing (the
@@ -21,6 +21,7 @@ from ... import kernels
 from ...kernels import QTensor, _ops
 
 from .config import ModelConfig
+from .experts import ExpertSource, ResidentExperts
 from .config import ROPE_NEOX
 from .ops import Rope, sigmoid, softmax
 from .state import layer_state
@@ -30,17 +31,6 @@ from ..errors import ContextFullError
 
 
 PREFILL_BATCH = 256  # prompt tokens per forward call: bounds the attention score buffers
-
-
-class ResidentExperts:
-    """Experts as views of the file's memory map, in the order asked."""
-
-    def __init__(self, weights: ModelWeights):
-        self.w = weights
-
-    def fetch(self, layer: int, experts):
-        moe = self.w.layers[layer].moe
-        yield [(int(e), (moe.gate_exps[e], moe.up_exps[e], moe.down_exps[e])) for e in experts]
 
 
 class Model:
@@ -58,7 +48,7 @@ class Model:
         self.cfg, self.w = cfg, weights
         # experts.fetch(layer, ids) -> (id, (gate, up, down)) QTensors: the file's memory map by
         # default, or an ExpertStore reading them ahead of use (engine/stream/store.py)
-        self.experts = experts or ResidentExperts(weights)
+        self.experts: ExpertSource = experts or ResidentExperts(weights)
         self.stream_ffn = stream_ffn  # dense FFNs come from self.experts too (expert 0 of their layer)
         # lookahead: after layer i's attention, apply layer i+1's router to the residual and ask the
         # store to prefetch its top `lookahead` experts (0: off)
