@@ -33,6 +33,17 @@ from ..errors import ContextFullError
 PREFILL_BATCH = 256  # prompt tokens per forward call: bounds the attention score buffers
 
 
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray | None = None) -> np.ndarray:
+    """RMSNorm of each row of x times weight (llama.cpp rms_norm then mul), into out (None: a new array)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if out is None:
+        out = np.empty_like(x)
+    elif not out.flags.c_contiguous:  # reshape would copy and the result would be lost
+        raise ValueError("rms_norm: out must be C-contiguous")
+    _ops.rms_norm_into(x2, weight, eps, out.reshape(x2.shape))
+    return out
+
+
 class Model:
     """A decoder-only transformer with its own per-layer state (a KV cache per attention layer).
 
@@ -44,15 +55,15 @@ class Model:
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, n_ctx: int,
                  threads: int | None = None, backend: str = "auto", experts=None, stream_ffn: bool = False,
-                 lookahead: int = 0, profiler=None, n_batch: int = PREFILL_BATCH):
+                 prefetcher=None, profiler=None, n_batch: int = PREFILL_BATCH):
         self.cfg, self.w = cfg, weights
         # experts.fetch(layer, ids) -> (id, (gate, up, down)) QTensors: the file's memory map by
         # default, or an ExpertStore reading them ahead of use (engine/stream/store.py)
         self.experts: ExpertSource = experts or ResidentExperts(weights)
         self.stream_ffn = stream_ffn  # dense FFNs come from self.experts too (expert 0 of their layer)
-        # lookahead: after layer i's attention, apply layer i+1's router to the residual and ask the
-        # store to prefetch its top `lookahead` experts (0: off)
-        self.lookahead = lookahead
+        # told the residual once layer i's own reads are queued (on_residual), to guess what layer
+        # i + 1 needs and hint the expert source (engine/stream/prefetch.py); None: no lookahead
+        self.prefetcher = prefetcher
         self.profiler = profiler
         # benchmarks (engine/observe/routing.py): a source of expert choices used instead of the router's
         # (None: the router), and a RoutingTrace recording the choices made (None: not recorded)
@@ -111,7 +122,7 @@ class Model:
             self.norm(x, layer.ffn_norm, h)
             # after this layer's reads are queued, guess the next layer's experts from x (decode
             # only; not past this model's last layer: a pipeline's next stage has its own store)
-            ahead = x if self.lookahead and i + 1 < stop and n == 1 else None
+            ahead = x if self.prefetcher is not None and i + 1 < stop and n == 1 else None
             if layer.moe is not None:
                 x += self.moe(i, layer.moe, h, ahead, positions)
             elif self.stream_ffn:
@@ -133,14 +144,7 @@ class Model:
         return self.w.output(self.norm(x, self.w.output_norm, h))  # [n or 1, n_vocab]
 
     def norm(self, x: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """RMSNorm of each row of x times weight (llama.cpp rms_norm then mul), into out."""
-        x2 = x.reshape(-1, x.shape[-1])
-        if out is None:
-            out = np.empty_like(x)
-        elif not out.flags.c_contiguous:  # reshape would copy and the result would be lost
-            raise ValueError("Model.norm: out must be C-contiguous")
-        _ops.rms_norm_into(x2, weight, self.cfg.rms_eps, out.reshape(x2.shape))
-        return out
+        return rms_norm(x, weight, self.cfg.rms_eps, out)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         """The residual stream float32[n, n_embd]: a new array each call (the caller owns it)."""
@@ -241,24 +245,9 @@ class Model:
         """A dense FFN read by the store as expert 0 of its layer."""
         for batch in self.experts.fetch(i, [0]):
             if ahead is not None:
-                self.prefetch_next(i + 1, ahead)
+                self.prefetcher.on_residual(i, ahead)
             out = self.work.take("ffn_out", len(h), self.cfg.n_embd)  # as dense_ffn's
             return self.expert_ffn(*batch[0][1], h, (i, None), out)
-
-    def prefetch_next(self, nxt: int, x: np.ndarray) -> None:
-        """Guess layer nxt's experts from the residual after this layer's attention (it changes
-        little from layer to layer) and ask the store to read them ahead. x: float32[1, n_embd].
-        Its norm and router logits are small new arrays: the workspace's norm buffer still holds
-        this layer's FFN input."""
-        moe = self.w.layers[nxt].moe
-        if moe is None:
-            if self.stream_ffn:
-                self.experts.prefetch(nxt, [0])
-            return
-        logits = moe.router(self.norm(x, self.w.layers[nxt].ffn_norm))  # [1, n_expert]
-        k = min(self.lookahead, logits.shape[1])
-        guess = np.argpartition(-logits[0], k - 1)[:k]
-        self.experts.prefetch(nxt, guess[np.argsort(-logits[0, guess], kind="stable")])
 
     def route(self, moe: MoEWeights, h: np.ndarray, layer: int | None = None,
               positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -302,7 +291,7 @@ class Model:
         slots = self.work.take("experts_out", len(used), self.cfg.n_embd) if one else None
         for batch in self.experts.fetch(i, used):
             if ahead is not None:
-                self.prefetch_next(i + 1, ahead)
+                self.prefetcher.on_residual(i, ahead)
                 ahead = None
             if one and len(batch) > 1 and self.observer is None and self.expert_batch(batch, h, ys, slots):
                 continue

@@ -1,5 +1,5 @@
 """build_model: the one place a Model is put together from an open file and resolved LoadOptions
-(weights, expert store, profiler, lookahead, routing source), used by Engine.load and by a
+(weights, expert store, profiler, lookahead prefetcher, routing source), used by Engine.load and by a
 pipeline stage (engine/runtime/distributed.py) alike."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ..model.weights import load_weights
 from ..observe.profiler import Profiler
 from ..observe.routing import RoutingTrace, parse_routing
 from ..stream.budget import MemoryPlan
+from ..stream.prefetch import LookaheadPrefetcher
 from ..stream.store import ExpertStore
 from .options import LoadOptions
 
@@ -37,9 +38,12 @@ def build_model(f: GGUFFile, cfg: ModelConfig, opts: LoadOptions, plan: MemoryPl
                             opts.io_threads, dense_ffn=ffn, profiler=profiler, sync=opts.prefetch == "none")
         f.release_pages()  # nothing uses the memory map now: its pages leave our RSS
     n_batch = plan.prefill_batch if plan is not None else (opts.n_batch or PREFILL_BATCH)
+    k = opts.lookahead_experts(cfg)
+    # resident experts need no reads ahead: lookahead only where something streams
+    prefetcher = LookaheadPrefetcher(cfg, weights, store, k, stream_ffn=ffn) if streaming and k else None
     try:
         model = Model(cfg, weights, n_ctx, threads, backend, experts=store, stream_ffn=ffn,
-                      lookahead=opts.lookahead_experts(cfg) if streaming else 0, profiler=profiler, n_batch=n_batch)
+                      prefetcher=prefetcher, profiler=profiler, n_batch=n_batch)
     except BaseException:
         if store is not None:
             store.close()
