@@ -29,8 +29,12 @@ class Linear:
     """
 
     def __init__(self, qt: QTensor, bias: np.ndarray | None = None, dense: bool | None = None,
-                 threads: int | None = None, backend: str = "auto"):
+                 threads: int | None = None, backend: str = "auto", names: tuple[str, ...] = ()):
         self.qt, self.bias, self.threads, self.backend = qt, bias, threads, backend
+        self.names = names  # the GGUF tensors whose rows this matrix holds (several when concatenated)
+        # a hook told (names, x) before each product, x: float32[n, cols] (the importance-matrix
+        # collector, engine/tools/imatrix.py); None: nothing to tell
+        self.observe = None
         self._threads = threads or kernels.default_threads()
         self._kernel = kernels.backends.KernelCache(backend)  # (qtype, n) -> fused kernel (None: NumPy)
         if qt.qtype == GGMLQuantizationType.F32:  # already float: a view of the file, no copy
@@ -46,6 +50,8 @@ class Linear:
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """out: a C-contiguous float32[n, rows] to write into (None: allocated)."""
+        if self.observe is not None:
+            self.observe(self.names, x)
         if self.dense is not None:
             y = x @ self.dense.T if out is None else np.matmul(x, self.dense.T, out=out)
         else:
@@ -77,7 +83,8 @@ class LinearGroup:
             if any(p.bias is not None for p in parts):
                 bias = np.concatenate([p.bias if p.bias is not None else np.zeros(p.shape[0], np.float32)
                                        for p in parts])
-            self.parts = [Linear(qt, bias, first.dense is not None, first.threads, first.backend)]
+            self.parts = [Linear(qt, bias, first.dense is not None, first.threads, first.backend,
+                                 tuple(name for p in parts for name in p.names))]
         else:
             self.parts = parts
 
@@ -139,6 +146,23 @@ class ModelWeights:
         if self.layer_range is None:
             self.layer_range = range(len(self.layers))
 
+    def linears(self, with_output: bool = True):
+        """Every Linear of the layers held (attention, dense FFN, router, shared expert), then
+        the output head (with_output): what a hook like the imatrix collector attaches to."""
+        for L in self.layers:
+            if L is None:  # outside a pipeline stage's layers
+                continue
+            yield from L.wqkv.parts
+            yield L.wo
+            for ffn in (L.ffn, L.moe.shared if L.moe is not None else None):
+                if ffn is not None:
+                    yield from ffn.gate_up.parts
+                    yield ffn.down
+            if L.moe is not None:
+                yield L.moe.router
+        if with_output and self.output is not None:
+            yield self.output
+
 
 def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None = None,
                  threads: int | None = None, backend: str = "auto", copy: bool = False,
@@ -156,7 +180,7 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None
         if name not in f and not required:
             return None
         bias = f.array(bias_name, (shape[0],), copy) if bias_name and bias_name in f else None
-        return Linear(f.qtensor(name, shape, copy), bias, dequantize_resident, threads, backend)
+        return Linear(f.qtensor(name, shape, copy), bias, dequantize_resident, threads, backend, (name,))
 
     def vec(name, n, required=True):
         if name not in f:
@@ -195,7 +219,7 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None
         output = linear("output.weight", (cfg.n_vocab, E))
         embd_dense = None
     else:  # tied embeddings: the head multiplies by token_embd (llama.cpp does the same)
-        output = Linear(token_embd, None, dequantize_resident, threads, backend)
+        output = Linear(token_embd, None, dequantize_resident, threads, backend, ("output.weight",))
         embd_dense = output.dense
     return ModelWeights(token_embd, embd_dense, vec("output_norm.weight", E), output, freqs, loaded, layers)
 

@@ -8,12 +8,13 @@ per expert, over the tokens routed to that expert only, and stored expert after 
 are collected too, as llama.cpp does; the output head only with --process-output (same flag).
 
 How the model is observed (zero cost when not collecting):
-- the resident matrices (attention, dense and shared-expert FFN, routers) are `Linear`s: the
-  Collector wraps each one in the loaded weights with a recorder of its input (a group whose rows
-  were concatenated, Q/K/V or gate/up, records the one input for each of its names);
+- the resident matrices (attention, dense and shared-expert FFN, routers) are `Linear`s, each
+  with the GGUF names of its rows and an `observe` hook (engine/model/weights.py): attach sets the
+  hook to the Collector, which records the input under each name (a group whose rows were
+  concatenated, Q/K/V or gate/up, records the one input for each of its names);
 - routed experts, and dense FFNs streamed as experts, compute in Model.expert_ffn: Model.observer,
-  None by default, is told (layer, expert, x, the SwiGLU output) there. That is the only hook in
-  engine/model/forward.py, and it works the same whether the experts are resident or streamed from disk.
+  None by default, is told (layer, expert, x, the SwiGLU output) there. It works the same whether
+  the experts are resident or streamed from disk.
 
 The file format is llama.cpp's legacy imatrix.dat (save_imatrix_legacy), which llama-quantize reads:
 int32 n_entries; per entry (sorted by name): int32 name length, name bytes, int32 ncall, int32 nval,
@@ -97,49 +98,16 @@ class Collector:
         return values, ncalls
 
 
-class _Observed:
-    """A Linear that reports its input to the collector before computing."""
-
-    def __init__(self, inner, names: list[str], collector: Collector):
-        self.inner, self.names, self.collector = inner, names, collector
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        self.collector.linear(self.names, x)
-        return self.inner(x)
-
-    def __getattr__(self, attr):
-        return getattr(self.inner, attr)
-
-
 def attach(model, collector: Collector, process_output: bool = False) -> None:
-    """Make `model` (weightstream.engine.model.forward.Model) report every matrix input to `collector`."""
-    def wrap(linear, names):
-        return None if linear is None else _Observed(linear, names, collector)
-
-    def wrap_group(group, names):
-        if len(group.parts) == 1 and len(names) > 1:  # rows concatenated at load: one input, all names
-            group.parts = [wrap(group.parts[0], names)]
-        else:
-            group.parts = [wrap(p, [n]) for p, n in zip(group.parts, names)]
-
+    """Make `model` (weightstream.engine.model.forward.Model) report every matrix input to
+    `collector`: each Linear's observe hook, and the model's observer for the experts (which the
+    model multiplies itself, so it names them: see Collector.expert)."""
+    for linear in model.w.linears(with_output=process_output):
+        linear.observe = collector.linear
     for i, L in enumerate(model.w.layers):
-        if L is None:  # outside a pipeline stage's layers
-            continue
-        p = f"blk.{i}."
-        wrap_group(L.wqkv, [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"])
-        L.wo = wrap(L.wo, [p + "attn_output.weight"])
-        if L.ffn is not None:
-            wrap_group(L.ffn.gate_up, [p + "ffn_gate.weight", p + "ffn_up.weight"])
-            L.ffn.down = wrap(L.ffn.down, [p + "ffn_down.weight"])
-        if L.moe is not None:
-            L.moe.router = wrap(L.moe.router, [p + "ffn_gate_inp.weight"])
+        if L is not None and L.moe is not None:
             for part in ("gate", "up", "down"):
-                collector.n_expert[p + f"ffn_{part}_exps.weight"] = len(L.moe.gate_exps)
-            if L.moe.shared is not None:
-                wrap_group(L.moe.shared.gate_up, [p + "ffn_gate_shexp.weight", p + "ffn_up_shexp.weight"])
-                L.moe.shared.down = wrap(L.moe.shared.down, [p + "ffn_down_shexp.weight"])
-    if process_output and model.w.output is not None:
-        model.w.output = wrap(model.w.output, ["output.weight"])
+                collector.n_expert[f"blk.{i}.ffn_{part}_exps.weight"] = len(L.moe.gate_exps)
     model.observer = collector
 
 
