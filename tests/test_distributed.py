@@ -63,8 +63,8 @@ def stage_budget(path, layers: range, slots: int) -> int:
     """A budget that holds the stage's resident part, KV cache and work buffers and `slots`
     expert slots (and half a slot more, which must not become a slot)."""
     with GGUFFile(path) as f:
-        p = plan_memory(f, ModelConfig.from_metadata(f.metadata), None, "experts", 64, 0, None, True, 64, N_BATCH,
-                        layers=layers, ends=False)
+        p = plan_memory(f, ModelConfig.from_metadata(f.metadata), budget=None, stream="experts", n_ctx=64,
+                        cache_slots=0, direct_io=True, default_n_ctx=64, n_batch=N_BATCH, layers=layers, ends=False)
     return p.resident + p.kv_cache + p.work + slots * p.slot_bytes + p.slot_bytes // 2
 
 

@@ -55,7 +55,7 @@ class Model:
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, n_ctx: int,
                  threads: int | None = None, backend: str = "auto", experts=None, stream_ffn: bool = False,
-                 prefetcher=None, profiler=None, n_batch: int = PREFILL_BATCH):
+                 prefetcher=None, profiler=None, n_batch: int = PREFILL_BATCH, routing=None, routing_trace=None):
         self.cfg, self.w = cfg, weights
         # experts.fetch(layer, ids) -> (id, (gate, up, down)) QTensors: the file's memory map by
         # default, or an ExpertStore reading them ahead of use (engine/stream/store.py)
@@ -67,8 +67,8 @@ class Model:
         self.profiler = profiler
         # benchmarks (engine/observe/routing.py): a source of expert choices used instead of the router's
         # (None: the router), and a RoutingTrace recording the choices made (None: not recorded)
-        self.routing = None
-        self.routing_trace = None
+        self.routing = routing
+        self.routing_trace = routing_trace
         # imatrix collection (engine/tools/imatrix.py): told (layer, expert or None for a streamed dense
         # FFN, input rows, SwiGLU output) by expert_ffn; None: off
         self.observer = None

@@ -43,14 +43,13 @@ def build_model(f: GGUFFile, cfg: ModelConfig, opts: LoadOptions, plan: MemoryPl
     prefetcher = LookaheadPrefetcher(cfg, weights, store, k, stream_ffn=ffn) if streaming and k else None
     try:
         model = Model(cfg, weights, n_ctx, threads, backend, experts=store, stream_ffn=ffn,
-                      prefetcher=prefetcher, profiler=profiler, n_batch=n_batch)
+                      prefetcher=prefetcher, profiler=profiler, n_batch=n_batch, routing=routing,
+                      routing_trace=RoutingTrace(cfg.n_layer, cfg.n_expert, cfg.n_expert_used)
+                      if opts.record_routing else None)
     except BaseException:
         if store is not None:
             store.close()
         raise
-    model.routing = routing
-    if opts.record_routing:
-        model.routing_trace = RoutingTrace(cfg.n_layer, cfg.n_expert, cfg.n_expert_used)
     return model
 
 

@@ -143,7 +143,7 @@ def place_layers(f, cfg: ModelConfig, costs: list[StageCost], plan_kwargs: dict)
 
     def cost(s: int, a: int, b: int) -> float:
         try:
-            plan = plan_memory(f, cfg, costs[s].budget, direct_io=costs[s].direct_io, layers=range(a, b),
+            plan = plan_memory(f, cfg, budget=costs[s].budget, direct_io=costs[s].direct_io, layers=range(a, b),
                                ends=False, **plan_kwargs)
         except BudgetError:
             return math.inf
@@ -214,8 +214,9 @@ class _Stage:
         self.file = f = GGUFFile(self.path)
         cfg = ModelConfig.from_metadata(f.metadata, source=self.path)
         self.layers, self.budget = layers, budget
-        self.plan = plan_memory(f, cfg, budget, opts.stream, n_ctx, opts.cache_slots, opts.dequantize_resident,
-                                direct, n_ctx, n_batch, layers=layers, ends=False)
+        self.plan = plan_memory(f, cfg, budget=budget, stream=opts.stream, n_ctx=n_ctx, cache_slots=opts.cache_slots,
+                                dequantize_resident=opts.dequantize_resident, direct_io=direct, default_n_ctx=n_ctx,
+                                n_batch=n_batch, layers=layers, ends=False)
         # a stage always streams (Engine.load resolves its options with always_stream), so it has a store
         self.model = build_model(f, cfg, opts, self.plan, direct, self.threads, self.backend, layers=layers,
                                  ends=False)
@@ -466,7 +467,7 @@ def load_distributed(path, f, cfg: ModelConfig, opts, threads: int | None, backe
         plans = []
         for s, r in enumerate(ranges):
             try:
-                plans.append(plan_memory(f, cfg, budgets[s], direct_io=direct[s], layers=r, ends=False, **plan_kwargs))
+                plans.append(plan_memory(f, cfg, budget=budgets[s], direct_io=direct[s], layers=r, ends=False, **plan_kwargs))
             except BudgetError as e:
                 raise BudgetError(f"stage {s} (layers {r.start}-{r.stop - 1}): {e}") from None
         # every stage at the same context and prompt batch: the smallest any budget allows

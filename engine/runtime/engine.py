@@ -102,8 +102,9 @@ class Engine:
             direct = opts.streaming and opts.io_mode(direct_io_supported(str(f.path))) == "direct"
             plan = None
             if opts.streaming or opts.memory_budget is not None:
-                plan = plan_memory(f, cfg, opts.memory_budget, opts.stream, opts.n_ctx, opts.cache_slots,
-                                   opts.dequantize_resident, direct, opts.default_n_ctx(cfg), opts.n_batch)
+                plan = plan_memory(f, cfg, budget=opts.memory_budget, stream=opts.stream, n_ctx=opts.n_ctx,
+                                   cache_slots=opts.cache_slots, dequantize_resident=opts.dequantize_resident,
+                                   direct_io=direct, default_n_ctx=opts.default_n_ctx(cfg), n_batch=opts.n_batch)
             model = build_model(f, cfg, opts, plan, direct, threads, backend)
         except BaseException:  # build_model closes the store it made if the model cannot be built
             f.close()

@@ -114,7 +114,7 @@ def work_bytes(cfg: ModelConfig, n_ctx: int, batch: int) -> int:
     return sum(b.nbytes for b in work_buffers(cfg, batch, n_ctx))
 
 
-def plan_memory(f: GGUFFile, cfg: ModelConfig, budget=None, stream: str = "experts", n_ctx: int | None = None,
+def plan_memory(f: GGUFFile, cfg: ModelConfig, *, budget=None, stream: str = "experts", n_ctx: int | None = None,
                 cache_slots: int | None = None, dequantize_resident: bool | None = None,
                 direct_io: bool = True, default_n_ctx: int = 4096, n_batch: int | None = None,
                 layers: range | None = None, ends: bool = True) -> MemoryPlan:
