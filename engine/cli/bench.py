@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     d.add_argument("-p", "--n-prompt", type=int, default=64)
     d.add_argument("-n", "--n-gen", type=int, default=64)
     d.add_argument("-t", "--threads", type=_ints, default=None, help="e.g. 2 or 1,2 (default: available cores)")
-    d.add_argument("--backend", default="auto", choices=["auto", "numpy", "cython", "numba"])
+    d.add_argument("--backend", default="auto", help="auto, numpy, cython or numba (kernels/backends.py)")
     d.add_argument("-r", "--repetitions", type=int, default=3)
     d.add_argument("--json", default=None, metavar="OUT")
     d.set_defaults(func=cmd_bench_decode)

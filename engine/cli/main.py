@@ -7,6 +7,7 @@ import sys
 import time
 
 from ..errors import WeightstreamError
+from ..stream.policies import CACHE_POLICIES
 
 DEMO_PROMPT = "Explain in three sentences why the sky is blue."
 
@@ -14,7 +15,7 @@ DEMO_PROMPT = "Explain in three sentences why the sky is blue."
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="path to a GGUF file (any shard of a split model)")
     p.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: available cores)")
-    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "cython", "numba"])
+    p.add_argument("--backend", default="auto", help="auto, numpy, cython or numba (kernels/backends.py)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default: min(train, 4096))")
     p.add_argument("-b", "--batch-size", type=int, default=None, help="prompt tokens per forward pass (default 256)")
     g = p.add_argument_group("streaming (see Engine.load)")
@@ -24,7 +25,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="experts: routed experts stay on disk and are read ahead of use; ffn: dense FFNs too; "
                         "auto (the default with --memory-budget): experts for a MoE, ffn for a dense model")
     g.add_argument("--cache-slots", type=int, default=None, help="experts the cache holds (default: what the budget leaves)")
-    g.add_argument("--cache-policy", default="decay", choices=["lru", "lfu", "decay", "page-cache"])
+    g.add_argument("--cache-policy", default="decay", choices=CACHE_POLICIES)
     g.add_argument("--prefetch", default="routing", choices=["none", "routing", "lookahead"])
     g.add_argument("--lookahead", type=int, default=None, help="experts guessed per layer (default: top-k)")
     g.add_argument("--io", default="auto", choices=["auto", "direct", "buffered"])

@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ...kernels.backends import BACKENDS
 from ..formats.gguf_file import GGUFFile
 from ..formats.tokenizer import Tokenizer
 from ..model.config import ModelConfig
@@ -86,6 +87,8 @@ class Engine:
             Ray actors, each streaming its own experts under its own budget (needs ray).
         Streamed output is bit-identical to stream="none" whatever these options are."""
         opts = LoadOptions.from_kwargs(**options)
+        if backend not in BACKENDS:
+            raise ValueError(f"Engine.load: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         t0 = time.perf_counter()
         f = GGUFFile(path)
         try:

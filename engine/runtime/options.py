@@ -6,13 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from ..model.config import ModelConfig
-from ..stream.policies import POLICIES
-from ..stream.store import PAGE_CACHE  # no expert cache of our own: buffered preads, the OS caches
+from ..stream.policies import CACHE_POLICIES, PAGE_CACHE
 
 STREAM_MODES = ("none", "experts", "ffn", "auto")
 PREFETCH_MODES = ("none", "routing", "lookahead")
 IO_MODES = ("auto", "direct", "buffered")
-CACHE_POLICIES = (*POLICIES, PAGE_CACHE)
 DEFAULT_N_CTX = 4096
 
 

@@ -157,6 +157,10 @@ class DecayedFrequency(_ScoredHeap):
 
 
 POLICIES = {"lru": LRU, "lfu": LFU, "decay": DecayedFrequency}
+# No cache of our own: every use reads again with a buffered pread and the OS page cache decides
+# what stays (engine/stream/store.py). Offered beside the policies above under the same option.
+PAGE_CACHE = "page-cache"
+CACHE_POLICIES = (*POLICIES, PAGE_CACHE)  # what Engine.load's cache_policy and --cache-policy accept
 
 
 def make_policy(name: str, capacity: int):

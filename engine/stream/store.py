@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 from ...kernels import QTensor
 
 from .layout import expert_layouts
-from .policies import make_policy
+from .policies import PAGE_CACHE, make_policy
 from .reader import DEMAND, PREFETCH, ReadJob, ReadPool, ReadRange, aligned_span, region_bytes
 from .slots import SlotPool
 from ..formats.gguf_file import GGUFError, GGUFFile
 from ..errors import ExpertIndexError
 
-PAGE_CACHE = "page-cache"
 READ_TIMEOUT_S = 120.0  # no read of a few MiB takes this long on a working disk: fail, do not hang
 
 
