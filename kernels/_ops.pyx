@@ -4,7 +4,7 @@
 At decode (one token) each of these is microseconds of arithmetic that NumPy wraps in tens of
 microseconds of temporaries and dispatch; 30 layers of them cost as much as the weight matmuls
 of a small model. Each function here is one pass over its data, writes into `out` (which may be
-the input for the in-place ones) and checks its shapes. engine/model/ops.py holds the NumPy versions:
+the input for the in-place ones) and checks its shapes. kernels/reference/ops.py holds the NumPy versions:
 the reference these are tested against (tests/test_ops_cython.py).
 
     rms_norm_into(x, w, eps, out)            out = x * w / sqrt(mean(x^2) + eps), per row

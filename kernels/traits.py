@@ -1,7 +1,7 @@
 """The one table of facts about each supported GGML type; every other Python-side type set derives from it.
 
 A row says how big a block is, what the fused kernels quantize the activations to, which reference
-dequantizer (``kernels/reference.py``) decodes it, which weight quantizer core
+dequantizer (``kernels/reference/blocks.py``) decodes it, which weight quantizer core
 (``kernels/numba/quantize.py``) encodes it, and which backends multiply it. The C side has the
 same numbers in ``kernels/csrc/common.h``; ``tests/test_kernels_api.py`` checks that the two agree
 and ``kernels/formats.py`` checks the byte sizes against its block dtypes and ``gguf``.
@@ -34,7 +34,7 @@ class TypeTraits:
     activation: T | None        # llama.cpp's vec_dot_type: what the integer kernels quantize x to
                                 # (None: float32 activations). Numba's portable tier multiplies the
                                 # legacy types by float32 activations instead.
-    dequantizer: str            # name of the reference.py function that decodes a block array
+    dequantizer: str            # name of the reference/blocks.py function that decodes a block array
     quantizer: str | None       # name of the numba/quantize.py core that encodes it (None: none)
     backends: frozenset[str] = ALL_BACKENDS
 

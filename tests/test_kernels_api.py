@@ -121,6 +121,6 @@ def test_traits_table_agrees_with_gguf_and_the_c_header():
     for qtype, row in traits.TRAITS.items():
         assert GGML_QUANT_SIZES[qtype] == (row.block_elements, row.block_bytes), qtype.name
         assert _dequant.BLOCK_SIZES[int(qtype)] == (row.block_elements, row.block_bytes), qtype.name
-        assert callable(getattr(reference, row.dequantizer))
+        assert callable(getattr(reference.blocks, row.dequantizer))
         assert row.quantizer is None or callable(getattr(numba_quantize, row.quantizer))
         assert quantize.activation_type(qtype) == row.activation

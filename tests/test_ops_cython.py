@@ -1,12 +1,12 @@
-"""weightstream.kernels._ops (the per-token small operations) against the NumPy versions in engine/model/ops.py.
+"""weightstream.kernels._ops (the per-token small operations) against the NumPy versions in kernels/reference/ops.py.
 
 They accumulate in double where NumPy sums float32 pairwise, so they agree to float32 rounding:
 max |difference| below REL of the output's largest magnitude."""
 import numpy as np
 import pytest
 
-from weightstream.engine.model.config import ROPE_NEOX, ROPE_NORM
-from weightstream.engine.model.ops import Rope, rms_norm, silu, softmax
+from weightstream.kernels.reference.ops import ROPE_NEOX, ROPE_NORM
+from weightstream.kernels.reference.ops import Rope, rms_norm, silu, softmax
 from weightstream.kernels import _ops
 
 REL = 2e-6

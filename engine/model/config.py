@@ -8,10 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ...kernels.reference.ops import ROPE_NEOX, ROPE_NORM  # noqa: F401  (the rope styles: part of the config)
 from ..errors import ConfigError
 
-ROPE_NORM = "norm"  # llama.cpp LLAMA_ROPE_TYPE_NORM: rotate adjacent pairs (x[2i], x[2i+1])
-ROPE_NEOX = "neox"  # llama.cpp LLAMA_ROPE_TYPE_NEOX: rotate halves (x[i], x[i + n_rot/2])
 
 
 @dataclass(frozen=True)

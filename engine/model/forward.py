@@ -8,7 +8,7 @@ pass each into our own buffers. Buffers live in the Model's Workspace (engine/mo
 allocated once and reused by every call, so that a decode step allocates almost nothing (the
 residual from embed, router probabilities, the logits it returns); each layer's state between
 tokens (its KV cache) is its own object from engine/model/state.py, allocated once too.
-engine/model/ops.py holds the NumPy versions of the small operations, the reference they are tested
+kernels/reference/ops.py holds the NumPy versions of the small operations, the reference they are tested
 against, and the prefill attention (a batched matmul that BLAS does best).
 """
 from __future__ import annotations
@@ -19,11 +19,11 @@ import numpy as np
 
 from ... import kernels
 from ...kernels import QTensor, _ops
+from ...kernels.reference.ops import Rope, sigmoid, softmax
 
 from .config import ModelConfig
 from .experts import ExpertSource, ResidentExperts
 from .config import ROPE_NEOX
-from .ops import Rope, sigmoid, softmax
 from .state import layer_state
 from .workspace import Workspace
 from .weights import FFN, LayerWeights, ModelWeights, MoEWeights

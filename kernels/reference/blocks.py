@@ -27,9 +27,9 @@ from typing import Callable
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from . import formats
-from .formats import QK_K
-from .traits import TRAITS
+from .. import formats
+from ..formats import QK_K
+from ..traits import TRAITS
 
 __all__ = [
     "dequantize",

@@ -1,10 +1,11 @@
 """NumPy versions of the small float32 operations (norms, rope, softmax, activations): the reference
-that weightstream.kernels._ops is tested against, and what the prefill attention uses (softmax, Rope tables)."""
+that kernels/_ops.pyx is tested against, and what the engine's prefill attention uses (softmax, Rope tables)."""
 from __future__ import annotations
 
 import numpy as np
 
-from .config import ROPE_NEOX, ROPE_NORM
+ROPE_NORM = "norm"  # llama.cpp LLAMA_ROPE_TYPE_NORM: rotate adjacent pairs (x[2i], x[2i+1])
+ROPE_NEOX = "neox"  # llama.cpp LLAMA_ROPE_TYPE_NEOX: rotate halves (x[i], x[i + n_rot/2])
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
