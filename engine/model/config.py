@@ -34,6 +34,9 @@ ARCHITECTURES: dict[str, ArchFlags] = {
 }
 
 
+ATTENTION = "attention"  # a layer type: softmax attention over the layer's KV cache
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str
@@ -55,6 +58,15 @@ class ModelConfig:
     n_ff_exp: int  # routed expert FFN width
     n_ff_shexp: int  # shared expert FFN width (0: none)
     flags: ArchFlags
+    # each layer's token mixer, by layer index: ATTENTION (softmax attention over a KV cache) for
+    # every layer of the architectures supported so far; hybrids mix in recurrent kinds
+    layer_types: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", (ATTENTION,) * self.n_layer)
+        if len(self.layer_types) != self.n_layer:
+            raise ConfigError(f"{self.name or self.arch}: {len(self.layer_types)} layer types for {self.n_layer} layers")
 
     @property
     def is_moe(self) -> bool:

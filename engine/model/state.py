@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import ATTENTION, ModelConfig
 
 
 class KVCache:
@@ -32,9 +32,13 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
+# layer type (ModelConfig.layer_types) -> the state its mixer keeps between tokens
+STATE_OF_LAYER_TYPE = {ATTENTION: KVCache}
+
+
 def state_class(cfg: ModelConfig, layer: int) -> type[KVCache]:
-    """The kind of state layer `layer`'s mixer keeps (every layer is attention for now)."""
-    return KVCache
+    """The kind of state layer `layer`'s mixer keeps."""
+    return STATE_OF_LAYER_TYPE[cfg.layer_types[layer]]
 
 
 def layer_state(cfg: ModelConfig, layer: int, n_ctx: int) -> KVCache:
