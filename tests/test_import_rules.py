@@ -126,4 +126,4 @@ def test_the_rules_see_real_imports():
     edges = graph()
     assert "weightstream.kernels" in edges["weightstream.engine.model.forward"]
     assert "weightstream.engine.formats.gguf_file" in edges["weightstream.engine.runtime.engine"]
-    assert "weightstream.engine.runtime.engine" in edges["weightstream.engine.cli.main"]  # inside a function
+    assert "weightstream.engine.runtime.engine" in edges["weightstream.engine.cli.demo"]  # inside a function

@@ -25,10 +25,8 @@ read_imatrix also reads llama.cpp's newer GGUF imatrix (`NAME.in_sum2` / `NAME.c
 """
 from __future__ import annotations
 
-import argparse
 import os
 import struct
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,32 +237,3 @@ def _read_gguf_imatrix(path: Path) -> ImatrixData:
 # command line
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("imatrix", help="collect an importance matrix over a calibration text")
-    p.add_argument("model")
-    p.add_argument("-f", "--file", required=True, help="calibration text (not the evaluation text)")
-    p.add_argument("-o", "--output", default="imatrix.dat")
-    p.add_argument("-c", "--ctx-size", type=int, default=512, help="tokens per chunk (llama-imatrix -c)")
-    p.add_argument("--chunks", type=int, default=None, help="at most this many chunks (default: all)")
-    p.add_argument("-t", "--threads", type=int, default=None)
-    p.add_argument("--memory-budget", default=None, help="stream experts (or FFNs) under this budget")
-    p.add_argument("--process-output", action="store_true", help="collect output.weight too")
-    p.set_defaults(func=cmd_imatrix)
-
-
-def cmd_imatrix(args: argparse.Namespace) -> int:
-    from ..runtime.engine import Engine
-
-    with open(args.file, encoding="utf-8") as fh:
-        text = fh.read()
-    opts = {"n_ctx": args.ctx_size}
-    if args.memory_budget:
-        opts.update(memory_budget=args.memory_budget, stream="auto")
-    t0 = time.perf_counter()
-    with Engine.load(args.model, threads=args.threads, **opts) as engine:
-        collector, chunks = collect_imatrix(engine, text, args.ctx_size, args.chunks, args.process_output,
-                                            progress=True)
-    path = save_imatrix(args.output, collector, args.ctx_size, chunks, dataset=args.file)
-    print(f"{path}: {len(collector.stats)} entries from {chunks} chunks of {args.ctx_size} tokens "
-          f"in {time.perf_counter() - t0:.1f} s")
-    return 0

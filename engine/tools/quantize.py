@@ -17,9 +17,7 @@ record where it came from. The file is written under a temporary name and rename
 """
 from __future__ import annotations
 
-import argparse
 import os
-import time
 from pathlib import Path
 import gguf
 import numpy as np
@@ -227,26 +225,3 @@ def write_recipe_keys(writer: gguf.GGUFWriter, recipe: recipes.Recipe, imatrix, 
 # command line
 
 
-def register(subparsers) -> None:
-    """Add `quantize` and `imatrix` to the top-level subparsers (engine/cli/main.py calls this)."""
-    from .imatrix import register as register_imatrix
-
-    p = subparsers.add_parser("quantize", help="requantize a GGUF with a recipe (q2_k, q3_k_m, q4_k_m, q8_0)")
-    p.add_argument("input", help="input GGUF (any type we read)")
-    p.add_argument("output", help="output GGUF")
-    p.add_argument("type", help=f"recipe: {', '.join(recipes.RECIPES)}")
-    p.add_argument("--imatrix", default=None, help="importance matrix (weightstream imatrix / llama-imatrix)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="dequantize threads")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_quantize)
-    register_imatrix(subparsers)
-
-
-def cmd_quantize(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
-    recipes.get_recipe(args.type)  # a clear error before anything is opened
-    path = quantize_gguf(args.input, args.output, args.type, args.imatrix, progress=not args.quiet,
-                         threads=args.threads)
-    seconds = time.perf_counter() - t0
-    print(f"{path}: {path.stat().st_size / 1e6:.1f} MB ({args.type}) in {seconds:.1f} s")
-    return 0

@@ -31,10 +31,8 @@ leaves nothing behind.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -477,30 +475,6 @@ def prefetched(chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
 
 # ----------------------------------------------------------------------------------------------
 # command line
-
-
-def register(subparsers) -> None:
-    """Add the `synth` command to the top-level subparsers (engine/cli/main.py calls this)."""
-    p = subparsers.add_parser("synth", help="write a synthetic MoE GGUF with a real model's tensor shapes")
-    p.add_argument("out", help="output GGUF path")
-    p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
-    p.add_argument("--arch", default=None, help="the preset's llama.cpp architecture (checked if given)")
-    p.add_argument("--layers", type=int, default=None, help="write only the first N layers (default: all)")
-    p.add_argument("--experts-type", default="q2_k", choices=sorted(QUANT_TYPES), help="routed experts' type")
-    p.add_argument("--attn-type", default="q4_k", choices=sorted(QUANT_TYPES), help="attention matrices' type")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_synth)
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
-    path = synth_model(args.out, args.preset, args.layers, args.attn_type, args.seed, progress=not args.quiet,
-                       experts_type=args.experts_type, arch=args.arch)
-    seconds = time.perf_counter() - t0
-    size = path.stat().st_size
-    print(f"{path}: {size / 2**30:.2f} GiB in {seconds:.1f} s ({size / seconds / 1e6:.0f} MB/s)")
-    return 0
 
 
 # `weightstream demo --moe`: a synthetic MoE with OLMoE-1B-7B's exact shapes (16 layers, 64

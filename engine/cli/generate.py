@@ -1,0 +1,56 @@
+"""`weightstream run` and `weightstream chat`: generate from a prompt, or chat turn by turn."""
+from __future__ import annotations
+
+import sys
+
+from .options import add_model_options, add_sampling_options, load_engine, print_speed, sampling_options
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="generate text from a prompt")
+    add_model_options(p)
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("--chat-template", action="store_true", help="wrap the prompt in the model's chat template")
+    add_sampling_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive chat, streaming tokens")
+    add_model_options(p)
+    p.add_argument("--system", default=None, help="system message")
+    add_sampling_options(p)
+    p.set_defaults(func=cmd_chat, n_predict=512)
+
+
+def cmd_run(args) -> int:
+    with load_engine(args) as engine:
+        if args.chat_template:
+            pieces = engine.chat([{"role": "user", "content": args.prompt}], args.n_predict, stream=True,
+                                 **sampling_options(args))
+        else:
+            pieces = engine.stream(args.prompt, args.n_predict, **sampling_options(args))
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print()
+        print_speed(engine)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    with load_engine(args) as engine:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        print("weightstream chat: empty line or Ctrl-D to quit", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            reply = []
+            for piece in engine.chat(messages, args.n_predict, stream=True, **sampling_options(args)):
+                print(piece, end="", flush=True)
+                reply.append(piece)
+            print()
+            messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0

@@ -1,0 +1,75 @@
+"""`weightstream info`, `perplexity` and `profile`: what a model file holds, how well it predicts a
+text, and what the expert streamer did while it generated."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from .options import add_model_options, add_sampling_options, load_engine, print_speed, sampling_options
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="architecture, parameters, bytes per type, experts")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file, as llama-perplexity computes it")
+    add_model_options(p)
+    p.add_argument("-f", "--file", required=True)
+    p.set_defaults(func=cmd_perplexity)  # -c is the chunk size, as in llama-perplexity
+
+    p = sub.add_parser("profile", help="generate with the prefetch profiler on: hit rates, stalls, bytes, plots")
+    add_model_options(p)
+    p.add_argument("-p", "--prompt", required=True)
+    add_sampling_options(p)
+    p.add_argument("--trace", default=None, help="Chrome trace JSON (opens in Perfetto)")
+    p.add_argument("--plot", default=None, help="PNG: token timeline (+ .hit_layers.png, .hit_cache.png)")
+    p.add_argument("--json", default=None, help="every figure as JSON")
+    p.add_argument("--disk-gbps", type=float, default=None, help="the disk's bandwidth (weightstream bench io)")
+    p.add_argument("--measure-disk", action="store_true", help="measure it first with cold reads of the model file")
+    p.set_defaults(func=cmd_profile, n_predict=32)
+
+
+def cmd_info(args) -> int:
+    from ..formats.gguf_file import GGUFFile
+    from ..tools.info import format_info, model_info
+
+    with GGUFFile(args.model) as f:
+        info = model_info(f)
+    print(json.dumps(info, indent=1) if args.json else format_info(info))
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    with open(args.file, encoding="utf-8") as fh:
+        text = fh.read()
+    with load_engine(args) as engine:
+        t0 = time.perf_counter()
+        ppl = engine.perplexity(text, args.ctx)
+        print(f"scored in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"PPL = {ppl:.4f}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from ..observe.report import format_summary, write_report
+
+    disk = args.disk_gbps
+    if disk is None and args.measure_disk:
+        from ..stream.disk import disk_bandwidth
+
+        disk = disk_bandwidth(args.model, threads=max(1, args.io_threads), n_reads=200)["bytes_per_s"] / 1e9
+        print(f"disk: {disk:.2f} GB/s (cold parallel preads of expert-sized chunks of the model file)", file=sys.stderr)
+    with load_engine(args, profile=True) as engine:
+        for piece in engine.stream(args.prompt, args.n_predict, **sampling_options(args)):
+            print(piece, end="", flush=True)
+        print()
+        print_speed(engine)
+        summary = engine.profile_summary(disk)
+        written = write_report(engine.profiler, summary, args.plot, args.trace, args.json)
+    print(format_summary(summary))
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0

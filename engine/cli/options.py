@@ -1,0 +1,95 @@
+"""What the model-running commands share: the load and sampling options, loading the engine from
+them (as Engine.load's options), and the speed and memory lines printed after a run."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..stream.policies import CACHE_POLICIES
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="path to a GGUF file (any shard of a split model)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: available cores)")
+    p.add_argument("--backend", default="auto", help="auto, numpy, cython or numba (kernels/backends.py)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default: min(train, 4096))")
+    p.add_argument("-b", "--batch-size", type=int, default=None, help="prompt tokens per forward pass (default 256)")
+    g = p.add_argument_group("streaming (see Engine.load)")
+    g.add_argument("--memory-budget", default=None,
+                   help="e.g. 3GiB: resident weights + KV cache + buffers + expert cache (implies --stream auto)")
+    g.add_argument("--stream", default=None, choices=["none", "experts", "ffn", "auto"],
+                   help="experts: routed experts stay on disk and are read ahead of use; ffn: dense FFNs too; "
+                        "auto (the default with --memory-budget): experts for a MoE, ffn for a dense model")
+    g.add_argument("--cache-slots", type=int, default=None, help="experts the cache holds (default: what the budget leaves)")
+    g.add_argument("--cache-policy", default="decay", choices=CACHE_POLICIES)
+    g.add_argument("--prefetch", default="routing", choices=["none", "routing", "lookahead"])
+    g.add_argument("--lookahead", type=int, default=None, help="experts guessed per layer (default: top-k)")
+    g.add_argument("--io", default="auto", choices=["auto", "direct", "buffered"])
+    g.add_argument("--io-threads", type=int, default=4)
+    g.add_argument("--routing", default="model",
+                   help="benchmarks only: model | trace:FILE | synthetic[:zipf=Z,reuse=R,seed=S] (engine/observe/routing.py)")
+    g = p.add_argument_group("distributed: pipeline stages on Ray (engine/runtime/distributed.py; needs .[distributed])")
+    g.add_argument("--ray-address", default=None, help="auto | ray://HOST:PORT (with --stages alone: a local Ray)")
+    g.add_argument("--stages", type=int, default=None, help="pipeline stages, one Ray actor each")
+    g.add_argument("--stage-budgets", default=None, help="per stage memory budget, e.g. 1GiB,1GiB")
+    g.add_argument("--transport", default="auto", choices=["auto", "compiled", "actor"])
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate")
+    p.add_argument("--temp", type=float, default=0.0, help="temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_options(args) -> dict:
+    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
+
+
+def load_engine(args, **extra):
+    from ..runtime.engine import Engine
+
+    opts = {"n_ctx": args.ctx_size, "n_batch": args.batch_size, "routing": args.routing, **extra}
+    stream = args.stream or ("auto" if args.memory_budget or args.stages or args.ray_address else "none")
+    if stream != "none":
+        opts.update(stream=stream, memory_budget=args.memory_budget, cache_slots=args.cache_slots,
+                    cache_policy=args.cache_policy, prefetch=args.prefetch, lookahead=args.lookahead,
+                    io=args.io, io_threads=args.io_threads, progress=True)
+    elif args.memory_budget:
+        opts.update(memory_budget=args.memory_budget)
+    if args.stages or args.ray_address:
+        from ..runtime.distributed import DistributedConfig
+
+        budgets = args.stage_budgets.split(",") if args.stage_budgets else None
+        opts["distributed"] = DistributedConfig(address=args.ray_address, stages=args.stages or 2, budgets=budgets,
+                                                transport=args.transport)
+    return Engine.load(args.model, threads=args.threads, backend=args.backend, **opts)
+
+
+def print_speed(engine) -> None:
+    s = engine.stats()
+    print(f"\n[{s['prompt_tokens']} prompt tokens, {s['prefill_tok_s']:.1f} tok/s prefill; "
+          f"{s['generated_tokens']} generated, {s['decode_tok_s']:.1f} tok/s decode; load {s['load_s']:.2f} s]",
+          file=sys.stderr)
+    if "memory" in s:
+        print(f"[memory: {engine.plan.describe()}]", file=sys.stderr)
+    if "experts" in s:
+        x = s["experts"]
+        print(f"[experts: {x['slots']} cached, hit rate {x['hit_rate']:.1%} ({x['hits']} hits, {x['late']} late, "
+              f"{x['misses']} misses), {x['bytes_read'] / 2**20:.1f} MiB read in {x['reads']} reads, "
+              f"stalled {x['stall_s']:.2f} s; prefetch {x['prefetch']}]", file=sys.stderr)
+    if "pipeline" in s:
+        p = s["pipeline"]
+        hop = p["latency"].get("decode", {}).get("per_hop_ms")
+        print(f"[pipeline: {len(p['stages'])} stages over {p['transport']}"
+              + (f", {hop:.2f} ms per hop at decode" if hop is not None else "") + "]", file=sys.stderr)
+        for st in p["stages"]:
+            x = st["experts"]
+            print(f"[stage {st['stage']}: layers {st['layers'][0]}-{st['layers'][1] - 1} on {st['node']['ip']}, "
+                  f"memory {st['memory']['total'] / 2**20:.1f} MiB, hit rate {x['hit_rate']:.1%}, "
+                  f"{x['bytes_read'] / 2**20:.1f} MiB read]", file=sys.stderr)
