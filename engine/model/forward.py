@@ -80,7 +80,8 @@ class Model:
         self.states = {i: layer_state(cfg, i, n_ctx) for i in self.layer_range}
         self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
         self.kernel_threads = threads or kernels.default_threads()
-        self.kernel = kernels.backends.KernelCache(backend)  # for the experts' matmuls
+        # the experts' matmuls go through the same dispatch object as the resident weights
+        self.kernel = weights.kernel if weights.kernel is not None else kernels.backends.KernelCache(backend)
         # per-step buffers for calls of up to n_batch tokens (longer calls allocate what does not fit)
         self.work = Workspace(cfg, n_batch, n_ctx)
         self.attn_scores = self.work.take("scores", cfg.n_head, n_ctx)  # one-token attention scratch

@@ -29,14 +29,17 @@ class Linear:
     """
 
     def __init__(self, qt: QTensor, bias: np.ndarray | None = None, dense: bool | None = None,
-                 threads: int | None = None, backend: str = "auto", names: tuple[str, ...] = ()):
+                 threads: int | None = None, backend: str = "auto", names: tuple[str, ...] = (),
+                 kernel: kernels.backends.KernelCache | None = None):
         self.qt, self.bias, self.threads, self.backend = qt, bias, threads, backend
         self.names = names  # the GGUF tensors whose rows this matrix holds (several when concatenated)
         # a hook told (names, x) before each product, x: float32[n, cols] (the importance-matrix
         # collector, engine/tools/imatrix.py); None: nothing to tell
         self.observe = None
         self._threads = threads or kernels.default_threads()
-        self._kernel = kernels.backends.KernelCache(backend)  # (qtype, n) -> fused kernel (None: NumPy)
+        # (qtype, n) -> fused kernel (None: NumPy): the model's one dispatch object, shared by every
+        # Linear and the experts (load_weights passes it), or this Linear's own
+        self._kernel = kernel if kernel is not None else kernels.backends.KernelCache(backend)
         if qt.qtype == GGMLQuantizationType.F32:  # already float: a view of the file, no copy
             self.dense = qt.data.view(np.float32).reshape(qt.shape)
         elif dense or (dense is None and not kernels.backends.has_fused_kernel(qt.qtype, backend)):
@@ -84,7 +87,7 @@ class LinearGroup:
                 bias = np.concatenate([p.bias if p.bias is not None else np.zeros(p.shape[0], np.float32)
                                        for p in parts])
             self.parts = [Linear(qt, bias, first.dense is not None, first.threads, first.backend,
-                                 tuple(name for p in parts for name in p.names))]
+                                 tuple(name for p in parts for name in p.names), first._kernel)]
         else:
             self.parts = parts
 
@@ -141,6 +144,7 @@ class ModelWeights:
     rope_freqs: np.ndarray | None  # llama3-style per-dimension frequency factors [n_rot/2]
     layers: list[LayerWeights | None]  # by layer index; None outside layer_range
     layer_range: range | None = None  # the layers loaded (None: all of them)
+    kernel: kernels.backends.KernelCache | None = None  # the dispatch object every Linear here shares
 
     def __post_init__(self):
         if self.layer_range is None:
@@ -175,12 +179,13 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None
     if layers.step != 1 or not 0 <= layers.start <= layers.stop <= cfg.n_layer:
         raise ValueError(f"load_weights: layers {layers} is not a contiguous range within 0..{cfg.n_layer}")
     E, H, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim
+    dispatch = kernels.backends.KernelCache(backend)  # one kernel choice per (type, batch) for the model
 
     def linear(name, shape, bias_name=None, required=True):
         if name not in f and not required:
             return None
         bias = f.array(bias_name, (shape[0],), copy) if bias_name and bias_name in f else None
-        return Linear(f.qtensor(name, shape, copy), bias, dequantize_resident, threads, backend, (name,))
+        return Linear(f.qtensor(name, shape, copy), bias, dequantize_resident, threads, backend, (name,), dispatch)
 
     def vec(name, n, required=True):
         if name not in f:
@@ -213,15 +218,15 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None
 
     freqs = vec("rope_freqs.weight", cfg.n_rot // 2, required=False)
     if not ends:
-        return ModelWeights(None, None, None, None, freqs, loaded, layers)
+        return ModelWeights(None, None, None, None, freqs, loaded, layers, dispatch)
     token_embd = f.qtensor("token_embd.weight", (cfg.n_vocab, E), copy)
     if "output.weight" in f:
         output = linear("output.weight", (cfg.n_vocab, E))
         embd_dense = None
     else:  # tied embeddings: the head multiplies by token_embd (llama.cpp does the same)
-        output = Linear(token_embd, None, dequantize_resident, threads, backend, ("output.weight",))
+        output = Linear(token_embd, None, dequantize_resident, threads, backend, ("output.weight",), dispatch)
         embd_dense = output.dense
-    return ModelWeights(token_embd, embd_dense, vec("output_norm.weight", E), output, freqs, loaded, layers)
+    return ModelWeights(token_embd, embd_dense, vec("output_norm.weight", E), output, freqs, loaded, layers, dispatch)
 
 
 def _load_dense_ffn(f: GGUFFile, cfg: ModelConfig, p: str, linear) -> FFN:
