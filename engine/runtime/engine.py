@@ -81,10 +81,10 @@ class Engine:
         io_threads: reader threads. profile: record events for Engine.profile_summary() etc.
         routing: for benchmarks only (generated text means nothing): where MoE layers' experts come
             from, "model" (the router), "trace:FILE" or "synthetic[:zipf=Z,reuse=R,seed=S]" (engine/observe/routing.py).
-        record_routing: record the experts chosen into weightstream.engine.model.forward.routing_trace (a RoutingTrace).
+        record_routing: record the experts chosen into engine.model.routing_trace (a RoutingTrace).
         progress: a progress bar on the terminal while the resident weights are copied in (streaming).
-        distributed: an weightstream.engine.runtime.distributed.DistributedConfig: the layers run as pipeline stages on
-            Ray actors, each streaming its own experts under its own budget (needs ray).
+        distributed: a DistributedConfig (weightstream.engine.runtime.distributed): the layers run as
+            pipeline stages on Ray actors, each streaming its own experts under its own budget (needs ray).
         Streamed output is bit-identical to stream="none" whatever these options are."""
         opts = LoadOptions.from_kwargs(**options)
         if backend not in BACKENDS:
