@@ -145,10 +145,15 @@ def cpu_model() -> str:
     return "unknown"
 
 
+@lru_cache(maxsize=1)
+def _cpu_slug() -> str:
+    return re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") or "unknown"
+
+
 def user_table_path() -> Path:
-    """Where this CPU model's measured table lives in the user's cache."""
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-") or "unknown"
-    return cache_dir() / f"backend_table-{slug}.json"
+    """Where this CPU model's measured table lives in the user's cache (looked up on every "auto"
+    choice: the cache directory may change, the CPU does not)."""
+    return cache_dir() / f"backend_table-{_cpu_slug()}.json"
 
 
 _table: tuple[Path, dict[str, dict[str, str]]] | None = None  # (user table path, its "best")

@@ -64,8 +64,8 @@ def cmd_imatrix(args: argparse.Namespace) -> int:
     with open(args.file, encoding="utf-8") as fh:
         text = fh.read()
     opts = {"n_ctx": args.ctx_size}
-    if args.memory_budget:
-        opts.update(memory_budget=args.memory_budget, stream="auto")
+    if args.memory_budget:  # streams what does not fit (Engine.load's stream="auto")
+        opts.update(memory_budget=args.memory_budget)
     t0 = time.perf_counter()
     with Engine.load(args.model, threads=args.threads, **opts) as engine:
         collector, chunks = collect_imatrix(engine, text, args.ctx_size, args.chunks, args.process_output,

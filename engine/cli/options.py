@@ -54,14 +54,11 @@ def sampling_options(args) -> dict:
 def load_engine(args, **extra):
     from ..runtime.engine import Engine
 
-    opts = {"n_ctx": args.ctx_size, "n_batch": args.batch_size, "routing": args.routing, **extra}
-    stream = args.stream or ("auto" if args.memory_budget or args.stages or args.ray_address else "none")
-    if stream != "none":
-        opts.update(stream=stream, memory_budget=args.memory_budget, cache_slots=args.cache_slots,
-                    cache_policy=args.cache_policy, prefetch=args.prefetch, lookahead=args.lookahead,
-                    io=args.io, io_threads=args.io_threads, progress=True)
-    elif args.memory_budget:
-        opts.update(memory_budget=args.memory_budget)
+    # no --stream: Engine.load streams under a budget or on pipeline stages (LoadOptions.resolved)
+    opts = dict(n_ctx=args.ctx_size, n_batch=args.batch_size, routing=args.routing, stream=args.stream,
+                memory_budget=args.memory_budget, cache_slots=args.cache_slots, cache_policy=args.cache_policy,
+                prefetch=args.prefetch, lookahead=args.lookahead, io=args.io, io_threads=args.io_threads,
+                progress=True, **extra)
     if args.stages or args.ray_address:
         from ..runtime.distributed import DistributedConfig
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ...kernels.reference.ops import ROPE_NEOX, ROPE_NORM  # noqa: F401  (the rope styles: part of the config)
+from ...kernels.reference.ops import ROPE_NEOX, ROPE_NORM  # the rope styles (kernels' Rope takes them)
 from ..errors import ConfigError
 
 

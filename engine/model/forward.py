@@ -21,9 +21,8 @@ from ... import kernels
 from ...kernels import QTensor, _ops
 from ...kernels.reference.ops import Rope, sigmoid, softmax
 
-from .config import ModelConfig
+from .config import ROPE_NEOX, ModelConfig
 from .experts import ExpertSource, ResidentExperts
-from .config import ROPE_NEOX
 from .state import layer_state
 from .workspace import Workspace
 from .weights import FFN, LayerWeights, ModelWeights, MoEWeights

@@ -189,16 +189,17 @@ class _Stage:
     def ping(self) -> int:
         return self.index
 
-    def probe(self, measure_disk: bool, io_threads: int, io: str) -> dict:
-        """Where this stage runs, whether O_DIRECT works on its copy of the file, and (measure_disk)
-        its disk's bandwidth for expert-sized reads."""
+    def probe(self, measure_disk: bool, io_threads: int) -> dict:
+        """Where this stage runs, whether O_DIRECT works on its copy of the file (the driver's
+        LoadOptions.io_mode decides whether to use it), and (measure_disk) its disk's bandwidth
+        for expert-sized reads."""
         ray = _ray()
         from ..stream.disk import disk_bandwidth
         from ..stream.reader import direct_io_supported
         from ..formats.gguf_file import GGUFFile
 
         out = {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
-               "pid": os.getpid(), "direct_io": io != "buffered" and (io == "direct" or direct_io_supported(self.path))}
+               "pid": os.getpid(), "direct_io_supported": direct_io_supported(self.path)}
         if measure_disk:
             with GGUFFile(self.path) as f:  # one expert's bytes per read, as the store reads them
                 chunk = max((lay.expert_bytes for lay in expert_layouts(f).values()), default=1 << 20)
@@ -451,9 +452,9 @@ def load_distributed(path, f, cfg: ModelConfig, opts, threads: int | None, backe
             pg, placement_group_bundle_index=s)).remote(s, str(path), stage_threads, backend)
             for s in range(config.stages)]
         measure = config.layer_ranges is None and config.disk_bps is None
-        infos = _get(ray, [a.probe.remote(measure, opts.io_threads, opts.io) for a in actors], config.load_timeout_s,
+        infos = _get(ray, [a.probe.remote(measure, opts.io_threads) for a in actors], config.load_timeout_s,
                      "probing the stages")
-        direct = [opts.io_mode(i["direct_io"]) == "direct" for i in infos]
+        direct = [opts.io_mode(i["direct_io_supported"]) == "direct" for i in infos]
         plan_kwargs = dict(stream=opts.stream, n_ctx=opts.n_ctx, cache_slots=opts.cache_slots,
                            dequantize_resident=opts.dequantize_resident, default_n_ctx=opts.default_n_ctx(cfg),
                            n_batch=opts.n_batch)

