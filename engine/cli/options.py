@@ -14,6 +14,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="auto, numpy, cython or numba (kernels/backends.py)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default: min(train, 4096))")
     p.add_argument("-b", "--batch-size", type=int, default=None, help="prompt tokens per forward pass (default 256)")
+    p.add_argument("--experts-per-token", type=int, default=None, metavar="K",
+                   help="MoE: route each token to its top K experts instead of the model's count")
     g = p.add_argument_group("streaming (see Engine.load)")
     g.add_argument("--memory-budget", default=None,
                    help="e.g. 3GiB: resident weights + KV cache + buffers + expert cache (implies --stream auto)")
@@ -58,7 +60,7 @@ def load_engine(args, **extra):
     opts = dict(n_ctx=args.ctx_size, n_batch=args.batch_size, routing=args.routing, stream=args.stream,
                 memory_budget=args.memory_budget, cache_slots=args.cache_slots, cache_policy=args.cache_policy,
                 prefetch=args.prefetch, lookahead=args.lookahead, io=args.io, io_threads=args.io_threads,
-                progress=True, **extra)
+                experts_per_token=args.experts_per_token, progress=True, **extra)
     if args.stages or args.ray_address:
         from ..runtime.distributed import DistributedConfig
 

@@ -1,4 +1,5 @@
-"""The forward pass: embedding, attention with each layer's KV cache, dense or MoE FFN, head.
+"""The forward pass: embedding, each layer's token mixer with its state (attention over a KV cache,
+or Gated DeltaNet linear attention over a recurrent state), dense or MoE FFN, head.
 
 Works on float32 NumPy arrays. Knows nothing about I/O: weights come from weightstream.engine.model.weights,
 routed experts through `self.experts.fetch(layer, expert_ids)`, an ExpertSource (engine/model/experts.py):
@@ -18,14 +19,14 @@ import time
 import numpy as np
 
 from ... import kernels
-from ...kernels import QTensor, _ops
+from ...kernels import QTensor, _deltanet, _ops
 from ...kernels.reference.ops import Rope, sigmoid, softmax
 
 from .config import ROPE_NEOX, ModelConfig
 from .experts import ExpertSource, ResidentExperts
 from .state import layer_state
 from .workspace import Workspace
-from .weights import FFN, LayerWeights, ModelWeights, MoEWeights
+from .weights import FFN, GatedDeltaNetWeights, LayerWeights, ModelWeights, MoEWeights
 from ..errors import ContextFullError
 
 
@@ -118,7 +119,10 @@ class Model:
             layer = self.w.layers[i]
             t_layer = time.perf_counter() if prof is not None else 0.0
             self.norm(x, layer.attn_norm, h)
-            x += self.attention(i, layer, h, positions)
+            if layer.linear is not None:
+                x += self.linear_attention(i, layer.linear, h, positions)
+            else:
+                x += self.attention(i, layer, h, positions)
             self.norm(x, layer.ffn_norm, h)
             # after this layer's reads are queued, guess the next layer's experts from x (decode
             # only; not past this model's last layer: a pipeline's next stage has its own store)
@@ -157,7 +161,15 @@ class Model:
     def attention(self, i: int, L: LayerWeights, h: np.ndarray, positions: np.ndarray) -> np.ndarray:
         cfg = self.cfg
         n, H, Hkv, D = len(h), cfg.n_head, cfg.n_head_kv, cfg.head_dim
-        q, k, v = L.wqkv(h, self.work.take("qkv", n, (H + 2 * Hkv) * D))  # [n, H*D], [n, Hkv*D], [n, Hkv*D]
+        gated = cfg.flags.gated_attention  # attn_q holds each head's [q; gate]: twice the rows
+        q_cols = (2 if gated else 1) * H * D
+        q, k, v = L.wqkv(h, self.work.take("qkv", n, q_cols + 2 * Hkv * D))  # [n, q_cols], [n, Hkv*D] x2
+        gate = None
+        if gated:
+            qg = q.reshape(n, H, 2 * D)  # a view: q's rows are contiguous within each token
+            q = self.work.take("q", n, H * D)
+            q.reshape(n, H, D)[:] = qg[:, :, :D]
+            gate = qg[:, :, D:].reshape(n, H * D)  # [n, H*D], a copy when strided
         q, k = np.ascontiguousarray(q), np.ascontiguousarray(k)  # (a copy only when n > 1)
         if cfg.flags.qk_norm == "full":  # olmoe: norm over the whole projection, before splitting heads
             q, k = self.norm(q, L.q_norm, q), self.norm(k, L.k_norm, k)
@@ -175,6 +187,8 @@ class Model:
             out = self.work.take("attn", 1, H * D)
             _ops.attend_one(q[0], cache.k, cache.v, end, self.scale, out.reshape(H, D), self.attn_scores,
                             self.kernel_threads)
+            if gate is not None:
+                out *= sigmoid(gate)
             return L.wo(out, self.work.take("attn_proj", 1, cfg.n_embd))
         # prefill: the scores, mask and probabilities [Hkv, g, n, T] are allocated per call (the
         # budget counts them: work_buffers' "prefill_scores"); held, they would take n_batch times
@@ -188,7 +202,39 @@ class Model:
         probs = softmax(scores)
         out = probs @ values.transpose(1, 0, 2)[:, None]  # [Hkv, g, n, D]
         out = out.transpose(2, 0, 1, 3).reshape(n, H * D)
+        if gate is not None:
+            out *= sigmoid(gate)
         return L.wo(out, self.work.take("attn_proj", n, cfg.n_embd))
+
+    # ---- linear attention (Gated DeltaNet) ----------------------------------------------------
+    def linear_attention(self, i: int, L: GatedDeltaNetWeights, h: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """A Gated DeltaNet layer on h: float32[n, n_embd], continuing its recurrent state
+        (engine/model/state.py) at positions[0]. The projections, then the causal conv + SiLU, the
+        delta rule over every value head and the gated RMSNorm in kernels/_deltanet.pyx (one call
+        each, threaded over channels or heads, whatever n), then ssm_out."""
+        cfg, d, t = self.cfg, self.cfg.linear, self.kernel_threads
+        n = len(h)
+        state = self.states[i]
+        state.advance(int(positions[0]), n)
+        width = d.conv_dim + d.value_dim + 2 * d.n_v_heads
+        qkv, z, b, a = L.in_proj(h, self.work.take("linear_in", n, width))  # [n, conv_dim], [n, value_dim], [n, Hv] x2
+        mixed = self.work.take("linear_conv", n, d.conv_dim)
+        _deltanet.conv1d_silu_into(np.ascontiguousarray(qkv), state.conv, L.conv, mixed, t)
+        q = np.ascontiguousarray(mixed[:, :d.key_dim]).reshape(n, d.n_k_heads, d.k_head_dim)
+        k = np.ascontiguousarray(mixed[:, d.key_dim:2 * d.key_dim]).reshape(n, d.n_k_heads, d.k_head_dim)
+        v = np.ascontiguousarray(mixed[:, 2 * d.key_dim:]).reshape(n, d.n_v_heads, d.v_head_dim)
+        beta = sigmoid(b).astype(np.float32)  # [n, Hv]: how much each token rewrites the state
+        # log of the per-token decay of each head's state: softplus(alpha + dt_bias) * -exp(A_log)
+        decay = (np.logaddexp(np.float32(0), a + L.dt_bias) * L.a).astype(np.float32)  # [n, Hv]
+        core = self.work.take("linear_core", n, d.value_dim)
+        _deltanet.gated_delta_rule_into(q, k, v, decay, beta, state.ssm, core.reshape(n, d.n_v_heads, d.v_head_dim),
+                                        cfg.rms_eps, cfg.flags.linear_v_tiled, t)
+        normed = self.work.take("linear_normed", n, d.value_dim)
+        rows = n * d.n_v_heads  # the norm is per value head
+        _deltanet.gated_rms_norm_into(core.reshape(rows, d.v_head_dim), L.norm,
+                                      np.ascontiguousarray(z).reshape(rows, d.v_head_dim), cfg.rms_eps,
+                                      normed.reshape(rows, d.v_head_dim), t)
+        return L.out(normed, self.work.take("attn_proj", n, cfg.n_embd))
 
     # ---- feed-forward -------------------------------------------------------------------------
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:

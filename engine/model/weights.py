@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType
 from ... import kernels
 from ...kernels import QTensor
 
-from .config import ModelConfig
+from .config import LINEAR_ATTENTION, ModelConfig
 from ..formats.gguf_file import GGUFError, GGUFFile
 
 
@@ -124,15 +124,33 @@ class MoEWeights:
 
 
 @dataclass
+class GatedDeltaNetWeights:
+    """A linear-attention layer (qwen35/qwen3next), by llama.cpp's names. Sizes: LinearAttentionDims."""
+
+    # attn_qkv [conv_dim, n_embd], attn_gate (z) [value_dim, n_embd], ssm_beta and ssm_alpha
+    # [n_v_heads, n_embd]: one call where their types allow (qwen3next's ssm_in / ssm_ba are split
+    # into these by rows at load)
+    in_proj: LinearGroup
+    conv: np.ndarray  # ssm_conv1d: float32[conv_dim, conv_kernel]
+    dt_bias: np.ndarray  # ssm_dt.bias: float32[n_v_heads]
+    a: np.ndarray  # ssm_a: float32[n_v_heads], -exp(A_log)
+    norm: np.ndarray  # ssm_norm: float32[v_head_dim], the gated RMSNorm's weight
+    out: Linear  # ssm_out: [n_embd, value_dim]
+
+
+@dataclass
 class LayerWeights:
     attn_norm: np.ndarray  # float32[n_embd]
-    wqkv: LinearGroup  # q [n_head*head_dim, n_embd], k and v [n_head_kv*head_dim, n_embd]
-    wo: Linear  # [n_embd, n_head * head_dim]
+    # attention layers: q [n_head*head_dim (x2 with gated attention: each head's [q; gate]), n_embd],
+    # k and v [n_head_kv*head_dim, n_embd]; None on linear-attention layers
+    wqkv: LinearGroup | None
+    wo: Linear | None  # [n_embd, n_head * head_dim]
     q_norm: np.ndarray | None  # [head_dim] (per head) or [n_head*head_dim] (full), per arch flags
     k_norm: np.ndarray | None
-    ffn_norm: np.ndarray  # float32[n_embd]
+    ffn_norm: np.ndarray  # float32[n_embd] (post_attention_norm in hybrids)
     ffn: FFN | None  # dense layers
     moe: MoEWeights | None  # MoE layers
+    linear: GatedDeltaNetWeights | None = None  # linear-attention layers (hybrids)
 
 
 @dataclass
@@ -156,8 +174,12 @@ class ModelWeights:
         for L in self.layers:
             if L is None:  # outside a pipeline stage's layers
                 continue
-            yield from L.wqkv.parts
-            yield L.wo
+            if L.wqkv is not None:
+                yield from L.wqkv.parts
+                yield L.wo
+            if L.linear is not None:
+                yield from L.linear.in_proj.parts
+                yield L.linear.out
             for ffn in (L.ffn, L.moe.shared if L.moe is not None else None):
                 if ffn is not None:
                     yield from ffn.gate_up.parts
@@ -181,11 +203,15 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None
     E, H, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim
     dispatch = kernels.backends.KernelCache(backend)  # one kernel choice per (type, batch) for the model
 
-    def linear(name, shape, bias_name=None, required=True):
-        if name not in f and not required:
+    def linear(name, shape, bias_name=None, required=True, qt=None, names=None):
+        """The Linear of tensor `name` checked against shape, or of a QTensor made from rows of
+        one (qt, with the GGUF names it came from)."""
+        if qt is None and name not in f and not required:
             return None
         bias = f.array(bias_name, (shape[0],), copy) if bias_name and bias_name in f else None
-        return Linear(f.qtensor(name, shape, copy), bias, dequantize_resident, threads, backend, (name,), dispatch)
+        if qt is None:
+            qt = f.qtensor(name, shape, copy)
+        return Linear(qt, bias, dequantize_resident, threads, backend, names or (name,), dispatch)
 
     def vec(name, n, required=True):
         if name not in f:
@@ -198,22 +224,29 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None
     for i in layers:
         p = f"blk.{i}."
         bias = cfg.flags.qkv_bias
-        if cfg.flags.qk_norm == "head":
+        linear_layer = cfg.layer_types[i] == LINEAR_ATTENTION
+        if cfg.flags.qk_norm == "head" and not linear_layer:
             qn, kn = vec(p + "attn_q_norm.weight", D), vec(p + "attn_k_norm.weight", D)
         elif cfg.flags.qk_norm == "full":
             qn, kn = vec(p + "attn_q_norm.weight", H * D), vec(p + "attn_k_norm.weight", Hkv * D)
         else:
             qn = kn = None
+        q_rows = 2 * H * D if cfg.flags.gated_attention else H * D  # gated: each head's [q; gate]
+        attention = None if linear_layer else (
+            LinearGroup([linear(p + "attn_q.weight", (q_rows, E), p + "attn_q.bias" if bias else None),
+                         linear(p + "attn_k.weight", (Hkv * D, E), p + "attn_k.bias" if bias else None),
+                         linear(p + "attn_v.weight", (Hkv * D, E), p + "attn_v.bias" if bias else None)]),
+            linear(p + "attn_output.weight", (E, H * D)))
+        ffn_norm = "post_attention_norm.weight" if cfg.flags.hybrid else "ffn_norm.weight"
         loaded[i] = LayerWeights(
             attn_norm=vec(p + "attn_norm.weight", E),
-            wqkv=LinearGroup([linear(p + "attn_q.weight", (H * D, E), p + "attn_q.bias" if bias else None),
-                              linear(p + "attn_k.weight", (Hkv * D, E), p + "attn_k.bias" if bias else None),
-                              linear(p + "attn_v.weight", (Hkv * D, E), p + "attn_v.bias" if bias else None)]),
-            wo=linear(p + "attn_output.weight", (E, H * D)),
+            wqkv=attention[0] if attention else None,
+            wo=attention[1] if attention else None,
             q_norm=qn, k_norm=kn,
-            ffn_norm=vec(p + "ffn_norm.weight", E),
+            ffn_norm=vec(p + ffn_norm, E),
             ffn=_load_dense_ffn(f, cfg, p, linear) if p + "ffn_gate_inp.weight" not in f and not stream_ffn else None,
             moe=_load_moe(f, cfg, p, linear) if p + "ffn_gate_inp.weight" in f else None,
+            linear=_load_gated_delta_net(f, cfg, p, linear, vec, copy) if linear_layer else None,
         )
 
     freqs = vec("rope_freqs.weight", cfg.n_rot // 2, required=False)
@@ -262,3 +295,51 @@ def _load_moe(f: GGUFFile, cfg: ModelConfig, p: str, linear) -> MoEWeights:
         if p + "ffn_gate_inp_shexp.weight" in f:
             moe.shared_gate = f.array(p + "ffn_gate_inp_shexp.weight", copy=True).reshape(E).astype(np.float32)
     return moe
+
+
+def _rows(qt: QTensor, rows: np.ndarray) -> QTensor:
+    """The QTensor of qt's rows `rows`, in that order (a copy: rows are quantized independently)."""
+    return QTensor(qt.qtype, (len(rows), qt.shape[1]), np.ascontiguousarray(qt.data[rows]))
+
+
+def _grouped_rows(n_groups: int, sizes: list[int], part: int) -> np.ndarray:
+    """Row numbers of part `part` of every group, for a matrix whose rows are n_groups groups of
+    parts of `sizes` rows each (qwen3next's per-K-head interleaving of ssm_in and ssm_ba)."""
+    group, start = sum(sizes), sum(sizes[:part])
+    return (np.arange(n_groups)[:, None] * group + start + np.arange(sizes[part])[None, :]).reshape(-1)
+
+
+def _load_gated_delta_net(f: GGUFFile, cfg: ModelConfig, p: str, linear, vec, copy: bool) -> GatedDeltaNetWeights:
+    """A linear-attention layer's weights. llama.cpp's converter writes attn_qkv + attn_gate and
+    ssm_beta + ssm_alpha; older qwen3next files hold ssm_in ([q, k, v, z] per K head) and ssm_ba
+    ([b, a] per K head) instead, whose rows are regrouped here into the same four matrices."""
+    d, E = cfg.linear, cfg.n_embd
+    hk, r = d.n_k_heads, d.n_v_heads // d.n_k_heads
+    if p + "attn_qkv.weight" in f:
+        qkv = linear(p + "attn_qkv.weight", (d.conv_dim, E))
+        z = linear(p + "attn_gate.weight", (d.value_dim, E))
+    elif p + "ssm_in.weight" in f:
+        sizes = [d.k_head_dim, d.k_head_dim, r * d.v_head_dim, r * d.v_head_dim]
+        w = f.qtensor(p + "ssm_in.weight", (hk * sum(sizes), E), copy)
+        qkv_rows = np.concatenate([_grouped_rows(hk, sizes, part) for part in range(3)])
+        qkv = linear(None, None, qt=_rows(w, qkv_rows), names=(p + "ssm_in.weight",))
+        z = linear(None, None, qt=_rows(w, _grouped_rows(hk, sizes, 3)), names=(p + "ssm_in.weight",))
+    else:
+        raise GGUFError(f"{f.path}: linear-attention layer {p[:-1]} has neither attn_qkv.weight nor ssm_in.weight")
+    if p + "ssm_beta.weight" in f:
+        beta = linear(p + "ssm_beta.weight", (d.n_v_heads, E))
+        alpha = linear(p + "ssm_alpha.weight", (d.n_v_heads, E))
+    elif p + "ssm_ba.weight" in f:
+        w = f.qtensor(p + "ssm_ba.weight", (2 * d.n_v_heads, E), copy)
+        beta = linear(None, None, qt=_rows(w, _grouped_rows(hk, [r, r], 0)), names=(p + "ssm_ba.weight",))
+        alpha = linear(None, None, qt=_rows(w, _grouped_rows(hk, [r, r], 1)), names=(p + "ssm_ba.weight",))
+    else:
+        raise GGUFError(f"{f.path}: linear-attention layer {p[:-1]} has neither ssm_beta.weight nor ssm_ba.weight")
+    return GatedDeltaNetWeights(
+        in_proj=LinearGroup([qkv, z, beta, alpha]),
+        conv=np.ascontiguousarray(f.array(p + "ssm_conv1d.weight", (d.conv_dim, d.conv_kernel), copy), np.float32),
+        dt_bias=vec(p + "ssm_dt.bias", d.n_v_heads),
+        a=vec(p + "ssm_a", d.n_v_heads),
+        norm=vec(p + "ssm_norm.weight", d.v_head_dim),
+        out=linear(p + "ssm_out.weight", (E, d.value_dim)),
+    )

@@ -38,9 +38,12 @@ def work_buffers(cfg: ModelConfig, n_batch: int, n_ctx: int) -> list[Buffer]:
     ff = max(cfg.n_ff, cfg.n_ff_exp, cfg.n_ff_shexp)  # the widest FFN: dense, routed or shared
     k = max(1, cfg.n_expert_used)  # experts per token (1: a dense FFN streamed as expert 0)
     n, m = n_batch, max(n_batch, k)  # m: rows of the FFN buffers, also a decode step's k experts
+    q_cols = (2 if cfg.flags.gated_attention else 1) * H * D  # gated attention: each head's [q; gate]
     return [
         Buffer("norm", (n, E), True),  # each block's normed input h
-        Buffer("qkv", (n, (H + 2 * Hkv) * D), True),  # Q, K and V projections
+        Buffer("qkv", (n, q_cols + 2 * Hkv * D), True),  # Q (and gates), K and V projections
+        *([Buffer("q", (n, H * D), True)] if cfg.flags.gated_attention else []),  # Q apart from its gates
+        *linear_attention_buffers(cfg, n),
         Buffer("attn", (n, H * D), True),  # attention output, before attn_output
         Buffer("scores", (H, n_ctx), True),  # one-token attention's scores per head
         Buffer("attn_proj", (n, E), True),  # attn_output's result, added to the residual
@@ -55,6 +58,20 @@ def work_buffers(cfg: ModelConfig, n_batch: int, n_ctx: int) -> list[Buffer]:
         Buffer("prefill_scores", (3 * H * n, n_ctx), False),  # prefill: scores, mask, probabilities
         Buffer("experts_rows", (n * k, E), False),  # prefill: each expert's outputs on its rows
         Buffer("logits", (n, V), False),  # returned to the caller, every position with all_logits
+    ]
+
+
+def linear_attention_buffers(cfg: ModelConfig, n: int) -> list[Buffer]:
+    """A Gated DeltaNet layer's buffers (hybrids only; its state is in engine/model/state.py)."""
+    d = cfg.linear
+    if d is None:
+        return []
+    return [
+        Buffer("linear_in", (n, d.conv_dim + d.value_dim + 2 * d.n_v_heads), True),  # qkv, z, beta, alpha
+        Buffer("linear_conv", (n, d.conv_dim), True),  # the causal conv's output: q, k, v
+        Buffer("linear_core", (n, d.value_dim), True),  # the delta rule's output per value head
+        Buffer("linear_normed", (n, d.value_dim), True),  # after the gated RMSNorm, before ssm_out
+        Buffer("linear_copies", (n, d.conv_dim + d.value_dim), False),  # prefill: q, k, v, z made contiguous
     ]
 
 

@@ -213,7 +213,7 @@ class _Stage:
 
         t0 = time.perf_counter()
         self.file = f = GGUFFile(self.path)
-        cfg = ModelConfig.from_metadata(f.metadata, source=self.path)
+        cfg = opts.model_config(ModelConfig.from_metadata(f.metadata, source=self.path))
         self.layers, self.budget = layers, budget
         self.plan = plan_memory(f, cfg, budget=budget, stream=opts.stream, n_ctx=n_ctx, cache_slots=opts.cache_slots,
                                 dequantize_resident=opts.dequantize_resident, direct_io=direct, default_n_ctx=n_ctx,

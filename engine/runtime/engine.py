@@ -83,6 +83,8 @@ class Engine:
             from, "model" (the router), "trace:FILE" or "synthetic[:zipf=Z,reuse=R,seed=S]" (engine/observe/routing.py).
         record_routing: record the experts chosen into engine.model.routing_trace (a RoutingTrace).
         progress: a progress bar on the terminal while the resident weights are copied in (streaming).
+        experts_per_token: route each token to its top K experts instead of the model's count
+            (renormalised over the K where the architecture renormalises), 1 <= K <= expert count.
         distributed: a DistributedConfig (weightstream.engine.runtime.distributed): the layers run as
             pipeline stages on Ray actors, each streaming its own experts under its own budget (needs ray).
         Streamed output is bit-identical to stream="none" whatever these options are."""
@@ -92,7 +94,7 @@ class Engine:
         t0 = time.perf_counter()
         f = GGUFFile(path)
         try:
-            cfg = ModelConfig.from_metadata(f.metadata, source=str(path))
+            cfg = opts.model_config(ModelConfig.from_metadata(f.metadata, source=str(path)))
             tokenizer = Tokenizer.from_metadata(f.metadata)
             if distributed is not None:  # pipeline stages on Ray: engine/runtime/distributed.py
                 from .distributed import load_distributed

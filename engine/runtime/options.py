@@ -33,6 +33,7 @@ class LoadOptions:
     routing: str = "model"  # benchmarks only: "model", "trace:FILE", "synthetic[:...]" (engine/observe/routing.py)
     record_routing: bool = False  # record the experts chosen into Model.routing_trace
     progress: bool = False  # a progress bar while resident weights are copied in (on a terminal only)
+    experts_per_token: int | None = None  # route to the top K experts instead of the model's count
 
     def __post_init__(self):
         for name, allowed in (("stream", STREAM_MODES), ("prefetch", PREFETCH_MODES), ("io", IO_MODES)):
@@ -42,7 +43,7 @@ class LoadOptions:
         if self.cache_policy not in CACHE_POLICIES:
             raise ValueError(f"Engine.load: unknown cache policy {self.cache_policy!r}; "
                              f"expected one of {', '.join(CACHE_POLICIES)}")
-        for name in ("n_ctx", "n_batch", "cache_slots", "lookahead"):
+        for name in ("n_ctx", "n_batch", "cache_slots", "lookahead", "experts_per_token"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"Engine.load: {name} must be a positive integer, got {value!r}")
@@ -56,6 +57,11 @@ class LoadOptions:
         if unknown:
             raise TypeError(f"Engine.load: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**options)
+
+    def model_config(self, cfg: ModelConfig) -> ModelConfig:
+        """The file's config as these options run it: experts_per_token replaces the number of
+        experts each token is routed to (checked against the model's expert count)."""
+        return cfg.with_experts_per_token(self.experts_per_token)
 
     def resolved(self, cfg: ModelConfig, always_stream: bool = False) -> "LoadOptions":
         """These options for the model cfg: stream is "none", "experts" or "ffn" ("auto", or no

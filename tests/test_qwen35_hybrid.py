@@ -1,0 +1,214 @@
+"""The Qwen3.5 family end to end: random-init transformers models of qwen3_5_moe, qwen3_5 and
+qwen3_next (Gated DeltaNet + gated full attention), converted by our converter, run by our engine
+and compared with transformers on the same weights.
+
+The configs exercise the conventions a reader must follow: K heads (2) != V heads (4) (llama.cpp's
+V-head reorder for qwen35*, Hugging Face's grouped order for qwen3next), norms stored with +1 and
+perturbed, A_log and dt_bias perturbed (stored as -exp(A_log) and ssm_dt.bias), one full-attention
+layer in four (partial rotary on the first quarter of the head, an output gate packed in attn_q),
+a shared expert with its sigmoid gate.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from tests import hf_models  # noqa: E402
+from weightstream.engine.errors import ConfigError  # noqa: E402
+from weightstream.engine.model.config import LINEAR_ATTENTION  # noqa: E402
+from weightstream.engine.runtime.engine import Engine  # noqa: E402
+from weightstream.engine.tools.convert import convert_hf_to_gguf  # noqa: E402
+
+LINEAR = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+              linear_num_key_heads=2, linear_num_value_heads=4,
+              layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+              num_hidden_layers=4, head_dim=32, num_attention_heads=4, num_key_value_heads=2,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+
+# case -> (transformers config class, model class, config entries beyond hf_models.BASE_CONFIG)
+HYBRID_CASES = {
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", {**LINEAR, **MOE}),
+    "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", {**LINEAR, "intermediate_size": 96}),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", {**LINEAR, **MOE, "norm_topk_prob": True}),
+}
+GGUF_ARCH = {"qwen3_5_moe": "qwen35moe", "qwen3_5": "qwen35", "qwen3_next": "qwen3next"}
+N_TOKENS = 64
+
+
+def perturb_linear_attention(model, seed: int) -> None:
+    """A_log and dt_bias away from hf_models' generic draw: decays that differ per head (A_log in
+    [-1, 1.5]) and offsets that matter (dt_bias N(0, 0.5)), so that -exp(A_log) and the V-head
+    order are exercised."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.rand(p.shape, generator=gen) * 2.5 - 1.0)
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+_built: dict[str, tuple] = {}
+
+
+def hybrid_model(case: str, tmp_path_factory, out_type: str = "f32"):
+    """(transformers model, GGUF path) for a case, built and converted once per session."""
+    key = f"{case}-{out_type}"
+    if key not in _built:
+        import transformers
+
+        config_cls, model_cls, extra = HYBRID_CASES[case]
+        hf_models.CASES.setdefault(case, (config_cls, model_cls, extra))  # make_hf_model builds by case name
+        root = tmp_path_factory.mktemp(f"hybrid-{case}")
+        torch.manual_seed(0)
+        model, hf_dir = hf_models.make_hf_model(case, root / "hf", seed=3)
+        perturb_linear_attention(model, 3)
+        model.save_pretrained(hf_dir, safe_serialization=True)
+        assert isinstance(model, getattr(transformers, model_cls))
+        _built[key] = (model, convert_hf_to_gguf(hf_dir, root / f"model-{out_type}.gguf", out_type))
+    return _built[key]
+
+
+@pytest.fixture(scope="module", params=list(HYBRID_CASES))
+def case(request):
+    return request.param
+
+
+def prompt_ids(n_vocab: int, n: int = N_TOKENS, seed: int = 7) -> list[int]:
+    return np.random.default_rng(seed).integers(0, n_vocab, size=n).tolist()
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
+    """Largest difference over the reference logits' scale (their largest magnitude)."""
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def test_config_reads_the_hybrid_layout(case, tmp_path_factory):
+    _, path = hybrid_model(case, tmp_path_factory)
+    with Engine.load(path) as eng:
+        cfg = eng.config
+        assert cfg.arch == GGUF_ARCH[case]
+        assert cfg.layer_types == (LINEAR_ATTENTION,) * 3 + ("attention",)
+        d = cfg.linear
+        assert (d.n_k_heads, d.n_v_heads, d.k_head_dim, d.v_head_dim, d.conv_kernel) == (2, 4, 16, 16, 4)
+        assert cfg.n_rot == 8  # a quarter of the 32-wide heads rotate
+
+
+def test_logits_and_greedy_tokens_match_transformers(case, tmp_path_factory):
+    model, path = hybrid_model(case, tmp_path_factory)
+    ids = prompt_ids(model.config.vocab_size)
+    ref = hf_logits(model, ids)
+    with Engine.load(path, n_ctx=128) as eng:
+        ours = eng.logits(ids)
+        assert rel_err(ours, ref) < 1e-3
+        # greedy continuation, 32 tokens, each step from the cached state (decode path)
+        m = eng.model
+        logits = m.forward(ids, 0)
+        tokens = []
+        for step in range(32):
+            tokens.append(int(np.argmax(logits[-1])))
+            logits = m.forward([tokens[-1]], len(ids) + step)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32,
+                             eos_token_id=None, pad_token_id=0)
+    assert tokens == out[0, len(ids):].tolist()
+
+
+def test_one_prefill_call_equals_token_by_token_and_split_calls(case, tmp_path_factory):
+    """The prompt in one call, in two calls (state and KV cache carried) and one token at a time
+    give the same logits."""
+    model, path = hybrid_model(case, tmp_path_factory)
+    ids = prompt_ids(model.config.vocab_size, seed=11)
+    with Engine.load(path, n_ctx=128) as eng:
+        m = eng.model
+        whole = m.forward(ids, 0, all_logits=True)
+        first = m.forward(ids[:40], 0, all_logits=True)
+        rest = m.forward(ids[40:], 40, all_logits=True)
+        one_by_one = np.concatenate([m.forward([t], p) for p, t in enumerate(ids)])
+    scale = np.max(np.abs(whole))
+    assert np.max(np.abs(np.concatenate([first, rest]) - whole)) / scale < 1e-5
+    assert np.max(np.abs(one_by_one - whole)) / scale < 1e-5
+
+
+def test_a_new_sequence_resets_the_recurrent_state_and_rewinding_is_refused(case, tmp_path_factory):
+    model, path = hybrid_model(case, tmp_path_factory)
+    ids = prompt_ids(model.config.vocab_size, n=16)
+    with Engine.load(path, n_ctx=64) as eng:
+        m = eng.model
+        a = m.forward(ids, 0)
+        m.forward(ids[:5], 16)  # continues the sequence
+        b = m.forward(ids, 0)  # starts again: the state is zeroed
+        np.testing.assert_array_equal(a, b)
+        with pytest.raises(ValueError, match="recurrent"):
+            m.forward(ids[:2], 3)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "decay", "page-cache"])
+def test_streamed_equals_resident_bit_for_bit(tmp_path_factory, policy):
+    _, path = hybrid_model("qwen3_5_moe", tmp_path_factory, "q8_0")
+    ids = prompt_ids(1000, n=20, seed=5)
+    with Engine.load(path, n_ctx=64) as eng:
+        resident = [eng.model.forward(ids, 0)] + [eng.model.forward([t], 20 + j) for j, t in enumerate(ids[:6])]
+    with Engine.load(path, n_ctx=64, stream="experts", cache_slots=6, cache_policy=policy) as eng:
+        streamed = [eng.model.forward(ids, 0)] + [eng.model.forward([t], 20 + j) for j, t in enumerate(ids[:6])]
+    for r, s in zip(resident, streamed):
+        np.testing.assert_array_equal(r, s)
+
+
+def test_q8_0_file_is_close_to_transformers(case, tmp_path_factory):
+    model, _ = hybrid_model(case, tmp_path_factory)
+    _, path = hybrid_model(case, tmp_path_factory, "q8_0")
+    ids = prompt_ids(model.config.vocab_size)
+    with Engine.load(path) as eng:
+        assert rel_err(eng.logits(ids), hf_logits(model, ids)) < 3e-2
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_experts_per_token_routes_to_the_top_k_renormalised(tmp_path_factory, k):
+    """experts_per_token=K runs the model as transformers does with num_experts_per_tok=K."""
+    for case in ("qwen3_5_moe", "qwen3_next"):
+        model, path = hybrid_model(case, tmp_path_factory)
+        ids = prompt_ids(model.config.vocab_size, n=24)
+        routers = [layer.mlp.gate for layer in model.model.layers]
+        default_k = routers[0].top_k
+        for r in routers:
+            r.top_k = k
+        try:
+            ref = hf_logits(model, ids)
+        finally:
+            for r in routers:
+                r.top_k = default_k
+        with Engine.load(path, experts_per_token=k) as eng:
+            assert eng.config.n_expert_used == k
+            ours = eng.logits(ids)
+        assert rel_err(ours, ref) < 1e-3
+        assert rel_err(ours, hf_logits(model, ids)) > 1e-3  # K matters
+
+
+@pytest.mark.parametrize("k", [0, 9, -1])
+def test_experts_per_token_out_of_range_is_refused(tmp_path_factory, k):
+    _, path = hybrid_model("qwen3_5_moe", tmp_path_factory)
+    with pytest.raises((ConfigError, ValueError), match="experts_per_token"):
+        Engine.load(path, experts_per_token=k)
+
+
+def test_budget_counts_the_recurrent_state(tmp_path_factory):
+    """The memory plan's state bytes are the recurrent states of the linear layers plus the KV
+    cache of the attention layer, as the Model allocates them."""
+    _, path = hybrid_model("qwen3_5_moe", tmp_path_factory, "q8_0")
+    with Engine.load(path, memory_budget="200MiB", n_ctx=64) as eng:
+        held = sum(s.nbytes for s in eng.model.states.values())
+        d = eng.config.linear
+        recurrent = 3 * 4 * ((d.conv_kernel - 1) * d.conv_dim + d.n_v_heads * d.k_head_dim * d.v_head_dim)
+        kv = 2 * 4 * 64 * eng.config.n_head_kv * eng.config.head_dim
+        assert held == recurrent + kv
+        assert eng.plan.kv_cache == held  # the plan's per-layer state bytes
