@@ -5,7 +5,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from ..model.config import ModelConfig
+from ..model.config import LINEAR_ATTENTION, ModelConfig
 from ..formats.gguf_file import GGUFFile
 
 EXPERT_SUFFIXES = ("_exps.weight",)
@@ -35,7 +35,18 @@ def model_info(f: GGUFFile) -> dict:
         "expert_parameters": expert_params,
         "bytes_per_expert": per_expert,  # gate + up + down slices of one expert in one layer
         "expert_bytes": expert_bytes, "resident_bytes": total_bytes - expert_bytes,
+        **_linear_attention_info(cfg),
     }
+
+
+def _linear_attention_info(cfg: ModelConfig) -> dict:
+    """Hybrids: how many layers are Gated DeltaNet and their sizes."""
+    d = cfg.linear
+    if d is None:
+        return {}
+    return {"linear_attention_layers": sum(t == LINEAR_ATTENTION for t in cfg.layer_types),
+            "linear_heads": f"{d.n_k_heads} k / {d.n_v_heads} v x {d.k_head_dim}/{d.v_head_dim}",
+            "conv_kernel": d.conv_kernel}
 
 
 def _size(n: int) -> str:
@@ -57,5 +68,9 @@ def format_info(info: dict) -> str:
     if info["n_expert"]:
         lines.append(f"experts       {info['n_expert']} per layer, {info['n_expert_used']} used per token, "
                      f"{info['moe_layers']} MoE layers, {_size(info['bytes_per_expert'])} per expert")
+    if "linear_attention_layers" in info:
+        lines.append(f"hybrid        {info['linear_attention_layers']} Gated DeltaNet layers (heads "
+                     f"{info['linear_heads']}, conv {info['conv_kernel']}), "
+                     f"{info['n_layer'] - info['linear_attention_layers']} full attention")
     lines.append(f"resident      {_size(info['resident_bytes'])}; experts {_size(info['expert_bytes'])}")
     return "\n".join(lines)
