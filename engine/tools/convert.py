@@ -1,17 +1,22 @@
 """Hugging Face safetensors -> GGUF v3, written the way llama.cpp's convert_hf_to_gguf.py writes it.
 
-Seven Hugging Face architectures map onto six llama.cpp architectures (ARCHITECTURES below). The
-facts come from llama.cpp (conversion/{base,llama,qwen,olmo}.py, formerly one convert_hf_to_gguf.py,
-and gguf-py's constants / tensor_mapping); the code is ours. What we follow:
+Twelve Hugging Face architectures map onto nine llama.cpp architectures (ARCHITECTURES below), among
+them the Qwen3-Next family's hybrids (qwen3next, qwen35, qwen35moe: Gated DeltaNet linear attention
+beside gated attention; their conventions are listed above LINEAR_ATTENTION). The facts come from
+llama.cpp (conversion/{base,llama,qwen,olmo}.py, formerly one convert_hf_to_gguf.py, and gguf-py's
+constants / tensor_mapping); the code is ours. What we follow:
 
 - tensor names (`token_embd`, `blk.N.attn_q`, `blk.N.ffn_gate_exps`, ...) and shapes: per-expert HF
   matrices are stacked into one 3-D tensor per layer, NumPy shape [n_expert, n_ff, n_embd] for
   gate/up and [n_expert, n_embd, n_ff] for down;
 - the `llama` architecture's Q/K row permutation (LlamaModel.permute): llama.cpp rotates adjacent
   pairs (rope NORM) where Hugging Face rotates halves, so the rows of each head are interleaved;
-- tensor types (ModelBase.prepare_tensors): 1-D tensors, `*_norm.weight`, biases and the MoE routers
-  (`ffn_gate_inp`, `ffn_gate_inp_shexp`) stay F32; the rest takes `out_type`; rows that Q8_0 cannot
-  hold (length not a multiple of 32) fall back to F16;
+- transformers 5's fused experts (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`) are split
+  and used as they are, as Qwen2MoeModel does; a multimodal wrapper's text model
+  (`model.language_model.*`, config.json's `text_config`) converts as the text model alone;
+- tensor types (ModelBase.prepare_tensors): 1-D tensors, `*_norm.weight`, biases, the MoE routers
+  (`ffn_gate_inp`, `ffn_gate_inp_shexp`) and `ssm_conv1d` stay F32; the rest takes `out_type`; rows
+  that Q8_0 cannot hold (length not a multiple of 32) fall back to F16;
 - metadata keys and the order llama.cpp writes them in: general.* (via gguf.Metadata, as
   llama.cpp does), hyperparameters (TextModel.set_gguf_parameters plus the per-architecture
   extras), general.quantization_version, then the tokenizer (TextModel._set_vocab_gpt2; the
@@ -29,6 +34,7 @@ place when complete, so a failed conversion leaves nothing behind.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -73,7 +79,22 @@ class ArchSpec:
     llama_extras: bool = False  # LlamaModel: vocab_size, rope.dimension_count, add_space_prefix, llama3 rope
     moe_ff_keys: bool = False  # Qwen2MoeModel: expert_feed_forward_length (+ shared), from the config
     rms_eps: float | None = None  # OlmoeModel overrides the config's rms_norm_eps with 1e-5
+    fused_experts: bool = False  # Qwen2MoeModel: also takes transformers 5's fused mlp.experts.{gate_up,down}_proj
+    # Qwen3NextModel and its subclasses (hybrid: Gated DeltaNet linear attention + gated attention),
+    # named by how the checkpoint packs the linear-attention input projections: "qkvz" (qwen3next:
+    # in_proj_qkvz and in_proj_ba, interleaved per key head) or "qkv" (qwen35, qwen35moe:
+    # in_proj_qkv / _z / _b / _a, whose value heads llama.cpp reorders). See the hybrid conventions
+    # above LINEAR_ATTENTION.
+    linear_attn: str | None = None
+    mrope: bool = False  # _Qwen35MRopeMixin: rope.dimension_sections always written ([11, 11, 10, 0] by default)
+    multimodal: bool = False  # *ForConditionalGeneration: the text model is model.language_model.*; model.visual.* is skipped
 
+
+# What the Qwen3-Next family shares: per-head q/k norms and Qwen2MoeModel's keys; the MoE members
+# have its sparse block with a sigmoid-gated shared expert.
+_QWEN35_DENSE = {"qk_norm": "head", "moe_ff_keys": True}
+_QWEN3NEXT_MOE = {"qk_norm": "head", "moe": "mlp", "expert_ff_key": "moe_intermediate_size", "shared_expert": True,
+                  "moe_ff_keys": True, "fused_experts": True}
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     # conversion/llama.py: LlamaModel (LlamaForCausalLM and MixtralForCausalLM both become `llama`)
@@ -84,11 +105,20 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "Qwen2ForCausalLM": ArchSpec("qwen2", qkv_bias=True),
     "Qwen3ForCausalLM": ArchSpec("qwen3", qk_norm="head"),
     "Qwen2MoeForCausalLM": ArchSpec("qwen2moe", qkv_bias=True, moe="mlp", expert_ff_key="moe_intermediate_size",
-                                    shared_expert=True, moe_ff_keys=True),
+                                    shared_expert=True, moe_ff_keys=True, fused_experts=True),
     "Qwen3MoeForCausalLM": ArchSpec("qwen3moe", qk_norm="head", moe="mlp", expert_ff_key="moe_intermediate_size",
-                                    moe_ff_keys=True),
+                                    moe_ff_keys=True, fused_experts=True),
     # conversion/olmo.py: OlmoeModel
     "OlmoeForCausalLM": ArchSpec("olmoe", qk_norm="full", moe="mlp", rms_eps=1e-5),
+    # conversion/qwen.py: Qwen3NextModel(_QwenMtpMixin, Qwen2MoeModel); Qwen3_5TextModel and
+    # Qwen3_5MoeTextModel(_Qwen35MRopeMixin, _LinearAttentionVReorderBase(Qwen3NextModel)), as with --no-mtp
+    "Qwen3NextForCausalLM": ArchSpec("qwen3next", linear_attn="qkvz", **_QWEN3NEXT_MOE),
+    "Qwen3_5ForCausalLM": ArchSpec("qwen35", linear_attn="qkv", mrope=True, **_QWEN35_DENSE),
+    "Qwen3_5ForConditionalGeneration": ArchSpec("qwen35", linear_attn="qkv", mrope=True, multimodal=True,
+                                                **_QWEN35_DENSE),
+    "Qwen3_5MoeForCausalLM": ArchSpec("qwen35moe", linear_attn="qkv", mrope=True, **_QWEN3NEXT_MOE),
+    "Qwen3_5MoeForConditionalGeneration": ArchSpec("qwen35moe", linear_attn="qkv", mrope=True, multimodal=True,
+                                                   **_QWEN3NEXT_MOE),
 }
 
 # Per-layer HF name (after "model.layers.N.") -> GGUF name (after "blk.N."), as gguf-py's tensor_mapping.
@@ -116,12 +146,46 @@ SHARED_EXPERT = {
 }
 EXPERT_GGUF = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
 
+# The hybrid conventions: the Qwen3-Next family (ArchSpec.linear_attn), as Qwen3NextModel.modify_tensors
+# and _LinearAttentionVReorderBase.modify_tensors write it:
+# - each layer is either linear attention (Gated DeltaNet: the tables below) or gated attention
+#   (ATTENTION, whose q_proj holds query and output gate per head: 2 * n_head * head_dim rows, plus
+#   QK_NORM), per config.json's layer_types (else every full_attention_interval-th layer is attention);
+# - post_attention_layernorm is `post_attention_norm`, not ffn_norm;
+# - these models' RMSNorm scales by (1 + w): every *norm.weight is written + 1, except
+#   linear_attn.norm (a gated RMSNorm that scales by w);
+# - A_log is written as A = -exp(A_log) (`ssm_a`, no .weight suffix), dt_bias as `ssm_dt.bias`,
+#   conv1d's [channels, 1, kernel] squeezed to [channels, kernel];
+# - qwen3next's in_proj_qkvz ([q, k, v, z] per key head) is split into attn_qkv ([all q; all k;
+#   all v]) and attn_gate (all z); its in_proj_ba stays interleaved as ssm_ba;
+# - qwen35/qwen35moe with fewer key heads than value heads: value heads go from grouped order
+#   (by key head: G0v0, G0v1, ..., G1v0, ...) to tiled order (G0v0, G1v0, ..., G0v1, G1v1, ...), so that
+#   ggml can broadcast the key heads (reorder_v_heads);
+# - mtp.* (the multi-token-prediction head) is skipped, as llama.cpp's --no-mtp does.
+HYBRID_POST_ATTENTION_NORM = {"post_attention_layernorm.weight": "post_attention_norm.weight"}
+LINEAR_ATTENTION = {  # shared by both layouts
+    "linear_attn.conv1d.weight": "ssm_conv1d.weight",
+    "linear_attn.dt_bias": "ssm_dt.bias",
+    "linear_attn.A_log": "ssm_a",
+    "linear_attn.norm.weight": "ssm_norm.weight",
+    "linear_attn.out_proj.weight": "ssm_out.weight",
+}
+LINEAR_ATTENTION_QKV = {  # qwen35, qwen35moe
+    "linear_attn.in_proj_qkv.weight": "attn_qkv.weight",
+    "linear_attn.in_proj_z.weight": "attn_gate.weight",
+    "linear_attn.in_proj_b.weight": "ssm_beta.weight",
+    "linear_attn.in_proj_a.weight": "ssm_alpha.weight",
+}
+LINEAR_ATTENTION_QKVZ_GGUF = ("attn_qkv.weight", "attn_gate.weight", "ssm_ba.weight")  # qwen3next
+MTP_PREFIXES = ("mtp.", "model.mtp.")
+
 # Checkpoint entries llama.cpp skips (ModelBase.prepare_tensors: "we don't need these").
 IGNORED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 
 # Tensors llama.cpp always keeps in F32 (besides 1-D tensors, *_norm.weight and non-.weight tensors):
-# the MoE routers.
-ALWAYS_F32 = (".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight")
+# the MoE routers and the linear-attention layers' short convolution.
+ROUTERS = (".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight")
+ALWAYS_F32 = (*ROUTERS, ".ssm_conv1d.weight")
 
 
 def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, out_type: str = "f16",
@@ -146,13 +210,14 @@ def convert_hf_to_gguf(hf_dir: str | os.PathLike, out_path: str | os.PathLike, o
         raise FileNotFoundError(f"output directory {out_path.parent} does not exist")
 
     hparams = load_hparams(hf_dir)
-    hf_arch = (hparams.get("architectures") or ["<none>"])[0]
+    hf_arch = model_architecture(hparams)
     spec = ARCHITECTURES.get(hf_arch)
     if spec is None:
         raise ValueError(f"{hf_dir}: unsupported architecture {hf_arch!r}; supported: {', '.join(ARCHITECTURES)}")
+    hparams = text_hparams(hparams)
     ftype, weight_type = OUT_TYPES[out_type] if recipe is None else (recipe.file_type, QT.F32)
 
-    checkpoint = SafetensorsIndex(hf_dir)
+    checkpoint = SafetensorsIndex(hf_dir).renamed(lambda name: text_model_name(spec, name))
     plan = plan_tensors(spec, hparams, checkpoint, weight_type)
     im_info = im_values = None
     if recipe is not None:  # the recipe's type for each tensor, quantized with weightstream.engine.tools.quantize
@@ -204,6 +269,32 @@ def load_hparams(hf_dir: Path) -> dict[str, Any]:
     except Exception:  # transformers missing, or a model type it does not know
         with open(hf_dir / "config.json", encoding="utf-8") as f:
             return json.load(f)
+
+
+def model_architecture(hp: dict[str, Any]) -> str:
+    """The Hugging Face architecture llama.cpp converts the text model as (get_model_architecture):
+    text_config's `architectures` if it has one, else the config's."""
+    arches = (hp.get("text_config") or {}).get("architectures") or hp.get("architectures") or ["<none>"]
+    return arches[0]
+
+
+def text_hparams(hp: dict[str, Any]) -> dict[str, Any]:
+    """The config with a multimodal model's text_config moved to the top level, as TextModel.__init__
+    does: the language model's settings are what the GGUF describes."""
+    return {**hp, **hp["text_config"]} if isinstance(hp.get("text_config"), dict) else hp
+
+
+def text_model_name(spec: ArchSpec, name: str) -> str | None:
+    """A checkpoint tensor's name as llama.cpp's filter_tensors leaves it for the text model, or None
+    for tensors it skips: a multimodal model's vision tower, the Qwen3-Next family's MTP head."""
+    if spec.multimodal:
+        if name.startswith("model.visual."):
+            return None
+        if name.startswith("model.language_model."):
+            name = "model." + name[len("model.language_model."):]
+    if spec.linear_attn and name.startswith(MTP_PREFIXES):
+        return None
+    return name
 
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
@@ -259,6 +350,19 @@ class SafetensorsIndex:
             extra = sorted(set(self.entries) - set(weight_map))
             raise ValueError(f"{index_file}: weight map and shards disagree; missing {missing[:5]}, extra {extra[:5]}")
 
+    def renamed(self, rename: Callable[[str], str | None]) -> "SafetensorsIndex":
+        """The same checkpoint with every name passed through `rename`; names it maps to None are left out."""
+        view = copy.copy(self)
+        view.entries = {}
+        for name, entry in self.entries.items():
+            new_name = rename(name)
+            if new_name is None:
+                continue
+            if new_name in view.entries:
+                raise ValueError(f"the checkpoint holds {new_name!r} twice ({name!r} is read as that name too)")
+            view.entries[new_name] = entry
+        return view
+
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
@@ -312,7 +416,7 @@ class PlannedTensor:
         if self.generate is not None:
             return self.generate()
         data = np.stack([checkpoint.load(s) for s in self.sources]) if self.stack else checkpoint.load(self.sources[0])
-        return self.transform(data) if self.transform is not None else data
+        return np.ascontiguousarray(self.transform(data)) if self.transform is not None else data
 
 
 def tensor_type(name: str, shape: tuple[int, ...], weight_type: QT) -> QT:
@@ -334,6 +438,33 @@ def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class LinearAttentionDims:
+    """A Gated DeltaNet layer's shapes (the Qwen3-Next family's linear attention)."""
+
+    n_k_heads: int  # linear_num_key_heads (also the query heads)
+    n_v_heads: int  # linear_num_value_heads, a multiple of n_k_heads
+    k_dim: int  # linear_key_head_dim
+    v_dim: int  # linear_value_head_dim
+    conv_kernel: int  # linear_conv_kernel_dim
+
+    @property
+    def qk_rows(self) -> int:  # rows of all query (or all key) heads
+        return self.n_k_heads * self.k_dim
+
+    @property
+    def v_rows(self) -> int:  # rows of all value heads (also the output gate's)
+        return self.n_v_heads * self.v_dim
+
+    @property
+    def conv_channels(self) -> int:  # the short convolution runs over q, k and v
+        return 2 * self.qk_rows + self.v_rows
+
+    @property
+    def v_per_k(self) -> int:
+        return self.n_v_heads // self.n_k_heads
+
+
+@dataclass(frozen=True)
 class Dims:
     """The shapes a checkpoint must have, from its config."""
 
@@ -343,11 +474,13 @@ class Dims:
     n_head: int
     n_head_kv: int
     head_dim: int
-    n_ff: int
+    n_ff: int  # the dense FFN's width (0 where an MoE config has none)
     n_expert: int
     n_expert_used: int
     n_ff_exp: int
     n_ff_shexp: int
+    linear: LinearAttentionDims | None = None  # the Qwen3-Next family
+    recurrent: tuple[bool, ...] = ()  # per layer: linear attention (True) or attention (the Qwen3-Next family)
 
     @classmethod
     def from_hparams(cls, spec: ArchSpec, hp: dict[str, Any]) -> "Dims":
@@ -358,6 +491,7 @@ class Dims:
 
         n_head = need("num_attention_heads")
         n_embd = need("hidden_size")
+        n_layer = need("num_hidden_layers")
         n_expert = n_expert_used = n_ff_exp = n_ff_shexp = 0
         if spec.moe:
             n_expert = hp.get("num_local_experts") or need("num_experts")
@@ -365,11 +499,36 @@ class Dims:
             n_ff_exp = need(spec.expert_ff_key)
             if spec.shared_expert:
                 n_ff_shexp = need("shared_expert_intermediate_size")
+        linear, recurrent = None, ()
+        if spec.linear_attn:
+            linear = LinearAttentionDims(
+                n_k_heads=need("linear_num_key_heads"), n_v_heads=need("linear_num_value_heads"),
+                k_dim=need("linear_key_head_dim"), v_dim=need("linear_value_head_dim"),
+                conv_kernel=need("linear_conv_kernel_dim"))
+            recurrent = recurrent_layers(hp, n_layer)
         return cls(
-            n_vocab=need("vocab_size"), n_embd=n_embd, n_layer=need("num_hidden_layers"), n_head=n_head,
+            n_vocab=need("vocab_size"), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
             n_head_kv=hp.get("num_key_value_heads") or n_head, head_dim=hp.get("head_dim") or n_embd // n_head,
-            n_ff=need("intermediate_size"), n_expert=n_expert, n_expert_used=n_expert_used,
-            n_ff_exp=n_ff_exp, n_ff_shexp=n_ff_shexp)
+            n_ff=(hp.get("intermediate_size") or 0) if spec.moe else need("intermediate_size"), n_expert=n_expert,
+            n_expert_used=n_expert_used, n_ff_exp=n_ff_exp, n_ff_shexp=n_ff_shexp, linear=linear,
+            recurrent=recurrent)
+
+
+def recurrent_layers(hp: dict[str, Any], n_layer: int) -> tuple[bool, ...]:
+    """Which layers are linear attention: config.json's layer_types, else (as transformers and
+    llama.cpp's loader decide) all but every full_attention_interval-th layer."""
+    layer_types = hp.get("layer_types")
+    if layer_types is None:
+        interval = hp.get("full_attention_interval", 4)
+        return tuple((i + 1) % interval != 0 for i in range(n_layer))
+    if len(layer_types) != n_layer:
+        raise ValueError(f"config.json: layer_types has {len(layer_types)} entries, expected num_hidden_layers "
+                         f"({n_layer})")
+    unknown = sorted(set(layer_types) - {"linear_attention", "full_attention"})
+    if unknown:
+        raise ValueError(f"config.json: unsupported layer_types {unknown} (supported: linear_attention, "
+                         "full_attention)")
+    return tuple(t == "linear_attention" for t in layer_types)
 
 
 def check_supported(spec: ArchSpec, hp: dict[str, Any]) -> None:
@@ -382,6 +541,48 @@ def check_supported(spec: ArchSpec, hp: dict[str, Any]) -> None:
         if hp.get("mlp_only_layers") or hp.get("decoder_sparse_step", 1) != 1:
             raise ValueError("config.json: dense layers inside an MoE model (mlp_only_layers / "
                              "decoder_sparse_step) are not supported")
+    if spec.linear_attn:
+        k_dim, v_dim = hp.get("linear_key_head_dim"), hp.get("linear_value_head_dim")
+        if k_dim != v_dim:  # llama.cpp's loader sizes both from ssm.state_size
+            raise ValueError(f"config.json: linear_key_head_dim ({k_dim}) != linear_value_head_dim ({v_dim}) "
+                             "is not supported (llama.cpp assumes equal key and value head sizes)")
+        n_k, n_v = hp.get("linear_num_key_heads"), hp.get("linear_num_value_heads")
+        if n_k and n_v and n_v % n_k != 0:
+            raise ValueError(f"config.json: linear_num_value_heads ({n_v}) must be a multiple of "
+                             f"linear_num_key_heads ({n_k})")
+
+
+class _Planner:
+    """Collects the plan (GGUF tensors and their HF sources) and the HF tensors it reads with their shapes."""
+
+    def __init__(self, weight_type: QT):
+        self.weight_type = weight_type
+        self.expected: dict[str, tuple[int, ...]] = {}  # HF name -> shape, for every tensor the plan reads
+        self.tensors: list[PlannedTensor] = []
+
+    def add(self, gguf_name: str, hf_names: list[str], hf_shape: tuple[int, ...], transform=None, stack=False,
+            shape: tuple[int, ...] | None = None) -> None:
+        """One GGUF tensor read from hf_names (each of hf_shape; stacked on a new axis 0 if `stack`).
+        `shape` is the GGUF tensor's shape where `transform` changes it."""
+        for n in hf_names:
+            self.expected[n] = hf_shape
+        if shape is None:
+            shape = (len(hf_names), *hf_shape) if stack else hf_shape
+        self.tensors.append(PlannedTensor(gguf_name, shape, tensor_type(gguf_name, shape, self.weight_type),
+                                          hf_names, stack, transform))
+
+    def check(self, checkpoint: SafetensorsIndex) -> None:
+        """The checkpoint holds exactly the tensors the plan reads, with the expected shapes and dtypes."""
+        for name, shape in self.expected.items():
+            if name not in checkpoint:
+                raise ValueError(f"missing tensor {name!r} in the checkpoint")
+            if checkpoint.shape(name) != shape:
+                raise ValueError(f"tensor {name!r} has shape {list(checkpoint.shape(name))}, expected {list(shape)}")
+            checkpoint.check_dtype(name)
+        unexpected = [n for n in checkpoint.entries if n not in self.expected and not n.endswith(IGNORED_SUFFIXES)]
+        if unexpected:
+            raise ValueError(f"unexpected tensor {unexpected[0]!r} in the checkpoint"
+                             + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
 
 
 def plan_tensors(spec: ArchSpec, hp: dict[str, Any], checkpoint: SafetensorsIndex,
@@ -390,27 +591,37 @@ def plan_tensors(spec: ArchSpec, hp: dict[str, Any], checkpoint: SafetensorsInde
     holds exactly the expected tensors with the expected shapes."""
     check_supported(spec, hp)
     d = Dims.from_hparams(spec, hp)
-    q_rows, kv_rows = d.n_head * d.head_dim, d.n_head_kv * d.head_dim
-    expected: dict[str, tuple[int, ...]] = {}  # HF name -> shape, for every tensor the plan reads
-    plan: list[PlannedTensor] = []
-
-    def add(gguf_name: str, hf_names: list[str], hf_shape: tuple[int, ...], transform=None, stack=False):
-        for n in hf_names:
-            expected[n] = hf_shape
-        shape = (len(hf_names), *hf_shape) if stack else hf_shape
-        plan.append(PlannedTensor(gguf_name, shape, tensor_type(gguf_name, shape, weight_type), hf_names, stack,
-                                  transform))
+    planner = _Planner(weight_type)
+    add = planner.add
 
     rope_freqs = llama3_rope_freqs(spec, hp, d)
     if rope_freqs is not None:  # LlamaModel.generate_extra_tensors comes before the checkpoint's tensors
-        plan.append(PlannedTensor("rope_freqs.weight", rope_freqs.shape, QT.F32, [], generate=lambda: rope_freqs))
+        planner.tensors.append(PlannedTensor("rope_freqs.weight", rope_freqs.shape, QT.F32, [],
+                                             generate=lambda: rope_freqs))
 
     add("token_embd.weight", ["model.embed_tokens.weight"], (d.n_vocab, d.n_embd))
-    permute_q = (lambda w: permute_rows(w, d.n_head)) if spec.permute_qk else None
-    permute_k = (lambda w: permute_rows(w, d.n_head_kv)) if spec.permute_qk else None
-    shapes = {  # HF shape of each per-layer tensor
+    shapes = layer_shapes(spec, d)
+    for i in range(d.n_layer):
+        hf, blk = f"model.layers.{i}.", f"blk.{i}."
+        if spec.linear_attn:
+            plan_hybrid_mixer(add, spec, d, shapes, i)
+        else:
+            plan_attention(add, spec, d, shapes, hf, blk)
+        plan_ffn(add, spec, d, shapes, hf, blk, checkpoint)
+    add("output_norm.weight", ["model.norm.weight"], (d.n_embd,), plus_one if spec.linear_attn else None)
+    if "lm_head.weight" in checkpoint:  # absent when the embeddings are tied: llama.cpp reuses token_embd
+        add("output.weight", ["lm_head.weight"], (d.n_vocab, d.n_embd))
+    planner.check(checkpoint)
+    return planner.tensors
+
+
+def layer_shapes(spec: ArchSpec, d: Dims) -> dict[str, tuple[int, ...]]:
+    """The HF shape of each per-layer tensor (name after "model.layers.N.")."""
+    q_rows, kv_rows = d.n_head * d.head_dim, d.n_head_kv * d.head_dim
+    q_proj_rows = 2 * q_rows if spec.linear_attn else q_rows  # the Qwen3-Next family: query and gate per head
+    shapes = {
         "input_layernorm.weight": (d.n_embd,), "post_attention_layernorm.weight": (d.n_embd,),
-        "self_attn.q_proj.weight": (q_rows, d.n_embd), "self_attn.k_proj.weight": (kv_rows, d.n_embd),
+        "self_attn.q_proj.weight": (q_proj_rows, d.n_embd), "self_attn.k_proj.weight": (kv_rows, d.n_embd),
         "self_attn.v_proj.weight": (kv_rows, d.n_embd), "self_attn.o_proj.weight": (d.n_embd, q_rows),
         "self_attn.q_proj.bias": (q_rows,), "self_attn.k_proj.bias": (kv_rows,),
         "self_attn.v_proj.bias": (kv_rows,),
@@ -423,40 +634,150 @@ def plan_tensors(spec: ArchSpec, hp: dict[str, Any], checkpoint: SafetensorsInde
         "mlp.shared_expert.up_proj.weight": (d.n_ff_shexp, d.n_embd),
         "mlp.shared_expert.down_proj.weight": (d.n_embd, d.n_ff_shexp),
     }
+    if d.linear is not None:
+        la = d.linear
+        shapes.update({
+            "linear_attn.in_proj_qkv.weight": (la.conv_channels, d.n_embd),
+            "linear_attn.in_proj_z.weight": (la.v_rows, d.n_embd),
+            "linear_attn.in_proj_b.weight": (la.n_v_heads, d.n_embd),
+            "linear_attn.in_proj_a.weight": (la.n_v_heads, d.n_embd),
+            "linear_attn.in_proj_qkvz.weight": (la.conv_channels + la.v_rows, d.n_embd),
+            "linear_attn.in_proj_ba.weight": (2 * la.n_v_heads, d.n_embd),
+            "linear_attn.conv1d.weight": (la.conv_channels, 1, la.conv_kernel),
+            "linear_attn.dt_bias": (la.n_v_heads,),
+            "linear_attn.A_log": (la.n_v_heads,),
+            "linear_attn.norm.weight": (la.v_dim,),
+            "linear_attn.out_proj.weight": (d.n_embd, la.v_rows),
+        })
+    return shapes
+
+
+def plan_attention(add, spec: ArchSpec, d: Dims, shapes: dict, hf: str, blk: str) -> None:
+    """A standard layer's attention and its norms (ffn_norm included)."""
+    permute_q = (lambda w: permute_rows(w, d.n_head)) if spec.permute_qk else None
+    permute_k = (lambda w: permute_rows(w, d.n_head_kv)) if spec.permute_qk else None
     transforms = {"self_attn.q_proj.weight": permute_q, "self_attn.q_proj.bias": permute_q,
                   "self_attn.k_proj.weight": permute_k, "self_attn.k_proj.bias": permute_k}
-    for i in range(d.n_layer):
-        hf, blk = f"model.layers.{i}.", f"blk.{i}."
-        groups = [ATTENTION, QKV_BIAS if spec.qkv_bias else {}, QK_NORM if spec.qk_norm else {}, FFN_NORM]
-        if not spec.moe:
-            groups.append(DENSE_FFN)
-        for group in groups:
-            for hf_name, gguf_name in group.items():
-                add(blk + gguf_name, [hf + hf_name], shapes[hf_name], transforms.get(hf_name))
-        if spec.moe:
-            add(blk + "ffn_gate_inp.weight", [f"{hf}{spec.moe}.gate.weight"], (d.n_expert, d.n_embd))
-            for proj, gguf_name in zip(spec.expert_proj, EXPERT_GGUF):
-                hf_shape = (d.n_embd, d.n_ff_exp) if gguf_name.startswith("ffn_down") else (d.n_ff_exp, d.n_embd)
-                add(blk + gguf_name, [f"{hf}{spec.moe}.experts.{e}.{proj}.weight" for e in range(d.n_expert)], hf_shape,
-                    stack=True)
-            if spec.shared_expert:
-                for hf_name, gguf_name in SHARED_EXPERT.items():
-                    add(blk + gguf_name, [hf + hf_name], shapes[hf_name])
-    add("output_norm.weight", ["model.norm.weight"], (d.n_embd,))
-    if "lm_head.weight" in checkpoint:  # absent when the embeddings are tied: llama.cpp reuses token_embd
-        add("output.weight", ["lm_head.weight"], (d.n_vocab, d.n_embd))
+    groups = [ATTENTION, QKV_BIAS if spec.qkv_bias else {}, QK_NORM if spec.qk_norm else {}, FFN_NORM]
+    for group in groups:
+        for hf_name, gguf_name in group.items():
+            add(blk + gguf_name, [hf + hf_name], shapes[hf_name], transforms.get(hf_name))
 
-    for name, shape in expected.items():
-        if name not in checkpoint:
-            raise ValueError(f"missing tensor {name!r} in the checkpoint")
-        if checkpoint.shape(name) != shape:
-            raise ValueError(f"tensor {name!r} has shape {list(checkpoint.shape(name))}, expected {list(shape)}")
-        checkpoint.check_dtype(name)
-    unexpected = [n for n in checkpoint.entries if n not in expected and not n.endswith(IGNORED_SUFFIXES)]
-    if unexpected:
-        raise ValueError(f"unexpected tensor {unexpected[0]!r} in the checkpoint"
-                         + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    return plan
+
+def plan_hybrid_mixer(add, spec: ArchSpec, d: Dims, shapes: dict, i: int) -> None:
+    """A Qwen3-Next family layer's norms and its linear or gated attention (the hybrid conventions)."""
+    hf, blk = f"model.layers.{i}.", f"blk.{i}."
+    add(blk + "attn_norm.weight", [hf + "input_layernorm.weight"], shapes["input_layernorm.weight"], plus_one)
+    if d.recurrent[i]:
+        plan_linear_attention(add, spec, d, shapes, hf, blk)
+    else:
+        for hf_name, gguf_name in (*ATTENTION.items(), *QK_NORM.items()):
+            if hf_name != "input_layernorm.weight":
+                add(blk + gguf_name, [hf + hf_name], shapes[hf_name], plus_one if "norm" in hf_name else None)
+    for hf_name, gguf_name in HYBRID_POST_ATTENTION_NORM.items():
+        add(blk + gguf_name, [hf + hf_name], shapes[hf_name], plus_one)
+
+
+def plan_linear_attention(add, spec: ArchSpec, d: Dims, shapes: dict, hf: str, blk: str) -> None:
+    """A Gated DeltaNet layer's tensors, transformed as the hybrid conventions say."""
+    la = d.linear
+    names = dict(LINEAR_ATTENTION)
+    if spec.linear_attn == "qkv":
+        names.update(LINEAR_ATTENTION_QKV)
+    else:  # qwen3next: one fused projection feeds two GGUF tensors
+        qkvz, ba = hf + "linear_attn.in_proj_qkvz.weight", hf + "linear_attn.in_proj_ba.weight"
+        qkv_name, gate_name, ba_name = LINEAR_ATTENTION_QKVZ_GGUF
+        qkvz_shape = shapes["linear_attn.in_proj_qkvz.weight"]
+        add(blk + qkv_name, [qkvz], qkvz_shape, lambda w: split_qkvz(w, la)[0], shape=(la.conv_channels, d.n_embd))
+        add(blk + gate_name, [qkvz], qkvz_shape, lambda w: split_qkvz(w, la)[1], shape=(la.v_rows, d.n_embd))
+        add(blk + ba_name, [ba], shapes["linear_attn.in_proj_ba.weight"])  # kept interleaved, as llama.cpp does
+    transforms = linear_attention_transforms(la, tiled=spec.linear_attn == "qkv" and la.v_per_k > 1)
+    gguf_shapes = {"linear_attn.conv1d.weight": (la.conv_channels, la.conv_kernel)}
+    for hf_name, gguf_name in names.items():
+        add(blk + gguf_name, [hf + hf_name], shapes[hf_name], transforms.get(hf_name), shape=gguf_shapes.get(hf_name))
+
+
+def linear_attention_transforms(la: LinearAttentionDims, tiled: bool) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """HF name -> what llama.cpp does to the tensor; `tiled`: value heads go to tiled order (qwen35
+    and qwen35moe with fewer key than value heads)."""
+
+    def v_heads(axis: int, head_dim: int) -> Callable[[np.ndarray], np.ndarray]:
+        if not tiled:
+            return lambda w: w
+        return lambda w: reorder_v_heads(w, axis, la.n_k_heads, la.v_per_k, head_dim)
+
+    def v_rows(w: np.ndarray) -> np.ndarray:  # rows [q | k | v]: only v has value heads
+        return np.concatenate([w[:2 * la.qk_rows], v_heads(0, la.v_dim)(w[2 * la.qk_rows:])])
+
+    return {
+        "linear_attn.in_proj_qkv.weight": v_rows,
+        "linear_attn.in_proj_z.weight": v_heads(0, la.v_dim),
+        "linear_attn.in_proj_b.weight": v_heads(0, 1),
+        "linear_attn.in_proj_a.weight": v_heads(0, 1),
+        "linear_attn.conv1d.weight": lambda w: v_rows(w[:, 0, :]),  # [channels, 1, kernel] -> [channels, kernel]
+        "linear_attn.dt_bias": v_heads(0, 1),
+        "linear_attn.A_log": lambda w: -np.exp(v_heads(0, 1)(w)),
+        "linear_attn.out_proj.weight": v_heads(1, la.v_dim),
+    }
+
+
+def plan_ffn(add, spec: ArchSpec, d: Dims, shapes: dict, hf: str, blk: str, checkpoint: SafetensorsIndex) -> None:
+    """A layer's FFN: dense, or the router, the routed experts and the shared expert."""
+    if not spec.moe:
+        for hf_name, gguf_name in DENSE_FFN.items():
+            add(blk + gguf_name, [hf + hf_name], shapes[hf_name])
+        return
+    add(blk + "ffn_gate_inp.weight", [f"{hf}{spec.moe}.gate.weight"], (d.n_expert, d.n_embd))
+    experts = f"{hf}{spec.moe}.experts."
+    fused = [n for n in (experts + "gate_up_proj", experts + "gate_up_proj.weight") if n in checkpoint]
+    if spec.fused_experts and fused:
+        plan_fused_experts(add, d, blk, fused[0], experts, checkpoint)
+    else:
+        for proj, gguf_name in zip(spec.expert_proj, EXPERT_GGUF):
+            hf_shape = (d.n_embd, d.n_ff_exp) if gguf_name.startswith("ffn_down") else (d.n_ff_exp, d.n_embd)
+            add(blk + gguf_name, [f"{experts}{e}.{proj}.weight" for e in range(d.n_expert)], hf_shape, stack=True)
+    if spec.shared_expert:
+        for hf_name, gguf_name in SHARED_EXPERT.items():
+            add(blk + gguf_name, [hf + hf_name], shapes[hf_name])
+
+
+def plan_fused_experts(add, d: Dims, blk: str, gate_up: str, experts: str, checkpoint: SafetensorsIndex) -> None:
+    """transformers 5's fused experts (Qwen2MoeModel.modify_tensors): gate_up_proj [n_expert,
+    2 * n_ff, n_embd], gate rows first, and down_proj [n_expert, n_embd, n_ff], already stacked."""
+    n_ff, suffix = d.n_ff_exp, gate_up[len(experts + "gate_up_proj"):]
+    down = experts + "down_proj" + suffix
+    if down not in checkpoint:  # the other spelling, else `down` is reported missing
+        down = next((n for n in (experts + "down_proj", experts + "down_proj.weight") if n in checkpoint), down)
+    fused_shape = (d.n_expert, 2 * n_ff, d.n_embd)
+    gate_name, up_name, down_name = EXPERT_GGUF
+    add(blk + gate_name, [gate_up], fused_shape, lambda w: w[:, :n_ff], shape=(d.n_expert, n_ff, d.n_embd))
+    add(blk + up_name, [gate_up], fused_shape, lambda w: w[:, n_ff:], shape=(d.n_expert, n_ff, d.n_embd))
+    add(blk + down_name, [down], (d.n_expert, d.n_embd, n_ff))
+
+
+def plus_one(w: np.ndarray) -> np.ndarray:
+    """The Qwen3-Next family's RMSNorm scales by (1 + w); GGUF stores 1 + w."""
+    return w + w.dtype.type(1)
+
+
+def reorder_v_heads(w: np.ndarray, axis: int, n_k_heads: int, v_per_k: int, head_dim: int) -> np.ndarray:
+    """Value heads along `axis` from grouped order (the v_per_k heads of key head 0, then of key head
+    1, ...) to tiled order (head 0 of every key head, then head 1 of every key head, ...), each head
+    `head_dim` long (_LinearAttentionVReorderBase._reorder_v_heads)."""
+    shape = w.shape
+    axis %= w.ndim
+    grouped = w.reshape(*shape[:axis], n_k_heads, v_per_k, head_dim, *shape[axis + 1:])
+    return np.swapaxes(grouped, axis, axis + 1).reshape(shape)
+
+
+def split_qkvz(w: np.ndarray, la: LinearAttentionDims) -> tuple[np.ndarray, np.ndarray]:
+    """qwen3next's in_proj_qkvz, [q, k, v, z] per key head, as llama.cpp splits it: ([all q; all k;
+    all v], all z), each in key-head order."""
+    q, k, vz = la.k_dim, la.k_dim, la.v_per_k * la.v_dim
+    groups = w.reshape(la.n_k_heads, q + k + 2 * vz, w.shape[-1])
+    parts = np.split(groups, [q, q + k, q + k + vz], axis=1)  # each [n_k_heads, rows, n_embd]
+    q_rows, k_rows, v_rows, z_rows = (p.reshape(-1, w.shape[-1]) for p in parts)
+    return np.concatenate([q_rows, k_rows, v_rows]), z_rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,6 +796,10 @@ def rope_parameters(hp: dict[str, Any]) -> dict[str, Any]:
                 break
     if "rope_type" not in params and params.get("type") is not None:
         params["rope_type"] = params["type"]
+    if "partial_rotary_factor" not in params:
+        factor = first(hp, ("partial_rotary_factor", "rope_pct", "rope_percent"))
+        if factor is not None:
+            params["partial_rotary_factor"] = factor
     return params
 
 
@@ -568,6 +893,8 @@ def write_hparams(w: gguf.GGUFWriter, spec: ArchSpec, hp: dict[str, Any], ftype:
     else:
         raise ValueError(f"config.json: unsupported rope scaling {rope_type!r} (supported: default, linear, yarn, "
                          "llama3 for llama)")
+    if rope.get("mrope_section") is not None:  # multimodal rope: the sections, padded to 4
+        w.add_rope_dimension_sections((list(rope["mrope_section"]) + [0] * 4)[:4])
     if rope.get("rope_theta") is not None:
         w.add_rope_freq_base(rope["rope_theta"])
 
@@ -595,6 +922,31 @@ def write_hparams(w: gguf.GGUFWriter, spec: ArchSpec, hp: dict[str, Any], ftype:
             w.add_expert_feed_forward_length(hp["moe_intermediate_size"])
         if hp.get("shared_expert_intermediate_size") is not None:
             w.add_expert_shared_feed_forward_length(hp["shared_expert_intermediate_size"])
+    if spec.linear_attn:
+        write_hybrid_hparams(w, hp)
+    if spec.mrope and rope.get("mrope_section") is None:  # _Qwen35MRopeMixin: llama.cpp's loader requires them
+        w.add_rope_dimension_sections(DEFAULT_MROPE_SECTIONS)
+
+
+# Qwen3.5's mrope_section (transformers' default), padded to 4, for configs that leave it out
+DEFAULT_MROPE_SECTIONS = [11, 11, 10, 0]
+
+
+def write_hybrid_hparams(w: gguf.GGUFWriter, hp: dict[str, Any]) -> None:
+    """Qwen3NextModel.set_gguf_parameters: the linear-attention shapes, which layers are recurrent,
+    and the partial rope (rope.dimension_count = head_dim * partial_rotary_factor, default 0.25)."""
+    w.add_ssm_conv_kernel(hp["linear_conv_kernel_dim"])
+    w.add_ssm_state_size(hp["linear_key_head_dim"])
+    w.add_ssm_group_count(hp["linear_num_key_heads"])
+    w.add_ssm_time_step_rank(hp["linear_num_value_heads"])
+    w.add_ssm_inner_size(hp["linear_value_head_dim"] * hp["linear_num_value_heads"])
+    if hp.get("layer_types") is not None:  # (gguf-py's add_recurrent_layers, newer than our gguf)
+        w.add_array(f"{w.arch}.attention.recurrent_layers", [t == "linear_attention" for t in hp["layer_types"]])
+    # transformers 5 drops full_attention_interval from the config it loads (it becomes layer_types),
+    # so llama.cpp usually writes the default; its loader prefers recurrent_layers
+    w.add_full_attention_interval(hp.get("full_attention_interval", 4))
+    head_dim = hp.get("head_dim") or hp["hidden_size"] // hp["num_attention_heads"]
+    w.add_rope_dimension_count(int(head_dim * rope_parameters(hp).get("partial_rotary_factor", 0.25)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ and tensor_type_fallback), restricted to these four file types and the tensor na
 architectures have; the code is ours. In short:
 
 - not quantized (F32): 1-D tensors, `*_norm.weight`, tensors not named `*.weight`, the routers
-  `ffn_gate_inp` (and the qwen2moe shared-expert gate `ffn_gate_inp_shexp`), the hybrids' small
-  `ssm_conv1d` (their `ssm_a` and `ssm_dt.bias` are 1-D and not `.weight`);
+  `ffn_gate_inp` (and the shared-expert gate `ffn_gate_inp_shexp`), the linear-attention layers'
+  short convolution `ssm_conv1d` (llama.cpp: "do not quantize Mamba's small conv1d weights");
 - `output.weight` (or `token_embd.weight` when the embeddings are tied): Q6_K, or Q8_0 when its
   rows are not a multiple of Q6_K's 256 (and Q8_0 in the q8_0 recipe);
 - attn_v, attn_output and ffn_down get more bits (table in README.md), in q4_k_m every few layers
