@@ -169,3 +169,18 @@ def test_cli_runs_the_pipeline(cluster, moe4, capsys):
     out = capsys.readouterr()
     assert out.out == single
     assert "[pipeline: 2 stages over actor" in out.err and "[stage 1: layers " in out.err
+
+
+def test_two_stages_run_a_hybrid_with_its_recurrent_state(cluster, tmp_path_factory):
+    """A Qwen3.5 MoE hybrid split 2 + 2 layers: each stage carries its layers' recurrent states
+    and KV caches from one call to the next, giving the single process's logits and tokens."""
+    from tests.test_qwen35_hybrid import hybrid_model
+
+    _, path = hybrid_model("qwen3_5_moe", tmp_path_factory, "q8_0")
+    ids = np.random.default_rng(1).integers(0, 500, 20).tolist()
+    with Engine.load(path, **OPTS) as eng:
+        logits, tokens = eng.logits(ids), list(eng.generate_tokens(ids[:8], 10))
+    cfg = DistributedConfig(stages=2, layer_ranges=[(0, 2), (2, 4)], timeout_s=60)
+    with Engine.load(path, stream="experts", distributed=cfg, **OPTS) as eng:
+        assert np.array_equal(eng.logits(ids), logits)
+        assert list(eng.generate_tokens(ids[:8], 10)) == tokens

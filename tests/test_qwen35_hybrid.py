@@ -152,16 +152,54 @@ def test_a_new_sequence_resets_the_recurrent_state_and_rewinding_is_refused(case
             m.forward(ids[:2], 3)
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "decay", "page-cache"])
-def test_streamed_equals_resident_bit_for_bit(tmp_path_factory, policy):
+@pytest.mark.parametrize("policy,prefetch", [("lru", "routing"), ("lfu", "none"), ("decay", "lookahead"),
+                                             ("page-cache", "routing")])
+def test_streamed_equals_resident_bit_for_bit(tmp_path_factory, policy, prefetch):
+    """Every cache policy and prefetch mode, with the profiler on: a prefill then decode steps."""
     _, path = hybrid_model("qwen3_5_moe", tmp_path_factory, "q8_0")
     ids = prompt_ids(1000, n=20, seed=5)
     with Engine.load(path, n_ctx=64) as eng:
         resident = [eng.model.forward(ids, 0)] + [eng.model.forward([t], 20 + j) for j, t in enumerate(ids[:6])]
-    with Engine.load(path, n_ctx=64, stream="experts", cache_slots=6, cache_policy=policy) as eng:
+    with Engine.load(path, n_ctx=64, stream="experts", cache_slots=6, cache_policy=policy, prefetch=prefetch,
+                     profile=True) as eng:
         streamed = [eng.model.forward(ids, 0)] + [eng.model.forward([t], 20 + j) for j, t in enumerate(ids[:6])]
+        x = eng.stats()["experts"]
+    assert x["misses"] > 0 and x["bytes_read"] > 0
     for r, s in zip(resident, streamed):
         np.testing.assert_array_equal(r, s)
+
+
+def test_imatrix_and_quantize_cover_the_linear_attention_tensors(tmp_path_factory, tmp_path):
+    """imatrix collects every matrix of the hybrid (the linear-attention projections included);
+    a q4_k_m requantization with it keeps llama.cpp's F32 tensors (norms, ssm_conv1d, ssm_a,
+    ssm_dt, routers), quantizes the rest, and runs. (Its logits are not compared: these tiny
+    random hybrids magnify rounding, see the Q8_0 test; the quantized math is checked there.)"""
+    import gguf
+    from weightstream.engine.tools.imatrix import attach, Collector
+    from weightstream.engine.tools.quantize import quantize_gguf
+
+    _, path = hybrid_model("qwen3_5_moe", tmp_path_factory)
+    ids = prompt_ids(1000, n=48, seed=9)
+    with Engine.load(path, n_ctx=64) as eng:
+        collector = Collector()
+        attach(eng.model, collector)
+        eng.model.forward(ids, 0)
+        values, _ = collector.result(48)
+        exact = eng.logits(ids)
+    for name in ("blk.0.attn_qkv.weight", "blk.0.attn_gate.weight", "blk.0.ssm_beta.weight",
+                 "blk.0.ssm_alpha.weight", "blk.0.ssm_out.weight", "blk.3.attn_q.weight", "blk.3.attn_output.weight",
+                 "blk.0.ffn_gate_exps.weight", "blk.0.ffn_down_shexp.weight"):
+        assert name in values and np.all(np.isfinite(values[name])) and values[name].max() > 0, name
+    out = quantize_gguf(path, tmp_path / "q4.gguf", "q4_k_m", imatrix=values, progress=False)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
+    F32 = gguf.GGMLQuantizationType.F32
+    for name, qtype in types.items():
+        keep = name.endswith(("_norm.weight", "ssm_conv1d.weight", "ssm_a", "ssm_dt.bias", "ffn_gate_inp.weight",
+                              "ffn_gate_inp_shexp.weight"))
+        assert (qtype == F32) == keep, (name, qtype.name)
+    with Engine.load(out, n_ctx=64) as eng:
+        q4 = eng.logits(ids)
+    assert np.isfinite(q4).all() and q4.shape == exact.shape
 
 
 def q8_0_round_trip(model, case: str):
