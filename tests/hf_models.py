@@ -3,12 +3,13 @@ need a checkpoint directory: the converter's, and the forward pass checked again
 
 `make_hf_model(arch_name, dirpath)` writes config.json, model.safetensors and a tokenizer into
 dirpath; `cached_hf_model(arch_name, tmp_path_factory)` builds each one once per pytest session.
-The cases (CASES) cover every architecture engine/tools/convert.py supports. Shapes are small (hidden
-64, 2 layers, 4 heads / 2 kv heads of 16 (OLMoE: 4 kv heads, see below), FFN 128, 4 or 8 experts
-top-2) and the weights are
-re-drawn with larger spreads than transformers' init (matrices N(0, 0.15), norms 1 +- 0.1, small
-non-zero biases, routers N(0, 1) so routing is decisive) so that logits are not flat. All float32,
-rms eps 1e-6 (OLMoE: 1e-5, see below), rope theta 10000, untied embeddings except "llama_tied".
+The cases (CASES) cover every architecture engine/tools/convert.py supports and the engine runs;
+HYBRID_CASES, the Qwen3-Next family, only the converter supports (see there). Shapes are small
+(hidden 64, 2 layers, 4 heads / 2 kv heads of 16 (OLMoE: 4 kv heads, see below), FFN 128, 4 or 8
+experts top-2) and the weights are re-drawn with larger spreads than transformers' init (matrices
+N(0, 0.15), norms 1 +- 0.1, small non-zero biases, routers N(0, 1) so routing is decisive) so that
+logits are not flat. All float32, rms eps 1e-6 (OLMoE: 1e-5, see below), rope theta 10000, untied
+embeddings except "llama_tied".
 
 The tokenizer is SmolLM2-135M's, rebuilt by transformers from the demo GGUF, for every case: the
 Qwen and OLMoE models get a GPT-2-style BPE tokenizer that is not their own, which is fine for
@@ -63,6 +64,27 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
 # The llama.cpp architecture each case converts to.
 GGUF_ARCH = {"llama": "llama", "llama_tied": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
              "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "olmoe": "olmoe"}
+
+# The Qwen3-Next family (hybrid linear attention + gated attention): the converter's cases only, kept
+# out of CASES because the engine does not run these architectures (the forward-pass tests iterate
+# CASES). 4 layers, of which at least one is attention: qwen35moe by transformers' default interval
+# 4 (3 linear + 1 attention), qwen35 by full_attention_interval=2, qwen3next by explicit layer_types;
+# gated attention with 4 query / 2 kv heads of 32, linear attention with 2 key / 4 value heads of 16
+# (fewer key than value heads, so that qwen35's value-head reorder matters). OMIT drops a
+# BASE_CONFIG entry (Qwen3.5-MoE's config has no intermediate_size).
+OMIT = object()
+_LINEAR = dict(num_hidden_layers=4, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+               linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4)
+_HYBRID_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64)
+HYBRID_CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "qwen35moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(**_LINEAR, **_HYBRID_MOE,
+                                                                         intermediate_size=OMIT)),
+    "qwen35": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(**_LINEAR, full_attention_interval=2)),
+    "qwen3next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(
+        **_LINEAR, **_HYBRID_MOE, layer_types=["full_attention", "linear_attention", "linear_attention",
+                                                "full_attention"])),
+}
+GGUF_ARCH.update({case: case for case in HYBRID_CASES})
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
@@ -121,13 +143,13 @@ def make_hf_config(arch_name: str, **overrides: Any):
     import transformers
     from tokenizers import Tokenizer
 
-    config_cls, _, extra = CASES[arch_name]
+    config_cls, _, extra = {**CASES, **HYBRID_CASES}[arch_name]
     tok = Tokenizer.from_file(str(tokenizer_dir() / "tokenizer.json"))
     ids = {name: tok.token_to_id(text) for name, text in
            (("bos", "<|im_start|>"), ("eos", "<|im_end|>"), ("pad", "<|im_end|>"))}
     kwargs = {**BASE_CONFIG, "vocab_size": tok.get_vocab_size(with_added_tokens=True),
               "bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"], **extra, **overrides}
-    return getattr(transformers, config_cls)(**kwargs)
+    return getattr(transformers, config_cls)(**{k: v for k, v in kwargs.items() if v is not OMIT})
 
 
 def reinit_weights(model, seed: int) -> None:
@@ -163,7 +185,7 @@ def make_hf_model(arch_name: str, dirpath: str | os.PathLike, seed: int = 0, **o
     dirpath.mkdir(parents=True, exist_ok=True)
     config = make_hf_config(arch_name, **overrides)
     torch.manual_seed(seed)
-    model = getattr(transformers, CASES[arch_name][1])(config).to(torch.float32).eval()
+    model = getattr(transformers, {**CASES, **HYBRID_CASES}[arch_name][1])(config).to(torch.float32).eval()
     reinit_weights(model, seed)
     model.save_pretrained(dirpath, safe_serialization=True)
     save_tokenizer(dirpath)

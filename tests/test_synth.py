@@ -1,8 +1,11 @@
 """weightstream synth: synthetic MoE GGUFs with real models' tensor shapes.
 
 Shapes are checked against the real models' configs for every preset without writing; files are
-written only for 1-layer slices of the two smallest presets (~0.3 and ~0.6 GB) and deleted after.
+written only for 1-layer slices of the two smallest presets (~0.3 and ~0.6 GB), and for 4-layer
+slices of the hybrid presets scaled down to a few MB, and deleted after.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
@@ -24,13 +27,22 @@ REAL = {
                          vocab=32000, qk_norm=None, bias=False, shexp=0),
     "olmoe-1b-7b": dict(arch="olmoe", layers=16, hidden=2048, q=16 * 128, kv=16 * 128, experts=64, ff=1024,
                         vocab=50304, qk_norm=(2048, 2048), bias=False, shexp=0),
-    "qwen3.5-397b-a17b-moe": dict(arch="qwen2moe", layers=60, hidden=4096, q=16 * 256, kv=2 * 256, experts=512,
-                                  ff=1024, vocab=248320, qk_norm=None, bias=True, shexp=1024),
+}
+# The Qwen3-Next family (published config.json, text model): layers, hidden, query heads x head_dim,
+# kv heads, linear attention's key / value heads (all of 128), experts, expert FFN, shared expert
+# FFN, top-k, vocab
+HYBRID_REAL = {
+    "qwen3.5-397b-a17b": dict(arch="qwen35moe", layers=60, hidden=4096, q=32 * 256, kv=2 * 256, k_heads=16,
+                              v_heads=64, experts=512, ff=1024, shexp=1024, top_k=10, vocab=248320),
+    "qwen3.5-35b-a3b": dict(arch="qwen35moe", layers=40, hidden=2048, q=16 * 256, kv=2 * 256, k_heads=16,
+                            v_heads=32, experts=256, ff=512, shexp=512, top_k=8, vocab=248320),
+    "qwen3-next-80b-a3b": dict(arch="qwen3next", layers=48, hidden=2048, q=16 * 256, kv=2 * 256, k_heads=16,
+                               v_heads=32, experts=512, ff=512, shexp=512, top_k=10, vocab=151936),
 }
 
 
 def test_presets_are_the_real_models():
-    assert set(synth.PRESETS) == set(REAL)
+    assert set(synth.PRESETS) == set(REAL) | set(HYBRID_REAL)
 
 
 @pytest.mark.parametrize("name", sorted(REAL))
@@ -79,14 +91,69 @@ def test_plan_has_the_real_shapes(name):
     assert per_layer == {n.split(".", 2)[2] for n in expected if n.startswith("blk.0.")}  # nothing else
 
 
+def hybrid_layer(r: dict, i: int, linear: bool) -> dict[str, tuple]:
+    """Layer i's tensors in a hybrid preset: (type, NumPy shape) by name, as llama.cpp's qwen35moe /
+    qwen3next loaders create them (src/models/qwen35moe.cpp, qwen3next.cpp)."""
+    E, X, F, S = r["hidden"], r["experts"], r["ff"], r["shexp"]
+    qk, v = r["k_heads"] * 128, r["v_heads"] * 128
+    p = f"blk.{i}."
+    layer = {p + "attn_norm.weight": (QT.F32, (E,)), p + "post_attention_norm.weight": (QT.F32, (E,))}
+    if linear:
+        layer.update({
+            p + "attn_qkv.weight": (QT.Q4_K, (2 * qk + v, E)), p + "attn_gate.weight": (QT.Q4_K, (v, E)),
+            p + "ssm_conv1d.weight": (QT.F32, (2 * qk + v, 4)), p + "ssm_dt.bias": (QT.F32, (r["v_heads"],)),
+            p + "ssm_a": (QT.F32, (r["v_heads"],)), p + "ssm_norm.weight": (QT.F32, (128,)),
+            p + "ssm_out.weight": (QT.Q4_K, (E, v)),
+        })
+        if r["arch"] == "qwen3next":  # beta and alpha in one projection
+            layer[p + "ssm_ba.weight"] = (QT.Q4_K, (2 * r["v_heads"], E))
+        else:
+            layer[p + "ssm_beta.weight"] = layer[p + "ssm_alpha.weight"] = (QT.Q4_K, (r["v_heads"], E))
+    else:  # gated attention: query and output gate per head
+        layer.update({
+            p + "attn_q.weight": (QT.Q4_K, (2 * r["q"], E)), p + "attn_k.weight": (QT.Q4_K, (r["kv"], E)),
+            p + "attn_v.weight": (QT.Q4_K, (r["kv"], E)), p + "attn_output.weight": (QT.Q4_K, (E, r["q"])),
+            p + "attn_q_norm.weight": (QT.F32, (256,)), p + "attn_k_norm.weight": (QT.F32, (256,)),
+        })
+    layer.update({
+        p + "ffn_gate_inp.weight": (QT.F32, (X, E)),
+        p + "ffn_gate_exps.weight": (QT.Q2_K, (X, F, E)), p + "ffn_up_exps.weight": (QT.Q2_K, (X, F, E)),
+        p + "ffn_down_exps.weight": (QT.Q2_K, (X, E, F)),
+        p + "ffn_gate_inp_shexp.weight": (QT.F32, (1, E)),
+        p + "ffn_gate_shexp.weight": (QT.Q4_K, (S, E)), p + "ffn_up_shexp.weight": (QT.Q4_K, (S, E)),
+        p + "ffn_down_shexp.weight": (QT.Q4_K, (E, S)),
+    })
+    return layer
+
+
+@pytest.mark.parametrize("name", sorted(HYBRID_REAL))
+def test_hybrid_plan_has_the_real_shapes(name):
+    """A 4-layer slice: 3 linear-attention layers, then 1 attention layer, every tensor at full size."""
+    r = HYBRID_REAL[name]
+    assert synth.PRESETS[name].arch == r["arch"]
+    tensors = synth.plan(name, layers=4)
+    expected = {"token_embd.weight": (QT.Q4_K, (r["vocab"], r["hidden"]))}
+    for i in range(4):
+        expected.update(hybrid_layer(r, i, linear=i != 3))
+    expected.update({"output_norm.weight": (QT.F32, (r["hidden"],)),
+                     "output.weight": (QT.Q6_K, (r["vocab"], r["hidden"]))})
+    assert sorted(t.name for t in tensors) == sorted(expected)  # nothing else
+    for t in tensors:
+        assert (t.qtype, t.shape) == expected[t.name], t.name
+    full = {t.name for t in synth.plan(name)}  # all layers: every 4th is attention
+    assert {n.split(".")[1] for n in full if n.startswith("blk.")} == {str(i) for i in range(r["layers"])}
+    assert f"blk.{r['layers'] - 1}.attn_q.weight" in full and f"blk.{r['layers'] - 2}.attn_qkv.weight" in full
+
+
 def test_plan_layers_and_types():
-    tensors = synth.plan("qwen3.5-397b-a17b-moe", layers=2, attn_type="q2_k")
+    tensors = synth.plan("qwen3.5-397b-a17b", layers=2, attn_type="q2_k")
     assert {n.name.split(".")[1] for n in tensors if n.name.startswith("blk.")} == {"0", "1"}
-    assert next(t for t in tensors if t.name == "blk.1.attn_q.weight").qtype == QT.Q2_K
+    assert next(t for t in tensors if t.name == "blk.1.attn_qkv.weight").qtype == QT.Q2_K
+    assert next(t for t in tensors if t.name == "blk.1.ssm_out.weight").qtype == QT.Q2_K
     expert_bytes = sum(t.nbytes for t in tensors if t.name.startswith("blk.0.") and "_exps." in t.name)
     assert expert_bytes == 3 * 512 * 4096 * 1024 // 256 * 84  # 2.1 GB of Q2_K per layer
     with pytest.raises(ValueError, match="between 1 and 60"):
-        synth.plan("qwen3.5-397b-a17b-moe", layers=61)
+        synth.plan("qwen3.5-397b-a17b", layers=61)
 
 
 @pytest.mark.parametrize("qtype", [QT.Q2_K, QT.Q4_K, QT.Q6_K])
@@ -142,11 +209,33 @@ LLAMA_CPP_KEYS = {
                      "llama.attention.head_count_kv": 8, "llama.context_length": 32768},
     "olmoe-1b-7b": {"olmoe.feed_forward_length": 1024, "olmoe.expert_count": 64,
                     "olmoe.attention.layer_norm_rms_epsilon": 1e-5},
-    "qwen3.5-397b-a17b-moe": {"qwen2moe.expert_feed_forward_length": 1024,
-                              "qwen2moe.expert_shared_feed_forward_length": 1024, "qwen2moe.expert_count": 512,
-                              "qwen2moe.expert_used_count": 10, "qwen2moe.attention.key_length": 256,
-                              "qwen2moe.attention.value_length": 256, "qwen2moe.attention.head_count_kv": 2,
-                              "qwen2moe.expert_weights_norm": True, "qwen2moe.block_count": 60},
+    # the Qwen3-Next family: src/models/qwen35moe.cpp and qwen3next.cpp load_arch_hparams
+    "qwen3.5-397b-a17b": {
+        "qwen35moe.expert_feed_forward_length": 1024, "qwen35moe.expert_shared_feed_forward_length": 1024,
+        "qwen35moe.expert_count": 512, "qwen35moe.expert_used_count": 10, "qwen35moe.block_count": 60,
+        "qwen35moe.attention.head_count": 32, "qwen35moe.attention.head_count_kv": 2,
+        "qwen35moe.attention.key_length": 256, "qwen35moe.attention.value_length": 256,
+        "qwen35moe.attention.layer_norm_rms_epsilon": 1e-6, "qwen35moe.rope.freq_base": 1e7,
+        "qwen35moe.rope.dimension_count": 64, "qwen35moe.rope.dimension_sections": [11, 11, 10, 0],
+        "qwen35moe.ssm.conv_kernel": 4, "qwen35moe.ssm.state_size": 128, "qwen35moe.ssm.group_count": 16,
+        "qwen35moe.ssm.time_step_rank": 64, "qwen35moe.ssm.inner_size": 64 * 128,
+        "qwen35moe.full_attention_interval": 4,
+        "qwen35moe.attention.recurrent_layers": [(i + 1) % 4 != 0 for i in range(60)],
+        "qwen35moe.context_length": 262144, "qwen35moe.feed_forward_length": None,
+        "qwen35moe.expert_weights_norm": None, "qwen35moe.nextn_predict_layers": None},
+    "qwen3.5-35b-a3b": {
+        "qwen35moe.expert_feed_forward_length": 512, "qwen35moe.expert_shared_feed_forward_length": 512,
+        "qwen35moe.expert_count": 256, "qwen35moe.expert_used_count": 8, "qwen35moe.block_count": 40,
+        "qwen35moe.attention.head_count": 16, "qwen35moe.ssm.time_step_rank": 32,
+        "qwen35moe.ssm.inner_size": 32 * 128, "qwen35moe.rope.dimension_sections": [11, 11, 10, 0]},
+    "qwen3-next-80b-a3b": {
+        "qwen3next.expert_feed_forward_length": 512, "qwen3next.expert_shared_feed_forward_length": 512,
+        "qwen3next.expert_count": 512, "qwen3next.expert_used_count": 10, "qwen3next.block_count": 48,
+        "qwen3next.attention.head_count": 16, "qwen3next.attention.head_count_kv": 2,
+        "qwen3next.rope.dimension_count": 64, "qwen3next.rope.freq_base": 1e7, "qwen3next.feed_forward_length": 5120,
+        "qwen3next.ssm.state_size": 128, "qwen3next.ssm.group_count": 16, "qwen3next.ssm.time_step_rank": 32,
+        "qwen3next.full_attention_interval": 4, "qwen3next.rope.dimension_sections": None,
+        "qwen3next.expert_weights_norm": None},
 }
 
 
@@ -162,7 +251,12 @@ def test_metadata_has_the_keys_llama_cpp_reads(name, demo_model):
     synth.write_metadata(w, p, p.n_layer, QT.Q2_K, 3, synth.demo_tokenizer())
     kv = {k: v.value for k, v in w.kv_data[0].items()}
     for key, value in LLAMA_CPP_KEYS[name].items():
-        assert kv[key] == pytest.approx(value), key
+        if value is None:  # a key llama.cpp's converter does not write
+            assert key not in kv, key
+        elif isinstance(value, list):
+            assert kv[key] == value, key
+        else:
+            assert kv[key] == pytest.approx(value), key
     assert kv["general.name"] == f"synth {name}" and kv["general.file_type"] == 10
     assert len(kv["tokenizer.ggml.tokens"]) == len(kv["tokenizer.ggml.token_type"]) == p.n_vocab
 
@@ -214,6 +308,58 @@ def test_file_reads_back_with_gguf(which, olmoe_file, qwen3_file):
     assert len(tokens) == p.n_vocab and tokens[-1] == f"<|synth_pad_{p.n_vocab - 1}|>"
     assert field("tokenizer.ggml.token_type")[-1] == TokenType.UNUSED
     assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.eos_token_id") == 2
+
+
+def tiny_hybrid(name: str) -> synth.Preset:
+    """A hybrid preset at a few MB: its architecture, layer pattern and value heads per key head, 256
+    wide with 8 experts and a 1024-token vocabulary (every quantized row still a multiple of 256)."""
+    p = synth.PRESETS[name]
+    per_k = p.linear.n_v_heads // p.linear.n_k_heads
+    return dataclasses.replace(
+        p, name=f"{name}-tiny", n_embd=256, n_head=2, n_head_kv=1, head_dim=128, n_expert=8, n_expert_used=2,
+        n_ff_exp=256, n_ff_shexp=256, n_vocab=1024, n_ff=p.n_ff and 512,
+        linear=dataclasses.replace(p.linear, n_k_heads=2, n_v_heads=2 * per_k, head_dim=64))
+
+
+@pytest.mark.parametrize("name", sorted(HYBRID_REAL))
+def test_hybrid_slice_reads_back(name, tmp_path, demo_model):
+    """`--layers 4` of a hybrid: 3 linear-attention layers and 1 attention layer, with the keys
+    llama.cpp's loader reads, and contents in the ranges its math expects."""
+    p = tiny_hybrid(name)
+    path = synth.synth_model(tmp_path / "h.gguf", p, layers=4, progress=False)
+    reader = GGUFReader(path)
+    planned = synth.plan(p, layers=4)
+    assert [t.name for t in reader.tensors] == [t.name for t in planned]
+    for t, want in zip(reader.tensors, planned):
+        assert t.tensor_type == want.qtype and tuple(int(n) for n in reversed(t.shape)) == want.shape, t.name
+        assert t.n_bytes == want.nbytes
+    names = {t.name for t in planned}
+    assert {"blk.0.attn_qkv.weight", "blk.2.ssm_out.weight", "blk.3.attn_q.weight"} <= names
+    assert "blk.3.attn_qkv.weight" not in names and "blk.0.attn_q.weight" not in names
+
+    def field(key):
+        f = reader.fields.get(f"{p.arch}.{key}") or reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    v_heads = p.linear.n_v_heads
+    assert field("general.architecture") == p.arch
+    assert field("general.name") == f"synth {p.name} (4 of {p.n_layer} layers)"
+    assert (field("block_count"), field("full_attention_interval")) == (4, 4)
+    assert field("attention.recurrent_layers") == [True, True, True, False]
+    assert (field("ssm.conv_kernel"), field("ssm.state_size"), field("ssm.group_count"),
+            field("ssm.time_step_rank"), field("ssm.inner_size")) == (4, 64, 2, v_heads, v_heads * 64)
+    assert field("rope.dimension_count") == 128 // 4
+    assert field("rope.dimension_sections") == ([11, 11, 10, 0] if p.arch == "qwen35moe" else None)
+    assert (field("expert_feed_forward_length"), field("expert_shared_feed_forward_length")) == (256, 256)
+    assert field("expert_weights_norm") is None and field("nextn_predict_layers") is None
+
+    tensors = {t.name: t.data for t in reader.tensors}
+    a = tensors["blk.0.ssm_a"]
+    assert a.shape == (v_heads,) and np.all((-8 <= a) & (a <= -0.5))  # A = -exp(A_log) < 0
+    assert np.all(np.abs(tensors["blk.0.ssm_dt.bias"]) < 1)
+    np.testing.assert_array_equal(tensors["blk.0.ssm_norm.weight"], np.ones(64, np.float32))
+    conv = tensors["blk.0.ssm_conv1d.weight"]
+    assert conv.dtype == np.float32 and abs(conv.std() - 0.5) < 0.05  # 1/sqrt(kernel)
 
 
 def test_qwen3_metadata_matches_llama_cpp_keys(qwen3_file):

@@ -681,10 +681,8 @@ def plan_hybrid_mixer(add, spec: ArchSpec, d: Dims, shapes: dict, i: int) -> Non
 def plan_linear_attention(add, spec: ArchSpec, d: Dims, shapes: dict, hf: str, blk: str) -> None:
     """A Gated DeltaNet layer's tensors, transformed as the hybrid conventions say."""
     la = d.linear
-    names = dict(LINEAR_ATTENTION)
-    if spec.linear_attn == "qkv":
-        names.update(LINEAR_ATTENTION_QKV)
-    else:  # qwen3next: one fused projection feeds two GGUF tensors
+    names = {**LINEAR_ATTENTION_QKV, **LINEAR_ATTENTION} if spec.linear_attn == "qkv" else dict(LINEAR_ATTENTION)
+    if spec.linear_attn == "qkvz":  # one fused projection feeds two GGUF tensors
         qkvz, ba = hf + "linear_attn.in_proj_qkvz.weight", hf + "linear_attn.in_proj_ba.weight"
         qkv_name, gate_name, ba_name = LINEAR_ATTENTION_QKVZ_GGUF
         qkvz_shape = shapes["linear_attn.in_proj_qkvz.weight"]
@@ -695,6 +693,12 @@ def plan_linear_attention(add, spec: ArchSpec, d: Dims, shapes: dict, hf: str, b
     gguf_shapes = {"linear_attn.conv1d.weight": (la.conv_channels, la.conv_kernel)}
     for hf_name, gguf_name in names.items():
         add(blk + gguf_name, [hf + hf_name], shapes[hf_name], transforms.get(hf_name), shape=gguf_shapes.get(hf_name))
+
+
+def linear_attention_gguf_names(spec: ArchSpec) -> list[str]:
+    """A linear-attention layer's GGUF tensors (after "blk.N."), in the order plan_linear_attention writes them."""
+    projections = LINEAR_ATTENTION_QKV.values() if spec.linear_attn == "qkv" else LINEAR_ATTENTION_QKVZ_GGUF
+    return [*projections, *LINEAR_ATTENTION.values()]
 
 
 def linear_attention_transforms(la: LinearAttentionDims, tiled: bool) -> dict[str, Callable[[np.ndarray], np.ndarray]]:

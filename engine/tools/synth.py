@@ -8,21 +8,26 @@ downloading the real weights. The weights are random; only their scale is chosen
 - quantized tensors are random bytes, block for block, with each block's fp16 `d` (and `dmin`)
   overwritten so that the dequantized weights have mean ~0 and std ~1/sqrt(in_features) (see
   RandomBlocks); activations then stay O(1) through any number of layers;
-- types: routed experts Q2_K (--experts-type), attention Q4_K (--attn-type), the qwen2moe shared
-  expert Q4_K, token_embd Q4_K and output Q6_K (llama.cpp's Q2_K recipe keeps the output in Q6_K);
+- types: routed experts Q2_K (--experts-type), attention and linear attention Q4_K (--attn-type),
+  the shared expert Q4_K, token_embd Q4_K and output Q6_K (llama.cpp's Q2_K recipe keeps the output
+  in Q6_K);
 - F32, as llama.cpp keeps them: norms (ones), q/k biases (zeros), routers `ffn_gate_inp` and
-  `ffn_gate_inp_shexp` (normal, std 1/sqrt(n_embd)).
+  `ffn_gate_inp_shexp` (normal, std 1/sqrt(n_embd)); the linear-attention layers' `ssm_conv1d`
+  (normal, std 1/sqrt(kernel)), `ssm_a` (A = -exp(A_log): -uniform(0.5, 8), so the state decays)
+  and `ssm_dt.bias` (normal, std 0.1).
+
+Presets: Qwen3 MoE, Mixtral and OLMoE, and the Qwen3-Next family's hybrids on their own llama.cpp
+architectures (qwen35moe: Qwen3.5-397B-A17B, Qwen3.5-35B-A3B; qwen3next: Qwen3-Next-80B-A3B), with
+Gated DeltaNet linear-attention layers and gated attention every 4th layer (a --layers slice keeps
+that pattern). The engine itself does not run the hybrids yet; llama.cpp does.
 
 The hyperparameters are written through weightstream.engine.tools.convert's write_hparams from a Hugging Face-style
 config (Preset.hf_config), so the keys are those llama.cpp's converter writes for the architecture
 (plus attention.key_length/value_length always, and expert_weights_norm where a preset differs from
-its architecture's default); tensor names come from weightstream.engine.tools.convert's name tables. llama.cpp's
-qwen2moe loader wants attn_q/attn_output of n_embd x n_embd, so the 400B-class preset has 16
-query heads of 256 (= 4096) rather than Qwen3.5's 32; llama.cpp also ignores expert_weights_norm
-for qwen2moe (it would not renormalise the top-k weights as we do). The tokenizer is the demo
-model's (SmolLM2, GPT-2-style BPE), resized to the preset's vocabulary: padded with UNUSED tokens
-`<|synth_pad_{i}|>`, or truncated (Mixtral's 32000 < 49152: merges that would produce a dropped
-token are dropped with it), so token_embd and output keep the real model's shapes.
+its architecture's default); tensor names come from weightstream.engine.tools.convert's name tables. The tokenizer
+is the demo model's (SmolLM2, GPT-2-style BPE), resized to the preset's vocabulary: padded with
+UNUSED tokens `<|synth_pad_{i}|>`, or truncated (Mixtral's 32000 < 49152: merges that would
+produce a dropped token are dropped with it), so token_embd and output keep the real model's shapes.
 
 Each tensor's bytes depend only on (seed, tensor name), so layer 0 is the same whatever --layers.
 Data is generated and written in ~64 MiB chunks (never a whole tensor in memory) under a
@@ -64,6 +69,24 @@ SEED_KEY = "weightstream.synth.seed"
 
 
 @dataclass(frozen=True)
+class LinearAttention:
+    """A hybrid preset's Gated DeltaNet layers (the Qwen3-Next family): all but every
+    `full_attention_interval`-th layer."""
+
+    n_k_heads: int  # linear_num_key_heads
+    n_v_heads: int  # linear_num_value_heads
+    head_dim: int  # key and value heads alike (llama.cpp's loader sizes both from ssm.state_size)
+    conv_kernel: int = 4
+    full_attention_interval: int = 4
+    partial_rotary_factor: float = 0.25  # the (gated) attention layers rotate this fraction of head_dim
+
+    def layer_types(self, n_layer: int) -> list[str]:
+        """The first n_layer layers' types, as transformers derives them from the interval."""
+        return ["full_attention" if (i + 1) % self.full_attention_interval == 0 else "linear_attention"
+                for i in range(n_layer)]
+
+
+@dataclass(frozen=True)
 class Preset:
     """One real model's shapes. `hf_arch` names the weightstream.engine.tools.convert.ARCHITECTURES entry (the
     Hugging Face architecture) whose llama.cpp conventions the file follows."""
@@ -80,22 +103,24 @@ class Preset:
     n_expert_used: int
     n_ff_exp: int  # one routed expert's FFN width
     n_vocab: int
-    n_ff: int  # the config's intermediate_size (dense width; unused by MoE layers, but written)
+    n_ff: int  # the config's intermediate_size (dense width; unused by MoE layers, but written; 0: none)
     rope_base: float
     rms_eps: float
     n_ctx: int
     norm_topk: bool  # top-k routing weights renormalised to sum 1
-    n_ff_shexp: int = 0  # shared expert FFN width (qwen2moe)
+    n_ff_shexp: int = 0  # shared expert FFN width (qwen2moe, the Qwen3-Next family)
+    linear: LinearAttention | None = None  # the Qwen3-Next family's linear-attention layers
 
     def hf_config(self, n_layer: int | None = None) -> dict[str, Any]:
         """The preset as the Hugging Face config.json weightstream.engine.tools.convert reads (Dims, write_hparams)."""
         spec = convert.ARCHITECTURES[self.hf_arch]
+        n_layer = self.n_layer if n_layer is None else n_layer
         hp: dict[str, Any] = {
             "architectures": [self.hf_arch],
-            "num_hidden_layers": self.n_layer if n_layer is None else n_layer,
+            "num_hidden_layers": n_layer,
             "max_position_embeddings": self.n_ctx,
             "hidden_size": self.n_embd,
-            "intermediate_size": self.n_ff,
+            "intermediate_size": self.n_ff or None,
             "num_attention_heads": self.n_head,
             "num_key_value_heads": self.n_head_kv,
             "head_dim": self.head_dim,  # always: llama.cpp then reads attention.key_length/value_length
@@ -108,7 +133,23 @@ class Preset:
         hp[spec.expert_ff_key] = self.n_ff_exp  # Mixtral and OLMoE: intermediate_size is the expert width
         if self.n_ff_shexp:
             hp["shared_expert_intermediate_size"] = self.n_ff_shexp
-        return hp
+        if self.linear is not None:
+            hp.update(self.linear_config(n_layer, spec))
+        return {k: v for k, v in hp.items() if v is not None}
+
+    def linear_config(self, n_layer: int, spec: convert.ArchSpec) -> dict[str, Any]:
+        """The Qwen3-Next family's config entries: linear attention, layer types (a slice keeps the
+        full model's pattern: 4 layers are 3 linear + 1 attention), transformers 5's rope_parameters."""
+        la = self.linear
+        rope = {"rope_type": "default", "rope_theta": self.rope_base, "partial_rotary_factor": la.partial_rotary_factor}
+        if spec.mrope:
+            rope["mrope_section"] = [11, 11, 10]  # Qwen3.5's
+        return {
+            "linear_num_key_heads": la.n_k_heads, "linear_num_value_heads": la.n_v_heads,
+            "linear_key_head_dim": la.head_dim, "linear_value_head_dim": la.head_dim,
+            "linear_conv_kernel_dim": la.conv_kernel, "full_attention_interval": la.full_attention_interval,
+            "layer_types": la.layer_types(n_layer), "rope_parameters": rope,
+        }
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
@@ -128,16 +169,35 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("olmoe-1b-7b", "olmoe", "OlmoeForCausalLM", n_layer=16, n_embd=2048, n_head=16, n_head_kv=16,
            head_dim=128, n_expert=64, n_expert_used=8, n_ff_exp=1024, n_vocab=50304, n_ff=1024,
            rope_base=10000.0, rms_eps=1e-5, n_ctx=4096, norm_topk=False),
-    # Qwen3.5-397B-A17B's MoE block (512 routed experts 4096 <-> 1024, top-10, one sigmoid-gated
-    # shared expert of width 1024; 60 layers; vocabulary 248320) on the qwen2moe architecture.
-    # Standard grouped-query attention (16 query / 2 KV heads of 256, so that attn_q is n_embd x
-    # n_embd as llama.cpp's qwen2moe loader requires; full rope, q/k/v biases as qwen2moe has them)
-    # replaces its linear-attention (Gated DeltaNet) layers and its gated attention (32 query heads).
-    # rope_base 1e7, rms_eps 1e-6, context 262144 and intermediate_size (written, unused)
-    # are our best reading of the release, not checked against its config.json.
-    Preset("qwen3.5-397b-a17b-moe", "qwen2moe", "Qwen2MoeForCausalLM", n_layer=60, n_embd=4096, n_head=16,
-           n_head_kv=2, head_dim=256, n_expert=512, n_expert_used=10, n_ff_exp=1024, n_vocab=248320, n_ff=1024,
-           rope_base=1e7, rms_eps=1e-6, n_ctx=262144, norm_topk=True, n_ff_shexp=1024),
+    # The Qwen3-Next family: hybrid layers, 3 of every 4 linear attention (Gated DeltaNet: 16 key
+    # heads, value heads of the same size, short convolution of 4) and every 4th gated attention
+    # (query and output gate per head, rope over a quarter of head_dim); every layer's FFN is the MoE
+    # block with one sigmoid-gated shared expert. Shapes: transformers 5.25's Qwen3_5MoeTextConfig
+    # and Qwen3NextConfig (whose defaults are Qwen/Qwen3.5-35B-A3B's and Qwen/Qwen3-Next-80B-A3B's);
+    # layer counts as llama.cpp's loaders name them (src/models/qwen35moe.cpp: 40 layers = 35B_A3B,
+    # 60 = 397B_A17B; qwen3next.cpp: 48 = 80B_A3B). rope_theta 1e7, context 262144 and Qwen3-Next's
+    # intermediate_size 5120 (written, unused) are the published config.json's (transformers'
+    # defaults: 1e4, 32768, 5632); rms eps 1e-6 both; Qwen3.5's mrope_section [11, 11, 10] is
+    # transformers' and llama.cpp's default. The 397B is no transformers default: its figures are its
+    # published config.json's, as public copies quote it (not checked against the hub itself).
+    # Qwen/Qwen3.5-397B-A17B (text model): 32 query / 2 KV heads of 256, 16 key / 64 value heads of
+    # 128, 512 experts 4096 <-> 1024 top-10, shared expert 1024, vocabulary 248320
+    Preset("qwen3.5-397b-a17b", "qwen35moe", "Qwen3_5MoeForCausalLM", n_layer=60, n_embd=4096, n_head=32,
+           n_head_kv=2, head_dim=256, n_expert=512, n_expert_used=10, n_ff_exp=1024, n_vocab=248320, n_ff=0,
+           rope_base=1e7, rms_eps=1e-6, n_ctx=262144, norm_topk=True, n_ff_shexp=1024,
+           linear=LinearAttention(n_k_heads=16, n_v_heads=64, head_dim=128)),
+    # Qwen/Qwen3.5-35B-A3B (text model): 16 query / 2 KV heads of 256, 16 key / 32 value heads of
+    # 128, 256 experts 2048 <-> 512 top-8, shared expert 512, vocabulary 248320
+    Preset("qwen3.5-35b-a3b", "qwen35moe", "Qwen3_5MoeForCausalLM", n_layer=40, n_embd=2048, n_head=16,
+           n_head_kv=2, head_dim=256, n_expert=256, n_expert_used=8, n_ff_exp=512, n_vocab=248320, n_ff=0,
+           rope_base=1e7, rms_eps=1e-6, n_ctx=262144, norm_topk=True, n_ff_shexp=512,
+           linear=LinearAttention(n_k_heads=16, n_v_heads=32, head_dim=128)),
+    # Qwen/Qwen3-Next-80B-A3B: 16 query / 2 KV heads of 256, 16 key / 32 value heads of 128, 512
+    # experts 2048 <-> 512 top-10, shared expert 512, vocabulary 151936 (norm_topk_prob true)
+    Preset("qwen3-next-80b-a3b", "qwen3next", "Qwen3NextForCausalLM", n_layer=48, n_embd=2048, n_head=16,
+           n_head_kv=2, head_dim=256, n_expert=512, n_expert_used=10, n_ff_exp=512, n_vocab=151936, n_ff=5120,
+           rope_base=1e7, rms_eps=1e-6, n_ctx=262144, norm_topk=True, n_ff_shexp=512,
+           linear=LinearAttention(n_k_heads=16, n_v_heads=32, head_dim=128)),
 )}
 
 
@@ -201,10 +261,27 @@ def plan(preset: str | Preset, layers: int | None = None, attn_type: str = "q4_k
     p = resolve_preset(preset)
     spec = convert.ARCHITECTURES[p.hf_arch]
     d = convert.Dims.from_hparams(spec, p.hf_config(check_layers(p, layers)))
+    shapes = layer_shapes(spec, d)
+    types = {"attn": quant_type(attn_type), "experts": quant_type(experts_type)}
+
+    def planned(name: str, shape: tuple[int, ...]) -> PlannedTensor:
+        # convert.tensor_type keeps 1-D tensors, norms, biases, routers and ssm_conv1d in F32, as llama.cpp does
+        return PlannedTensor(name, convert.tensor_type(name, shape, role_type(name, types)), shape)
+
+    tensors = [planned("token_embd.weight", (d.n_vocab, d.n_embd))]
+    for i in range(d.n_layer):
+        tensors += [planned(f"blk.{i}.{n}", shapes[n]) for n in layer_names(spec, d, i)]
+    tensors += [planned("output_norm.weight", (d.n_embd,)), planned("output.weight", (d.n_vocab, d.n_embd))]
+    return tensors
+
+
+def layer_shapes(spec: convert.ArchSpec, d: convert.Dims) -> dict[str, tuple[int, ...]]:
+    """Per-layer GGUF name -> NumPy shape."""
     q_rows, kv_rows = d.n_head * d.head_dim, d.n_head_kv * d.head_dim
-    shapes = {  # per-layer GGUF name -> NumPy shape
-        "attn_norm.weight": (d.n_embd,), "ffn_norm.weight": (d.n_embd,),
-        "attn_q.weight": (q_rows, d.n_embd), "attn_k.weight": (kv_rows, d.n_embd),
+    shapes = {
+        "attn_norm.weight": (d.n_embd,), "ffn_norm.weight": (d.n_embd,), "post_attention_norm.weight": (d.n_embd,),
+        # the Qwen3-Next family's attention projects query and output gate per head
+        "attn_q.weight": (2 * q_rows if spec.linear_attn else q_rows, d.n_embd), "attn_k.weight": (kv_rows, d.n_embd),
         "attn_v.weight": (kv_rows, d.n_embd), "attn_output.weight": (d.n_embd, q_rows),
         "attn_q.bias": (q_rows,), "attn_k.bias": (kv_rows,), "attn_v.bias": (kv_rows,),
         "attn_q_norm.weight": (d.head_dim,) if spec.qk_norm == "head" else (q_rows,),
@@ -217,21 +294,29 @@ def plan(preset: str | Preset, layers: int | None = None, attn_type: str = "q4_k
         "ffn_gate_shexp.weight": (d.n_ff_shexp, d.n_embd), "ffn_up_shexp.weight": (d.n_ff_shexp, d.n_embd),
         "ffn_down_shexp.weight": (d.n_embd, d.n_ff_shexp),
     }
-    layer_names = [*convert.ATTENTION.values(), *(convert.QKV_BIAS.values() if spec.qkv_bias else ()),
-                   *(convert.QK_NORM.values() if spec.qk_norm else ()), *convert.FFN_NORM.values(),
-                   "ffn_gate_inp.weight", *convert.EXPERT_GGUF,
-                   *(convert.SHARED_EXPERT.values() if spec.shared_expert else ())]
-    types = {"attn": quant_type(attn_type), "experts": quant_type(experts_type)}
+    if d.linear is not None:  # as convert.plan_linear_attention writes them
+        la = d.linear
+        shapes.update({
+            "attn_qkv.weight": (la.conv_channels, d.n_embd), "attn_gate.weight": (la.v_rows, d.n_embd),
+            "ssm_beta.weight": (la.n_v_heads, d.n_embd), "ssm_alpha.weight": (la.n_v_heads, d.n_embd),
+            "ssm_ba.weight": (2 * la.n_v_heads, d.n_embd),
+            "ssm_conv1d.weight": (la.conv_channels, la.conv_kernel), "ssm_dt.bias": (la.n_v_heads,),
+            "ssm_a": (la.n_v_heads,), "ssm_norm.weight": (la.v_dim,), "ssm_out.weight": (d.n_embd, la.v_rows),
+        })
+    return shapes
 
-    def planned(name: str, shape: tuple[int, ...]) -> PlannedTensor:
-        # convert.tensor_type keeps 1-D tensors, norms, biases and routers in F32, as llama.cpp does
-        return PlannedTensor(name, convert.tensor_type(name, shape, role_type(name, types)), shape)
 
-    tensors = [planned("token_embd.weight", (d.n_vocab, d.n_embd))]
-    for i in range(d.n_layer):
-        tensors += [planned(f"blk.{i}.{n}", shapes[n]) for n in layer_names]
-    tensors += [planned("output_norm.weight", (d.n_embd,)), planned("output.weight", (d.n_vocab, d.n_embd))]
-    return tensors
+def layer_names(spec: convert.ArchSpec, d: convert.Dims, i: int) -> list[str]:
+    """Layer i's GGUF tensors (after "blk.N."), in weightstream.engine.tools.convert's order."""
+    if spec.linear_attn:  # norm, linear or gated attention, norm
+        attention = [n for n in convert.ATTENTION.values() if n != "attn_norm.weight"] + [*convert.QK_NORM.values()]
+        mixer = convert.linear_attention_gguf_names(spec) if d.recurrent[i] else attention
+        names = ["attn_norm.weight", *mixer, *convert.HYBRID_POST_ATTENTION_NORM.values()]
+    else:
+        names = [*convert.ATTENTION.values(), *(convert.QKV_BIAS.values() if spec.qkv_bias else ()),
+                 *(convert.QK_NORM.values() if spec.qk_norm else ()), *convert.FFN_NORM.values()]
+    return [*names, "ffn_gate_inp.weight", *convert.EXPERT_GGUF,
+            *(convert.SHARED_EXPERT.values() if spec.shared_expert else ())]
 
 
 def role_type(name: str, types: dict[str, QT]) -> QT:
@@ -241,7 +326,7 @@ def role_type(name: str, types: dict[str, QT]) -> QT:
         return types["experts"]
     if "_shexp." in name:
         return SHARED_EXPERT_TYPE
-    if ".attn_" in name:
+    if ".attn_" in name or ".ssm_" in name:  # attention and linear attention alike
         return types["attn"]
     return TOKEN_EMBD_TYPE if name.startswith("token_embd") else OUTPUT_TYPE
 
@@ -319,13 +404,20 @@ def tensor_chunks(t: PlannedTensor, seed: int, chunk_bytes: int = CHUNK_BYTES) -
 
 
 def f32_values(t: PlannedTensor, bits: np.random.BitGenerator) -> np.ndarray:
-    """Norms are ones, biases zeros, routers normal with std 1/sqrt(n_embd) (router logits ~1)."""
+    """Norms are ones, biases zeros; routers and the short convolution normal with std
+    1/sqrt(in_features) (router logits ~1); the linear attention's A = -exp(A_log) negative, so
+    that its state decays (-uniform(0.5, 8)), and its dt bias small."""
+    rng = np.random.Generator(bits)
     if t.name.endswith("_norm.weight"):
         return np.ones(t.shape, np.float32)
+    if t.name.endswith(".ssm_a"):
+        return -rng.uniform(0.5, 8.0, t.shape).astype(np.float32)
+    if t.name.endswith(".ssm_dt.bias"):
+        return (0.1 * rng.standard_normal(t.shape, np.float32)).astype(np.float32)
     if t.name.endswith(".bias"):
         return np.zeros(t.shape, np.float32)
-    if t.name.endswith(convert.ALWAYS_F32):
-        return (np.random.Generator(bits).standard_normal(t.shape, np.float32) * weight_std(t)).astype(np.float32)
+    if t.name.endswith((*convert.ROUTERS, ".ssm_conv1d.weight")):
+        return (rng.standard_normal(t.shape, np.float32) * weight_std(t)).astype(np.float32)
     raise ValueError(f"no F32 contents defined for {t.name}")
 
 
@@ -396,7 +488,10 @@ def write_metadata(w: gguf.GGUFWriter, p: Preset, n_layer: int, experts_type: QT
     w.add_name(f"synth {p.name}" + (f" ({n_layer} of {p.n_layer} layers)" if n_layer < p.n_layer else ""))
     w.add_size_label(gguf.size_label(*w.get_total_parameter_count()))
     convert.write_hparams(w, convert.ARCHITECTURES[p.hf_arch], p.hf_config(n_layer), FILE_TYPES[experts_type])
-    if p.norm_topk != ENGINE_ARCHITECTURES[p.arch].moe_norm_topk:  # only where the arch's default differs
+    # only where the architecture's default differs (llama.cpp's qwen35moe and qwen3next, which the
+    # engine does not know, always renormalise and write no such key)
+    engine_flags = ENGINE_ARCHITECTURES.get(p.arch)
+    if engine_flags is not None and p.norm_topk != engine_flags.moe_norm_topk:
         w.add_expert_weights_norm(p.norm_topk)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_tokenizer(w, tokenizer, p.n_vocab)
