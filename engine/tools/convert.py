@@ -719,6 +719,7 @@ def linear_attention_transforms(la: LinearAttentionDims, tiled: bool) -> dict[st
         "linear_attn.in_proj_a.weight": v_heads(0, 1),
         "linear_attn.conv1d.weight": lambda w: v_rows(w[:, 0, :]),  # [channels, 1, kernel] -> [channels, kernel]
         "linear_attn.dt_bias": v_heads(0, 1),
+        # (numpy's exp and llama.cpp's torch.exp may differ in the last bit)
         "linear_attn.A_log": lambda w: -np.exp(v_heads(0, 1)(w)),
         "linear_attn.out_proj.weight": v_heads(1, la.v_dim),
     }
