@@ -604,7 +604,7 @@ def plan_tensors(spec: ArchSpec, hp: dict[str, Any], checkpoint: SafetensorsInde
     for i in range(d.n_layer):
         hf, blk = f"model.layers.{i}.", f"blk.{i}."
         if spec.linear_attn:
-            plan_hybrid_mixer(add, spec, d, shapes, i)
+            plan_hybrid_mixer(add, spec, d, shapes, hf, blk, linear=d.recurrent[i])
         else:
             plan_attention(add, spec, d, shapes, hf, blk)
         plan_ffn(add, spec, d, shapes, hf, blk, checkpoint)
@@ -664,11 +664,10 @@ def plan_attention(add, spec: ArchSpec, d: Dims, shapes: dict, hf: str, blk: str
             add(blk + gguf_name, [hf + hf_name], shapes[hf_name], transforms.get(hf_name))
 
 
-def plan_hybrid_mixer(add, spec: ArchSpec, d: Dims, shapes: dict, i: int) -> None:
+def plan_hybrid_mixer(add, spec: ArchSpec, d: Dims, shapes: dict, hf: str, blk: str, linear: bool) -> None:
     """A Qwen3-Next family layer's norms and its linear or gated attention (the hybrid conventions)."""
-    hf, blk = f"model.layers.{i}.", f"blk.{i}."
     add(blk + "attn_norm.weight", [hf + "input_layernorm.weight"], shapes["input_layernorm.weight"], plus_one)
-    if d.recurrent[i]:
+    if linear:
         plan_linear_attention(add, spec, d, shapes, hf, blk)
     else:
         for hf_name, gguf_name in (*ATTENTION.items(), *QK_NORM.items()):
@@ -720,6 +719,7 @@ def linear_attention_transforms(la: LinearAttentionDims, tiled: bool) -> dict[st
         "linear_attn.in_proj_a.weight": v_heads(0, 1),
         "linear_attn.conv1d.weight": lambda w: v_rows(w[:, 0, :]),  # [channels, 1, kernel] -> [channels, kernel]
         "linear_attn.dt_bias": v_heads(0, 1),
+        # (numpy's exp and llama.cpp's torch.exp may differ in the last bit)
         "linear_attn.A_log": lambda w: -np.exp(v_heads(0, 1)(w)),
         "linear_attn.out_proj.weight": v_heads(1, la.v_dim),
     }
