@@ -4,7 +4,7 @@ need a checkpoint directory: the converter's, and the forward pass checked again
 `make_hf_model(arch_name, dirpath)` writes config.json, model.safetensors and a tokenizer into
 dirpath; `cached_hf_model(arch_name, tmp_path_factory)` builds each one once per pytest session.
 The cases (CASES) cover every architecture engine/tools/convert.py supports and the engine runs;
-HYBRID_CASES, the Qwen3-Next family, only the converter supports (see there). Shapes are small
+HYBRID_CASES, the Qwen3-Next family (see there). Shapes are small
 (hidden 64, 2 layers, 4 heads / 2 kv heads of 16 (OLMoE: 4 kv heads, see below), FFN 128, 4 or 8
 experts top-2) and the weights are re-drawn with larger spreads than transformers' init (matrices
 N(0, 0.15), norms 1 +- 0.1, small non-zero biases, routers N(0, 1) so routing is decisive) so that
@@ -65,9 +65,9 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
 GGUF_ARCH = {"llama": "llama", "llama_tied": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
              "qwen2moe": "qwen2moe", "qwen3moe": "qwen3moe", "olmoe": "olmoe"}
 
-# The Qwen3-Next family (hybrid linear attention + gated attention): the converter's cases only, kept
-# out of CASES because the engine does not run these architectures (the forward-pass tests iterate
-# CASES). 4 layers, of which at least one is attention: qwen35moe by transformers' default interval
+# The Qwen3-Next family (hybrid linear attention + gated attention), kept apart from CASES: their
+# forward pass is checked against transformers in tests/test_qwen35_hybrid.py (conversion in
+# tests/test_convert_qwen35.py), which need more than the generic checks that iterate CASES. 4 layers, of which at least one is attention: qwen35moe by transformers' default interval
 # 4 (3 linear + 1 attention), qwen35 by full_attention_interval=2, qwen3next by explicit layer_types;
 # gated attention with 4 query / 2 kv heads of 32, linear attention with 2 key / 4 value heads of 16
 # (fewer key than value heads, so that qwen35's value-head reorder matters). OMIT drops a

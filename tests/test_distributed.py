@@ -176,7 +176,7 @@ def test_two_stages_run_a_hybrid_with_its_recurrent_state(cluster, tmp_path_fact
     and KV caches from one call to the next, giving the single process's logits and tokens."""
     from tests.test_qwen35_hybrid import hybrid_model
 
-    _, path = hybrid_model("qwen3_5_moe", tmp_path_factory, "q8_0")
+    _, path = hybrid_model("qwen35moe", tmp_path_factory, "q8_0")
     ids = np.random.default_rng(1).integers(0, 500, 20).tolist()
     with Engine.load(path, **OPTS) as eng:
         logits, tokens = eng.logits(ids), list(eng.generate_tokens(ids[:8], 10))

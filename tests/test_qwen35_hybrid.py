@@ -2,11 +2,12 @@
 qwen3_next (Gated DeltaNet + gated full attention), converted by our converter, run by our engine
 and compared with transformers on the same weights.
 
-The configs exercise the conventions a reader must follow: K heads (2) != V heads (4) (llama.cpp's
-V-head reorder for qwen35*, Hugging Face's grouped order for qwen3next), norms stored with +1 and
-perturbed, A_log and dt_bias perturbed (stored as -exp(A_log) and ssm_dt.bias), one full-attention
-layer in four (partial rotary on the first quarter of the head, an output gate packed in attn_q),
-a shared expert with its sigmoid gate.
+The configs (tests/hf_models.py HYBRID_CASES) exercise the conventions a reader must follow: K heads
+(2) != V heads (4) (llama.cpp's V-head reorder for qwen35*, Hugging Face's grouped order for
+qwen3next), norms stored with +1 and perturbed, A_log and dt_bias perturbed (stored as -exp(A_log)
+and ssm_dt.bias), full-attention layers in three layouts (last of four, every second, first and
+last; partial rotary on the first quarter of the head, an output gate packed in attn_q), a shared
+expert with its sigmoid gate.
 """
 from __future__ import annotations
 
@@ -17,25 +18,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from tests import hf_models  # noqa: E402
+from tests.hf_models import GGUF_ARCH, HYBRID_CASES  # noqa: E402
 from weightstream.engine.errors import ConfigError  # noqa: E402
 from weightstream.engine.model.config import LINEAR_ATTENTION  # noqa: E402
 from weightstream.engine.runtime.engine import Engine  # noqa: E402
 from weightstream.engine.tools.convert import convert_hf_to_gguf  # noqa: E402
 
-LINEAR = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
-              linear_num_key_heads=2, linear_num_value_heads=4,
-              layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-              num_hidden_layers=4, head_dim=32, num_attention_heads=4, num_key_value_heads=2,
-              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
-MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
-
-# case -> (transformers config class, model class, config entries beyond hf_models.BASE_CONFIG)
-HYBRID_CASES = {
-    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", {**LINEAR, **MOE}),
-    "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", {**LINEAR, "intermediate_size": 96}),
-    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", {**LINEAR, **MOE, "norm_topk_prob": True}),
-}
-GGUF_ARCH = {"qwen3_5_moe": "qwen35moe", "qwen3_5": "qwen35", "qwen3_next": "qwen3next"}
 N_TOKENS = 64
 
 
@@ -61,8 +49,7 @@ def hybrid_model(case: str, tmp_path_factory, out_type: str = "f32"):
     if key not in _built:
         import transformers
 
-        config_cls, model_cls, extra = HYBRID_CASES[case]
-        hf_models.CASES.setdefault(case, (config_cls, model_cls, extra))  # make_hf_model builds by case name
+        model_cls = HYBRID_CASES[case][1]
         root = tmp_path_factory.mktemp(f"hybrid-{case}")
         torch.manual_seed(0)
         model, hf_dir = hf_models.make_hf_model(case, root / "hf", seed=3)
@@ -93,11 +80,13 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
 
 
 def test_config_reads_the_hybrid_layout(case, tmp_path_factory):
-    _, path = hybrid_model(case, tmp_path_factory)
+    model, path = hybrid_model(case, tmp_path_factory)
     with Engine.load(path) as eng:
         cfg = eng.config
         assert cfg.arch == GGUF_ARCH[case]
-        assert cfg.layer_types == (LINEAR_ATTENTION,) * 3 + ("attention",)
+        hf_types = model.config.layer_types
+        assert cfg.layer_types == tuple(LINEAR_ATTENTION if t == "linear_attention" else "attention" for t in hf_types)
+        assert "attention" in cfg.layer_types and LINEAR_ATTENTION in cfg.layer_types
         d = cfg.linear
         assert (d.n_k_heads, d.n_v_heads, d.k_head_dim, d.v_head_dim, d.conv_kernel) == (2, 4, 16, 16, 4)
         assert cfg.n_rot == 8  # a quarter of the 32-wide heads rotate
@@ -156,7 +145,7 @@ def test_a_new_sequence_resets_the_recurrent_state_and_rewinding_is_refused(case
                                              ("page-cache", "routing")])
 def test_streamed_equals_resident_bit_for_bit(tmp_path_factory, policy, prefetch):
     """Every cache policy and prefetch mode, with the profiler on: a prefill then decode steps."""
-    _, path = hybrid_model("qwen3_5_moe", tmp_path_factory, "q8_0")
+    _, path = hybrid_model("qwen35moe", tmp_path_factory, "q8_0")
     ids = prompt_ids(1000, n=20, seed=5)
     with Engine.load(path, n_ctx=64) as eng:
         resident = [eng.model.forward(ids, 0)] + [eng.model.forward([t], 20 + j) for j, t in enumerate(ids[:6])]
@@ -178,7 +167,7 @@ def test_imatrix_and_quantize_cover_the_linear_attention_tensors(tmp_path_factor
     from weightstream.engine.tools.imatrix import attach, Collector
     from weightstream.engine.tools.quantize import quantize_gguf
 
-    _, path = hybrid_model("qwen3_5_moe", tmp_path_factory)
+    _, path = hybrid_model("qwen35moe", tmp_path_factory)
     ids = prompt_ids(1000, n=48, seed=9)
     with Engine.load(path, n_ctx=64) as eng:
         collector = Collector()
@@ -221,7 +210,7 @@ def q8_0_round_trip(model, case: str):
             if p.ndim == 1 or "conv1d" in name or name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
                 continue
             arr = p.detach().numpy()
-            cols = tiled_cols if name.endswith("linear_attn.out_proj.weight") and case != "qwen3_next" else None
+            cols = tiled_cols if name.endswith("linear_attn.out_proj.weight") and case != "qwen3next" else None
             if cols is not None:
                 arr = arr[:, cols]
             qt = gguf.GGMLQuantizationType.Q8_0 if arr.shape[-1] % 32 == 0 else gguf.GGMLQuantizationType.F16
@@ -245,7 +234,7 @@ def test_q8_0_file_matches_transformers_on_the_same_values(case, tmp_path_factor
     _, path = hybrid_model(case, tmp_path_factory, "q8_0")
     ids = prompt_ids(model.config.vocab_size)
     ref = hf_logits(q8_0_round_trip(model, case), ids)
-    moe = case != "qwen3_5"
+    moe = case != "qwen35"
     with Engine.load(path, backend="numpy", record_routing=moe) as eng:
         exact = eng.logits(ids)
         if moe:
@@ -260,7 +249,7 @@ def test_q8_0_file_matches_transformers_on_the_same_values(case, tmp_path_factor
 @pytest.mark.parametrize("k", [1, 3])
 def test_experts_per_token_routes_to_the_top_k_renormalised(tmp_path_factory, k):
     """experts_per_token=K runs the model as transformers does with num_experts_per_tok=K."""
-    for case in ("qwen3_5_moe", "qwen3_next"):
+    for case in ("qwen35moe", "qwen3next"):
         model, path = hybrid_model(case, tmp_path_factory)
         ids = prompt_ids(model.config.vocab_size, n=24)
         routers = [layer.mlp.gate for layer in model.model.layers]
@@ -281,7 +270,7 @@ def test_experts_per_token_routes_to_the_top_k_renormalised(tmp_path_factory, k)
 
 @pytest.mark.parametrize("k", [0, 9, -1])
 def test_experts_per_token_out_of_range_is_refused(tmp_path_factory, k):
-    _, path = hybrid_model("qwen3_5_moe", tmp_path_factory)
+    _, path = hybrid_model("qwen35moe", tmp_path_factory)
     with pytest.raises((ConfigError, ValueError), match="experts_per_token"):
         Engine.load(path, experts_per_token=k)
 
@@ -289,7 +278,7 @@ def test_experts_per_token_out_of_range_is_refused(tmp_path_factory, k):
 def test_budget_counts_the_recurrent_state(tmp_path_factory):
     """The memory plan's state bytes are the recurrent states of the linear layers plus the KV
     cache of the attention layer, as the Model allocates them."""
-    _, path = hybrid_model("qwen3_5_moe", tmp_path_factory, "q8_0")
+    _, path = hybrid_model("qwen35moe", tmp_path_factory, "q8_0")
     with Engine.load(path, memory_budget="200MiB", n_ctx=64) as eng:
         held = sum(s.nbytes for s in eng.model.states.values())
         d = eng.config.linear
