@@ -245,6 +245,23 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: tensor {info.name} has shape {list(info.shape)}, "
                             f"expected {list(expect)} from the model's metadata")
 
+    def populate(self) -> bool:
+        """Map every page of the file into this process now (madvise MADV_POPULATE_READ: llama.cpp's
+        MAP_POPULATE), reading from disk what the page cache lacks. A weight used straight from the
+        memory map otherwise costs a page fault per 4 KiB on first touch, which in a VM made a
+        decode step of a 12 GB MoE ~10x slower than its bytes need. Returns False where the kernel
+        (before Linux 5.14) cannot: nothing is lost but the speed."""
+        advice = getattr(mmap, "MADV_POPULATE_READ", 22)  # Python < 3.13 does not name it
+        for r in self._readers:
+            mm = getattr(getattr(r, "data", None), "_mmap", None)
+            if mm is None or mm.closed or not hasattr(mm, "madvise"):
+                return False
+            try:
+                mm.madvise(advice)
+            except OSError:
+                return False
+        return True
+
     def release_pages(self) -> None:
         """Drop the memory map's pages from this process and the file's pages from the page cache
         (after load, when every weight we keep has been copied and the rest streams with pread)."""

@@ -20,6 +20,7 @@ import numpy as np
 
 from ... import kernels
 from ...kernels import QTensor, _deltanet, _ops
+from ...kernels.blas import one_blas_thread
 from ...kernels.reference.ops import Rope, sigmoid, softmax
 
 from .config import ROPE_NEOX, ModelConfig
@@ -88,6 +89,10 @@ class Model:
 
     # ---- one pass -----------------------------------------------------------------------------
     def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
+        with one_blas_thread():  # NumPy's BLAS pool must not spin on our kernels' cores (kernels/blas.py)
+            return self._forward(tokens, pos, all_logits)
+
+    def _forward(self, tokens, pos: int, all_logits: bool) -> np.ndarray:
         tokens, positions = self.check_tokens(tokens, pos)
         prof = self.profiler
         t_forward = prof.begin_forward(len(tokens)) if prof is not None else 0.0

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...kernels.blas import one_blas_thread
 from ..stream.budget import BudgetError, parse_size, plan_memory
 from ..model.config import ModelConfig
 from ..stream.layout import expert_layouts
@@ -235,7 +236,8 @@ class _Stage:
             x = np.array(x, dtype=np.float32, order="C")
         prof = self.profiler
         t_forward = prof.begin_forward(len(x)) if prof is not None else 0.0
-        self.model.run_layers(x, np.arange(pos, pos + len(x), dtype=np.int64))
+        with one_blas_thread():  # as Model.forward does (kernels/blas.py)
+            self.model.run_layers(x, np.arange(pos, pos + len(x), dtype=np.int64))
         if prof is not None:
             prof.end_forward(len(x), t_forward)
         dt = time.perf_counter() - t0

@@ -42,6 +42,15 @@ class GenerationStats:
         return self.decode_steps / self.decode_s if self.decode_s else 0.0
 
 
+def _fits_in_memory(f: GGUFFile) -> bool:
+    """Whether the whole file fits in the memory available now (with a tenth to spare): only then
+    is mapping all of it at load what running resident does anyway."""
+    import psutil
+
+    size = sum(p.stat().st_size for p in f.paths)
+    return size <= 0.9 * psutil.virtual_memory().available
+
+
 class Engine:
     """A loaded GGUF model with its tokenizer and KV cache. Use as a context manager or call close()."""
 
@@ -111,6 +120,8 @@ class Engine:
                                    cache_slots=opts.cache_slots, dequantize_resident=opts.dequantize_resident,
                                    direct_io=direct, default_n_ctx=opts.default_n_ctx(cfg), n_batch=opts.n_batch)
             model = build_model(f, cfg, opts, plan, direct, threads, backend)
+            if not opts.streaming and _fits_in_memory(f):
+                f.populate()  # the weights are used from the map: fault its pages in now, in one call
         except BaseException:  # build_model closes the store it made if the model cannot be built
             f.close()
             raise

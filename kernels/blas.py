@@ -1,0 +1,30 @@
+"""NumPy's BLAS kept to the calling thread while our kernels run.
+
+Our kernels thread with OpenMP; NumPy's BLAS (OpenBLAS) has its own pool, whose threads spin for a
+while after each call, as OpenMP's do. A forward pass alternates the two (an F32 router or head
+through np.matmul, then a fused kernel), and on a 2-core machine each pool's spinning threads then
+take the cores the other pool needs: a Qwen3.5-35B-A3B decode step took 650 ms with OpenBLAS on 2
+threads and 176 ms with it on 1 (Intel Xeon, 2 cores, 2026-12-06). So the model runs its NumPy
+matmuls single-threaded, inside `one_blas_thread()`; the process's own BLAS setting is restored on
+exit, so a caller's NumPy code is not affected.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def _blas_pools():
+    """threadpoolctl's handle on the BLAS libraries loaded in this process (None: no threadpoolctl)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # a dependency in pyproject.toml; without it, nothing is limited
+        return None
+    return ThreadpoolController().select(user_api="blas")
+
+
+def one_blas_thread():
+    """A context manager: BLAS calls inside it use one thread (about 20 us to enter and leave)."""
+    pools = _blas_pools()
+    return pools.limit(limits=1) if pools else contextlib.nullcontext()
