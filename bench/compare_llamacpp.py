@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     ap.add_argument("-n", "--n-gen", type=int, default=16)
     ap.add_argument("-t", "--threads", type=int, default=os.cpu_count())
     ap.add_argument("--config", default="decay:lookahead", help="our cache_policy:prefetch")
+    ap.add_argument("--experts-per-token", type=int, default=None, metavar="K",
+                    help="ours: route to the top K experts (llama-bench has no such option: give it a copy of the "
+                         "file with expert_used_count set to K, e.g. with gguf's gguf_set_metadata)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -90,7 +93,8 @@ def main(argv=None) -> int:
     theirs = run_llama_bench(exe, args.model, args.n_gen, args.threads, cgroup)
     policy, prefetch = args.config.split(":")
     budget = None if cgroup is None else cgroup - OVERHEAD
-    ours = run_config(args.model, cgroup, stream_options(budget, policy, prefetch), args.n_gen)
+    ours = run_config(args.model, cgroup, stream_options(budget, policy, prefetch,
+                                                         experts_per_token=args.experts_per_token), args.n_gen)
     where = "resident, no cgroup" if cgroup is None else f"{fmt_bytes(cgroup)} memory cgroup"
     print(f"{args.model.name} ({fmt_bytes(args.model.stat().st_size)}), {where}, decode {args.n_gen} tokens, "
           f"{args.threads} threads")

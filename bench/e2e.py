@@ -2,7 +2,7 @@
 
     python bench/e2e.py MODEL.gguf [--fractions 1,0.5,0.25,0.12] [--policies lru,lfu,decay] \
         [--prefetch none,routing] [--no-page-cache] [--routing synthetic] [-n 16] \
-        [--project-layers 60] --json bench/figures/e2e.json --plot bench/figures/e2e.png
+        [--project-layers 60] [--experts-per-token K] --json bench/figures/e2e.json --plot bench/figures/e2e.png
 
 For each budget (a fraction of the model file's size) and each configuration (every cache policy
 with prefetch off and on, and the page-cache mode), one fresh process runs inside a memory cgroup
@@ -142,6 +142,8 @@ def main(argv=None) -> int:
     ap.add_argument("-n", "--n-predict", type=int, default=16)
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--project-layers", type=int, default=None, help="project tok/s for a model of N such layers")
+    ap.add_argument("--experts-per-token", type=int, default=None, metavar="K",
+                    help="route to the top K experts instead of the model's count (Engine.load experts_per_token)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -159,7 +161,8 @@ def main(argv=None) -> int:
         cgroup = budget + OVERHEAD
         for spec in specs:
             policy, prefetch = spec.split(":")
-            options = stream_options(budget, policy, prefetch, io_threads=args.io_threads, routing=args.routing)
+            options = stream_options(budget, policy, prefetch, io_threads=args.io_threads, routing=args.routing,
+                                     experts_per_token=args.experts_per_token)
             r = run_config(args.model, cgroup, options, args.n_predict)
             r.update(config=spec, fraction=frac, budget=budget, cgroup=cgroup)
             results.append(r)
@@ -174,6 +177,7 @@ def main(argv=None) -> int:
     print(f"disk after: {after['bytes_per_s'] / 1e9:.2f} GB/s; ratios against {disk_gbps:.2f} GB/s")
     print(format_table(results))
     meta = {"model": str(args.model), "size": size, "routing": args.routing, "n_predict": args.n_predict,
+            "experts_per_token": args.experts_per_token,
             "overhead": OVERHEAD, "disk": disk, "disk_after": after, "disk_gbps": disk_gbps,
             "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg": [load_before, os.getloadavg()],
             "results": results}

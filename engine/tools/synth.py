@@ -19,7 +19,7 @@ downloading the real weights. The weights are random; only their scale is chosen
 Presets: Qwen3 MoE, Mixtral and OLMoE, and the Qwen3-Next family's hybrids on their own llama.cpp
 architectures (qwen35moe: Qwen3.5-397B-A17B, Qwen3.5-35B-A3B; qwen3next: Qwen3-Next-80B-A3B), with
 Gated DeltaNet linear-attention layers and gated attention every 4th layer (a --layers slice keeps
-that pattern). The engine itself does not run the hybrids yet; llama.cpp does.
+that pattern). Both the engine and llama.cpp run them.
 
 The hyperparameters are written through weightstream.engine.tools.convert's write_hparams from a Hugging Face-style
 config (Preset.hf_config), so the keys are those llama.cpp's converter writes for the architecture
