@@ -286,3 +286,86 @@ def test_budget_counts_the_recurrent_state(tmp_path_factory):
         kv = 2 * 4 * 64 * eng.config.n_head_kv * eng.config.head_dim
         assert held == recurrent + kv
         assert eng.plan.kv_cache == held  # the plan's per-layer state bytes
+
+
+def rewritten(src, dst, edit_tensors=None, keys=None):
+    """The F32 GGUF at src written to dst with its tensors passed through edit_tensors({name:
+    float32 array in NumPy order} -> the same) and the metadata entries in keys replaced."""
+    import gguf
+
+    r = gguf.GGUFReader(src)
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(dst, arch)
+    keys = keys or {}
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = keys.pop(key, f.contents())
+        w.add_key_value(key, value, f.types[0], f.types[1] if len(f.types) > 1 else None)
+    for key, (value, vtype, sub) in keys.items():  # keys the file did not have
+        w.add_key_value(key, value, vtype, sub)
+    tensors = {t.name: np.array(t.data, dtype=np.float32).reshape(tuple(int(n) for n in reversed(t.shape.tolist())))
+               for t in r.tensors}
+    for name, arr in (edit_tensors(tensors) if edit_tensors else tensors).items():
+        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_legacy_qwen3next_ssm_in_and_ssm_ba_give_the_same_model(tmp_path_factory, tmp_path):
+    """Older qwen3next files hold ssm_in ([q, k, v, z] per key head) and ssm_ba ([b, a] per key
+    head) where current ones hold attn_qkv + attn_gate and ssm_beta + ssm_alpha: rebuilt that way,
+    the file gives the same logits bit for bit."""
+    model, path = hybrid_model("qwen3next", tmp_path_factory)
+    c = model.config
+    hk, dk, dv = c.linear_num_key_heads, c.linear_key_head_dim, c.linear_value_head_dim
+    r = c.linear_num_value_heads // hk
+
+    def to_legacy(t):
+        out = {}
+        for name, arr in t.items():
+            p = name.rsplit("attn_qkv.weight", 1)[0]
+            if name.endswith("attn_qkv.weight"):
+                qkv, z = arr, t[p + "attn_gate.weight"]
+                kd = hk * dk
+                groups = [np.concatenate([qkv[g * dk:(g + 1) * dk], qkv[kd + g * dk:kd + (g + 1) * dk],
+                                          qkv[2 * kd + g * r * dv:2 * kd + (g + 1) * r * dv], z[g * r * dv:(g + 1) * r * dv]])
+                          for g in range(hk)]
+                out[p + "ssm_in.weight"] = np.concatenate(groups)
+            elif name.endswith("ssm_beta.weight"):
+                q = name.rsplit("ssm_beta.weight", 1)[0]
+                b, a = arr, t[q + "ssm_alpha.weight"]
+                out[q + "ssm_ba.weight"] = np.concatenate([np.concatenate([b[g * r:(g + 1) * r], a[g * r:(g + 1) * r]])
+                                                           for g in range(hk)])
+            elif not name.endswith(("attn_gate.weight", "ssm_alpha.weight")):
+                out[name] = arr
+        return out
+
+    legacy = rewritten(path, tmp_path / "legacy.gguf", to_legacy)
+    ids = prompt_ids(model.config.vocab_size, n=24)
+    with Engine.load(path) as a, Engine.load(legacy) as b:
+        assert "blk.1.ssm_in.weight" in b.file and "blk.1.attn_qkv.weight" not in b.file
+        np.testing.assert_array_equal(a.logits(ids), b.logits(ids))
+
+
+def test_an_mtp_block_counted_in_block_count_is_skipped(tmp_path_factory, tmp_path):
+    """nextn_predict_layers=1 with one more block (an MTP block, here a copy of the last layer)
+    runs the same trunk: same logits."""
+    import gguf
+
+    model, path = hybrid_model("qwen35moe", tmp_path_factory)
+    n = model.config.num_hidden_layers
+    last = f"blk.{n - 1}."
+    with_mtp = rewritten(path, tmp_path / "mtp.gguf",
+                         lambda t: {**t, **{f"blk.{n}." + k[len(last):]: v for k, v in t.items() if k.startswith(last)}},
+                         {"qwen35moe.block_count": n + 1,
+                          "qwen35moe.attention.recurrent_layers":
+                              [t == "linear_attention" for t in model.config.layer_types] + [False],
+                          "qwen35moe.nextn_predict_layers": (1, gguf.GGUFValueType.UINT32, None)})
+    ids = prompt_ids(model.config.vocab_size, n=16)
+    with Engine.load(path) as a, Engine.load(with_mtp) as b:
+        assert b.config.n_layer == n
+        np.testing.assert_array_equal(a.logits(ids), b.logits(ids))
