@@ -369,3 +369,19 @@ def test_an_mtp_block_counted_in_block_count_is_skipped(tmp_path_factory, tmp_pa
     with Engine.load(path) as a, Engine.load(with_mtp) as b:
         assert b.config.n_layer == n
         np.testing.assert_array_equal(a.logits(ids), b.logits(ids))
+
+
+def test_cli_runs_a_hybrid_with_experts_per_token(tmp_path_factory):
+    """`weightstream info` names the layer mix; `run --experts-per-token` takes K, and refuses K
+    above the expert count with a clear message, no traceback."""
+    from tests.test_cli import cli
+
+    _, path = hybrid_model("qwen35moe", tmp_path_factory, "q8_0")
+    rc, out, err = cli("info", path)
+    assert rc == 0, err
+    assert "qwen35moe" in out and "3 Gated DeltaNet layers" in out
+    rc, out, err = cli("run", path, "-p", "Hello", "-n", "4", "--experts-per-token", "1")
+    assert rc == 0, err
+    assert "tok/s decode" in err
+    rc, out, err = cli("run", path, "-p", "Hello", "-n", "4", "--experts-per-token", "99")
+    assert rc != 0 and "experts_per_token" in err and "Traceback" not in err
