@@ -3,7 +3,9 @@
 pp<N>: one forward pass of N random token ids from an empty cache (prompt processing);
 tg<N>: N single-token forward passes from an empty cache (text generation). Random ids, as
 llama-bench uses: the speed does not depend on them, and no tokenizer or sampler time is counted.
-Each figure is the best of `repeats` runs, after one warm-up pass (Numba compiles on first use).
+Each figure is the mean +- sample standard deviation of the tokens/s of `repeats` runs, as
+llama-bench reports avg_ts +- stddev_ts, after one warm-up pass (Numba compiles on first use); the
+best run is kept too (pp_tok_s_best, tg_tok_s_best).
 
 "1 thread" pins OpenBLAS too (weightstream.kernels.bench.blas_threads): otherwise the NumPy parts of the
 forward pass quietly use every core and a 1-thread figure is not comparable with llama.cpp -t 1.
@@ -21,13 +23,24 @@ from ...kernels.bench import blas_threads, machine_info, machine_lines
 from ..runtime.engine import PREFILL_BATCH, Engine
 
 
-def _best(fn, repeats: int) -> tuple[float, list[float]]:
+def _timed(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of fn."""
     runs = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         runs.append(time.perf_counter() - t0)
-    return min(runs), runs
+    return runs
+
+
+def _rate(tokens: int, runs: list[float]) -> dict:
+    """llama-bench's figures for one test: mean and sample standard deviation of tokens/s over the
+    runs (0 for one run), and the best run's."""
+    if not runs or not tokens:
+        return {"tok_s": None, "tok_s_sd": None, "tok_s_best": None}
+    rates = np.array([tokens / s for s in runs])
+    return {"tok_s": float(rates.mean()), "tok_s_sd": float(rates.std(ddof=1)) if len(rates) > 1 else 0.0,
+            "tok_s_best": float(rates.max())}
 
 
 def bench_decode(model_path, prompt_tokens: int = 64, gen_tokens: int = 64, threads: int | None = None,
@@ -56,27 +69,28 @@ def bench_decode(model_path, prompt_tokens: int = 64, gen_tokens: int = 64, thre
 
         model.forward(prompt[:8] if prompt_tokens else gen[:1], 0)  # warm-up: JIT, first touches
         model.forward(gen[:1] if gen_tokens else prompt[:1], 0)
-        pp_s, pp_runs = _best(prefill, repeats) if prompt_tokens else (None, [])
-        tg_s, tg_runs = _best(decode, repeats) if gen_tokens else (None, [])
+        pp_runs = _timed(prefill, repeats) if prompt_tokens else []
+        tg_runs = _timed(decode, repeats) if gen_tokens else []
         info = dict(arch=cfg.arch, n_layer=cfg.n_layer, n_vocab=cfg.n_vocab)
+    pp, tg = _rate(prompt_tokens, pp_runs), _rate(gen_tokens, tg_runs)
     return {"model": os.path.basename(str(model_path)), "path": str(model_path),
             "size_bytes": os.path.getsize(model_path), **info, "threads": threads, "backend": backend,
             "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeats": repeats,
-            "load_s": engine.load_s, "pp_s": pp_s, "tg_s": tg_s,
-            "pp_tok_s": prompt_tokens / pp_s if pp_s else None, "tg_tok_s": gen_tokens / tg_s if tg_s else None,
+            "load_s": engine.load_s, **{f"pp_{k}": v for k, v in pp.items()}, **{f"tg_{k}": v for k, v in tg.items()},
             "pp_runs": pp_runs, "tg_runs": tg_runs, "machine": machine}
 
 
-DECODE_HEADER = ("| model | size | threads | backend | test | t/s | ms/token |\n"
+DECODE_HEADER = ("| model | size | threads | backend | test | t/s (mean ± sd) | ms/token |\n"
                  "|---|---:|---:|---|---|---:|---:|")
 
 
 def format_decode_rows(r: dict) -> list[str]:
     head = f"| {r['model']} | {r['size_bytes'] / 2**20:.0f} MiB | {r['threads']} | {r['backend']} |"
     rows = []
-    for test, tok_s in ((f"pp{r['prompt_tokens']}", r["pp_tok_s"]), (f"tg{r['gen_tokens']}", r["tg_tok_s"])):
+    for test, key in ((f"pp{r['prompt_tokens']}", "pp"), (f"tg{r['gen_tokens']}", "tg")):
+        tok_s, sd = r[f"{key}_tok_s"], r[f"{key}_tok_s_sd"]
         if tok_s:
-            rows.append(f"{head} {test} | {tok_s:.1f} | {1e3 / tok_s:.2f} |")
+            rows.append(f"{head} {test} | {tok_s:.2f} ± {sd:.2f} | {1e3 / tok_s:.2f} |")
     return rows
 
 
