@@ -99,7 +99,9 @@ def main(argv=None) -> int:
     print(f"{args.model.name} ({fmt_bytes(args.model.stat().st_size)}), {where}, decode {args.n_gen} tokens, "
           f"{args.threads} threads")
     t = theirs.get("tok_s")
-    o = ours.get("summary", {}).get("decode_tok_s") if "error" not in ours else None
+    # the engine's own decode figure: forward passes with the output head, as llama-bench's tg counts
+    # them (the profiler's decode_tok_s leaves the head out)
+    o = ours.get("stats", {}).get("decode_tok_s") if "error" not in ours else None
     print(f"  llama.cpp (llama-bench tg{args.n_gen}): " + (f"{t:.3f} tok/s" if t else theirs.get("error", "?")))
     print(f"  weightstream ({args.config}):       " + (f"{o:.3f} tok/s" if o else ours.get("error", "?")))
     if t and o:
