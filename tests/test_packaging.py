@@ -61,7 +61,8 @@ def test_lives_beside_hugging_faces_kernels(tmp_path):
     assert out.returncode == 0, out.stderr
     no_engine, kernels_origin, ws_name, engine_module = __import__("json").loads(out.stdout)
     assert no_engine, "a top-level `engine` package is installed"
-    assert not kernels_origin.startswith(str(ROOT)), "a top-level `kernels` resolves to our folder"
+    # a path test, not a string prefix: a venv at /tmp/civ is not inside a checkout at /tmp/ci
+    assert not Path(kernels_origin).resolve().is_relative_to(ROOT), "a top-level `kernels` resolves to our folder"
     assert (ws_name, engine_module) == ("weightstream.kernels", "weightstream.engine.runtime.engine")
 
 
