@@ -224,10 +224,11 @@ class Model:
         width = d.conv_dim + d.value_dim + 2 * d.n_v_heads
         qkv, z, b, a = L.in_proj(h, self.work.take("linear_in", n, width))  # [n, conv_dim], [n, value_dim], [n, Hv] x2
         mixed = self.work.take("linear_conv", n, d.conv_dim)
-        _deltanet.conv1d_silu_into(np.ascontiguousarray(qkv), state.conv, L.conv, mixed, t)
-        q = np.ascontiguousarray(mixed[:, :d.key_dim]).reshape(n, d.n_k_heads, d.k_head_dim)
-        k = np.ascontiguousarray(mixed[:, d.key_dim:2 * d.key_dim]).reshape(n, d.n_k_heads, d.k_head_dim)
-        v = np.ascontiguousarray(mixed[:, 2 * d.key_dim:]).reshape(n, d.n_v_heads, d.v_head_dim)
+        # the kernels take rows that are contiguous within a token, so column slices are passed as views
+        _deltanet.conv1d_silu_into(qkv, state.conv, L.conv, mixed, t)
+        q = mixed[:, :d.key_dim].reshape(n, d.n_k_heads, d.k_head_dim)
+        k = mixed[:, d.key_dim:2 * d.key_dim].reshape(n, d.n_k_heads, d.k_head_dim)
+        v = mixed[:, 2 * d.key_dim:].reshape(n, d.n_v_heads, d.v_head_dim)
         beta = sigmoid(b).astype(np.float32)  # [n, Hv]: how much each token rewrites the state
         # log of the per-token decay of each head's state: softplus(alpha + dt_bias) * -exp(A_log)
         decay = (np.logaddexp(np.float32(0), a + L.dt_bias) * L.a).astype(np.float32)  # [n, Hv]
@@ -237,7 +238,7 @@ class Model:
         normed = self.work.take("linear_normed", n, d.value_dim)
         rows = n * d.n_v_heads  # the norm is per value head
         _deltanet.gated_rms_norm_into(core.reshape(rows, d.v_head_dim), L.norm,
-                                      np.ascontiguousarray(z).reshape(rows, d.v_head_dim), cfg.rms_eps,
+                                      np.ascontiguousarray(z).reshape(rows, d.v_head_dim), cfg.rms_eps,  # (a copy when n > 1)
                                       normed.reshape(rows, d.v_head_dim), t)
         return L.out(normed, self.work.take("attn_proj", n, cfg.n_embd))
 

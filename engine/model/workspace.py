@@ -71,7 +71,7 @@ def linear_attention_buffers(cfg: ModelConfig, n: int) -> list[Buffer]:
         Buffer("linear_conv", (n, d.conv_dim), True),  # the causal conv's output: q, k, v
         Buffer("linear_core", (n, d.value_dim), True),  # the delta rule's output per value head
         Buffer("linear_normed", (n, d.value_dim), True),  # after the gated RMSNorm, before ssm_out
-        Buffer("linear_copies", (n, d.conv_dim + d.value_dim), False),  # prefill: q, k, v, z made contiguous
+        Buffer("linear_gate_copy", (n, d.value_dim), False),  # prefill: z made contiguous for the norm
     ]
 
 
