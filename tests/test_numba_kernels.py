@@ -96,7 +96,7 @@ def test_strategy():
 # ---------------------------------------------------------------------------
 
 # byte ranges of each type's fp16 fields and sub-block scales (kernels/formats.py)
-_K_FIELDS = {T.Q3_K: ((108,), (96, 108)), T.Q4_K: ((0, 2), (4, 16)), T.Q5_K: ((0, 2), (4, 16)),
+_K_FIELDS = {T.Q2_K: ((80, 82), (0, 16)), T.Q3_K: ((108,), (96, 108)), T.Q4_K: ((0, 2), (4, 16)), T.Q5_K: ((0, 2), (4, 16)),
              T.Q6_K: ((208,), (192, 208))}
 
 
@@ -107,7 +107,8 @@ def extreme_weights(qtype, rows, cols, rng):
     raw = reference.random_raw(qtype, rows, cols, rng)
     _, nbytes = formats.block_size(qtype)
     halves, (s0, s1) = _K_FIELDS[qtype]
-    # Q3_K: 0x00 is scale -32 (the largest magnitude); Q6_K: 0x80 is -128; Q4_K/Q5_K: 63 and min 63
+    # Q3_K: 0x00 is scale -32 (the largest magnitude); Q6_K: 0x80 is -128; Q2_K: 15 and min 15;
+    # Q4_K/Q5_K: 63 and min 63
     scale_byte = {T.Q3_K: 0x00, T.Q6_K: 0x80}.get(qtype, 0xFF)
     for blk, code in ((0, 0xFF), (1, 0x00)):
         if cols // 256 <= blk:
@@ -120,7 +121,7 @@ def extreme_weights(qtype, rows, cols, rng):
     return raw
 
 
-SIMD_K_TYPES = [T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+SIMD_K_TYPES = K_TYPES
 
 
 @pytest.mark.skipif(not nk.HAVE_SIMD, reason="no AVX-512 BW/VNNI: the SIMD tier is not used")
