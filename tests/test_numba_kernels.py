@@ -13,7 +13,8 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from weightstream.kernels.numba import matmul as nk
-from weightstream.kernels import quantize, reference
+from weightstream import kernels
+from weightstream.kernels import formats, quantize, reference
 
 K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 LEGACY_TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
@@ -80,13 +81,74 @@ def test_matches_reference(qtype, simd):
 
 
 def test_strategy():
-    assert nk.strategy(T.Q6_K) == "int16"
+    assert nk.strategy(T.Q6_K, simd=False) == "int16"
     assert nk.strategy(T.F16) == "float"
     assert nk.strategy(T.Q2_K, simd=False) == "int16"
     assert nk.strategy(T.Q8_0, simd=False) == "float"
     if nk.HAVE_SIMD:
         assert nk.strategy(T.Q2_K) == nk.strategy(T.Q4_1) == nk.strategy(T.Q8_0) == "simd-int8"
+        assert all(nk.strategy(t) == "simd-int8" for t in K_TYPES)
     assert {T.Q2_K, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K, T.F16} <= nk.SUPPORTED
+
+
+# ---------------------------------------------------------------------------
+# k-quant SIMD kernels against the portable kernels and the Cython kernels, same Q8_K activations
+# ---------------------------------------------------------------------------
+
+# byte ranges of each type's fp16 fields and sub-block scales (kernels/formats.py)
+_K_FIELDS = {T.Q2_K: ((80, 82), (0, 16)), T.Q3_K: ((108,), (96, 108)), T.Q4_K: ((0, 2), (4, 16)), T.Q5_K: ((0, 2), (4, 16)),
+             T.Q6_K: ((208,), (192, 208))}
+
+
+def extreme_weights(qtype, rows, cols, rng):
+    """Random blocks, and in every row block 0 with all codes at their maximum and block 1 at
+    their minimum, each with the largest scales (and mins) of either sign the format holds; fp16
+    fields 1.0 there, so sums stay finite while the int8 / int16 intermediates are at their widest."""
+    raw = reference.random_raw(qtype, rows, cols, rng)
+    _, nbytes = formats.block_size(qtype)
+    halves, (s0, s1) = _K_FIELDS[qtype]
+    # Q3_K: 0x00 is scale -32 (the largest magnitude); Q6_K: 0x80 is -128; Q2_K: 15 and min 15;
+    # Q4_K/Q5_K: 63 and min 63
+    scale_byte = {T.Q3_K: 0x00, T.Q6_K: 0x80}.get(qtype, 0xFF)
+    for blk, code in ((0, 0xFF), (1, 0x00)):
+        if cols // 256 <= blk:
+            break
+        b = raw[:, nbytes * blk: nbytes * (blk + 1)]
+        b[:] = code
+        b[:, s0:s1] = scale_byte
+        for h in halves:
+            b[:, h:h + 2] = (0x00, 0x3C)  # fp16 1.0
+    return raw
+
+
+SIMD_K_TYPES = K_TYPES
+
+
+@pytest.mark.skipif(not nk.HAVE_SIMD, reason="no AVX-512 BW/VNNI: the SIMD tier is not used")
+@pytest.mark.parametrize("n", (1, 3, 8, 64))
+@pytest.mark.parametrize("qtype", SIMD_K_TYPES, ids=lambda t: t.name)
+def test_k_simd_matches_portable_and_cython(qtype, n):
+    """SIMD kernel == portable (generic) kernel == Cython kernel on the same int8 activations,
+    up to float summation order; rows (35) not a multiple of the 16-row task."""
+    rng = np.random.default_rng(100 * int(qtype) + n)
+    rows, cols = 35, 1024
+    raw = extreme_weights(qtype, rows, cols, rng)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    x[0, :256] = -1.0                 # every quant of block 0 at -127...
+    if n > 1:
+        x[1, 256:512] = 1.0           # ...and at +127 (Q8_K's d is negative there)
+    x[-1, 512:768] *= 1000.0
+    simd, portable = run(x, raw, qtype, 1), run(x, raw, qtype, 1, simd=False)
+    assert nk.strategy(qtype) == "simd-int8"
+    np.testing.assert_array_equal(simd, run(x, raw, qtype, 2))  # threads: same bits
+    assert quantize.nmse(simd, portable) < Q8_NMSE
+    assert quantize.nmse(simd, quantize.matmul_q8_ref(x, raw, qtype, (rows, cols))) < Q8_NMSE
+    if "cython" in kernels.backends.available(qtype):
+        cy = kernels.matmul(x, kernels.QTensor(qtype, (rows, cols), raw), threads=1, backend="cython")
+        assert quantize.nmse(simd, cy) < Q8_NMSE
+    got = kernels.matmul(x, kernels.QTensor(qtype, (rows, cols), raw), threads=1, backend="numba")
+    np.testing.assert_array_equal(got, simd)
+    assert quantize.nmse(got, reference.matmul_ref(x, raw, qtype)) < QUANT_NMSE
 
 
 # ---------------------------------------------------------------------------

@@ -7,17 +7,22 @@ the weights' mins are applied once per sub-block. Reference: ``weightstream.kern
 
 Two tiers:
 
-* ``_q2_k_simd_kernel`` (AVX-512 BW): per 256-weight super-block, the 64 bytes of 2-bit quants
-  are split into four 64-lane byte planes (shift + mask, once per weight row and block), each
-  multiplied with 64 int8 activations by ``vpmaddubsw`` (u8 x s8 -> pairs summed in int16, no
-  saturation possible: 2 * 3 * 127 < 2^15), then by the 4-bit sub-block scales with
-  ``vpmaddwd`` (int16 pairs -> int32); the int32 lanes are turned to float and scaled by
-  ``d * xd`` into 16 float lanes per activation row, reduced once per row. The activation quants
-  are stored permuted (``perm_q2_k``) so that plane j of the weights meets them in order.
-  Written as explicit LLVM vector IR in an ``@intrinsic`` (LLVM does not vectorise the unpack of
-  16-element sub-blocks from plain loops: measured 30x slower).
-* ``_q*_k_kernel`` (generic, any CPU): each super-block is unpacked once into an int16 buffer
-  with its sub-block scales folded in (``sc * q``) and dotted in int32 with every activation row
+* ``_q2_k_simd_kernel`` .. ``_q6_k_simd_kernel`` (AVX-512 BW), the Cython kernels' scheme
+  (kernels/csrc/kquants_simd.h): each super-block is unpacked once into four 64-byte planes of
+  unsigned codes q' (Q2_K q, Q3_K q + 4, Q4_K nibble, Q5_K nibble | hbit << 4, Q6_K q + 32) and
+  four int16 vectors of sub-block scales; then per activation row and plane ``vpmaddubsw`` (u8
+  x s8 -> pairs summed in int16, no saturation: 2 * 63 * 128 < 2^15) and ``vpmaddwd`` with the
+  scales (int16 pairs -> int32); the int32 lanes are turned to float and scaled by ``d * xd``
+  into 16 float lanes per activation row, reduced once per row. The codes' offset (Q3_K, Q6_K)
+  is taken back exactly in int32 and the mins (Q2_K, Q4_K, Q5_K) in float, both through the
+  activations' bsums. Activation quants are stored permuted per type (``PERM_Q2_K`` = ``PERM_Q3_K``,
+  ``PERM_Q4_K`` = ``PERM_Q5_K``; Q6_K natural order) so that plane j meets them in order and
+  every plane is a uniform shift of contiguous bytes. One ``@intrinsic`` per type
+  (``_make_kq_rows``): up to ``KQ_ROWS_MAX`` activation rows per call, accumulators in registers.
+  Written as explicit LLVM vector IR (LLVM does not vectorise the unpack of 16-element
+  sub-blocks from plain loops: measured 30x slower).
+* ``_q*_k_kernel`` (generic, any CPU; the fallback without AVX-512): each super-block is
+  unpacked once into an int16 buffer with its sub-block scales folded in (``sc * q``) and dotted in int32 with every activation row
   (LLVM emits ``vpdpwssd`` for that loop); one float multiply-add per block and row.
 """
 from __future__ import annotations
@@ -258,102 +263,310 @@ def _q6_k_kernel(xq, xd, bsums, w, out):
 
 
 # ---------------------------------------------------------------------------
-# Q2_K SIMD kernel
+# SIMD kernels (AVX-512 BW): Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 # ---------------------------------------------------------------------------
+#
+# Same scheme as the Cython kernels (kernels/csrc/kquants_simd.h): every weight is turned into an
+# unsigned code q' (so that vpmaddubsw, u8 x s8, can multiply it with the int8 activations), four
+# 64-byte planes per 256-weight super-block, each plane times 64 activation bytes by vpmaddubsw
+# (no saturation: q' <= 63, 2 * 63 * 128 < 2^15), then times the int16 sub-block scale of each
+# int16 lane by vpmaddwd. What the unsigned code adds is taken back per super-block, through the
+# activations' bsums (sums of each 16 quants, in natural element order whatever the permutation):
+#
+#     Q2_K: q' = q (0..3),       sc = low nibble, min = high nibble: acc -= dmin * dx * sum_k m_k bsum_k
+#     Q3_K: q' = q + 4 (0..7),   sc = 6-bit - 32: isum -= 4 * sum_k sc_k bsum_k   (exact, int32)
+#     Q6_K: q' = q + 32 (0..63), sc = int8:        isum -= 32 * sum_k sc_k bsum_k  (exact, int32)
+#     Q4_K: q' = nibble, Q5_K: q' = nibble | hbit << 4, sc = 6-bit; min m per 32:
+#           acc -= dmin * dx * sum_k m_k bsum_k                                    (float)
+#
+# Planes are chosen so that each is made with uniform shifts of contiguous bytes where possible;
+# the activation quants are stored permuted (PERM_*) so that plane j meets them in order.
 
 # Activation order within a super-block for the SIMD Q2_K kernel: position 64 j + l holds element
 # 128 (l // 32) + 32 j + l % 32, i.e. the element that bits 2j..2j+1 of qs[l] belong to.
 PERM_Q2_K = np.array([128 * (l // 32) + 32 * j + l % 32 for j in range(4) for l in range(64)], np.int64)
+# Q3_K: plane j byte 32h + l = bits 2j of qs[32h + l] = element 128h + 32j + l: Q2_K's order.
+PERM_Q3_K = PERM_Q2_K
+# Q4_K / Q5_K: plane 2p + nib byte l = nibble nib of qs[64p + l] = element 64(2p + l // 32) + 32 nib + l % 32.
+PERM_Q4_K = np.array([64 * (2 * p + l // 32) + 32 * nib + l % 32
+                      for p in range(2) for nib in range(2) for l in range(64)], np.int64)
+PERM_Q5_K = PERM_Q4_K
+# Q6_K: plane 2h + nib byte m = nibble nib of ql[64h + m] = element 128h + 64nib + m: natural order.
+PERM_Q6_K = None
 
 
-@intrinsic
-def _q2_k_rows(typingctx, wr, xq, xd, bsums, acc, out, r, i0, i1):
-    """out[i, r] = row wr . activation row i for i0 <= i < i1. Activations block-major: xq
-    int8[nb, n, 256] in PERM_Q2_K order, xd float32[nb, n], bsums int16[nb, n, 16]; acc: float32
-    scratch[16 * (i1 - i0)]."""
-    sig = types.void(wr, xq, xd, bsums, acc, out, r, i0, i1)
+def _i32_at(builder, base, off):
+    """The little-endian uint32 at byte offset `off` of uint8 pointer `base`."""
+    return builder.load(builder.bitcast(builder.gep(base, [c64(off)]), I32.as_pointer()), align=1)
 
-    def codegen(context, builder, signature, args):
-        tys = signature.args
-        pw, _ = arr(context, builder, tys[0], args[0])
-        px, (nb, n, _) = arr(context, builder, tys[1], args[1])  # [nb, n, 256]
-        pxd, _ = arr(context, builder, tys[2], args[2])
-        pbs, _ = arr(context, builder, tys[3], args[3])
-        pacc, _ = arr(context, builder, tys[4], args[4])
-        pout, (_, rows) = arr(context, builder, tys[5], args[5])
-        r_, i0_, i1_ = args[6], args[7], args[8]
-        nt = builder.sub(i1_, i0_)
-        v16f = vec(FLT, 16)
-        zero16f = ir.Constant(v16f, [ir.Constant(FLT, 0.0)] * 16)
 
-        def acc_ptr(k):
-            return builder.bitcast(builder.gep(pacc, [builder.mul(k, c64(16))]), v16f.as_pointer())
+def _words_to_bytes(builder, words):
+    """Four i32 values -> <16 x i8> (little-endian bytes of each in turn)."""
+    v = ir.Constant(vec(I32, 4), ir.Undefined)
+    for k, wv in enumerate(words):
+        v = builder.insert_element(v, wv, ir.Constant(I32, k))
+    return builder.bitcast(v, vec(I8, 16))
 
-        with cgutils.for_range(builder, nt) as li:
-            builder.store(zero16f, acc_ptr(li.index), align=4)
-        with cgutils.for_range(builder, nb) as lb:
-            b = lb.index
-            pb = builder.gep(pw, [builder.mul(b, c64(84))])  # scales[16] @0, qs[64] @16, d @80, dmin @82
-            prefetch(builder, pw, builder.mul(b, c64(84)), lines=2)
-            scales = vload(builder, pb, c64(0), vec(I8, 16))
-            qs = vload(builder, pb, c64(16), vec(I8, 64))
-            d = half_at(builder, pb, c64(80))
-            dmin = half_at(builder, pb, c64(82))
-            sc16 = builder.zext(builder.and_(scales, splat(I8, 16, 15)), vec(I16, 16))
-            mins = builder.zext(builder.lshr(scales, splat(I8, 16, 4)), vec(I16, 16))
-            planes, plane_scales = [], []
-            for j in range(4):
-                planes.append(builder.and_(builder.lshr(qs, splat(I8, 64, 2 * j)), splat(I8, 64, 3)))
-                # int16 lane t of vpmaddubsw's result covers plane bytes 2t, 2t + 1: sub-block
-                # 2j (bytes 0-15), 2j + 1 (16-31), 8 + 2j (32-47), 9 + 2j (48-63)
-                mask = [2 * j] * 8 + [2 * j + 1] * 8 + [8 + 2 * j] * 8 + [9 + 2 * j] * 8
-                plane_scales.append(builder.shuffle_vector(sc16, sc16, ir.Constant(vec(I32, 32), mask)))
-            with cgutils.for_range(builder, nt) as li:
-                i = builder.add(i0_, li.index)
-                ib = builder.add(builder.mul(b, n), i)
-                xo = builder.mul(ib, c64(256))
-                s = None
-                for j in range(4):
-                    x = vload(builder, px, builder.add(xo, c64(64 * j)), vec(I8, 64))
-                    p = call(builder, "llvm.x86.avx512.pmaddubs.w.512", vec(I16, 32),
-                             [vec(I8, 64), vec(I8, 64)], [planes[j], x])
-                    t = call(builder, "llvm.x86.avx512.pmaddw.d.512", vec(I32, 16),
-                             [vec(I16, 32), vec(I16, 32)], [p, plane_scales[j]])
-                    s = t if s is None else builder.add(s, t)
-                bo = builder.mul(ib, c64(16))
-                bs = vload(builder, pbs, bo, vec(I16, 16))
-                mv = call(builder, "llvm.x86.avx2.pmadd.wd", vec(I32, 8), [vec(I16, 16), vec(I16, 16)], [mins, bs])
-                mv = builder.shuffle_vector(mv, ir.Constant(vec(I32, 8), [ir.Constant(I32, 0)] * 8),
-                                            ir.Constant(vec(I32, 16), list(range(16))))
-                dx = builder.load(builder.gep(pxd, [ib]))
-                pa = acc_ptr(li.index)
-                a = builder.load(pa, align=4)
-                a = builder.fadd(a, builder.fmul(builder.sitofp(s, v16f), bcast(builder, builder.fmul(d, dx), 16)))
-                a = builder.fsub(a, builder.fmul(builder.sitofp(mv, v16f), bcast(builder, builder.fmul(dmin, dx), 16)))
-                builder.store(a, pa, align=4)
-        with cgutils.for_range(builder, nt) as li:
-            total = hsum(builder, builder.load(acc_ptr(li.index), align=4))
-            i = builder.add(i0_, li.index)
-            builder.store(total, builder.gep(pout, [builder.add(builder.mul(i, rows), r_)]))
-        return context.get_dummy_value()
 
-    return sig, codegen
+def _i8c(v):
+    """An i8 constant from a byte value 0..255 (LLVM wants it signed)."""
+    return ir.Constant(I8, v - 256 if v >= 128 else v)
+
+
+def _bytes(vals):
+    return ir.Constant(vec(I8, len(vals)), [_i8c(v) for v in vals])
+
+
+def _dup32(builder, v32):
+    """<32 x i8> -> <64 x i8>, the 32 bytes twice (a 256-bit broadcast)."""
+    return builder.shuffle_vector(v32, v32, ir.Constant(vec(I32, 64), list(range(32)) * 2))
+
+
+def _lanes16(builder, sc16, subs):
+    """<32 x i16> whose int16 lane t holds sc16[subs[t // 8]] (4 sub-blocks, 8 lanes each)."""
+    return builder.shuffle_vector(sc16, sc16, ir.Constant(vec(I32, 32), [s for s in subs for _ in range(8)]))
+
+
+def _nibble(builder, q, nib):
+    v = q if nib == 0 else builder.lshr(q, splat(I8, 64, 4))
+    return builder.and_(v, splat(I8, 64, 15))
+
+
+def _bit_add(builder, q, bits, masks, value):
+    """q + value where (bits & masks) != 0, bytewise (vptestmb + masked add)."""
+    on = builder.icmp_unsigned("!=", builder.and_(bits, _bytes(masks)), splat(I8, 64, 0))
+    return builder.add(q, builder.select(on, splat(I8, 64, value), splat(I8, 64, 0)))
+
+
+def _unpack_q2_k_simd(builder, pb):
+    """scales[16] @0 (low nibble scale, high nibble min), qs[64] @16, d @80, dmin @82."""
+    scales = vload(builder, pb, c64(0), vec(I8, 16))
+    sc16 = builder.zext(builder.and_(scales, splat(I8, 16, 15)), vec(I16, 16))
+    mins16 = builder.zext(builder.lshr(scales, splat(I8, 16, 4)), vec(I16, 16))
+    qs = vload(builder, pb, c64(16), vec(I8, 64))
+    planes, plane_scales = [], []
+    for j in range(4):
+        planes.append(builder.and_(builder.lshr(qs, splat(I8, 64, 2 * j)), splat(I8, 64, 3)))
+        plane_scales.append(_lanes16(builder, sc16, [2 * j, 2 * j + 1, 8 + 2 * j, 9 + 2 * j]))
+    return planes, plane_scales, half_at(builder, pb, c64(80)), mins16, half_at(builder, pb, c64(82)), 0
+
+
+def _unpack_q3_k_simd(builder, pb):
+    """hmask[32] @0, qs[64] @32, scales[12] @96, d @108."""
+    m1, m2 = ir.Constant(I32, 0x03030303), ir.Constant(I32, 0x0F0F0F0F)
+    a0, a1, t = _i32_at(builder, pb, 96), _i32_at(builder, pb, 100), _i32_at(builder, pb, 104)
+
+    def part(lo, tshift):
+        return builder.or_(builder.and_(lo, m2),
+                           builder.shl(builder.and_(builder.lshr(t, ir.Constant(I32, tshift)), m1), ir.Constant(I32, 4)))
+    hi0, hi1 = builder.lshr(a0, ir.Constant(I32, 4)), builder.lshr(a1, ir.Constant(I32, 4))
+    sc8 = _words_to_bytes(builder, [part(a0, 0), part(a1, 2), part(hi0, 4), part(hi1, 6)])  # ggml's kmask trick
+    sc16 = builder.sext(builder.sub(sc8, splat(I8, 16, 32)), vec(I16, 16))
+    qs = vload(builder, pb, c64(32), vec(I8, 64))
+    hm = _dup32(builder, vload(builder, pb, c64(0), vec(I8, 32)))
+    planes, scales = [], []
+    for j in range(4):
+        q = builder.and_(builder.lshr(qs, splat(I8, 64, 2 * j)), splat(I8, 64, 3))
+        # high bit of element 128h + 32j + l: bit 4h + j of hmask[l] (h = byte // 32 of the plane)
+        planes.append(_bit_add(builder, q, hm, [1 << j] * 32 + [1 << (4 + j)] * 32, 4))
+        scales.append(_lanes16(builder, sc16, [2 * j, 2 * j + 1, 8 + 2 * j, 9 + 2 * j]))
+    return planes, scales, half_at(builder, pb, c64(108)), sc16, None, 4
+
+
+def _k4_scales_mins(builder, pb):
+    """Q4_K / Q5_K: the 12 bytes at 4 -> <16 x i16>: lanes 0..7 the scales, 8..15 the mins."""
+    k1, k2, k3 = ir.Constant(I32, 0x3F3F3F3F), ir.Constant(I32, 0x0F0F0F0F), ir.Constant(I32, 0x03030303)
+    a, b, c = _i32_at(builder, pb, 4), _i32_at(builder, pb, 8), _i32_at(builder, pb, 12)
+    six, four = ir.Constant(I32, 6), ir.Constant(I32, 4)
+    u1 = builder.or_(builder.and_(c, k2), builder.shl(builder.and_(builder.lshr(a, six), k3), four))
+    u3 = builder.or_(builder.and_(builder.lshr(c, four), k2), builder.shl(builder.and_(builder.lshr(b, six), k3), four))
+    sm = _words_to_bytes(builder, [builder.and_(a, k1), u1, builder.and_(b, k1), u3])
+    return builder.zext(sm, vec(I16, 16))
+
+
+def _unpack_k4(builder, pb, qs_off, qh_off):
+    """Q4_K (qh_off None) / Q5_K: d @0, dmin @2, scales[12] @4, [qh[32] @16], qs[128] @qs_off."""
+    sm16 = _k4_scales_mins(builder, pb)
+    # min of 32-element sub-block k // 2 for each bsum k
+    mins16 = builder.shuffle_vector(sm16, sm16, ir.Constant(vec(I32, 16), [8 + k // 2 for k in range(16)]))
+    qh = None if qh_off is None else _dup32(builder, vload(builder, pb, c64(qh_off), vec(I8, 32)))
+    planes, scales = [], []
+    for p in range(2):
+        qs = vload(builder, pb, c64(qs_off + 64 * p), vec(I8, 64))
+        for nib in range(2):
+            q = _nibble(builder, qs, nib)
+            s0, s1 = 2 * (2 * p) + nib, 2 * (2 * p + 1) + nib  # 32-element sub-blocks of bytes 0-31, 32-63
+            if qh is not None:  # fifth bit of element 32 s + l: bit s of qh[l]
+                q = _bit_add(builder, q, qh, [1 << s0] * 32 + [1 << s1] * 32, 16)
+            planes.append(q)
+            scales.append(_lanes16(builder, sm16, [s0, s0, s1, s1]))
+    return planes, scales, half_at(builder, pb, c64(0)), mins16, half_at(builder, pb, c64(2)), 0
+
+
+def _unpack_q4_k_simd(builder, pb):
+    return _unpack_k4(builder, pb, 16, None)
+
+
+def _unpack_q5_k_simd(builder, pb):
+    return _unpack_k4(builder, pb, 48, 16)
+
+
+def _unpack_q6_k_simd(builder, pb):
+    """ql[128] @0, qh[64] @128, scales int8[16] @192, d @208."""
+    sc16 = builder.sext(vload(builder, pb, c64(192), vec(I8, 16)), vec(I16, 16))
+    planes, scales = [], []
+    for h in range(2):
+        ql = vload(builder, pb, c64(64 * h), vec(I8, 64))
+        qh = builder.bitcast(_dup32(builder, vload(builder, pb, c64(128 + 32 * h), vec(I8, 32))), vec(I16, 32))
+        for nib in range(2):
+            # element 128h + 32k + l (k = 2 nib + byte // 32): top bits 2k of qh[32h + l]; a
+            # per-half shift, done on int16 lanes (vpsrlvw: x86 has no variable byte shift)
+            sh = ir.Constant(vec(I16, 32), [ir.Constant(I16, 4 * nib)] * 16 + [ir.Constant(I16, 4 * nib + 2)] * 16)
+            top = builder.and_(builder.bitcast(builder.lshr(qh, sh), vec(I8, 64)), splat(I8, 64, 3))
+            planes.append(builder.or_(_nibble(builder, ql, nib), builder.shl(top, splat(I8, 64, 4))))
+            b = 8 * h + 4 * nib
+            scales.append(_lanes16(builder, sc16, [b, b + 1, b + 2, b + 3]))
+    return planes, scales, half_at(builder, pb, c64(208)), sc16, None, 32
+
+
+KQ_ROWS_MAX = 8  # activation rows per intrinsic call: each weight block is unpacked once for them
+
+
+def _make_kq_rows(unpack, nbytes):
+    """An intrinsic computing out[i0 + k, r] for k < cnt <= KQ_ROWS_MAX: weight row wr
+    (super-blocks of `nbytes`, unpacked by `unpack` once per block) times cnt activation rows,
+    each with a 16-lane float accumulator kept in a register (the row guards are branches that
+    always go the same way within a call); one horizontal sum per output."""
+
+    @intrinsic
+    def rows_dot(typingctx, wr, xq, xd, bsums, out, r, i0, cnt):
+        """wr uint8[row bytes]; activations block-major: xq int8[nb, n, 256] (in the type's PERM
+        order), xd float32[nb, n], bsums int16[nb, n, 16]; out float32[n, rows]."""
+        sig = types.void(wr, xq, xd, bsums, out, r, i0, cnt)
+
+        def codegen(context, builder, signature, args):
+            tys = signature.args
+            pw, _ = arr(context, builder, tys[0], args[0])
+            px, (nb, n, _) = arr(context, builder, tys[1], args[1])
+            pxd, _ = arr(context, builder, tys[2], args[2])
+            pbs, _ = arr(context, builder, tys[3], args[3])
+            pout, (_, rows) = arr(context, builder, tys[4], args[4])
+            r_, i0_ = args[5], args[6]
+            cnt = context.cast(builder, args[7], tys[7], types.int64)
+            v16f, v16i = vec(FLT, 16), vec(I32, 16)
+            zf = ir.Constant(v16f, [ir.Constant(FLT, 0.0)] * 16)
+            zi8 = ir.Constant(vec(I32, 8), [ir.Constant(I32, 0)] * 8)
+            accs = [cgutils.alloca_once_value(builder, zf) for _ in range(KQ_ROWS_MAX)]
+            with cgutils.for_range(builder, nb) as lb:
+                b = lb.index
+                bo = builder.mul(b, c64(nbytes))
+                prefetch(builder, pw, bo, lines=(nbytes + 63) // 64)
+                planes, scales, d, corr16, dmin, offset = unpack(builder, builder.gep(pw, [bo]))
+                base = builder.add(builder.mul(b, n), i0_)  # (b, i0) in [nb, n]
+                for k in range(KQ_ROWS_MAX):
+                    with builder.if_then(builder.icmp_signed("<", c64(k), cnt), likely=True):
+                        ib = builder.add(base, c64(k))
+                        xo = builder.mul(ib, c64(256))
+                        s = None
+                        for j in range(4):
+                            x = vload(builder, px, builder.add(xo, c64(64 * j)), vec(I8, 64))
+                            p = call(builder, "llvm.x86.avx512.pmaddubs.w.512", vec(I16, 32),
+                                     [vec(I8, 64), vec(I8, 64)], [planes[j], x])
+                            t = call(builder, "llvm.x86.avx512.pmaddw.d.512", v16i,
+                                     [vec(I16, 32), vec(I16, 32)], [p, scales[j]])
+                            s = t if s is None else builder.add(s, t)
+                        bs = vload(builder, pbs, builder.mul(ib, c64(16)), vec(I16, 16))
+                        mv = call(builder, "llvm.x86.avx2.pmadd.wd", vec(I32, 8), [vec(I16, 16), vec(I16, 16)],
+                                  [corr16, bs])
+                        mv = builder.shuffle_vector(mv, zi8, ir.Constant(vec(I32, 16), list(range(16))))
+                        if offset:  # the unsigned codes' offset, taken back exactly
+                            s = builder.sub(s, builder.mul(mv, splat(I32, 16, offset)))
+                        dx = builder.load(builder.gep(pxd, [ib]))
+                        a = builder.load(accs[k])
+                        a = builder.fadd(a, builder.fmul(builder.sitofp(s, v16f), bcast(builder, builder.fmul(d, dx), 16)))
+                        if dmin is not None:  # the mins: dmin * dx * sum_k m_k bsum_k
+                            a = builder.fsub(a, builder.fmul(builder.sitofp(mv, v16f),
+                                                             bcast(builder, builder.fmul(dmin, dx), 16)))
+                        builder.store(a, accs[k])
+            for k in range(KQ_ROWS_MAX):
+                with builder.if_then(builder.icmp_signed("<", c64(k), cnt), likely=True):
+                    i = builder.add(i0_, c64(k))
+                    builder.store(hsum(builder, builder.load(accs[k])),
+                                  builder.gep(pout, [builder.add(builder.mul(i, rows), r_)]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return rows_dot
+
+
+_q2_k_rows = _make_kq_rows(_unpack_q2_k_simd, 84)
+_q3_k_rows = _make_kq_rows(_unpack_q3_k_simd, 110)
+_q4_k_rows = _make_kq_rows(_unpack_q4_k_simd, 144)
+_q5_k_rows = _make_kq_rows(_unpack_q5_k_simd, 176)
+_q6_k_rows = _make_kq_rows(_unpack_q6_k_simd, 210)
+
+
+@njit(inline="always")
+def _kq_simd_rows(kind, xq, xd, bsums, w, out, task, nt):
+    """Rows of one task against all activation rows, a tile of nt at a time: the tile stays in
+    L2 while the task's rows stream past it, KQ_ROWS_MAX activation rows per intrinsic call."""
+    n = xq.shape[1]
+    r0 = task * ROWS_PER_TASK
+    r1 = min(w.shape[0], r0 + ROWS_PER_TASK)
+    for t0 in range(0, n, nt):
+        t1 = min(n, t0 + nt)
+        for r in range(r0, r1):
+            wr = w[r]
+            for i in range(t0, t1, KQ_ROWS_MAX):
+                cnt = min(KQ_ROWS_MAX, t1 - i)
+                if kind == 2:
+                    _q2_k_rows(wr, xq, xd, bsums, out, r, i, cnt)
+                elif kind == 3:
+                    _q3_k_rows(wr, xq, xd, bsums, out, r, i, cnt)
+                elif kind == 4:
+                    _q4_k_rows(wr, xq, xd, bsums, out, r, i, cnt)
+                elif kind == 5:
+                    _q5_k_rows(wr, xq, xd, bsums, out, r, i, cnt)
+                else:
+                    _q6_k_rows(wr, xq, xd, bsums, out, r, i, cnt)
+
+
+# One cached kernel per type (the `kind` constant is folded after inlining). Arguments: xq
+# int8[nb, n, 256] in PERM_<type> order, xd float32[nb, n], bsums int16[nb, n, 16], w
+# uint8[rows, nb * block bytes], out float32[n, rows] (overwritten), nt activation rows per tile.
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q2_k_simd_kernel(xq, xd, bsums, w, out, nt):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _kq_simd_rows(2, xq, xd, bsums, w, out, task, nt)
 
 
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
-def _q2_k_simd_kernel(xq, xd, bsums, w, out, nt):
-    n = xq.shape[1]
-    rows = w.shape[0]
-    for task in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        acc = np.empty(16 * nt, np.float32)
-        r0 = task * ROWS_PER_TASK
-        r1 = min(rows, r0 + ROWS_PER_TASK)
-        for i0 in range(0, n, nt):
-            i1 = min(n, i0 + nt)
-            for r in range(r0, r1):
-                _q2_k_rows(w[r], xq, xd, bsums, acc, out, r, i0, i1)
+def _q3_k_simd_kernel(xq, xd, bsums, w, out, nt):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _kq_simd_rows(3, xq, xd, bsums, w, out, task, nt)
 
 
-SIMD_KERNELS = {"Q2_K": (_q2_k_simd_kernel, PERM_Q2_K)}
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q4_k_simd_kernel(xq, xd, bsums, w, out, nt):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _kq_simd_rows(4, xq, xd, bsums, w, out, task, nt)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q5_k_simd_kernel(xq, xd, bsums, w, out, nt):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _kq_simd_rows(5, xq, xd, bsums, w, out, task, nt)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q6_k_simd_kernel(xq, xd, bsums, w, out, nt):
+    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _kq_simd_rows(6, xq, xd, bsums, w, out, task, nt)
+
+
+SIMD_KERNELS = {"Q2_K": (_q2_k_simd_kernel, PERM_Q2_K), "Q3_K": (_q3_k_simd_kernel, PERM_Q3_K),
+                "Q4_K": (_q4_k_simd_kernel, PERM_Q4_K), "Q5_K": (_q5_k_simd_kernel, PERM_Q5_K),
+                "Q6_K": (_q6_k_simd_kernel, PERM_Q6_K)}
 GENERIC_KERNELS = {"Q2_K": _q2_k_kernel, "Q3_K": _q3_k_kernel, "Q4_K": _q4_k_kernel,
                    "Q5_K": _q5_k_kernel, "Q6_K": _q6_k_kernel}

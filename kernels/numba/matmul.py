@@ -7,11 +7,11 @@ theirs (stumpy's ``stump`` / ``_stump``).
 
 Strategy per type (measured; see the issue's report):
 
-* Q2_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 on a CPU with AVX-512 BW + VNNI (``HAVE_SIMD``):
+* Q2_K..Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 on a CPU with AVX-512 BW + VNNI (``HAVE_SIMD``):
   activations quantized to int8 here, exactly as ``weightstream.kernels.quantize`` (Q8_K / Q8_0 / Q8_1), and
   integer dot products written as explicit LLVM vector IR (``vpmaddubsw`` / ``vpdpbusd``).
   Reference: ``weightstream.kernels.quantize.matmul_q8_ref``.
-* Q3_K, Q4_K, Q5_K, Q6_K (and Q2_K without AVX-512): Q8_K activations, each super-block
+* Q2_K..Q6_K without AVX-512: Q8_K activations, each super-block
   unpacked once to int16 with its scales folded in and dotted with every activation row in
   plain Numba loops (LLVM vectorises them). Reference: ``weightstream.kernels.quantize.matmul_q8_ref``.
 * F32, F16, BF16 (and the 32-element types without AVX-512): float32 activations, weights
