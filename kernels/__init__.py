@@ -19,9 +19,9 @@ from gguf import GGMLQuantizationType
 
 from . import backends, formats
 from .backends import BACKENDS
-from .expand import default_threads, dequantize
+from .expand import MAX_THREADS, check_threads, default_threads, dequantize
 
-__all__ = ["QTensor", "dequantize", "matmul", "default_threads", "GGMLQuantizationType"]
+__all__ = ["QTensor", "dequantize", "matmul", "default_threads", "check_threads", "MAX_THREADS", "GGMLQuantizationType"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ def matmul(x: np.ndarray, qt: QTensor, threads: int | None = None, backend: str 
     """x @ W.T for x: float32[n, cols] and W = qt: returns float32[n, rows] (into `out` if given)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    check_threads(threads)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != qt.shape[1]:
         raise ValueError(f"matmul: x has shape {x.shape}, weight {qt.qtype.name}{list(qt.shape)} "

@@ -23,8 +23,22 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS; OpenMP fails to create (or crashes on) far more
+
+
+def check_threads(threads: int | None, what: str = "threads") -> int | None:
+    """threads itself when it is None (the default: every core we may use) or an integer in
+    1..MAX_THREADS; anything else a ValueError naming it (OpenMP would crash on 100000)."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"{what} must be an integer in 1..{MAX_THREADS} (or None: every core), got {threads!r}")
+    return int(threads)
+
+
 def dequantize(qt, threads: int | None = None) -> np.ndarray:
     """float32[rows, cols] values of `qt` (a QTensor) (bit-identical to gguf.quants.dequantize)."""
+    check_threads(threads)
     if _dequant is not None:
         out = np.empty(qt.shape, dtype=np.float32)
         data = np.ascontiguousarray(qt.data)

@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ...kernels import check_threads
 from ...kernels.backends import BACKENDS
 from ..formats.gguf_file import GGUFFile
 from ..formats.tokenizer import Tokenizer
@@ -98,6 +99,7 @@ class Engine:
             pipeline stages on Ray actors, each streaming its own experts under its own budget (needs ray).
         Streamed output is bit-identical to stream="none" whatever these options are."""
         opts = LoadOptions.from_kwargs(**options)
+        threads = check_threads(threads, "Engine.load: threads")
         if backend not in BACKENDS:
             raise ValueError(f"Engine.load: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         t0 = time.perf_counter()
@@ -218,6 +220,8 @@ class Engine:
             stats.generated_tokens += 1
             yield next_id
             if step + 1 < max_new_tokens:  # the last token needs no forward pass
+                # resumed after close(): the weights' memory is gone, a forward pass would crash
+                model = self._require_open()
                 t1 = time.perf_counter()
                 logits = model.forward([next_id], len(history) - 1)
                 stats.decode_s += time.perf_counter() - t1
