@@ -39,3 +39,34 @@ def test_a_generator_resumed_after_close_raises_instead_of_crashing(demo_model):
         next(pieces)
     with pytest.raises(RuntimeError, match="closed"):
         list(pieces)
+
+
+def test_two_threads_generating_on_one_engine_take_turns(demo_model):
+    """They used to interleave their states and each other's text (a streamed MoE even raised
+    KeyError): each thread now gets exactly the text it gets alone."""
+    import threading
+
+    prompts = ["The capital of France is", "Water boils at"]
+    with Engine.load(demo_model) as eng:
+        alone = [eng.generate(p, 12) for p in prompts]
+        results = [None, None]
+
+        def run(i):
+            results[i] = eng.generate(prompts[i], 12)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert results == alone
+
+
+def test_a_generator_superseded_by_a_newer_evaluation_stops_with_an_error(demo_model):
+    with Engine.load(demo_model) as eng:
+        first = eng.generate_tokens("The capital of France is", 8)
+        next(first)
+        eng.logits([1, 2, 3])  # a new sequence from position 0, on the same thread
+        with pytest.raises(RuntimeError, match="superseded"):
+            next(first)
+        assert len(list(eng.generate_tokens("Hello", 4))) > 0  # the engine itself is fine

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,13 @@ class Engine:
         self.load_s, self.store, self.plan, self.profiler = load_s, store, plan, profiler
         self.prefill_batch = plan.prefill_batch if plan is not None else (n_batch or PREFILL_BATCH)
         self.last_stats = GenerationStats()
+        # The model holds one sequence's state (KV caches, recurrent states): evaluations take
+        # turns. A generation holds the lock while it lives, so another thread's waits for it
+        # (they used to interleave and corrupt each other's text); `sequence` counts evaluations
+        # from position 0, so a generator resumed after a newer one started on this thread stops
+        # with an error instead of continuing from the other sequence's state.
+        self._turn = threading.RLock()
+        self._sequence = 0
 
     @classmethod
     def load(cls, path, threads: int | None = None, backend: str = "auto", distributed=None,
@@ -156,12 +164,14 @@ class Engine:
     # ---- scoring ------------------------------------------------------------------------------
     def _forward_all(self, ids: Sequence[int]) -> np.ndarray:
         """Logits for every position of ids, evaluated from an empty cache in prefill batches."""
-        model = self._require_open()
-        out = np.empty((len(ids), self.config.n_vocab), dtype=np.float32)
-        b = self.prefill_batch
-        for s in range(0, len(ids), b):
-            out[s:s + b] = model.forward(ids[s:s + b], s, all_logits=True)
-        return out
+        with self._turn:
+            model = self._require_open()
+            self._sequence += 1
+            out = np.empty((len(ids), self.config.n_vocab), dtype=np.float32)
+            b = self.prefill_batch
+            for s in range(0, len(ids), b):
+                out[s:s + b] = model.forward(ids[s:s + b], s, all_logits=True)
+            return out
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32[n, n_vocab]: the logits after each of token_ids (a fresh sequence)."""
@@ -200,11 +210,17 @@ class Engine:
                         **sampling) -> Iterator[int]:
         """Yield generated token ids until an end-of-generation token or max_new_tokens.
         sampling: temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed."""
+        with self._turn:  # held until this generator ends: another thread's evaluation waits
+            yield from self._generate(prompt, max_new_tokens, add_special, sampling)
+
+    def _generate(self, prompt, max_new_tokens: int, add_special: bool, sampling: dict) -> Iterator[int]:
         model = self._require_open()
         sampler = Sampler(SamplingParams(**sampling))
         ids = self._prompt_ids(prompt, add_special)
         if len(ids) + max_new_tokens > model.n_ctx:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed n_ctx={model.n_ctx}")
+        self._sequence += 1
+        sequence = self._sequence
         stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
         t0 = time.perf_counter()
         b = self.prefill_batch
@@ -222,6 +238,9 @@ class Engine:
             if step + 1 < max_new_tokens:  # the last token needs no forward pass
                 # resumed after close(): the weights' memory is gone, a forward pass would crash
                 model = self._require_open()
+                if self._sequence != sequence:
+                    raise RuntimeError("this generation was superseded: another evaluation ran on the Engine "
+                                       "since (it holds one sequence; finish or close a generator first)")
                 t1 = time.perf_counter()
                 logits = model.forward([next_id], len(history) - 1)
                 stats.decode_s += time.perf_counter() - t1
