@@ -70,3 +70,50 @@ def test_a_generator_superseded_by_a_newer_evaluation_stops_with_an_error(demo_m
         with pytest.raises(RuntimeError, match="superseded"):
             next(first)
         assert len(list(eng.generate_tokens("Hello", 4))) > 0  # the engine itself is fine
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(repeat_penalty=float("nan")), "repeat_penalty must be a finite number"),
+    (dict(seed=-5), "seed must be an integer"),
+    (dict(repeat_last_n=-2), "repeat_last_n must be >= -1"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
+    (dict(stop=[""]), "stop strings must be non-empty"),
+])
+def test_bad_generation_arguments_are_named(demo_model, kwargs, match):
+    """These used to run silently (NaN logits, every token penalised, an immediate stop) or fail
+    deep inside NumPy."""
+    with Engine.load(demo_model) as eng:
+        with pytest.raises(ValueError, match=match):
+            eng.generate("Hello", **{"max_new_tokens": 4, **kwargs})
+
+
+@pytest.mark.parametrize("prompt,error,match", [
+    (None, TypeError, "a string or a sequence of token ids"),
+    ([1.5, 2.0], ValueError, "token ids must be integers"),
+    ([1, 10**9], ValueError, "token ids must be integers"),
+])
+def test_bad_prompts_are_named(demo_model, prompt, error, match):
+    with Engine.load(demo_model) as eng:
+        with pytest.raises(error, match=match):
+            eng.generate(prompt, 4)
+
+
+def test_seed_minus_one_is_random_and_repeat_last_n_zero_is_off(demo_model):
+    """llama.cpp's meanings: seed -1 draws a seed; repeat_last_n 0 turns the penalty off (it used
+    to penalise the whole history)."""
+    from weightstream.engine.runtime.sampling import Sampler, SamplingParams
+
+    assert SamplingParams(seed=-1).seed is None
+    logits = np.array([3.0, 2.0, 1.0], np.float32)
+    off = Sampler(SamplingParams(repeat_penalty=10.0, repeat_last_n=0))
+    assert off(logits, [0, 0, 0]) == 0  # not penalised: token 0 still wins
+    on = Sampler(SamplingParams(repeat_penalty=10.0, repeat_last_n=-1))
+    assert on(logits, [0, 0, 0]) == 1
+
+
+def test_perplexity_needs_a_context_of_two(demo_model):
+    with Engine.load(demo_model) as eng:
+        for n_ctx in (0, 1):
+            with pytest.raises(ValueError, match="n_ctx must be an integer >= 2"):
+                eng.perplexity("some text " * 50, n_ctx=n_ctx)

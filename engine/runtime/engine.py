@@ -184,6 +184,8 @@ class Engine:
         """Perplexity as llama-perplexity computes it: the text's tokens cut into non-overlapping
         chunks of n_ctx (BOS put in each chunk's first place when the model adds BOS), and in each
         chunk only the second half's predictions scored."""
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 2:
+            raise ValueError(f"perplexity: n_ctx must be an integer >= 2 (a chunk scores its second half), got {n_ctx!r}")
         chunks, n_tokens = self.tokenizer.chunks(text, n_ctx)
         if not chunks:
             raise ValueError(f"perplexity: text has {n_tokens} tokens, fewer than n_ctx={n_ctx}")
@@ -201,7 +203,17 @@ class Engine:
 
     # ---- generation ---------------------------------------------------------------------------
     def _prompt_ids(self, prompt: str | Sequence[int], add_special: bool) -> list[int]:
-        ids = self.tokenizer.encode(prompt, add_special=add_special) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special=add_special)
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            ids = list(prompt)
+            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer))
+                        or not 0 <= t < self.config.n_vocab), None)
+            if bad is not None:
+                raise ValueError(f"generate: token ids must be integers in [0, {self.config.n_vocab}), got {bad!r}")
+            ids = [int(t) for t in ids]
+        else:
+            raise TypeError(f"generate: the prompt must be a string or a sequence of token ids, got {type(prompt).__name__}")
         if not ids:
             raise ValueError("generate: empty prompt")
         return ids
@@ -214,6 +226,8 @@ class Engine:
             yield from self._generate(prompt, max_new_tokens, add_special, sampling)
 
     def _generate(self, prompt, max_new_tokens: int, add_special: bool, sampling: dict) -> Iterator[int]:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         model = self._require_open()
         sampler = Sampler(SamplingParams(**sampling))
         ids = self._prompt_ids(prompt, add_special)
@@ -250,6 +264,9 @@ class Engine:
                add_special: bool = True, **sampling) -> Iterator[str]:
         """Yield text pieces as tokens are produced (whole UTF-8 characters only). Stops at an
         end-of-generation token, a stop string (not included in the text), or max_new_tokens."""
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError(f"generate: stop strings must be non-empty strings, got {stop!r}")
         decoder = self.tokenizer.decoder()
         held = ""  # text not yet yielded because it may be the start of a stop string
         hold = max((len(s) for s in stop), default=1) - 1

@@ -14,18 +14,38 @@ class SamplingParams:
     top_p: float = 0.95  # 1.0: off
     min_p: float = 0.05  # 0.0: off
     repeat_penalty: float = 1.0  # 1.0: off
-    repeat_last_n: int = 64  # how many recent tokens the penalty looks at
-    seed: int | None = None
+    repeat_last_n: int = 64  # how many recent tokens the penalty looks at (0: off, -1: all, as llama.cpp)
+    seed: int | None = None  # None or -1 (llama.cpp's default): a random seed
 
     def __post_init__(self):
-        if self.top_k < 0:
+        def number(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not np.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            return value
+
+        def integer(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            return value
+
+        number("temperature")  # <= 0: greedy
+        if integer("top_k") < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < number("top_p") <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
+        if not 0.0 <= number("min_p") <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repeat_penalty <= 0:
+        if number("repeat_penalty") <= 0:
             raise ValueError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        if integer("repeat_last_n") < -1:
+            raise ValueError(f"repeat_last_n must be >= -1 (0: off, -1: the whole history), got {self.repeat_last_n}")
+        if self.seed is not None and (integer("seed") < -1 or self.seed >= 2**64):
+            raise ValueError(f"seed must be an integer in 0..2^64-1, or -1 / None for a random one, got {self.seed}")
+        if self.seed == -1:
+            self.seed = None
 
 
 class Sampler:
@@ -37,8 +57,9 @@ class Sampler:
         """logits: float32[n_vocab] for the next position; history: tokens so far."""
         p = self.p
         logits = np.asarray(logits, dtype=np.float32)
-        if p.repeat_penalty != 1.0 and history:
-            logits = apply_repeat_penalty(logits, history[-p.repeat_last_n:], p.repeat_penalty)
+        if p.repeat_penalty != 1.0 and history and p.repeat_last_n != 0:
+            recent = history if p.repeat_last_n == -1 else history[-p.repeat_last_n:]
+            logits = apply_repeat_penalty(logits, recent, p.repeat_penalty)
         if p.temperature <= 0:
             return int(np.argmax(logits))
         ids = np.arange(len(logits))
