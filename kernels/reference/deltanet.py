@@ -84,7 +84,7 @@ def _check(q, k, v, g, beta, state):
 def gated_delta_rule(q, k, v, g, beta, state, eps: float = 1e-6, tiled: bool = True) -> np.ndarray:
     """The recurrence of the module docstring, one token at a time: out float32[n, Hv, Dv];
     state float32[Hv, Dk, Dv] updated IN PLACE."""
-    n, hk, dk, hv, dv = _check(q, k, v, g, beta, state)
+    n, _, _, hv, dv = _check(q, k, v, g, beta, state)
     qn, kn = normalized_qk(q, k, hv, eps, tiled)
     S = state.astype(np.float32)  # [Hv, Dk, Dv], a working copy
     out = np.empty((n, hv, dv), np.float32)
@@ -116,7 +116,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state, eps: float = 1e-6, tiled: bo
     short loop over chunks is sequential. The last chunk is padded with g = beta = k = v = 0:
     those steps neither decay nor write the state.
     """
-    n, hk, dk, hv, dv = _check(q, k, v, g, beta, state)
+    n, _, _, hv, dv = _check(q, k, v, g, beta, state)
     qn, kn = normalized_qk(q, k, hv, eps, tiled)
     pad = (-n) % chunk
     nc = (n + pad) // chunk
