@@ -9,7 +9,8 @@ fused kernel lands. The full grid is `weightstream bench kernels`; this is its r
 import numpy as np
 import pytest
 
-from weightstream.kernels.bench import backend_status, blas_threads, matmul_caller, random_qtensor
+from weightstream.kernels.bench import backend_status, matmul_caller, random_qtensor
+from weightstream.kernels.blas import blas_threads
 
 SHAPES = [(14336, 4096), (4096, 14336)]  # W rows x cols: the dense FFN of DESIGN.md's figures
 CASES = [(qtype, shape, n, threads, backend)

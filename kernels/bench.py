@@ -12,7 +12,6 @@ second as a fraction of it (DESIGN.md, habit 8). Timings live here and in bench/
 """
 from __future__ import annotations
 
-import ctypes
 import datetime
 import inspect
 import itertools
@@ -22,12 +21,12 @@ import os
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from . import QTensor, dequantize, formats, matmul
+from .blas import blas_threads
 from .reference import random_raw
 
 # ---- what to measure ---------------------------------------------------------------------------
@@ -74,44 +73,6 @@ def machine_info() -> dict:
             "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "loadavg": os.getloadavg(), "python": platform.python_version(), "numpy": np.__version__}
-
-
-def _openblas():
-    """(set_num_threads, get_num_threads) of the OpenBLAS loaded in this process, or None.
-    NumPy's matmul runs on OpenBLAS, whose own thread pool ignores our `threads`: a "1 thread"
-    figure for a path that ends in NumPy must pin it, or it quietly uses every core."""
-    try:
-        with open("/proc/self/maps") as fh:
-            libs = sorted({line.split()[-1] for line in fh if "openblas" in line.lower()})
-    except OSError:  # pragma: no cover - non-Linux
-        return None
-    for lib in libs:
-        try:
-            handle = ctypes.CDLL(lib)
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", "")):
-            setter = getattr(handle, f"{prefix}_set_num_threads{suffix}", None)
-            getter = getattr(handle, f"{prefix}_get_num_threads{suffix}", None)
-            if setter is not None and getter is not None:
-                return setter, getter
-    return None
-
-
-@contextmanager
-def blas_threads(n: int | None):
-    """Limit OpenBLAS to n threads inside the block (no-op when n is None or OpenBLAS is absent)."""
-    blas = _openblas() if n else None
-    if blas is None:
-        yield
-        return
-    setter, getter = blas
-    before = getter()
-    setter(ctypes.c_int(int(n)))
-    try:
-        yield
-    finally:
-        setter(ctypes.c_int(before))
 
 
 def memory_bandwidth(threads: int = 1, size_bytes: int = 1 << 30, repeats: int = 5) -> float:

@@ -7,8 +7,8 @@ Each figure is the mean +- sample standard deviation of the tokens/s of `repeats
 llama-bench reports avg_ts +- stddev_ts, after one warm-up pass (Numba compiles on first use); the
 best run is kept too (pp_tok_s_best, tg_tok_s_best).
 
-"1 thread" pins OpenBLAS too (weightstream.kernels.bench.blas_threads): otherwise the NumPy parts of the
-forward pass quietly use every core and a 1-thread figure is not comparable with llama.cpp -t 1.
+NumPy's BLAS runs on one thread inside every forward pass (Model.forward, kernels/blas.py), so a
+1-thread figure is comparable with llama.cpp -t 1.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from ...kernels import default_threads
-from ...kernels.bench import blas_threads, machine_info, machine_lines
+from ...kernels.bench import machine_info, machine_lines
 
 from ..runtime.engine import PREFILL_BATCH, Engine
 
@@ -51,7 +51,7 @@ def bench_decode(model_path, prompt_tokens: int = 64, gen_tokens: int = 64, thre
         raise ValueError("bench_decode: prompt_tokens and gen_tokens must be >= 0 and repeats >= 1")
     threads = threads or default_threads()
     machine = machine_info()  # before we add our own load
-    with blas_threads(threads), Engine.load(model_path, threads=threads, backend=backend) as engine:
+    with Engine.load(model_path, threads=threads, backend=backend) as engine:
         model, cfg = engine.model, engine.config
         if max(prompt_tokens, gen_tokens) > model.n_ctx:
             raise ValueError(f"bench_decode: {max(prompt_tokens, gen_tokens)} tokens exceed n_ctx={model.n_ctx}")
