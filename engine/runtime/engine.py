@@ -23,7 +23,7 @@ from ..stream.reader import direct_io_supported
 from ..stream.store import ExpertStore
 from .build import build_model
 from .options import LoadOptions
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, is_int
 
 
 
@@ -184,7 +184,7 @@ class Engine:
         """Perplexity as llama-perplexity computes it: the text's tokens cut into non-overlapping
         chunks of n_ctx (BOS put in each chunk's first place when the model adds BOS), and in each
         chunk only the second half's predictions scored."""
-        if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 2:
+        if not is_int(n_ctx) or n_ctx < 2:
             raise ValueError(f"perplexity: n_ctx must be an integer >= 2 (a chunk scores its second half), got {n_ctx!r}")
         chunks, n_tokens = self.tokenizer.chunks(text, n_ctx)
         if not chunks:
@@ -207,8 +207,7 @@ class Engine:
             ids = self.tokenizer.encode(prompt, add_special=add_special)
         elif isinstance(prompt, (list, tuple, np.ndarray)):
             ids = list(prompt)
-            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer))
-                        or not 0 <= t < self.config.n_vocab), None)
+            bad = next((t for t in ids if not is_int(t) or not 0 <= t < self.config.n_vocab), None)
             if bad is not None:
                 raise ValueError(f"generate: token ids must be integers in [0, {self.config.n_vocab}), got {bad!r}")
             ids = [int(t) for t in ids]
@@ -226,7 +225,7 @@ class Engine:
             yield from self._generate(prompt, max_new_tokens, add_special, sampling)
 
     def _generate(self, prompt, max_new_tokens: int, add_special: bool, sampling: dict) -> Iterator[int]:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        if not is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"generate: max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         model = self._require_open()
         sampler = Sampler(SamplingParams(**sampling))

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def is_int(value) -> bool:
+    """An int or NumPy integer, not a bool (True is an int to Python, never a count to us)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 0.0  # <= 0: greedy
@@ -27,7 +32,7 @@ class SamplingParams:
 
         def integer(name):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            if not is_int(value):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
             return value
 
