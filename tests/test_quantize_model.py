@@ -19,6 +19,7 @@ from weightstream.engine.runtime.engine import Engine  # noqa: E402
 from weightstream.engine.tools.convert import convert_hf_to_gguf  # noqa: E402
 from weightstream.engine.tools.quantize import quantize_array, quantize_gguf  # noqa: E402
 from tests.hf_models import cached_hf_model, make_hf_model, smollm2_gguf_path  # noqa: E402
+from tests.tiny_gguf import rewritten_gguf  # noqa: E402
 
 pytestmark = pytest.mark.skipif(smollm2_gguf_path() is None, reason="SmolLM2 demo GGUF not available")
 
@@ -169,19 +170,7 @@ F32_NMSE = 0.5
 
 def dequantized_copy(src: Path, dst: Path) -> Path:
     """The GGUF at src with every tensor expanded to F32 by gguf's own dequantizer."""
-    r = gguf.GGUFReader(src)
-    w = gguf.GGUFWriter(dst, field(r, "general.architecture"))
-    for key, f in r.fields.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            w.add_key_value(key, f.contents(), f.types[0], f.types[1] if len(f.types) > 1 else None)
-    for t in r.tensors:
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        w.add_tensor(t.name, gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
+    return rewritten_gguf(src, dst)
 
 
 def logits_of(path: Path, ids) -> np.ndarray:

@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 
 from tests import hf_models  # noqa: E402
 from tests.hf_models import GGUF_ARCH, HYBRID_CASES  # noqa: E402
+from tests.tiny_gguf import rewritten_gguf  # noqa: E402
 from weightstream.engine.errors import ConfigError  # noqa: E402
 from weightstream.engine.model.config import LINEAR_ATTENTION  # noqa: E402
 from weightstream.engine.runtime.engine import Engine  # noqa: E402
@@ -288,33 +289,6 @@ def test_budget_counts_the_recurrent_state(tmp_path_factory):
         assert eng.plan.kv_cache == held  # the plan's per-layer state bytes
 
 
-def rewritten(src, dst, edit_tensors=None, keys=None):
-    """The F32 GGUF at src written to dst with its tensors passed through edit_tensors({name:
-    float32 array in NumPy order} -> the same) and the metadata entries in keys replaced."""
-    import gguf
-
-    r = gguf.GGUFReader(src)
-    arch = r.fields["general.architecture"].contents()
-    w = gguf.GGUFWriter(dst, arch)
-    keys = keys or {}
-    for key, f in r.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        value = keys.pop(key, f.contents())
-        w.add_key_value(key, value, f.types[0], f.types[1] if len(f.types) > 1 else None)
-    for key, (value, vtype, sub) in keys.items():  # keys the file did not have
-        w.add_key_value(key, value, vtype, sub)
-    tensors = {t.name: np.array(t.data, dtype=np.float32).reshape(tuple(int(n) for n in reversed(t.shape.tolist())))
-               for t in r.tensors}
-    for name, arr in (edit_tensors(tensors) if edit_tensors else tensors).items():
-        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 def test_legacy_qwen3next_ssm_in_and_ssm_ba_give_the_same_model(tmp_path_factory, tmp_path):
     """Older qwen3next files hold ssm_in ([q, k, v, z] per key head) and ssm_ba ([b, a] per key
     head) where current ones hold attn_qkv + attn_gate and ssm_beta + ssm_alpha: rebuilt that way,
@@ -344,7 +318,7 @@ def test_legacy_qwen3next_ssm_in_and_ssm_ba_give_the_same_model(tmp_path_factory
                 out[name] = arr
         return out
 
-    legacy = rewritten(path, tmp_path / "legacy.gguf", to_legacy)
+    legacy = rewritten_gguf(path, tmp_path / "legacy.gguf", to_legacy)
     ids = prompt_ids(model.config.vocab_size, n=24)
     with Engine.load(path) as a, Engine.load(legacy) as b:
         assert "blk.1.ssm_in.weight" in b.file and "blk.1.attn_qkv.weight" not in b.file
@@ -359,7 +333,7 @@ def test_an_mtp_block_counted_in_block_count_is_skipped(tmp_path_factory, tmp_pa
     model, path = hybrid_model("qwen35moe", tmp_path_factory)
     n = model.config.num_hidden_layers
     last = f"blk.{n - 1}."
-    with_mtp = rewritten(path, tmp_path / "mtp.gguf",
+    with_mtp = rewritten_gguf(path, tmp_path / "mtp.gguf",
                          lambda t: {**t, **{f"blk.{n}." + k[len(last):]: v for k, v in t.items() if k.startswith(last)}},
                          {"qwen35moe.block_count": n + 1,
                           "qwen35moe.attention.recurrent_layers":

@@ -68,3 +68,29 @@ def write_gguf(path: Path, tensors: dict[str, np.ndarray], metadata: dict, arch:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def rewritten_gguf(src: Path, dst: Path, edit_tensors=None, keys: dict | None = None) -> Path:
+    """The GGUF at src written to dst with every tensor expanded to F32 by gguf's own dequantizer
+    (F32 tensors unchanged), passed through edit_tensors({name: float32 array in NumPy order} ->
+    the same; None: as they are), and the metadata entries in keys replaced (an entry the file
+    lacks is given as (value, GGUFValueType, sub type))."""
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, r.fields["general.architecture"].contents())
+    keys = dict(keys or {})
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = keys.pop(key, f.contents())
+        w.add_key_value(key, value, f.types[0], f.types[1] if len(f.types) > 1 else None)
+    for key, (value, vtype, sub) in keys.items():
+        w.add_key_value(key, value, vtype, sub)
+    tensors = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(
+        tuple(int(n) for n in reversed(t.shape.tolist()))).astype(np.float32) for t in r.tensors}
+    for name, arr in (edit_tensors(tensors) if edit_tensors else tensors).items():
+        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
