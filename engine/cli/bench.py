@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ...kernels.backends import BACKENDS
+from .parser import count, positive_int
+
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v)
@@ -29,14 +32,14 @@ def register(subparsers) -> None:
 
     k = sub.add_parser("kernels", help="quantized matmul throughput against memory bandwidth")
     k.add_argument("--types", type=_names, default=None, help="e.g. Q2_K,Q4_K (default: all seven)")
-    k.add_argument("--shapes", type=_shapes, default=None, help="W rows x cols, e.g. 14336x4096,768x2048")
-    k.add_argument("--threads", type=_ints, default=None, help="e.g. 1,2")
-    k.add_argument("--n", type=_ints, default=None, help="batch sizes, e.g. 1,8,64,512")
-    k.add_argument("--backends", type=_names, default=None, help="e.g. cython,numba,numpy (auto also allowed)")
-    k.add_argument("--repeats", type=int, default=None)
+    k.add_argument("--shapes", type=_shapes, default=None, help="W rows x cols, e.g. 14336x4096,768x2048 (default: the suite's dense and expert shapes)")
+    k.add_argument("--threads", type=_ints, default=None, help="e.g. 1,2 (default: 1,2)")
+    k.add_argument("--n", type=_ints, default=None, help="batch sizes, e.g. 1,8,64,512 (default: 1,8,64,512)")
+    k.add_argument("--backends", type=_names, default=None, help="e.g. cython,numba,numpy; auto also allowed (default: cython,numba,numpy)")
+    k.add_argument("--repeats", type=positive_int, default=None, help="timed calls per row (default: by size)")
     k.add_argument("--warm", action="store_true", help="reuse one copy of W (cache-resident when small)")
     k.add_argument("--quick", action="store_true", help="Q2_K, dense shapes + one expert shape, n=1,64")
-    k.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    k.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON (default: none)")
     k.add_argument("--write-table", action="store_true",
                    help="store the fastest backend per (type, n) for backend='auto' "
                         "(~/.cache/weightstream/backend_table-<cpu>.json)")
@@ -44,29 +47,29 @@ def register(subparsers) -> None:
 
     d = sub.add_parser("decode", help="prefill (pp) and decode (tg) tokens/s, as llama-bench")
     d.add_argument("model", nargs="?", default="demo", help="GGUF path, or 'demo' (default): SmolLM2-135M Q4_1")
-    d.add_argument("-p", "--n-prompt", type=int, default=64)
-    d.add_argument("-n", "--n-gen", type=int, default=64)
+    d.add_argument("-p", "--n-prompt", type=count, default=64, help="prompt tokens: the pp test (0: skip it)")
+    d.add_argument("-n", "--n-gen", type=count, default=64, help="generated tokens: the tg test (0: skip it)")
     d.add_argument("-t", "--threads", type=_ints, default=None, help="e.g. 2 or 1,2 (default: available cores)")
-    d.add_argument("--backend", default="auto", help="auto, numpy, cython or numba (kernels/backends.py)")
-    d.add_argument("-r", "--repetitions", type=int, default=3)
-    d.add_argument("--json", default=None, metavar="OUT")
+    d.add_argument("--backend", default="auto", choices=BACKENDS, help="matmul kernels (kernels/backends.py)")
+    d.add_argument("-r", "--repetitions", type=positive_int, default=3, help="timed runs of each test, after one untimed warm-up run")
+    d.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON (default: none)")
     d.set_defaults(func=cmd_bench_decode)
 
     o = sub.add_parser("io", help="disk read bandwidth: parallel cold preads of expert-sized chunks")
     o.add_argument("file", help="a large file on the disk to measure (e.g. a GGUF); see --make-gib")
-    o.add_argument("--make-gib", type=float, default=None, help="first write FILE: this many GiB of random bytes")
+    o.add_argument("--make-gib", type=float, default=None, help="first write FILE: this many GiB of random bytes (default: FILE exists)")
     o.add_argument("--chunk-mib", type=float, default=None, help="bytes per read (default: one Q2_K 4096x1536 expert)")
-    o.add_argument("--threads", type=_ints, default=(1, 2, 4))
-    o.add_argument("--reads", type=int, default=256, help="reads per measurement (each at a new offset)")
+    o.add_argument("--threads", type=_ints, default=(1, 2, 4), help="reader threads, one measurement each")
+    o.add_argument("--reads", type=positive_int, default=256, help="reads per measurement (each at a new offset)")
     o.add_argument("--warm", action="store_true", help="leave the page cache as it is")
     o.add_argument("--drop-all", action="store_true", help="also empty the whole page cache (root)")
-    o.add_argument("--json", default=None, metavar="OUT")
+    o.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON (default: none)")
     o.set_defaults(func=cmd_bench_io)
 
     b = sub.add_parser("bandwidth", help="memory read bandwidth (the ceiling for matrix-vector kernels)")
-    b.add_argument("--threads", type=_ints, default=(1, 2))
-    b.add_argument("--size-mib", type=int, default=1024)
-    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--threads", type=_ints, default=(1, 2), help="threads, one measurement each")
+    b.add_argument("--size-mib", type=positive_int, default=1024, help="the buffer read")
+    b.add_argument("--repeats", type=positive_int, default=5, help="timed reads (the best is reported)")
     b.set_defaults(func=cmd_bench_bandwidth)
 
 

@@ -4,34 +4,37 @@ from __future__ import annotations
 import argparse
 import time
 
+from .parser import model_path, positive_int
+
 
 def register(sub) -> None:
     from ..tools import recipes
 
     p = sub.add_parser("convert", help="write GGUF from a Hugging Face safetensors directory")
-    p.add_argument("hf_dir")
-    p.add_argument("out")
-    p.add_argument("--type", default="f16", choices=list(dict.fromkeys(["f32", "f16", "bf16", "q8_0", *recipes.RECIPES])))
-    p.add_argument("--imatrix", default=None, help="importance matrix for the q*_k recipes (weightstream imatrix)")
+    p.add_argument("hf_dir", help="a Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("out", help="the GGUF file to write")
+    p.add_argument("--type", default="f16", choices=list(dict.fromkeys(["f32", "f16", "bf16", "q8_0", *recipes.RECIPES])),
+                   help="f32/f16/bf16/q8_0: every matrix in that type; q*_k: a llama.cpp-like recipe (fallbacks listed at the end)")
+    p.add_argument("--imatrix", default=None, help="importance matrix for the q*_k recipes, from weightstream imatrix (default: none)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("quantize", help="requantize a GGUF with a recipe (q2_k, q3_k_m, q4_k_m, q8_0)")
     p.add_argument("input", help="input GGUF (any type we read)")
     p.add_argument("output", help="output GGUF")
     p.add_argument("type", help=f"recipe: {', '.join(recipes.RECIPES)}")
-    p.add_argument("--imatrix", default=None, help="importance matrix (weightstream imatrix / llama-imatrix)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="dequantize threads")
+    p.add_argument("--imatrix", default=None, help="importance matrix, from weightstream imatrix or llama-imatrix (default: none)")
+    p.add_argument("-t", "--threads", type=positive_int, default=None, help="dequantize threads (default: available cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("imatrix", help="collect an importance matrix over a calibration text")
-    p.add_argument("model")
+    p.add_argument("model", type=model_path, help="path to a GGUF file")
     p.add_argument("-f", "--file", required=True, help="calibration text (not the evaluation text)")
-    p.add_argument("-o", "--output", default="imatrix.dat")
-    p.add_argument("-c", "--ctx-size", type=int, default=512, help="tokens per chunk (llama-imatrix -c)")
-    p.add_argument("--chunks", type=int, default=None, help="at most this many chunks (default: all)")
-    p.add_argument("-t", "--threads", type=int, default=None)
-    p.add_argument("--memory-budget", default=None, help="stream experts (or FFNs) under this budget")
+    p.add_argument("-o", "--output", default="imatrix.dat", help="the importance matrix file to write")
+    p.add_argument("-c", "--ctx-size", type=positive_int, default=512, help="tokens per chunk (llama-imatrix -c)")
+    p.add_argument("--chunks", type=positive_int, default=None, help="at most this many chunks (default: all)")
+    p.add_argument("-t", "--threads", type=positive_int, default=None, help="kernel threads (default: available cores)")
+    p.add_argument("--memory-budget", default=None, help="stream experts (or FFNs) under this budget (default: none, everything resident)")
     p.add_argument("--process-output", action="store_true", help="collect output.weight too")
     p.set_defaults(func=cmd_imatrix)
 

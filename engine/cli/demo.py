@@ -7,6 +7,7 @@ import sys
 import time
 
 from .options import print_speed
+from .parser import count, positive_int
 
 DEMO_PROMPT = "Explain in three sentences why the sky is blue."
 DEMO_BUDGET = "80MiB"  # below the demo model's 98 MB file: its FFNs stream (weightstream's point)
@@ -15,10 +16,10 @@ DEMO_MOE_BUDGET = "640MiB"  # the synthetic MoE demo model is ~2.3 GB: 3.5x this
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="fetch the demo model (SmolLM2-135M-Instruct Q4_1) and generate")
-    p.add_argument("-p", "--prompt", default=DEMO_PROMPT)
-    p.add_argument("-n", "--n-predict", type=int, default=96)
-    p.add_argument("-t", "--threads", type=int, default=None)
-    p.add_argument("--cache-dir", default=None, help="where the model is cached (default ~/.cache/weightstream)")
+    p.add_argument("-p", "--prompt", default=DEMO_PROMPT, help="the question asked")
+    p.add_argument("-n", "--n-predict", type=count, default=96, help="tokens to generate")
+    p.add_argument("-t", "--threads", type=positive_int, default=None, help="kernel threads (default: available cores)")
+    p.add_argument("--cache-dir", default=None, help="where the model is cached (default: $WEIGHTSTREAM_CACHE or ~/.cache/weightstream)")
     p.add_argument("--memory-budget", default=None,
                    help=f"run under this budget, streaming what does not fit (default {DEMO_BUDGET}, or "
                         f"{DEMO_MOE_BUDGET} with --moe: less than the model; 'none': everything resident)")
@@ -64,11 +65,11 @@ def register_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a synthetic MoE GGUF with a real model's tensor shapes")
     p.add_argument("out", help="output GGUF path")
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
-    p.add_argument("--arch", default=None, help="the preset's llama.cpp architecture (checked if given)")
-    p.add_argument("--layers", type=int, default=None, help="write only the first N layers (default: all)")
+    p.add_argument("--arch", default=None, help="the preset's llama.cpp architecture, checked against it (default: the preset's)")
+    p.add_argument("--layers", type=positive_int, default=None, help="write only the first N layers (default: all)")
     p.add_argument("--experts-type", default="q2_k", choices=sorted(QUANT_TYPES), help="routed experts' type")
     p.add_argument("--attn-type", default="q4_k", choices=sorted(QUANT_TYPES), help="attention matrices' type")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random weights' seed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
 

@@ -9,14 +9,14 @@ from .options import add_model_options, add_sampling_options, load_engine, print
 def register(sub) -> None:
     p = sub.add_parser("run", help="generate text from a prompt")
     add_model_options(p)
-    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt text")
     p.add_argument("--chat-template", action="store_true", help="wrap the prompt in the model's chat template")
     add_sampling_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="interactive chat, streaming tokens")
     add_model_options(p)
-    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--system", default=None, help="system message that opens the conversation (default: none)")
     add_sampling_options(p)
     p.set_defaults(func=cmd_chat, n_predict=512)
 

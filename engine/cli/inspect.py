@@ -6,28 +6,29 @@ import json
 import sys
 import time
 
+from .parser import model_path
 from .options import add_model_options, add_sampling_options, load_engine, print_speed, sampling_options
 
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="architecture, parameters, bytes per type, experts")
-    p.add_argument("model")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("model", type=model_path, help="path to a GGUF file")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("perplexity", help="perplexity of a text file, as llama-perplexity computes it")
     add_model_options(p)
-    p.add_argument("-f", "--file", required=True)
+    p.add_argument("-f", "--file", required=True, help="the text to score (UTF-8)")
     p.set_defaults(func=cmd_perplexity)  # -c is the chunk size, as in llama-perplexity
 
     p = sub.add_parser("profile", help="generate with the prefetch profiler on: hit rates, stalls, bytes, plots")
     add_model_options(p)
-    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt text")
     add_sampling_options(p)
-    p.add_argument("--trace", default=None, help="Chrome trace JSON (opens in Perfetto)")
-    p.add_argument("--plot", default=None, help="PNG: token timeline (+ .hit_layers.png, .hit_cache.png)")
-    p.add_argument("--json", default=None, help="every figure as JSON")
-    p.add_argument("--disk-gbps", type=float, default=None, help="the disk's bandwidth (weightstream bench io)")
+    p.add_argument("--trace", default=None, help="write a Chrome trace JSON here (opens in Perfetto; default: none)")
+    p.add_argument("--plot", default=None, help="write PNGs: token timeline (+ .hit_layers.png, .hit_cache.png; default: none)")
+    p.add_argument("--json", default=None, help="write every figure as JSON here (default: none)")
+    p.add_argument("--disk-gbps", type=float, default=None, help="the disk's bandwidth in GB/s, from weightstream bench io (default: unknown)")
     p.add_argument("--measure-disk", action="store_true", help="measure it first with cold reads of the model file")
     p.set_defaults(func=cmd_profile, n_predict=32)
 

@@ -6,11 +6,16 @@ import argparse
 import sys
 
 from . import bench, convert, demo, generate, inspect
+from .options import sampling_options
+from .parser import Parser
 from ..errors import WeightstreamError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="weightstream", description="Run GGUF language models, streaming experts from flash.")
+    from weightstream import __version__
+
+    parser = Parser(prog="weightstream", description="Run GGUF language models, streaming experts from flash.")
+    parser.add_argument("--version", action="version", version=f"weightstream {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     generate.register(sub)  # run, chat
     inspect.register(sub)  # info, perplexity, profile
@@ -25,7 +30,16 @@ def main(argv=None) -> int:
     if args.command == "perplexity":
         args.ctx = args.ctx_size = args.ctx_size or 512
     try:
+        if hasattr(args, "temp"):  # a bad sampling option: refused before the model loads
+            sampling_options(args)
         return args.func(args)
+    except ConnectionError as e:  # Ray's "no running instance" names its own `--address` flag
+        where = getattr(args, "ray_address", None)
+        if where is None:
+            raise
+        print(f"weightstream: error: no Ray cluster at --ray-address {where} ({e}); start one with "
+              "`ray start --head`, or leave --ray-address out (with --stages) for a local Ray", file=sys.stderr)
+        return 1
     except (WeightstreamError, OSError, ValueError, RuntimeError, MemoryError) as e:  # ours, and the
         # builtins a library below may raise for a bad file or option
         print(f"weightstream: error: {e}", file=sys.stderr)

@@ -5,52 +5,70 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ...kernels.backends import BACKENDS
 from ..stream.policies import CACHE_POLICIES
+from .parser import count, memory_budget, model_path, positive_int
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="path to a GGUF file (any shard of a split model)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: available cores)")
-    p.add_argument("--backend", default="auto", help="auto, numpy, cython or numba (kernels/backends.py)")
-    p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default: min(train, 4096))")
-    p.add_argument("-b", "--batch-size", type=int, default=None, help="prompt tokens per forward pass (default 256)")
-    p.add_argument("--experts-per-token", type=int, default=None, metavar="K",
-                   help="MoE: route each token to its top K experts instead of the model's count")
+    p.add_argument("model", type=model_path, help="path to a GGUF file (any shard of a split model)")
+    p.add_argument("-t", "--threads", type=positive_int, default=None, help="kernel threads (default: available cores)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="matmul kernels (kernels/backends.py)")
+    p.add_argument("-c", "--ctx-size", type=positive_int, default=None, help="context length (default: min(train, 4096))")
+    p.add_argument("-b", "--batch-size", type=positive_int, default=None,
+                   help="prompt tokens per forward pass (default: 256, or what the budget allows)")
+    p.add_argument("--experts-per-token", type=positive_int, default=None, metavar="K",
+                   help="MoE: route each token to its top K experts (default: the model's count)")
     g = p.add_argument_group("streaming (see Engine.load)")
-    g.add_argument("--memory-budget", default=None,
-                   help="e.g. 3GiB: resident weights + KV cache + buffers + expert cache (implies --stream auto)")
+    g.add_argument("--memory-budget", type=memory_budget, default=None,
+                   help="e.g. 3GiB: resident weights + KV cache + buffers + expert cache (implies --stream auto); "
+                        "default: none, everything resident")
     g.add_argument("--stream", default=None, choices=["none", "experts", "ffn", "auto"],
                    help="experts: routed experts stay on disk and are read ahead of use; ffn: dense FFNs too; "
-                        "auto (the default with --memory-budget): experts for a MoE, ffn for a dense model")
-    g.add_argument("--cache-slots", type=int, default=None, help="experts the cache holds (default: what the budget leaves)")
-    g.add_argument("--cache-policy", default="decay", choices=CACHE_POLICIES)
-    g.add_argument("--prefetch", default="routing", choices=["none", "routing", "lookahead"])
-    g.add_argument("--lookahead", type=int, default=None, help="experts guessed per layer (default: top-k)")
-    g.add_argument("--io", default="auto", choices=["auto", "direct", "buffered"])
-    g.add_argument("--io-threads", type=int, default=4)
+                        "auto: experts for a MoE, ffn for a dense model (default: auto with --memory-budget, else none)")
+    g.add_argument("--cache-slots", type=positive_int, default=None,
+                   help="experts the cache holds (default: what the budget leaves)")
+    g.add_argument("--cache-policy", default="decay", choices=CACHE_POLICIES, help="which expert the cache evicts")
+    g.add_argument("--prefetch", default="routing", choices=["none", "routing", "lookahead"],
+                   help="routing: a layer's experts are read together once its router has chosen them; "
+                        "lookahead: the next layer's likely experts are read ahead too; none: one read at a time")
+    g.add_argument("--lookahead", type=positive_int, default=None,
+                   help="experts guessed per layer with --prefetch lookahead (default: top-k)")
+    g.add_argument("--io", default="auto", choices=["auto", "direct", "buffered"],
+                   help="direct: O_DIRECT, past the page cache; auto: direct where the filesystem allows")
+    g.add_argument("--io-threads", type=positive_int, default=4, help="expert reader threads")
     g.add_argument("--routing", default="model",
                    help="benchmarks only: model | trace:FILE | synthetic[:zipf=Z,reuse=R,seed=S] (engine/observe/routing.py)")
     g = p.add_argument_group("distributed: pipeline stages on Ray (engine/runtime/distributed.py; needs .[distributed])")
-    g.add_argument("--ray-address", default=None, help="auto | ray://HOST:PORT (with --stages alone: a local Ray)")
-    g.add_argument("--stages", type=int, default=None, help="pipeline stages, one Ray actor each")
-    g.add_argument("--stage-budgets", default=None, help="per stage memory budget, e.g. 1GiB,1GiB")
-    g.add_argument("--transport", default="auto", choices=["auto", "compiled", "actor"])
+    g.add_argument("--ray-address", default=None,
+                   help="auto (a running cluster: ray start --head) | ray://HOST:PORT (default: with --stages, a local Ray)")
+    g.add_argument("--stages", type=positive_int, default=None,
+                   help="pipeline stages, one Ray actor each (default: 2 with --ray-address)")
+    g.add_argument("--stage-budgets", default=None, help="per stage memory budget, e.g. 1GiB,1GiB (default: none)")
+    g.add_argument("--transport", default="auto", choices=["auto", "compiled", "actor"],
+                   help="compiled: Ray compiled graphs; actor: actor calls")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate")
+    p.add_argument("-n", "--n-predict", type=count, default=128, help="tokens to generate")
     p.add_argument("--temp", type=float, default=0.0, help="temperature (0: greedy)")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--top-k", type=count, default=40, help="sample among the K likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: the smallest set with this probability")
+    p.add_argument("--min-p", type=float, default=0.05, help="drop tokens below this fraction of the likeliest's probability")
+    p.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for recent tokens (1: none)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; default: none)")
 
 
 def sampling_options(args) -> dict:
-    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+    """The sampling options as Engine.stream's keywords, checked (SamplingParams raises ValueError
+    naming the option) so that a bad one is refused before the model loads."""
+    from ..runtime.sampling import SamplingParams
+
+    opts = dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
+    SamplingParams(**{k: v for k, v in opts.items() if k != "stop"})
+    return opts
 
 
 def load_engine(args, **extra):

@@ -1,0 +1,101 @@
+"""The rough edges a new user hits (issue 17): option help and defaults, --version, values refused
+before anything loads, one-line errors. In-process (main(argv)): no interpreter start per case."""
+import argparse
+
+import pytest
+
+from weightstream.engine.cli.main import build_parser, main
+from weightstream.engine.cli.parser import HelpFormatter
+
+
+def _parsers(parser, name="weightstream"):
+    """(name, parser) for the top-level parser and every subcommand's, recursively."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_option_has_help_with_its_default():
+    missing, no_default = [], []
+    for name, parser in _parsers(build_parser()):
+        formatter = HelpFormatter(name)
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            label = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            if not (action.help or "").strip():
+                missing.append(label)
+            elif action.option_strings and not action.required and action.nargs != 0 and "default" not in formatter._get_help_string(action):
+                no_default.append(label)
+    assert not missing, f"options without help: {missing}"
+    assert not no_default, f"options whose help shows no default: {no_default}"
+    assert len(list(_parsers(build_parser()))) > 12  # the walk reached the subcommands (bench's too)
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert "(default: 128)" in out and "(default: decay)" in out and "(default: available cores)" in out
+    assert "(default: 0.0)" in out  # --temp: a 0.0 default is shown (0.0 == False must not hide it)
+
+
+def test_version(capsys):
+    from weightstream import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"weightstream {__version__}"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run", "M.gguf", "-p", "hi", "-t", "0"], "argument -t/--threads: must be an integer >= 1, got '0'"),
+    (["run", "M.gguf", "-p", "hi", "-n", "-3"], "argument -n/--n-predict: must be an integer >= 0, got '-3'"),
+    (["chat", "M.gguf", "-c", "zero"], "argument -c/--ctx-size: must be an integer >= 1, got 'zero'"),
+    (["bench", "decode", "-r", "0"], "argument -r/--repetitions: must be an integer >= 1, got '0'"),
+    (["demo", "-n", "-1"], "argument -n/--n-predict: must be an integer >= 0, got '-1'"),
+])
+def test_bad_numbers_refused_with_one_line(capsys, argv, expected):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    err = capsys.readouterr().err
+    assert done.value.code == 2
+    assert err.count("\n") == 1 and expected in err, err  # one line, naming the option and the value
+
+
+def test_bad_sampling_value_refused_before_loading(capsys, tmp_path):
+    rc = main(["run", str(tmp_path / "absent.gguf"), "-p", "hi", "--min-p", "2"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "min_p must be in [0, 1], got 2.0" in err and "not found" not in err  # before the file
+
+
+def test_directory_as_model_is_one_clear_line(capsys, tmp_path):
+    (tmp_path / "a.gguf").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["run", str(tmp_path), "-p", "hi"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path} is a directory, expected a GGUF file; it holds a.gguf" in err
+    assert "Errno" not in err
+
+
+def test_ray_message_names_ray_address(capsys, monkeypatch):
+    from weightstream.engine.runtime.engine import Engine
+
+    def no_cluster(*args, **kwargs):  # what ray.init(address="auto") raises with no cluster running
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to by "
+                              "setting `--address` flag or `RAY_ADDRESS` environment variable.")
+
+    monkeypatch.setattr(Engine, "load", no_cluster)
+    rc = main(["run", "M.gguf", "-p", "hi", "--ray-address", "auto"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "no Ray cluster at --ray-address auto" in err and "ray start --head" in err
+
+
+def test_run_memory_budget_none_accepted(capsys, demo_model):
+    rc = main(["run", str(demo_model), "-p", "The capital of France is", "-n", "3", "--memory-budget", "none"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "Paris" in out and "[memory:" not in err  # no budget: nothing planned, nothing streamed
