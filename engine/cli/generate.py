@@ -1,4 +1,4 @@
-"""`weightstream run` and `weightstream chat`: generate from a prompt, or chat turn by turn."""
+"""`weightstream run` and `weightstream chat`: generate from a prompt, or chat turn by turn (the loop:\nengine/cli/chat.py)."""
 from __future__ import annotations
 
 import sys
@@ -36,21 +36,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    from .chat import HELP, chat_loop, history_path, start_history
+
+    sampling = sampling_options(args)
     with load_engine(args) as engine:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        print("weightstream chat: empty line or Ctrl-D to quit", file=sys.stderr)
-        while True:
-            try:
-                line = input("> ")
-            except EOFError:
-                break
-            if not line.strip():
-                break
-            messages.append({"role": "user", "content": line})
-            reply = []
-            for piece in engine.chat(messages, args.n_predict, stream=True, **sampling_options(args)):
-                print(piece, end="", flush=True)
-                reply.append(piece)
-            print()
-            messages.append({"role": "assistant", "content": "".join(reply)})
+        save_history = start_history(history_path())
+        print(f"weightstream chat: {HELP}", file=sys.stderr)
+        try:
+            chat_loop(engine, args.system, args.n_predict, sampling)
+        finally:
+            if save_history:
+                save_history()
     return 0
