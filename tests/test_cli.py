@@ -31,7 +31,8 @@ def test_perplexity_last_line(demo_model, tmp_path):
     rc, out, err = cli("perplexity", demo_model, "-f", text, "-c", "128")
     assert rc == 0, err
     last = out.strip().splitlines()[-1]
-    assert last.startswith("PPL = ") and 2 < float(last.split("=")[1]) < 100
+    ppl, err_ = last.removeprefix("PPL = ").split(" +/- ")  # llama-perplexity's "PPL = x +/- err"
+    assert last.startswith("PPL = ") and 2 < float(ppl) < 100 and 0 < float(err_) < float(ppl)
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

@@ -99,3 +99,48 @@ def test_run_memory_budget_none_accepted(capsys, demo_model):
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "Paris" in out and "[memory:" not in err  # no budget: nothing planned, nothing streamed
+
+
+def _text(n_chars=2000):
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[:n_chars]
+
+
+def test_perplexity_progress_and_standard_error_as_llama_perplexity(demo_model):
+    """[1]x,[2]y... running figures, and PPL's standard error as llama-perplexity computes it,
+    checked against the scored tokens' negative log-likelihoods computed here from the logits."""
+    import math
+
+    import numpy as np
+
+    from weightstream.engine.runtime.engine import Engine
+
+    with Engine.load(demo_model, n_ctx=128) as engine:
+        seen = []
+        ppl = engine.perplexity(_text(), 128, progress=lambda i, p: seen.append((i, p)))
+        s = engine.stats()
+        chunks, _ = engine.tokenizer.chunks(_text(), 128)
+        nll = []
+        for chunk in chunks:
+            logits = engine.logits(chunk).astype(np.float64)[64:127]
+            logp = logits - logits.max(1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+            nll += list(-logp[np.arange(63), chunk[65:128]])
+    nll = np.array(nll)
+    err = ppl * math.sqrt((np.mean(nll ** 2) - np.mean(nll) ** 2) / (len(nll) - 1))
+    assert [i for i, _ in seen] == list(range(1, len(chunks) + 1)) and len(chunks) >= 3
+    assert seen[-1][1] == ppl and math.isclose(ppl, math.exp(nll.mean()), rel_tol=1e-9)
+    assert s["perplexity"]["ppl_err"] == pytest.approx(err, rel=1e-6) and 0 < err < ppl
+    # stats() after perplexity() describes the perplexity run, not an earlier generation
+    assert s["run"] == "perplexity" and s["generated_tokens"] == 0 and s["prompt_tokens"] == len(chunks) * 128
+    assert s["perplexity"]["chunks"] == len(chunks) and s["perplexity"]["scored"] == len(nll)
+
+
+def test_perplexity_cli_prints_progress(capsys, demo_model, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(_text())
+    assert main(["perplexity", str(demo_model), "-f", str(text), "-c", "128"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("[1]") == 1 and "[2]" in err and "[3]" in err  # [1]12.3456,[2]...
+    assert out.strip().startswith("PPL = ") and " +/- " in out

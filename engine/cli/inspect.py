@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 from .parser import model_path
 from .options import add_model_options, add_sampling_options, load_engine, print_speed, sampling_options
@@ -47,10 +46,15 @@ def cmd_perplexity(args) -> int:
     with open(args.file, encoding="utf-8") as fh:
         text = fh.read()
     with load_engine(args) as engine:
-        t0 = time.perf_counter()
-        ppl = engine.perplexity(text, args.ctx)
-        print(f"scored in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    print(f"PPL = {ppl:.4f}")
+        def progress(chunk: int, ppl: float) -> None:  # llama-perplexity's running figure: [1]12.3456,[2]...
+            print(f"[{chunk}]{ppl:.4f},", end="", file=sys.stderr, flush=True)
+
+        engine.perplexity(text, args.ctx, progress=progress)
+        s = engine.stats()
+    p = s["perplexity"]
+    print(f"\n{p['chunks']} chunks of {p['n_ctx']} tokens ({p['scored']} scored) at {s['prefill_tok_s']:.1f} tok/s",
+          file=sys.stderr)
+    print(f"PPL = {p['ppl']:.4f} +/- {p['ppl_err']:.5f}")
     return 0
 
 

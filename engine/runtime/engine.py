@@ -34,6 +34,8 @@ class GenerationStats:
     decode_steps: int = 0  # forward calls after the prefill (one per generated token but the last)
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    run: str = "generate"  # or "perplexity": every token was a prompt token, nothing was generated
+    perplexity: dict | None = None  # Engine.perplexity's figures (see there)
 
     @property
     def prefill_tok_s(self) -> float:
@@ -180,26 +182,44 @@ class Engine:
             raise ValueError("logits: token_ids must be a non-empty 1-D sequence")
         return self._forward_all(ids)
 
-    def perplexity(self, text: str, n_ctx: int = 512) -> float:
+    def perplexity(self, text: str, n_ctx: int = 512, progress=None) -> float:
         """Perplexity as llama-perplexity computes it: the text's tokens cut into non-overlapping
         chunks of n_ctx (BOS put in each chunk's first place when the model adds BOS), and in each
-        chunk only the second half's predictions scored."""
+        chunk only the second half's predictions scored. progress(chunk, running_ppl) is called
+        after each chunk (chunk from 1), as llama-perplexity prints [1]12.3,[2]...
+
+        Afterwards stats() describes this run: tokens evaluated and their speed, and "perplexity":
+        {ppl, ppl_err, chunks, n_ctx, scored}, where ppl_err is llama-perplexity's standard error,
+        ppl * sqrt((mean(nll^2) - mean(nll)^2) / (scored - 1)) over the scored tokens' negative
+        log-likelihoods (tools/perplexity/perplexity.cpp: "PPL = x +/- err")."""
         if not is_int(n_ctx) or n_ctx < 2:
             raise ValueError(f"perplexity: n_ctx must be an integer >= 2 (a chunk scores its second half), got {n_ctx!r}")
         chunks, n_tokens = self.tokenizer.chunks(text, n_ctx)
         if not chunks:
             raise ValueError(f"perplexity: text has {n_tokens} tokens, fewer than n_ctx={n_ctx}")
         first = n_ctx // 2
-        nll, count = 0.0, 0
-        for chunk in chunks:
+        nll, nll2, count = 0.0, 0.0, 0
+        t0 = time.perf_counter()
+        for i, chunk in enumerate(chunks):
             logits = self._forward_all(chunk).astype(np.float64)
             pred = logits[first:n_ctx - 1]  # position j predicts token j + 1
             target = np.asarray(chunk[first + 1:n_ctx])  # the text's own tokens: BOS only replaces place 0
             m = pred.max(axis=1)
             logz = m + np.log(np.exp(pred - m[:, None]).sum(axis=1))
-            nll += float(np.sum(logz - pred[np.arange(len(target)), target]))
+            token_nll = logz - pred[np.arange(len(target)), target]
+            nll += float(token_nll.sum())
+            nll2 += float(np.square(token_nll).sum())
             count += len(target)
-        return math.exp(nll / count)
+            if progress is not None:
+                progress(i + 1, math.exp(nll / count))
+        ppl = math.exp(nll / count)
+        var = nll2 / count - (nll / count) ** 2  # of one token's nll; the mean's is var / (count - 1)
+        err = ppl * math.sqrt(var / (count - 1)) if var > 0 and count > 1 else 0.0
+        self.last_stats = GenerationStats(prompt_tokens=len(chunks) * n_ctx, prefill_s=time.perf_counter() - t0,
+                                          run="perplexity",
+                                          perplexity={"ppl": ppl, "ppl_err": err, "chunks": len(chunks),
+                                                      "n_ctx": n_ctx, "scored": count})
+        return ppl
 
     # ---- generation ---------------------------------------------------------------------------
     def _prompt_ids(self, prompt: str | Sequence[int], add_special: bool) -> list[int]:
@@ -295,8 +315,10 @@ class Engine:
 
     def stats(self) -> dict:
         s = self.last_stats
-        out = {"load_s": self.load_s, "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
-               "prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s}
+        out = {"run": s.run, "load_s": self.load_s, "prompt_tokens": s.prompt_tokens,
+               "generated_tokens": s.generated_tokens, "prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s}
+        if s.perplexity is not None:
+            out["perplexity"] = s.perplexity
         if self.plan is not None:
             out["memory"] = self.plan.summary()
         if self.store is not None:  # cumulative since load
