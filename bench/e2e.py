@@ -11,7 +11,7 @@ vocabulary), with the model's pages dropped first (cold page cache at start) and
 The disk is measured before and after (cold parallel preads of expert-sized chunks); ratios are
 against the better of the two, as the disk is a bursty shared volume.
 
-Columns: tok/s (decode), hit (cache hit rate, prefetches' first uses excluded) against Belady's
+Columns: tok/s (decode), reuse (the reuse rate: the hit rate less prefetches' first uses) against Belady's
 offline optimum at the same number of slots on the same access trace, stall ms per token, MiB read
 per token, read GB/s during decode against the disk, and stall/read: the stall per layer over the
 time its missed experts take to read at the disk's bandwidth (<= 1: the reads overlap compute;
@@ -66,7 +66,7 @@ def derive(r: dict, disk_gbps: float, project_layers: int | None) -> None:
 
 
 def format_table(results: list[dict]) -> str:
-    head = (f"{'budget':>14} {'config':22} {'tok/s':>6} {'hit':>6} {'belady':>6} {'vs opt':>6} {'stall ms/t':>10} "
+    head = (f"{'budget':>14} {'config':22} {'tok/s':>6} {'reuse':>6} {'belady':>6} {'vs opt':>6} {'stall ms/t':>10} "
             f"{'MiB/tok':>8} {'GB/s':>5} {'vs disk':>7} {'stall/read':>10} {'peak':>9}")
     lines = [head]
     for r in results:
@@ -75,9 +75,9 @@ def format_table(results: list[dict]) -> str:
             lines.append(f"{budget:>14} {r['config']:22} {r['error'].strip().splitlines()[-1][:90]}")
             continue
         s = r["summary"]
-        opt = f"{s['hit_rate_vs_belady']:6.0%}" if s.get("belady_hit_rate") else "     -"
+        opt = f"{s['reuse_vs_belady']:6.0%}" if s.get("belady_hit_rate") else "     -"
         ratio = f"{r['stall_vs_read']:10.2f}" if r["stall_vs_read"] is not None else f"{'-':>10}"
-        lines.append(f"{budget:>14} {r['config']:22} {s['decode_tok_s']:6.2f} {s['cache_hit_rate']:6.1%} "
+        lines.append(f"{budget:>14} {r['config']:22} {s['decode_tok_s']:6.2f} {s['reuse_rate']:6.1%} "
                      f"{s.get('belady_hit_rate', 0):6.1%} {opt} {s['stall_ms_per_token']:10.0f} "
                      f"{s['bytes_per_token'] / 2**20:8.1f} {r['read_gbps']:5.2f} {r['read_vs_disk']:7.0%} {ratio} "
                      f"{fmt_bytes(r['cgroup_peak']):>9}")
@@ -104,7 +104,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         style = "--" if spec.endswith(":none") else "-"
         ax_tok.plot(x, [r["summary"]["decode_tok_s"] for r in rows], style, marker="o", label=spec)
         if spec != PAGE_CACHE_CONFIG:
-            ax_hit.plot(x, [r["summary"]["cache_hit_rate"] for r in rows], style, marker="o", label=spec)
+            ax_hit.plot(x, [r["summary"]["reuse_rate"] for r in rows], style, marker="o", label=spec)
     belady = sorted({(r["fraction"], r["summary"]["belady_hit_rate"]) for r in ok if r["summary"].get("belady_hit_rate")
                      and r["config"] != PAGE_CACHE_CONFIG})
     if belady:
@@ -112,7 +112,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         for frac, b in belady:
             by_frac[frac] = max(b, by_frac.get(frac, 0.0))
         ax_hit.plot(list(by_frac), list(by_frac.values()), "k:", marker="x", label="Belady (offline optimum)")
-    for ax, label in ((ax_tok, "decode tokens/s"), (ax_hit, "expert cache hit rate")):
+    for ax, label in ((ax_tok, "decode tokens/s"), (ax_hit, "reuse rate (hit rate less prefetches' first uses)")):
         ax.set_xscale("log")
         fractions = sorted({r["fraction"] for r in ok})
         ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
             r.update(config=spec, fraction=frac, budget=budget, cgroup=cgroup)
             results.append(r)
             done = r["error"].strip().splitlines()[-1][:120] if "error" in r else \
-                f"{r['summary']['decode_tok_s']:.2f} tok/s, hit {r['summary']['cache_hit_rate']:.1%}"
+                f"{r['summary']['decode_tok_s']:.2f} tok/s, reuse {r['summary']['reuse_rate']:.1%}"
             print(f"{frac:.0%} ({fmt_bytes(budget)}) {spec}: {done} [{r['wall_s']:.0f} s]", flush=True)
     after = measure_disk(args.model, args.io_threads, seed=1)
     disk_gbps = max(disk["bytes_per_s"], after["bytes_per_s"]) / 1e9

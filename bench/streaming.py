@@ -9,7 +9,7 @@ preads of expert-sized chunks of the model file after dropping it from the page 
 configuration (cache_policy:prefetch[:io]) runs in a fresh process inside a memory cgroup of
 --cgroup bytes (page cache included), with the model's pages dropped first so every run starts
 cold. Each child generates -n tokens greedily from a fixed prompt with the profiler on and prints
-its figures; this script prints a table (tokens/s, read GB/s and its ratio to the disk's, hit
+its figures; this script prints a table (tokens/s, read GB/s and its ratio to the disk's, reuse
 rate and its ratio to Belady's optimum at the same capacity, stall ms/token, cgroup peak) and
 writes everything as JSON. Needs root (cgroup, drop caches).
 """
@@ -91,7 +91,7 @@ def measure_disk(model: Path, io_threads: int, seed: int = 0) -> dict:
 
 
 def format_table(results: list[dict], disk_gbps: float) -> str:
-    lines = [f"{'config':24} {'tok/s':>6} {'read GB/s':>9} {'vs disk':>7} {'hit':>6} {'belady':>6} {'vs opt':>6} "
+    lines = [f"{'config':24} {'tok/s':>6} {'read GB/s':>9} {'vs disk':>7} {'reuse':>6} {'belady':>6} {'vs opt':>6} "
              f"{'stall ms/t':>10} {'MiB/tok':>8} {'peak':>9}"]
     for r in results:
         if "error" in r:
@@ -100,7 +100,7 @@ def format_table(results: list[dict], disk_gbps: float) -> str:
         s = r["summary"]
         gbps = r["decode_read_gbps"] = s["bytes_per_token"] * s["decode_tok_s"] / 1e9  # decode reads per second
         lines.append(f"{r['config']:24} {s['decode_tok_s']:6.2f} {gbps:9.2f} {gbps / disk_gbps:7.0%} "
-                     f"{s['cache_hit_rate']:6.1%} {s['belady_hit_rate']:6.1%} {s['hit_rate_vs_belady']:6.0%} "
+                     f"{s['reuse_rate']:6.1%} {s['belady_hit_rate']:6.1%} {s['reuse_vs_belady']:6.0%} "
                      f"{s['stall_ms_per_token']:10.0f} {s['bytes_per_token'] / 2**20:8.1f} {fmt_bytes(r['cgroup_peak']):>9}")
     return "\n".join(lines)
 

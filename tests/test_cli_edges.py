@@ -144,3 +144,25 @@ def test_perplexity_cli_prints_progress(capsys, demo_model, tmp_path):
     out, err = capsys.readouterr()
     assert err.count("[1]") == 1 and "[2]" in err and "[3]" in err  # [1]12.3456,[2]...
     assert out.strip().startswith("PPL = ") and " +/- " in out
+
+
+def test_profile_console_and_json_counts_agree(capsys, demo_model, tmp_path):
+    """The console's lines and the JSON name the same figures with the same counts: generated tokens
+    against decode passes (one less), expert reads and preads, one hit rate."""
+    import json
+    import re
+
+    out_json = tmp_path / "profile.json"
+    rc = main(["profile", str(demo_model), "-p", "The sky is", "-n", "6", "--memory-budget", "80MiB",
+               "-c", "256", "--json", str(out_json)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    s = json.loads(out_json.read_text())
+    generated = int(re.search(r"(\d+) generated, (\d+) decode passes", err).group(1))
+    assert f"{generated - 1} decode passes" in err and s["decode_passes"] == generated - 1
+    assert f"{s['decode_passes']} decode passes at" in out
+    preads = int(re.search(r"MiB read in (\d+) preads", err).group(1))
+    assert preads == s["preads"] and f"{s['expert_reads']} expert reads ({preads} preads)" in out
+    assert f"hit rate {s['hit_rate']:.1%}" in err and f"hit rate {s['hit_rate']:.1%}" in out  # one definition
+    assert "{'" not in err + out  # no raw Python dicts
+    assert s["prefetch_mode"] == "routing" and "no prefetch issued: --prefetch routing" in out  # the default's why

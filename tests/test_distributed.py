@@ -91,7 +91,7 @@ def test_two_stages_equal_single_process(cluster, moe4, reference, transport, la
         prof, x = s["profile"], s["experts"]  # each stage's own profiler agrees with its own store
         assert prof["hits"] + prof["late"] == x["hits"] + x["late"] and prof["misses"] == x["misses"]
         # the profiler counts a lookahead read when it lands, the store when the layer consumes it
-        assert prof["read_bytes"] >= x["bytes_read"] and prof["decode_tokens"] == 22
+        assert prof["read_bytes"] >= x["bytes_read"] and prof["decode_passes"] == 22
     d = p["latency"]["decode"]
     assert d["calls"] == 2 * 11 and d["tokens"] == 22 and len(d["stage_compute_ms"]) == 2
     assert d["round_trip_ms"] >= sum(d["stage_compute_ms"])

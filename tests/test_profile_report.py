@@ -101,13 +101,29 @@ def test_failed_write_leaves_nothing(profiled, tmp_path):
 def test_format_summary(profiled):
     _, s = profiled
     text = format_summary(s)
-    assert f"found in memory {s['hit_rate']:.1%}" in text and "Belady's offline optimum" in text and "disk 1.00 GB/s" in text
-    assert text.startswith(f"{s['decode_tokens']} tokens at ")
+    assert f"hit rate {s['hit_rate']:.1%}" in text and "Belady's offline optimum" in text and "disk 1.00 GB/s" in text
+    assert f"{s['reuse_rate']:.1%} reused" in text and "{" not in text  # named figures, no raw dict
+    assert text.startswith(f"{s['decode_passes']} decode passes at ")
+    assert f"{s['expert_reads']} expert reads ({s['preads']} preads)" in text
     bare = {k: v for k, v in s.items() if k not in ("disk_gbps", "read_vs_disk", "belady_hit_rate", "cache_slots")}
     bare["prefetch"] = dict(s["prefetch"], issued=0)
     text = format_summary(bare)
-    assert "found in memory" in text and "Belady" not in text and "disk" not in text and "no prefetch issued" in text
-    assert format_summary({}).startswith("0 tokens at 0.00 tok/s")
+    assert "hit rate" in text and "Belady" not in text and "disk" not in text and "no prefetch issued" in text
+    assert format_summary({}).startswith("0 decode passes at 0.00 tok/s")
+
+
+def test_format_summary_says_why_no_prefetch_under_routing(profiled):
+    _, s = profiled
+    text = format_summary(dict(s, prefetch=dict(s["prefetch"], issued=0), prefetch_mode="routing"))
+    assert "no prefetch issued: --prefetch routing reads a layer's experts once its router has chosen them" in text
+
+
+def test_format_summary_explains_reads_above_the_disk(profiled):
+    _, s = profiled
+    fast = dict(s, read_gbps_wall=3.0, disk_gbps=1.0, read_vs_disk=3.0, direct_io=False)
+    assert "300%; above the disk: buffered reads were served in part by the page cache" in format_summary(fast)
+    assert "with O_DIRECT, the disk measurement understates" in format_summary(dict(fast, direct_io=True))
+    assert "above the disk" not in format_summary(dict(s, disk_gbps=10.0, read_vs_disk=0.5))
 
 
 def test_plots_without_matplotlib(profiled, tmp_path, monkeypatch):

@@ -148,8 +148,8 @@ def test_profiler_agrees_with_the_store(moe_gguf, reference):
         list(eng.generate_tokens(ids[:8], 12))
         s, x = eng.profile_summary(disk_gbps=1.0), eng.stats()["experts"]
     assert s["hits"] + s["late"] == x["hits"] + x["late"] and s["misses"] == x["misses"]
-    assert s["read_bytes"] == x["bytes_read"] and s["decode_tokens"] == 11
-    assert 0 < s["belady_hit_rate"] <= 1 and s["cache_hit_rate"] <= s["belady_hit_rate"] + 1e-12
+    assert s["read_bytes"] == x["bytes_read"] and s["decode_passes"] == 11
+    assert 0 < s["belady_hit_rate"] <= 1 and s["reuse_rate"] <= s["belady_hit_rate"] + 1e-12
     assert {"capacity", "belady", "lru", "lfu", "decay"} <= set(s["sweep"][0])
     json.dumps(s)  # plain data
 

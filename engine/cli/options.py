@@ -91,15 +91,16 @@ def load_engine(args, **extra):
 def print_speed(engine) -> None:
     s = engine.stats()
     print(f"\n[{s['prompt_tokens']} prompt tokens, {s['prefill_tok_s']:.1f} tok/s prefill; "
-          f"{s['generated_tokens']} generated, {s['decode_tok_s']:.1f} tok/s decode; load {s['load_s']:.2f} s]",
-          file=sys.stderr)
+          f"{s['generated_tokens']} generated, {s['decode_passes']} decode passes at {s['decode_tok_s']:.1f} tok/s "
+          f"(the first token comes from the prompt's pass); load {s['load_s']:.2f} s]", file=sys.stderr)
     if "memory" in s:
         print(f"[memory: {engine.plan.describe()}]", file=sys.stderr)
     if "experts" in s:
-        x = s["experts"]
+        x, pf = s["experts"], s["experts"]["prefetch"]
         print(f"[experts: {x['slots']} cached, hit rate {x['hit_rate']:.1%} ({x['hits']} hits, {x['late']} late, "
-              f"{x['misses']} misses), {x['bytes_read'] / 2**20:.1f} MiB read in {x['reads']} reads, "
-              f"stalled {x['stall_s']:.2f} s; prefetch {x['prefetch']}]", file=sys.stderr)
+              f"{x['misses']} misses), {x['bytes_read'] / 2**20:.1f} MiB read in {x['reads']} preads, "
+              f"stalled {x['stall_s']:.2f} s; prefetch: {pf['issued']} issued, {pf['used']} used, "
+              f"{pf['wasted']} wasted, {pf['cancelled']} cancelled]", file=sys.stderr)
     if "pipeline" in s:
         p = s["pipeline"]
         hop = p["latency"].get("decode", {}).get("per_hop_ms")

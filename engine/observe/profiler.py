@@ -9,6 +9,19 @@ afterwards from the records:
     prof.summary(n_slots=..., disk_gbps=...)  # hit rate, prefetch precision/recall, stalls, bytes
     prof.access_trace()                    # [(layer, expert), ...] in access order: Belady's input
 
+One definition of hit rate, everywhere (this summary, ExpertStore.summary, the console, the plots):
+the share of expert uses that found the expert in memory, in the cache or already being read by a
+prefetch ((hits + late) / uses): the uses that spared the compute thread a read of its own.
+Part of that comes from prefetches (a prefetched expert's first use) and the rest from reuse (the
+expert was still cached from an earlier use): reuse_rate, the figure Belady's offline optimum (a
+demand-paged cache: no prefetch) is compared with.
+
+Counts: a decode pass is one forward pass of one token. A generation of N tokens makes N - 1 of
+them (the first token comes from the prompt's pass, the last needs none), so decode_passes is one
+less than Engine.stats()'s generated_tokens. A read is one expert's (expert_reads), made of one
+pread per contiguous byte range (preads, what ExpertStore.summary counts as "reads": three per
+expert where its gate, up and down matrices lie apart in the file).
+
 Records (times are perf_counter seconds):
     forwards  (index, n_tokens, t0, t1)             one Model.forward call
     layers    (forward, layer, t0, t1)              one transformer block, stalls included
@@ -93,16 +106,14 @@ class Profiler:
         decode_layers = [t1 - t0 for f, _, t0, t1 in self.layers if f in decode_ids]
         out = {
             "forwards": len(self.forwards),
-            "decode_tokens": n_tok,
+            "decode_passes": n_tok,
             "decode_tok_s": n_tok / decode_s if decode_s else 0.0,
             "prefill_tokens": sum(f[1] for f in self.forwards if f[1] > 1),
             "accesses": n_access,
             "hits": outcomes["hit"], "late": outcomes["late"], "misses": misses,
-            # found in memory or on its way: what spares the compute thread a demand read
-            "hit_rate": (outcomes["hit"] + outcomes["late"]) / n_access if n_access else 0.0,
-            # found because it had been used before (prefetched experts' first uses excluded): the
-            # figure a demand-paging optimum like Belady's can be compared with
-            "cache_hit_rate": (outcomes["hit"] + outcomes["late"] - used) / n_access if n_access else 0.0,
+            "hit_rate": (outcomes["hit"] + outcomes["late"]) / n_access if n_access else 0.0,  # the definition above
+            # of which reuse: found because it had been used before (prefetches' first uses excluded)
+            "reuse_rate": (outcomes["hit"] + outcomes["late"] - used) / n_access if n_access else 0.0,
             "hit_rate_per_layer": self._hit_rate_per_layer(),
             "prefetch": {"issued": ev["issued"], "used": used, "wasted": ev["wasted"], "cancelled": ev["cancelled"],
                          "precision": used / ev["issued"] if ev["issued"] else 0.0,
@@ -112,7 +123,8 @@ class Profiler:
             "layer_ms": 1e3 * sum(decode_layers) / len(decode_layers) if decode_layers else 0.0,
             "stall_ms_per_layer": 1e3 * stall_decode / len(decode_layers) if decode_layers else 0.0,
             "forward_ms": 1e3 * decode_s / n_tok if n_tok else 0.0,  # a decode pass without the output head
-            "reads": len(reads),
+            "expert_reads": len(reads),
+            "preads": sum(len(j.ranges) for j in reads),
             "read_bytes": read_bytes,
             "reads_per_token": _per_token(reads, decode_ids, len, n_tok),
             "bytes_per_token": _per_token(reads, decode_ids, lambda js: sum(j.nbytes for j in js), n_tok),
@@ -130,7 +142,7 @@ class Profiler:
             opt = belady_hits(trace, n_slots) / len(trace) if trace else 0.0
             out["cache_slots"] = n_slots
             out["belady_hit_rate"] = opt
-            out["hit_rate_vs_belady"] = out["cache_hit_rate"] / opt if opt else 0.0
+            out["reuse_vs_belady"] = out["reuse_rate"] / opt if opt else 0.0
             if with_sweep:
                 caps = sweep_capacities or sorted({max(1, int(n_slots * s)) for s in (0.25, 0.5, 1, 2, 4)})
                 out["sweep"] = sweep(trace, caps, tuple(POLICIES)) if trace else []

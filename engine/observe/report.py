@@ -206,24 +206,43 @@ def write_report(prof, summary: dict, plot_path=None, trace_path=None, json_path
     return written
 
 
+PREFETCH_WHY_NONE = {
+    "routing": "no prefetch issued: --prefetch routing reads a layer's experts once its router has chosen them "
+               "(together, as demand reads); --prefetch lookahead reads the next layer's likely experts ahead",
+    "none": "no prefetch issued (--prefetch none: one demand read at a time)",
+}
+
+
 def format_summary(s: dict) -> str:
-    """The summary as one paragraph for the terminal; clauses whose figures are missing are left out."""
-    parts = [f"{s.get('decode_tokens', 0)} tokens at {s.get('decode_tok_s', 0.0):.2f} tok/s"]
-    hit = f"expert found in memory {s.get('hit_rate', 0.0):.1%}"
-    if "cache_hit_rate" in s:
-        hit += f", cache hit rate without the prefetches' help {s['cache_hit_rate']:.1%}"
-    if s.get("belady_hit_rate"):
-        hit += (f" (Belady's offline optimum {s['belady_hit_rate']:.1%} at {s.get('cache_slots', '?')} slots: "
-                f"{s.get('hit_rate_vs_belady', 0.0):.0%} of it)")
-    parts.append(hit)
+    """The summary as one paragraph for the terminal, its figures named as in the JSON (see
+    engine/observe/profiler.py: one hit rate; decode passes; expert reads and preads); clauses
+    whose figures are missing are left out."""
+    parts = [f"{s.get('decode_passes', 0)} decode passes at {s.get('decode_tok_s', 0.0):.2f} tok/s"]
+    hit = f"hit rate {s.get('hit_rate', 0.0):.1%} (expert in memory when its layer needed it"
+    if "reuse_rate" in s:
+        hit += f": {s.get('hit_rate', 0.0) - s['reuse_rate']:.1%} prefetched, {s['reuse_rate']:.1%} reused"
+        if s.get("belady_hit_rate"):
+            hit += (f"; reuse against Belady's offline optimum without prefetch at {s.get('cache_slots', '?')} slots, "
+                    f"{s['belady_hit_rate']:.1%}")
+    parts.append(hit + ")")
     pf = s.get("prefetch", {})
-    parts.append(f"prefetch precision {pf['precision']:.0%} recall {pf['recall']:.0%}" if pf.get("issued")
-                 else "no prefetch issued")
+    if pf.get("issued"):
+        parts.append(f"prefetch precision {pf['precision']:.0%} recall {pf['recall']:.0%} ({pf['issued']} issued, "
+                     f"{pf.get('used', 0)} used, {pf.get('wasted', 0)} wasted, {pf.get('cancelled', 0)} cancelled)")
+    else:
+        parts.append(PREFETCH_WHY_NONE.get(s.get("prefetch_mode"), "no prefetch issued"))
     parts.append(f"stall {s.get('stall_ms_per_token', 0.0):.0f} ms/token")
-    parts.append(f"{s.get('reads_per_token', 0.0):.1f} reads and {s.get('bytes_per_token', 0.0) / 2**20:.1f} MiB "
-                 "per token")
+    parts.append(f"{s.get('expert_reads', 0)} expert reads ({s.get('preads', 0)} preads), "
+                 f"{s.get('reads_per_token', 0.0):.1f} reads and {s.get('bytes_per_token', 0.0) / 2**20:.1f} MiB "
+                 "per decode pass")
     reads = f"reads {s.get('read_gbps_wall', 0.0):.2f} GB/s"
     if s.get("disk_gbps"):
-        reads += f" (disk {s['disk_gbps']:.2f} GB/s: {s.get('read_vs_disk', 0.0):.0%})"
+        reads += f" (disk {s['disk_gbps']:.2f} GB/s: {s.get('read_vs_disk', 0.0):.0%}"
+        if s.get("read_vs_disk", 0.0) > 1:  # faster than the disk: not all of it came from the disk
+            reads += ("; above the disk: with O_DIRECT, the disk measurement understates parallel reads of this size"
+                      if s.get("direct_io") else
+                      "; above the disk: buffered reads were served in part by the page cache (parts of the "
+                      "file read before), not by the disk")
+        reads += ")"
     parts.append(reads)
     return "; ".join(parts) + "."

@@ -316,7 +316,7 @@ class Engine:
     def stats(self) -> dict:
         s = self.last_stats
         out = {"run": s.run, "load_s": self.load_s, "prompt_tokens": s.prompt_tokens,
-               "generated_tokens": s.generated_tokens, "prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s}
+               "generated_tokens": s.generated_tokens, "decode_passes": s.decode_steps, "prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s}
         if s.perplexity is not None:
             out["perplexity"] = s.perplexity
         if self.plan is not None:
@@ -333,4 +333,9 @@ class Engine:
         """The profiler's figures (Engine.load(..., profile=True)): see engine/observe/profiler.py."""
         if self.profiler is None:
             raise RuntimeError("profile_summary: load the engine with profile=True")
-        return self.profiler.summary(self.store.n_slots if self.store else None, disk_gbps, with_sweep=with_sweep)
+        out = self.profiler.summary(self.store.n_slots if self.store else None, disk_gbps, with_sweep=with_sweep)
+        if self.store is not None:  # what format_summary explains figures with (no prefetch; reads above the disk)
+            lookahead = getattr(self.model, "prefetcher", None) is not None
+            out["prefetch_mode"] = "lookahead" if lookahead else "none" if self.store.sync else "routing"
+            out["direct_io"] = self.store.direct
+        return out
