@@ -166,3 +166,45 @@ def test_profile_console_and_json_counts_agree(capsys, demo_model, tmp_path):
     assert f"hit rate {s['hit_rate']:.1%}" in err and f"hit rate {s['hit_rate']:.1%}" in out  # one definition
     assert "{'" not in err + out  # no raw Python dicts
     assert s["prefetch_mode"] == "routing" and "no prefetch issued: --prefetch routing" in out  # the default's why
+
+
+def test_bench_decode_excludes_the_first_call_warm_up(monkeypatch):
+    """The first call of each test is run whole and untimed: a slow first call (Numba compiling)
+    must not reach the figures."""
+    from weightstream.engine.tools import bench_decode
+
+    calls = []
+
+    def fn():
+        calls.append(None)
+        if len(calls) == 1:
+            import time
+            time.sleep(0.3)  # the first call: compilation
+
+    warmup, runs = bench_decode._timed(fn, 3)
+    assert len(calls) == 4 and len(runs) == 3 and warmup >= 0.3 and max(runs) < 0.3
+
+
+def test_bench_decode_reports_the_warm_up_apart(tmp_path):
+    from tests.tiny_gguf import tiny_llama_metadata, tiny_llama_tensors, write_gguf
+    from weightstream.engine.tools.bench_decode import bench_decode, format_decode
+
+    meta = tiny_llama_metadata()
+    meta["tokenizer.ggml.tokens"][2] = "<t0><t1>"  # one merge: a BPE vocabulary needs at least one
+    meta["tokenizer.ggml.merges"] = ["<t0> <t1>"]
+    r = bench_decode(write_gguf(tmp_path / "tiny.gguf", tiny_llama_tensors(), meta), 5, 3, threads=1, repeats=2)
+    assert len(r["pp_runs"]) == 2 and len(r["tg_runs"]) == 2 and r["pp_warmup_s"] > 0 and r["tg_warmup_s"] > 0
+    assert "first-call warm-up, not in the figures: pp " in format_decode(r)
+
+
+def test_bench_kernels_prints_each_row_once(capsys, monkeypatch):
+    from weightstream.kernels import bench
+
+    monkeypatch.setattr(bench, "memory_bandwidth", lambda *a, **k: 1e10)  # not a benchmark: the printing
+    rc = main(["bench", "kernels", "--types", "Q4_0", "--shapes", "32x256", "--n", "1", "--threads", "1",
+               "--backends", "numpy", "--repeats", "1", "--warm"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    rows = [line for line in (out + err).splitlines() if line.startswith("| Q4_0 | 32x256 |")]
+    assert len(rows) == 1, out + err
+    assert out.index("| type |") < out.index(rows[0]) < out.index("memory read bandwidth")

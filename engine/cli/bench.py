@@ -73,18 +73,18 @@ def register(subparsers) -> None:
     b.set_defaults(func=cmd_bench_bandwidth)
 
 
-def _progress(r: dict) -> None:
-    from ...kernels.bench import format_row
-
-    print(format_row(r), file=sys.stderr, flush=True)
-
-
 def cmd_bench_kernels(args) -> int:
     from ...kernels import bench
 
+    # Each row is printed once, on stdout, as its case finishes (a full suite takes minutes): the
+    # table's header first, the rows as they come, then the machine and its bandwidth, known at the
+    # end. (The rows used to go to stderr as progress and again in the table: twice on a terminal.)
+    print(bench.TABLE_HEADER, flush=True)
     results = bench.run_suite(args.types, args.shapes, args.n, args.threads, args.backends, args.quick,
-                              repeats=args.repeats, cold=not args.warm, progress=_progress)
-    print(bench.format_table(results))
+                              repeats=args.repeats, cold=not args.warm,
+                              progress=lambda r: print(bench.format_row(r), flush=True))
+    preamble = bench.format_table(dict(results, results=[]))  # the machine lines, then the empty table
+    print("\n" + preamble[:-len(bench.TABLE_HEADER)].rstrip())
     if args.json:
         print(f"wrote {bench.save_results(results, args.json)}", file=sys.stderr)
     if args.write_table:
