@@ -208,3 +208,46 @@ def test_bench_kernels_prints_each_row_once(capsys, monkeypatch):
     rows = [line for line in (out + err).splitlines() if line.startswith("| Q4_0 | 32x256 |")]
     assert len(rows) == 1, out + err
     assert out.index("| type |") < out.index(rows[0]) < out.index("memory read bandwidth")
+
+
+def test_quantize_summary_names_fallbacks_and_bits_per_weight(capsys, tmp_path):
+    """A model whose 64-wide rows cannot be Q2_K (256-weight blocks) but whose ffn_down (256-wide
+    rows here) can: the summary lists the fallen-back tensors with the reason, and the bits per
+    weight of the file as written."""
+    import re
+
+    import gguf
+    import numpy as np
+
+    from tests.tiny_gguf import tiny_llama_metadata, tiny_llama_tensors, write_gguf
+
+    tensors = tiny_llama_tensors()
+    for name in [n for n in tensors if n.endswith("ffn_down.weight")]:
+        tensors[name] = np.random.default_rng(1).normal(0, 0.2, (64, 256)).astype(np.float32)  # rows of 256: Q3_K fits
+    src = write_gguf(tmp_path / "in.gguf", tensors, tiny_llama_metadata())
+    assert main(["quantize", str(src), str(tmp_path / "out.gguf"), "q2_k", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    r = gguf.GGUFReader(tmp_path / "out.gguf")
+    params = sum(int(np.prod(t.shape)) for t in r.tensors)
+    bpw = 8 * sum(int(t.n_bytes) for t in r.tensors) / params
+    assert f"= {bpw:.2f} bits per weight" in out
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q3_K" and types["blk.0.ffn_up.weight"] == "Q4_0"
+    fell = [n for n, t in types.items() if t == "Q4_0"]  # every one of them a fallback (Q2_K or Q3_K wanted)
+    counts = [int(c) for c in re.findall(r"fell back Q[23]_K -> Q4_0: (\d+) tensors", out)]
+    assert sum(counts) == len(fell) > 0
+    line = next(line for line in out.splitlines() if "fell back Q2_K -> Q4_0" in line)
+    assert "blk.*.ffn_up.weight" in line and "rows of 64 weights do not divide Q2_K's 256-weight blocks" in line
+    assert "ffn_down" not in "".join(line for line in out.splitlines() if "fell back" in line)
+
+
+def test_convert_summary_names_fallbacks(capsys, tmp_path):
+    """convert --type q8_0 on rows of 48 (not a multiple of Q8_0's 32): F16, said with the reason."""
+    from tests.hf_models import make_hf_model
+
+    _, hf = make_hf_model("qwen2", tmp_path / "hf", intermediate_size=48)
+    assert main(["convert", str(hf), str(tmp_path / "out.gguf"), "--type", "q8_0"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "fell back Q8_0 -> F16" in line)
+    assert "blk.*.ffn_down.weight" in line and "rows of 48 weights do not divide Q8_0's 32-weight blocks" in line
+    assert "ffn_gate" not in line and " bits per weight" in out

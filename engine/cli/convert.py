@@ -44,7 +44,15 @@ def cmd_convert(args) -> int:
 
     out = convert_hf_to_gguf(args.hf_dir, args.out, args.type, progress=True, imatrix=args.imatrix)
     print(f"wrote {out}")
+    _print_types(out, args.type)
     return 0
+
+
+def _print_types(path, ftype: str) -> None:
+    """Bits per weight per type, and the tensors that fell back from the recipe's type and why."""
+    from ..tools.type_summary import format_type_summary, type_summary
+
+    print(format_type_summary(type_summary(path, ftype), ftype))
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -57,6 +65,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                          threads=args.threads)
     seconds = time.perf_counter() - t0
     print(f"{path}: {path.stat().st_size / 1e6:.1f} MB ({args.type}) in {seconds:.1f} s")
+    _print_types(path, args.type)
     return 0
 
 
