@@ -149,8 +149,8 @@ def plot_hit_rate_per_layer(summary: dict, path) -> Path:
                    label=f"Belady optimum {summary['belady_hit_rate']:.1%}")
     _percent_axis(ax)
     ax.set_xlabel("layer")
-    ax.set_ylabel("expert cache hit rate")
-    ax.set_title("expert cache hit rate per layer (hits + late prefetches)")
+    ax.set_ylabel("hit rate")
+    ax.set_title("hit rate per layer (expert in memory when needed: cached, or being read by a prefetch)")
     _legend(ax)
     return _save(fig, path)
 
@@ -170,7 +170,8 @@ def plot_hit_rate_vs_cache(summary: dict, path) -> Path:
     if "cache_slots" in summary:
         ax.axvline(summary["cache_slots"], color="0.5", linewidth=1)
         ax.plot([summary["cache_slots"]], [summary.get("hit_rate", 0.0)], "r*", markersize=14,
-                label=f"measured {summary.get('hit_rate', 0.0):.1%} at {summary['cache_slots']} slots")
+                label=f"measured hit rate {summary.get('hit_rate', 0.0):.1%} at {summary['cache_slots']} slots "
+                      "(prefetches included)")
     ax.set_xscale("log", base=2)
     ticks = sorted(set(caps) | ({summary["cache_slots"]} if "cache_slots" in summary else set()))
     if ticks:
