@@ -158,7 +158,7 @@ def test_profile_console_and_json_counts_agree(capsys, demo_model, tmp_path):
     out, err = capsys.readouterr()
     assert rc == 0, err
     s = json.loads(out_json.read_text())
-    generated = int(re.search(r"(\d+) generated, (\d+) decode passes", err).group(1))
+    generated = int(re.search(r"(\d+) generated in (\d+) decode passes", err).group(1))
     assert f"{generated - 1} decode passes" in err and s["decode_passes"] == generated - 1
     assert f"{s['decode_passes']} decode passes at" in out
     preads = int(re.search(r"MiB read in (\d+) preads", err).group(1))

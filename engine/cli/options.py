@@ -91,8 +91,8 @@ def load_engine(args, **extra):
 def print_speed(engine) -> None:
     s = engine.stats()
     print(f"\n[{s['prompt_tokens']} prompt tokens, {s['prefill_tok_s']:.1f} tok/s prefill; "
-          f"{s['generated_tokens']} generated, {s['decode_passes']} decode passes at {s['decode_tok_s']:.1f} tok/s "
-          f"(the first token comes from the prompt's pass); load {s['load_s']:.2f} s]", file=sys.stderr)
+          f"{s['generated_tokens']} generated in {s['decode_passes']} decode passes, {s['decode_tok_s']:.1f} tok/s "
+          f"decode (the first token comes from the prompt's pass); load {s['load_s']:.2f} s]", file=sys.stderr)
     if "memory" in s:
         print(f"[memory: {engine.plan.describe()}]", file=sys.stderr)
     if "experts" in s:
