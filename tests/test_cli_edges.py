@@ -91,7 +91,8 @@ def test_ray_message_names_ray_address(capsys, monkeypatch):
     monkeypatch.setattr(Engine, "load", no_cluster)
     rc = main(["run", "M.gguf", "-p", "hi", "--ray-address", "auto"])
     err = capsys.readouterr().err
-    assert rc == 1 and "no Ray cluster at --ray-address auto" in err and "ray start --head" in err
+    assert rc == 1 and "no Ray cluster at --ray-address auto (no running Ray instance found)" in err
+    assert "ray start --head" in err and "`--address`" not in err and err.count("\n") == 1
 
 
 def test_run_memory_budget_none_accepted(capsys, demo_model):

@@ -33,16 +33,16 @@ def main(argv=None) -> int:
         if hasattr(args, "temp"):  # a bad sampling option: refused before the model loads
             sampling_options(args)
         return args.func(args)
-    except ConnectionError as e:  # Ray's "no running instance" names its own `--address` flag
-        where = getattr(args, "ray_address", None)
-        if where is None:
-            raise
-        print(f"weightstream: error: no Ray cluster at --ray-address {where} ({e}); start one with "
-              "`ray start --head`, or leave --ray-address out (with --stages) for a local Ray", file=sys.stderr)
-        return 1
     except (WeightstreamError, OSError, ValueError, RuntimeError, MemoryError) as e:  # ours, and the
         # builtins a library below may raise for a bad file or option
-        print(f"weightstream: error: {e}", file=sys.stderr)
+        where = getattr(args, "ray_address", None)
+        if isinstance(e, ConnectionError) and where is not None:
+            # Ray's "no running instance" text points at its own `ray start --address` flag, not ours
+            detail = "no running Ray instance found" if "--address" in str(e) else str(e)
+            print(f"weightstream: error: no Ray cluster at --ray-address {where} ({detail}); start one with "
+                  "`ray start --head`, or leave --ray-address out (with --stages) for a local Ray", file=sys.stderr)
+        else:
+            print(f"weightstream: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
