@@ -72,10 +72,12 @@ def test_bad_sampling_value_refused_before_loading(capsys, tmp_path):
     assert rc == 1 and "min_p must be in [0, 1], got 2.0" in err and "not found" not in err  # before the file
 
 
-def test_directory_as_model_is_one_clear_line(capsys, tmp_path):
+@pytest.mark.parametrize("argv", [["run", "{d}", "-p", "hi"], ["info", "{d}"], ["perplexity", "{d}", "-f", "t.txt"],
+                                  ["quantize", "{d}", "out.gguf", "q2_k"], ["bench", "decode", "{d}"]])
+def test_directory_as_model_is_one_clear_line(capsys, tmp_path, argv):
     (tmp_path / "a.gguf").write_bytes(b"")
     with pytest.raises(SystemExit):
-        main(["run", str(tmp_path), "-p", "hi"])
+        main([a.format(d=tmp_path) for a in argv])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path} is a directory, expected a GGUF file; it holds a.gguf" in err
     assert "Errno" not in err

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ...kernels.backends import BACKENDS
-from .parser import count, positive_int
+from .parser import count, model_path, positive_int
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -46,7 +46,7 @@ def register(subparsers) -> None:
     k.set_defaults(func=cmd_bench_kernels)
 
     d = sub.add_parser("decode", help="prefill (pp) and decode (tg) tokens/s, as llama-bench")
-    d.add_argument("model", nargs="?", default="demo", help="GGUF path, or 'demo' (default): SmolLM2-135M Q4_1")
+    d.add_argument("model", nargs="?", default="demo", type=model_path, help="GGUF path, or 'demo' (default): SmolLM2-135M Q4_1")
     d.add_argument("-p", "--n-prompt", type=count, default=64, help="prompt tokens: the pp test (0: skip it)")
     d.add_argument("-n", "--n-gen", type=count, default=64, help="generated tokens: the tg test (0: skip it)")
     d.add_argument("-t", "--threads", type=_ints, default=None, help="e.g. 2 or 1,2 (default: available cores)")

@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("quantize", help="requantize a GGUF with a recipe (q2_k, q3_k_m, q4_k_m, q8_0)")
-    p.add_argument("input", help="input GGUF (any type we read)")
+    p.add_argument("input", type=model_path, help="input GGUF (any type we read)")
     p.add_argument("output", help="output GGUF")
     p.add_argument("type", help=f"recipe: {', '.join(recipes.RECIPES)}")
     p.add_argument("--imatrix", default=None, help="importance matrix, from weightstream imatrix or llama-imatrix (default: none)")
