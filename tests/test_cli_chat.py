@@ -70,7 +70,7 @@ def test_ctrl_c_stops_the_reply_and_returns_to_the_prompt(engine, capsys):
         if len(spy.calls) == 1 and len(shown) == 3:
             raise KeyboardInterrupt
 
-    chat_loop(spy, "You are terse.", 40, {}, scripted(["Tell me a long story.", "", "What is 2+2?"]), write)
+    chat_loop(spy, "You are terse.", 12, {}, scripted(["Tell me a long story.", "", "What is 2+2?"]), write)
     assert len(spy.calls) == 2  # the empty line neither quit nor reached the model
     first_reply = spy.calls[1][2]
     assert spy.calls[1][0] == {"role": "system", "content": "You are terse."}  # --system opens it
