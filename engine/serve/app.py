@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -151,14 +152,19 @@ async def _collect(worker: GenerationWorker, job: Job, request: Request) -> tupl
     """A non-streaming answer: the job's whole text and finish reason; cancels the job if the
     client disconnects while it waits."""
     pieces, ended = [], False
+    checked = time.monotonic()
     try:
         while True:
             try:
                 kind, value = await asyncio.wait_for(job.out.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
+                kind = None
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:  # tokens may come faster than the poll
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     worker.cancel(job)
                     return "".join(pieces), "cancelled"
+            if kind is None:
                 continue
             ended = kind != "text"
             if kind == "text":

@@ -81,7 +81,8 @@ _METRICS = [
 
 def prometheus(snap: dict) -> str:
     """The snapshot in Prometheus' text exposition format (version 0.0.4). A figure the engine has
-    not (a resident model has no expert figures) is left out rather than reported as 0."""
+    not (a resident model has no expert figures) is left out rather than reported as 0. Values
+    are written with repr: the shortest text that reads back as the same float."""
     lines = []
     for name, kind, help_, path in _METRICS:
         value = snap
@@ -89,13 +90,13 @@ def prometheus(snap: dict) -> str:
             value = value.get(key) if isinstance(value, dict) else None
         if value is None:
             continue
-        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {float(value):.6g}"]
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {float(value)!r}"]
     name = "weightstream_time_to_first_token_seconds"  # a summary without quantiles: rate(sum) / rate(count)
     lines += [f"# HELP {name} request arrival to first text, queue wait included", f"# TYPE {name} summary",
-              f"{name}_sum {snap['ttft_sum_s']:.6g}", f"{name}_count {snap['ttft_count']}"]
+              f"{name}_sum {float(snap['ttft_sum_s'])!r}", f"{name}_count {snap['ttft_count']}"]
     layers = snap.get("generation", {}).get("hit_rate_per_layer", {})
     if layers:
         name = "weightstream_layer_hit_rate"
         lines += [f"# HELP {name} expert cache hit rate per layer, running or last generation", f"# TYPE {name} gauge"]
-        lines += [f'{name}{{layer="{layer}"}} {rate:.6g}' for layer, rate in layers.items()]
+        lines += [f'{name}{{layer="{layer}"}} {float(rate)!r}' for layer, rate in layers.items()]
     return "\n".join(lines) + "\n"

@@ -93,14 +93,23 @@ class GenerationWorker:
                 job.state, self.running = "running", job
                 self.waiting -= 1
             try:
-                self._generate(job)
+                error = self._generate(job)
             finally:
-                with self._lock:
+                with self._lock:  # the counters move with `running`: a snapshot never counts a job twice
+                    self.generated_tokens += job.generated
+                    self.generations += 1
+                    self.cancelled += job.finish_reason == "cancelled"
                     self.running = None
                     job.state = "cancelled" if job.finish_reason == "cancelled" else "done"
                 self.finished.append(job)
+            # told last, so a client that has its answer finds the job's bookkeeping done
+            if error is not None:
+                job.put("error", error)
+            else:
+                job.put("done", job.finish_reason)
 
-    def _generate(self, job: Job) -> None:
+    def _generate(self, job: Job) -> Exception | None:
+        """Run job on the engine, handing its text over piece by piece; the error, if it failed."""
         engine = self.engine
         if engine.profiler is not None:
             engine.profiler.clear()  # the figures describe this generation; the records stay bounded
@@ -122,14 +131,9 @@ class GenerationWorker:
                 job.finish_reason = "length" if engine.last_stats.generated_tokens >= job.max_tokens else "stop"
         except Exception as e:  # noqa: BLE001 (any failure is the client's answer, the server lives on)
             job.finish_reason = "error"
-            job.put("error", e)
+            return e
         finally:
             pieces.close()  # a cancelled generation ends here: the engine is free for the next job
             job.t_end = time.perf_counter()
             job.generated = engine.last_stats.generated_tokens
-            self.generated_tokens += job.generated
-            self.generations += 1
-            if job.finish_reason == "cancelled":
-                self.cancelled += 1
-        if job.finish_reason != "error":
-            job.put("done", job.finish_reason)
+        return None
