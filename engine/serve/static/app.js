@@ -115,12 +115,13 @@ async function poll() {
     $("f-tps").textContent = num(s.tokens_per_second, 1);
     $("f-ttft").textContent = s.time_to_first_token_s == null ? "–" : (1000 * s.time_to_first_token_s).toFixed(0) + " ms";
     $("f-queue").textContent = s.queue_depth;
-    const g = s.experts ? s.generation : null;  // expert figures only where experts stream
+    // expert figures only where experts stream, and once a generation has asked for some
+    const g = s.experts && s.generation && Object.keys(s.generation.hit_rate_per_layer).length ? s.generation : null;
     $("f-hit").textContent = g ? pct(g.hit_rate) : "–";
     $("f-stall").textContent = g ? num(g.stall_ms_per_token, 2) : "–";
     $("f-bpt").textContent = g ? num(g.bytes_per_token / 2 ** 20, 2) : "–";
     $("f-gbps").textContent = g ? num(g.read_gbps_wall, 2) : "–";
-    $("f-total").textContent = `${s.generated_tokens_total} tokens, ${s.generations} generations` +
+    $("f-total").textContent = `${s.generated_tokens_total} tokens, ${s.generations} generations done` +
       (s.experts ? `, hit rate ${pct(s.experts.hit_rate)}` : "");
     if (g) drawLayers(g.hit_rate_per_layer);
     $("updated").textContent = new Date(1000 * s.time).toLocaleTimeString();
