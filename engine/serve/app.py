@@ -115,13 +115,12 @@ def create_app(engine, model_id: str, max_queue: int = 8) -> FastAPI:
 
 
 def _chat_ids(engine, req: P.ChatRequest) -> list[int]:
-    """The messages through the model's chat template, as Engine.chat renders them."""
+    """The messages' prompt ids, as Engine.chat renders them (a template's refusal is the client's 400)."""
     messages = [{"role": m.role, "content": P.message_text(m, i)} for i, m in enumerate(req.messages)]
     try:
-        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return engine.chat_ids(messages)
     except Exception as e:  # noqa: BLE001 (a template may raise anything, e.g. for a role order it refuses)
         raise P.ApiError(400, f"messages: the model's chat template refused them: {e}", param="messages") from None
-    return engine.tokenizer.encode(text, add_special=False, parse_special=True)
 
 
 def _prompt_ids(engine, prompt) -> list[int]:
