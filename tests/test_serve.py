@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 import threading
+import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -116,25 +118,27 @@ def test_concurrent_requests_take_turns(server, client):
     assert second.t_queued < first.t_end <= second.t_start  # asked while the first ran, started after it
 
 
-def _stream_first_chunk(url: str, body: dict):
-    """Open a streaming request and read up to its first text chunk; returns (client, response)
-    still open, for the caller to close (the disconnect)."""
-    c = httpx.Client(timeout=30)
-    r = c.send(c.build_request("POST", url + "/v1/completions", json={**body, "stream": True}), stream=True)
-    assert r.status_code == 200
-    lines = r.iter_lines()
-    while not next(lines).startswith("data: "):
-        pass
-    return c, r
+@contextmanager
+def streaming(url: str, body: dict, path: str = "/v1/completions", first_data: bool = True):
+    """A streaming request held open (read up to its first `data:` line if first_data) until the
+    block ends, which closes it: the client's disconnect. The line iterator stays referenced here:
+    dropped, its finalizer would close the connection early."""
+    with httpx.Client(timeout=30) as c, c.stream("POST", url + path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        while first_data and not next(lines).startswith("data: "):
+            pass
+        yield r
 
 
 def test_disconnect_cancels_the_generation(server, engine):
     url, app = server
     worker = app.state.worker
     n = len(worker.finished)
-    c, r = _stream_first_chunk(url, {"prompt": STORY, "max_tokens": LONG, "temperature": 0})
-    r.close()
-    c.close()
+    with streaming(url, {"prompt": STORY, "max_tokens": LONG, "temperature": 0}):
+        wait_for(lambda: worker.running is not None and worker.running.t_first, what="the generation to start")
+        time.sleep(0.5)  # it goes on while the client stays
+        assert worker.running is not None and len(worker.finished) == n
     wait_for(lambda: len(worker.finished) > n, what="the cancelled generation to end")
     job = worker.finished[-1]
     assert job.finish_reason == "cancelled" and job.generated < LONG // 4, (job.finish_reason, job.generated)
@@ -149,23 +153,32 @@ def test_disconnect_cancels_the_generation(server, engine):
 def test_queue_full_answers_503(server, client):
     url, app = server
     worker = app.state.worker  # max_queue=1: one generating, one waiting
-    c, r = _stream_first_chunk(url, {"prompt": STORY, "max_tokens": LONG, "temperature": 0})
     waiting = {}
     t = threading.Thread(target=lambda: waiting.update(r=client.completions.create(
         model="smollm2", prompt="Hi", max_tokens=3)))
-    t.start()
-    try:
+    with streaming(url, {"prompt": STORY, "max_tokens": LONG, "temperature": 0}):
+        t.start()
         wait_for(lambda: worker.waiting == 1, what="the second request to wait in the queue")
         with pytest.raises(openai.APIStatusError) as e:
             client.completions.create(model="smollm2", prompt="Hi", max_tokens=3)
         assert e.value.status_code == 503
         err = e.value.body if "message" in e.value.body else e.value.body["error"]
         assert err["code"] == "queue_full" and "waiting" in err["message"]
-    finally:
-        r.close()  # the long one is cancelled: the waiting one runs
-        c.close()
-        t.join(60)
+    t.join(60)  # the long one was cancelled when its client left: the waiting one ran
     assert waiting["r"].usage.completion_tokens > 0
+
+
+def test_a_waiting_request_whose_client_leaves_is_dropped(server):
+    url, app = server
+    worker = app.state.worker
+    with streaming(url, {"prompt": STORY, "max_tokens": LONG, "temperature": 0}):
+        with streaming(url, {"messages": HI, "max_tokens": 5}, "/v1/chat/completions", first_data=False):
+            wait_for(lambda: worker.waiting == 1, what="the second request to wait")
+            cancelled, done = worker.cancelled, len(worker.finished)
+        wait_for(lambda: worker.waiting == 0, what="the queue to drop the request whose client left")
+        assert worker.cancelled == cancelled + 1 and worker.running is not None  # the first still runs
+    wait_for(lambda: len(worker.finished) > done, what="the first generation to stop")
+    assert [j.finish_reason for j in list(worker.finished)[done:]] == ["cancelled"]  # the dropped one never ran
 
 
 BAD = [  # (path, body, param named in the error)

@@ -96,7 +96,7 @@ def create_app(engine, model_id: str, max_queue: int = 8) -> FastAPI:
                 return P.chat_chunk(rid, model_id, {"content": text} if text is not None else {}, finish)
 
             first = P.chat_chunk(rid, model_id, {"role": "assistant", "content": ""}, None)
-            return _sse(worker, job, req, [first], chunk, rid, model_id)
+            return _sse(worker, job, request, req, [first], chunk, rid, model_id)
         text, finish = await _collect(worker, job, request)
         return P.chat_response(rid, model_id, text, finish, P.usage(len(ids), job.generated))
 
@@ -106,8 +106,8 @@ def create_app(engine, model_id: str, max_queue: int = 8) -> FastAPI:
         job = _submit(worker, req, ids, engine.model.n_ctx, default_max=16)  # OpenAI's default for completions
         rid = P.new_id("cmpl")
         if req.stream:
-            return _sse(worker, job, req, [], lambda text, finish: P.completion_chunk(rid, model_id, text or "", finish),
-                        rid, model_id)
+            return _sse(worker, job, request, req, [], lambda text, finish: P.completion_chunk(
+                rid, model_id, text or "", finish), rid, model_id)
         text, finish = await _collect(worker, job, request)
         return P.completion_response(rid, model_id, text, finish, P.usage(len(ids), job.generated))
 
@@ -147,65 +147,73 @@ def _submit(worker: GenerationWorker, req, ids: list[int], n_ctx: int, default_m
     return job
 
 
-async def _collect(worker: GenerationWorker, job: Job, request: Request) -> tuple[str, str]:
-    """A non-streaming answer: the job's whole text and finish reason; cancels the job if the
-    client disconnects while it waits."""
-    pieces, ended = [], False
-    checked = time.monotonic()
+async def _items(worker: GenerationWorker, job: Job, request: Request):
+    """The job's items as the worker hands them over: ("text", str) ..., then ("done", finish
+    reason) or ("error", exception). Stops early, cancelling the job, when the client disconnects
+    (looked for every DISCONNECT_POLL_S, even while tokens flow and while the job waits its turn:
+    a stream writes nothing then, so a failed write cannot tell) or when our caller is cancelled."""
+    ended, checked = False, time.monotonic()
+    get = asyncio.ensure_future(job.out.get())  # one pending get, kept across the polls: no item is lost
     try:
         while True:
-            try:
-                kind, value = await asyncio.wait_for(job.out.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                kind = None
-            if time.monotonic() - checked >= DISCONNECT_POLL_S:  # tokens may come faster than the poll
+            done, _ = await asyncio.wait({get}, timeout=DISCONNECT_POLL_S)
+            if time.monotonic() - checked >= DISCONNECT_POLL_S or not done:
                 checked = time.monotonic()
                 if await request.is_disconnected():
-                    worker.cancel(job)
-                    return "".join(pieces), "cancelled"
-            if kind is None:
-                continue
-            ended = kind != "text"
-            if kind == "text":
-                pieces.append(value)
-            elif kind == "done":
-                return "".join(pieces), value
-            else:
-                raise P.ApiError(500, f"generation failed: {value}", type="server_error")
+                    return
+            if done:
+                item = get.result()
+                ended = item[0] != "text"
+                yield item
+                if ended:
+                    return
+                get = asyncio.ensure_future(job.out.get())
     finally:
-        if not ended:  # our coroutine was cancelled (the server shutting down)
+        get.cancel()
+        if not ended:
             worker.cancel(job)
 
 
-def _sse(worker: GenerationWorker, job: Job, req, head: list[dict], chunk, rid: str, model_id: str) -> StreamingResponse:
+async def _collect(worker: GenerationWorker, job: Job, request: Request) -> tuple[str, str]:
+    """A non-streaming answer: the job's whole text and finish reason ("cancelled" if the client went away)."""
+    pieces = []
+    async for kind, value in _items(worker, job, request):
+        if kind == "text":
+            pieces.append(value)
+        elif kind == "done":
+            return "".join(pieces), value
+        else:
+            raise P.ApiError(500, f"generation failed: {value}", type="server_error")
+    return "".join(pieces), "cancelled"
+
+
+def _sse(worker: GenerationWorker, job: Job, request: Request, req, head: list[dict], chunk, rid: str,
+         model_id: str) -> StreamingResponse:
     """Server-sent events, as OpenAI streams: `data: {chunk}` per piece of text, one with the
     finish reason, a usage chunk if stream_options.include_usage, then `data: [DONE]`."""
     include_usage = bool((req.stream_options or {}).get("include_usage"))
 
     async def events():
-        ended = False
+        for c in head:
+            yield _event(c)
+        items, ended = _items(worker, job, request), False
         try:
-            for c in head:
-                yield _event(c)
-            while True:
-                kind, value = await job.out.get()
+            async for kind, value in items:
                 ended = kind != "text"
                 if kind == "text":
                     yield _event(chunk(value, None))
                 elif kind == "done":
                     yield _event(chunk(None, value))
-                    break
                 else:  # the status line is sent: the error goes in the stream, in OpenAI's body shape
                     yield _event(P.ApiError(500, f"generation failed: {value}", type="server_error").body())
-                    break
-            if include_usage:
-                use = P.usage(len(job.ids), job.generated)
-                yield _event({"id": rid, "object": chunk(None, None)["object"], "model": model_id, "choices": [],
-                              "usage": use})
-            yield "data: [DONE]\n\n"
-        finally:  # also reached when Starlette cancels us because the client disconnected
-            if not ended:
-                worker.cancel(job)
+        finally:  # reached too when Starlette closes us (a write failed: the client is gone)
+            await items.aclose()  # which cancels the job if it has not ended
+        if not ended:  # the client is gone
+            return
+        if include_usage:
+            yield _event({"id": rid, "object": chunk(None, None)["object"], "model": model_id, "choices": [],
+                          "usage": P.usage(len(job.ids), job.generated)})
+        yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
