@@ -193,6 +193,8 @@ BAD = [  # (path, body, param named in the error)
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages[0].content"),
+    ("/v1/chat/completions", {"messages": HI, "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": HI, "tools": [{"type": "function"}]}, "tools"),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": N_CTX}, "max_tokens"),
     ("/v1/completions", {"prompt": "word " * (N_CTX + 10)}, "prompt"),
     ("/v1/completions", {"prompt": [1, 2, 10**9]}, "prompt"),
@@ -207,6 +209,13 @@ def test_bad_requests_get_openai_shaped_400(server, path, body, param):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     assert err["param"] == param and err["message"], err
+
+
+def test_null_means_the_default(server):
+    body = {"messages": HI, "max_tokens": 3, "temperature": None, "top_p": None, "n": None, "stop": None,
+            "seed": None, "stream": None, "logprobs": None, "tools": None, "user": "extra fields are ignored"}
+    r = httpx.post(server[0] + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
 
 
 def test_bad_request_through_the_client(client):

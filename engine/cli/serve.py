@@ -29,8 +29,15 @@ def cmd_serve(args) -> int:
                            "(or pip install -e '.[serve]' in a clone)") from None
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # Ctrl-C: uvicorn waits for open responses before it stops; cancelling the generations
+            # ends them at their next token (a stream would otherwise run to max_tokens)
+            app.state.worker.cancel_all()
+            super().handle_exit(sig, frame)
+
     with load_engine(args, profile=True) as engine:  # the profiler feeds the page's per-layer figures
         app = create_app(engine, args.alias or Path(args.model).stem, args.max_queue)
         print(f"weightstream serve: http://{args.host}:{args.port}/ (OpenAI API under /v1)", file=sys.stderr)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=10)).run()
     return 0

@@ -30,19 +30,26 @@ class ApiError(Exception):
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    # null is accepted wherever OpenAI's API allows it, and means the default
     model: str | None = None  # one model is served: any name is accepted, as llama-server does
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)  # what newer OpenAI clients send for chat
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's defaults; 0: greedy
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(40, ge=0)  # llama-server's extensions, with the engine's defaults
-    min_p: float = Field(0.05, ge=0.0, le=1.0)
-    repeat_penalty: float = Field(1.0, gt=0.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)  # default 1.0 (OpenAI's); 0: greedy
+    top_p: float | None = Field(None, gt=0.0, le=1.0)  # default 1.0 (OpenAI's): off
+    top_k: int | None = Field(None, ge=0)  # llama-server's extensions, default the engine's (40, 0.05, 1.0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repeat_penalty: float | None = Field(None, gt=0.0)
     seed: int | None = Field(None, ge=0, lt=2**64)
     stop: Union[str, list[str], None] = None
-    n: int = 1
-    stream: bool = False
+    n: int | None = None
+    stream: bool | None = False
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
+    # asked for, but not what this server does: refused rather than silently ignored
+    logprobs: Union[bool, int, None] = None
+    tools: list | None = None
+
+
+_DEFAULTS = dict(temperature=1.0, top_p=1.0, top_k=40, min_p=0.05, repeat_penalty=1.0)
 
 
 class ChatMessage(BaseModel):
@@ -75,8 +82,12 @@ def message_text(m: ChatMessage, i: int) -> str:
 def generation_args(req: _Request, n_prompt: int, n_ctx: int, default_max: int) -> dict:
     """The Job's max_tokens, stop and sampling for req, whose prompt is n_prompt tokens on a model
     of n_ctx; default_max: max_tokens when the request gives none (None: what the context leaves)."""
-    if req.n != 1:
+    if req.n not in (None, 1):
         raise ApiError(400, f"n must be 1 (this server generates one choice per request), got {req.n}", param="n")
+    if req.logprobs:
+        raise ApiError(400, f"logprobs are not supported by this server, got logprobs={req.logprobs!r}", param="logprobs")
+    if req.tools:
+        raise ApiError(400, f"tools are not supported by this server (got {len(req.tools)})", param="tools")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4 or any(not s for s in stop):
         raise ApiError(400, f"stop must be up to 4 non-empty strings, got {req.stop!r}", param="stop")
@@ -91,8 +102,8 @@ def generation_args(req: _Request, n_prompt: int, n_ctx: int, default_max: int) 
         raise ApiError(400, f"this model's context is {n_ctx} tokens, but {n_prompt + max_tokens} were asked for "
                             f"({n_prompt} in the prompt, max_tokens {max_tokens}): at most {room} can be generated",
                        param="max_tokens", code="context_length_exceeded")
-    sampling = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
-                    repeat_penalty=req.repeat_penalty, seed=req.seed)
+    sampling = {k: d if getattr(req, k) is None else getattr(req, k) for k, d in _DEFAULTS.items()}
+    sampling["seed"] = req.seed
     try:
         SamplingParams(**sampling)  # the engine's own checks, before the request waits in the queue
     except ValueError as e:

@@ -39,7 +39,10 @@ class Job:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
 
     def put(self, kind: str, value) -> None:  # from the worker thread
-        self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed (the server stopped): nobody is listening
+            self.cancel.set()
 
 
 class GenerationWorker:
@@ -54,7 +57,7 @@ class GenerationWorker:
         self._lock = threading.Lock()  # guards waiting and each job's state
         self.waiting = 0  # queue depth: jobs submitted and neither started nor cancelled
         self.running: Job | None = None
-        self.finished: deque[Job] = deque(maxlen=256)  # the latest jobs, newest last (tests check turns)
+        self.finished: deque[Job] = deque(maxlen=64)  # the latest jobs, newest last (tests check turns)
         self.generations = self.cancelled = self.rejected = self.generated_tokens = 0
         self.ttft_sum, self.ttft_count = 0.0, 0
         self._thread = threading.Thread(target=self._loop, name="weightstream-generate", daemon=True)
@@ -80,7 +83,17 @@ class GenerationWorker:
                 self.waiting -= 1
                 self.cancelled += 1
 
+    def cancel_all(self) -> None:
+        """The server is stopping: the running job ends at its next token, waiting ones are dropped
+        (their responses end, so the server need not wait for them)."""
+        with self._lock:
+            jobs = [j for j in (self.running, *self._jobs.queue) if j is not None]
+        for job in jobs:
+            self.cancel(job)
+
     def close(self) -> None:
+        """Stop the thread, cancelling what it has."""
+        self.cancel_all()
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
