@@ -273,6 +273,23 @@ def test_metrics_under_a_memory_budget(moe_engine):
     assert stats["experts"]["hits"] == x["hits"] and stats["memory"]["budget"] == moe_engine.plan.budget
 
 
+def test_the_page_ships_with_the_package():
+    """Every file under engine/serve/static/ matches pyproject's package-data for the serve package
+    (a file left out works from a clone and is missing from a wheel)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "weightstream.engine.serve" in setup["packages"]
+    patterns = setup["package-data"]["weightstream.engine.serve"]
+    static = root / "engine" / "serve" / "static"
+    files = [p.relative_to(static.parent).as_posix() for p in static.rglob("*") if p.is_file()]
+    assert {"static/index.html", "static/app.js", "static/style.css"} <= set(files)
+    assert [f for f in files if not any(fnmatch(f, pat) for pat in patterns)] == []
+
+
 # ---- the command ---------------------------------------------------------------------------------
 def test_the_serve_command(demo_model, tmp_path):
     import socket
