@@ -223,6 +223,7 @@ def test_bad_request_through_the_client(client):
         client.completions.create(model="smollm2", prompt="Hi", max_tokens=10 * N_CTX)
     r = httpx.post(str(client.base_url) + "chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "not valid JSON" in r.json()["error"]["message"]
 
 
 # ---- a MoE under a memory budget: the expert figures --------------------------------------------

@@ -5,8 +5,8 @@ answer), /v1/models, /health, /metrics (Prometheus), /v1/stats (the page's JSON)
 
 The event loop never runs the engine: prompts are tokenized and figures computed in the thread
 pool, generations in the GenerationWorker's thread (serve/worker.py), whose pieces of text arrive
-on each Job's asyncio.Queue. A client that goes away cancels its job: a streaming response's
-generator is cancelled by Starlette when the client disconnects, a plain one polls for it."""
+on each Job's asyncio.Queue. A client that goes away cancels its job: every response looks for
+the disconnect while it waits (_items), and a stream whose write fails is closed by Starlette."""
 from __future__ import annotations
 
 import asyncio
@@ -27,7 +27,7 @@ from .figures import prometheus, snapshot
 from .worker import GenerationWorker, Job, QueueFull
 
 STATIC = Path(__file__).parent / "static"
-DISCONNECT_POLL_S = 0.2  # how often a non-streaming request looks for its client having gone
+DISCONNECT_POLL_S = 0.2  # how often a request looks for its client having gone (a stream waiting its turn writes nothing)
 
 
 def create_app(engine, model_id: str, max_queue: int = 8) -> FastAPI:
@@ -50,6 +50,9 @@ def create_app(engine, model_id: str, max_queue: int = 8) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
         first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            return JSONResponse(P.ApiError(400, f"the body is not valid JSON: {first['msg']}", code="json_invalid").body(),
+                                status_code=400)
         where = ".".join(str(x) for x in first["loc"] if x != "body")
         found = f", got {first['input']!r}" if "input" in first and first["type"] != "missing" else ""
         return JSONResponse(P.ApiError(400, f"{where or 'body'}: {first['msg']}{found}", param=where or None,

@@ -93,8 +93,8 @@ def generation_args(req: _Request, n_prompt: int, n_ctx: int, default_max: int) 
         raise ApiError(400, f"stop must be up to 4 non-empty strings, got {req.stop!r}", param="stop")
     room = n_ctx - n_prompt
     if room <= 0:
-        raise ApiError(400, f"the prompt is {n_prompt} tokens, which does not fit this model's context of {n_ctx} "
-                            f"tokens (serve -c/--ctx-size sets it); shorten the prompt", param="messages"
+        raise ApiError(400, f"the prompt is {n_prompt} tokens: this model's context of {n_ctx} tokens leaves no room "
+                            f"for a reply (serve -c/--ctx-size sets it); shorten the prompt", param="messages"
                        if isinstance(req, ChatRequest) else "prompt", code="context_length_exceeded")
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = asked if asked is not None else min(default_max or room, room)
