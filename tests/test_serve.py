@@ -106,7 +106,7 @@ def test_concurrent_requests_take_turns(server, client):
     answers = [None, None]
 
     def ask(i):
-        answers[i] = client.completions.create(model="smollm2", prompt=f"Request {i}:", max_tokens=20, temperature=0)
+        answers[i] = client.completions.create(model="smollm2", prompt=f"Request {i}:", max_tokens=40, temperature=0)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
     for t in threads:
@@ -321,3 +321,11 @@ def test_the_serve_command(demo_model, tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert "Uvicorn running" in out or "weightstream serve: http://" in out, out
+
+
+def test_the_command_names_the_missing_extra(demo_model, monkeypatch, capsys):
+    from weightstream.engine.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
+    assert main(["serve", demo_model]) == 1
+    assert "serve needs the serve extra (uvicorn is missing): pip install 'weightstream[serve]'" in capsys.readouterr().err
