@@ -327,5 +327,5 @@ def test_the_command_names_the_missing_extra(demo_model, monkeypatch, capsys):
     from weightstream.engine.cli.main import main
 
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
-    assert main(["serve", demo_model]) == 1
+    assert main(["serve", str(demo_model)]) == 1
     assert "serve needs the serve extra (uvicorn is missing): pip install 'weightstream[serve]'" in capsys.readouterr().err
