@@ -77,9 +77,10 @@ def test_page_streams_an_answer_and_its_figures(browser, engine):
                  what="more tokens while the answer streams")
         wait_for(lambda: text(browser, "f-state") == "generating" and text(browser, "f-hit") != "–",
                  what="the figures of the running generation")
-        bars = browser.find_elements("css selector", "#layers .bar")
-        assert len(bars) == engine.config.n_layer
-        assert any(float(b.get_attribute("style").split("height:")[1].split("%")[0]) > 50 for b in bars)
+        # read in one call: each poll replaces the bars, so elements found earlier may be stale
+        heights = browser.execute_script("return [...document.querySelectorAll('#layers .bar')]"
+                                         ".map(b => parseFloat(b.style.height))")
+        assert len(heights) == engine.config.n_layer and max(heights) > 50, heights
         for id_ in ("f-hit", "f-stall", "f-gbps", "f-tps", "f-bpt"):
             assert text(browser, id_) not in ("", "–"), id_
         tps = text(browser, "f-tps")
