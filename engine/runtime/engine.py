@@ -286,11 +286,15 @@ class Engine:
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, **kwargs) -> str:
         return "".join(self.stream(prompt, max_new_tokens, **kwargs))
 
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """The token ids of messages rendered with the model's chat template, ready for the
+        assistant's reply (what chat() generates from; the server checks their length first)."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special=False, parse_special=True)
+
     def chat(self, messages: list[dict], max_new_tokens: int = 256, stream: bool = False, **kwargs):
         """Render messages with the model's chat template and generate the assistant's reply."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(text, add_special=False, parse_special=True)
-        pieces = self.stream(ids, max_new_tokens, **kwargs)
+        pieces = self.stream(self.chat_ids(messages), max_new_tokens, **kwargs)
         return pieces if stream else "".join(pieces)
 
     def stats(self) -> dict:
