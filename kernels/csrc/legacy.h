@@ -60,9 +60,17 @@ static inline float lg_round_f16(float f) {
 /* ---------------------------------------------------------------------------------
    Activations: one row of cols = 32 * nb floats -> xq int8[nbp * 32], dx[nbp], cs[nbp]
    (nbp = nb rounded up to 16; padding is zero). cs = s (min types) or -off * dx * sum(q).
+   Returns nonzero when the row holds a NaN or an Inf (lost in the int8 quants).
    ---------------------------------------------------------------------------------- */
-static void lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, float *dx, float *cs) {
+static int lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, float *dx, float *cs) {
     const int inter = lg_interleaved(t), has_min = lg_has_min(t), off = lg_offset(t);
+    /* sum of v - v over the row: +0 while every value is finite, NaN once one is NaN or Inf
+       (the row's outputs become NaN: ws_nan_rows). Kept as written: no -ffast-math here. */
+#if LG_SIMD
+    __m512 nfv = _mm512_setzero_ps();
+#else
+    float nf = 0.0f;
+#endif
     for (int b = 0; b < nb; b++) {
         const float *v = x + 32 * (size_t)b;
         int8_t *q = xq + 32 * (size_t)b;
@@ -70,6 +78,7 @@ static void lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, 
         int isum = 0;
 #if LG_SIMD
         __m512 a0 = _mm512_loadu_ps(v), a1 = _mm512_loadu_ps(v + 16);
+        nfv = _mm512_add_ps(nfv, _mm512_add_ps(_mm512_sub_ps(a0, a0), _mm512_sub_ps(a1, a1)));
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
         d = amax / 127.0f;
         id = d != 0.0f ? 1.0f / d : 0.0f;
@@ -89,7 +98,7 @@ static void lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, 
         _mm_storeu_si128((__m128i *)(q + 16), b1);
 #else
         float amax = 0.0f;
-        for (int j = 0; j < 32; j++) { float a = fabsf(v[j]); if (a > amax) amax = a; }
+        for (int j = 0; j < 32; j++) { float a = fabsf(v[j]); if (a > amax) amax = a; nf += v[j] - v[j]; }
         d = amax / 127.0f;
         id = d != 0.0f ? 1.0f / d : 0.0f;
         int8_t tmp[32];
@@ -114,6 +123,11 @@ static void lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, 
         memset(xq + 32 * (size_t)b, 0, 32);
         dx[b] = 0.0f; cs[b] = 0.0f;
     }
+#if LG_SIMD
+    return _mm512_cmp_ps_mask(nfv, nfv, _CMP_UNORD_Q) != 0;
+#else
+    return nf != nf;
+#endif
 }
 
 /* ---------------------------------------------------------------------------------
