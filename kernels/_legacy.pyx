@@ -207,7 +207,9 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     c.cols = <int>cols
     c.nb = <int>(cols // 32) if quant else 0
     c.nbp = (c.nb + 15) // 16 * 16
-    c.fused = n <= FUSED_MAX_N
+    # decode unpacks while multiplying: AVX-512 only (the scalar lg_dot_tile reads unpacked rows,
+    # so a portable build takes the unpack-into-scratch path at every n; it read NULL before)
+    c.fused = n <= FUSED_MAX_N and SIMD
     c.w = &w[0, 0]
     c.w_stride = <size_t>rb
     c.x = &x[0, 0]
