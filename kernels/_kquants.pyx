@@ -26,8 +26,9 @@ Layout of the work:
 
 Non-finite values (docs/DESIGN.md, kernels): an activation row holding a NaN or Inf gives an
 all-NaN output row (the Q8_K quantizer flags the row while it scans for the absmax;
-``ws_nan_rows`` overwrites its outputs after the dot products), as the float reference does; NaN /
-Inf weight scales (d, dmin) reach the float products and give NaN / +/-Inf.
+``ws_nan_rows`` overwrites its outputs after the dot products), as the float reference does; a NaN
+weight scale (d, dmin) reaches the float products, an Inf one is made NaN where it is loaded
+(``ws_inf_to_nan``: the reference's 0 * Inf is NaN).
 """
 
 from cython.parallel cimport prange

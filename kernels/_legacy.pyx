@@ -31,8 +31,9 @@ Float weights (F32, F16, BF16): float32 FMA, F16 via ``vcvtph2ps``, BF16 by a 16
 
 Non-finite values (docs/DESIGN.md, kernels): an activation row holding a NaN or Inf gives an all-NaN
 output row (the quantizer flags the row; ``ws_nan_rows`` overwrites its outputs afterwards), as the
-float reference does; NaN / Inf weight scales reach the float products and give NaN / +/-Inf. The
-float types propagate both through their float32 products.
+float reference does; a NaN weight scale (d, m) reaches the float products, an Inf one is made NaN
+where it is loaded (``ws_inf_to_nan``: the reference's 0 * Inf is NaN). The float types propagate
+both through their float32 products.
 
 Each output element is computed by one thread in a fixed order, so any thread count gives the
 same bits. Without AVX-512 (F, BW, VL, VNNI) + F16C + BMI2 at compile time, portable scalar C

@@ -145,6 +145,14 @@ static inline float ws_bf16_to_fp32(uint16_t h) {
     return r.f;
 }
 
+/* A weight scale (fp16 d / dmin / m) with an Inf made NaN: (s - s) + s is s while finite. The
+   reference's dequantized block holds 0 * Inf = NaN wherever a quant is 0 (or the min term
+   cancels), so its outputs are NaN; the kernels that fold the offset into an exact int32 dot
+   would give +/-Inf instead (an Inf min m / dmin too: the reference sums Inf * x of both signs).
+   Every path applies it where it loads a scale: two operations per block, none per product.
+   Kept as written: these kernels are built without -ffast-math. */
+static inline float ws_inf_to_nan(float s) { return (s - s) + s; }
+
 /* The NaN contract of the fused kernels (docs/DESIGN.md, kernels): an activation row holding a NaN
    or an Inf gives an all-NaN output row, as the float reference x @ W.T gives NaN there (an Inf
    may give +/-Inf in the reference; NaN here). Quantizing the row to int8 blocks loses the

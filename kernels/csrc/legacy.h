@@ -163,8 +163,12 @@ WS_INLINE void lg_scales16(const int t, const uint8_t *p, int k, __m512 *dw, __m
     const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(bs));
     __mmask16 km = k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << k) - 1u);
     __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), km, idx, (const void *)p, 1);
-    *dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
-    if (lg_has_min(t)) *cw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
+    __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+    *dw = _mm512_add_ps(_mm512_sub_ps(d, d), d);                 /* Inf -> NaN: ws_inf_to_nan */
+    if (lg_has_min(t)) {
+        __m512 m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
+        *cw = _mm512_add_ps(_mm512_sub_ps(m, m), m);
+    }
     else *cw = *dw;
 }
 #endif
@@ -203,8 +207,8 @@ static void lg_unpack_row(int t, const uint8_t *w, int nb, int nbp, uint8_t *ubu
             if (inter) { u[2 * j] = e[j]; u[2 * j + 1] = e[16 + j]; }
             else { u[j] = e[j]; u[16 + j] = e[16 + j]; }
         }
-        dwb[b] = ws_fp16_to_fp32(ws_load_u16(p));
-        cwb[b] = lg_has_min(t) ? ws_fp16_to_fp32(ws_load_u16(p + 2)) : dwb[b];
+        dwb[b] = ws_inf_to_nan(ws_half_at(p));     /* Inf -> NaN, as the reference's 0 * Inf */
+        cwb[b] = lg_has_min(t) ? ws_inf_to_nan(ws_half_at(p + 2)) : dwb[b];
     }
     (void)off;
 #endif
