@@ -45,3 +45,8 @@ class RoutingTraceError(WeightstreamError, ValueError):
 
 class StageFailedError(WeightstreamError, RuntimeError):
     """A pipeline stage died, left with its node, or did not answer within the timeout."""
+
+
+class NonFiniteError(WeightstreamError, FloatingPointError):
+    """A forward pass produced NaN or Inf logits: names the first layer whose output (the residual)
+    went non-finite (or the output head) and the token position, instead of sampling from them."""

@@ -23,6 +23,12 @@ Layout of the work:
   instead (``kquants_amx.h``) when the build targets AMX and Linux grants the tile state
   (``AMX``): the Q8_K activations are repacked into the tiles' VNNI layout per 16 rows, and each
   thread unpacks 16 weight rows once per chunk of activation groups (sized to stay in L2).
+
+Non-finite values (docs/DESIGN.md, kernels): an activation row holding a NaN or Inf gives an
+all-NaN output row (the Q8_K quantizer flags the row while it scans for the absmax;
+``ws_nan_rows`` overwrites its outputs after the dot products), as the float reference does; a NaN
+weight scale (d, dmin) reaches the float products, an Inf one is made NaN where it is loaded
+(``ws_inf_to_nan``: the reference's 0 * Inf is NaN).
 """
 
 from cython.parallel cimport prange
@@ -42,6 +48,7 @@ cdef extern from "common.h" nogil:
         WS_Q2_K
         WS_QK_K
     int ws_block_bytes(int qtype)
+    void ws_nan_rows(const uint8_t *bad, int64_t n, float *out, int64_t rows, int64_t ostride)
 
 # per-block math, AVX-512 or portable C (kernels/csrc/kquants_simd.h)
 cdef extern from "kquants_simd.h" nogil:
@@ -119,11 +126,12 @@ def _tuning(wr=None, l1_act=None, l1_max=None):
     return _WR, _L1_ACT, _L1_MAX
 
 
-cdef void _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, float *fb,
-                             bint permuted) noexcept nogil:
+cdef uint8_t _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, float *fb,
+                                bint permuted) noexcept nogil:
     """ggml's quantize_row_q8_K_ref: per 256, the value of largest magnitude (first on ties) maps to
     -127, q = nearest_int(iscale * x) (round half to even), capped at 127; d = 1 / iscale.
-    With ``permuted``, each block's quants are stored in the kernel's order (WS_KQ_PERMUTED)."""
+    With ``permuted``, each block's quants are stored in the kernel's order (WS_KQ_PERMUTED).
+    Returns 1 when the row holds a NaN or an Inf (which the int8 quants lose; see ws_nan_rows)."""
     cdef int64_t b, j, k
     cdef const float *xb
     cdef int8_t *qb
@@ -131,6 +139,7 @@ cdef void _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, f
     cdef float amax, ax, vmax, iscale, db
     cdef int v
     cdef int32_t s
+    cdef float nf = 0    # sum of x - x: +0 while all finite, NaN after a NaN or Inf (no -ffast-math)
     for b in range(nb):
         xb = x + QK_K * b
         qb = &tmp[0] if permuted else qs + QK_K * b
@@ -138,6 +147,7 @@ cdef void _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, f
         vmax = 0
         for j in range(QK_K):
             ax = fabsf(xb[j])
+            nf = nf + (xb[j] - xb[j])
             if ax > amax:
                 amax = ax
                 vmax = xb[j]
@@ -162,6 +172,7 @@ cdef void _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, f
         if permuted:   # element 128h + 32j + l -> position 64j + 32h + l
             for j in range(QK_K):
                 qs[QK_K * b + 64 * ((j // 32) % 4) + 32 * (j // 128) + j % 32] = qb[j]
+    return nf != nf
 
 
 cdef void _group(int qtype, const uint8_t *w, int64_t i0, int64_t i1, int64_t row_bytes,
@@ -198,22 +209,23 @@ cdef void _group(int qtype, const uint8_t *w, int64_t i0, int64_t i1, int64_t ro
 
 cdef void _matmul_core(const float *x, const uint8_t *w, int qtype, float *out, int64_t n,
                        int64_t rows, int64_t cols, int64_t bb, int8_t *qs, float *dq,
-                       float *fb, float *accbuf, int threads) noexcept nogil:
+                       float *fb, float *accbuf, uint8_t *bad, int threads) noexcept nogil:
     cdef int64_t nb = cols // QK_K
     cdef int64_t r, g, i0
     cdef int64_t ngroups = (rows + _WR - 1) // _WR
     for r in prange(n, num_threads=threads, schedule="static"):
-        _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
+        bad[r] = _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
                            WS_KQ_PERMUTED(qtype))
     for g in prange(ngroups, num_threads=threads, schedule="static"):
         i0 = g * _WR
         _group(qtype, w, i0, min(i0 + _WR, rows), nb * bb, bb, n, rows, cols, qs, dq, fb,
                accbuf + openmp.omp_get_thread_num() * _WR * 16 * WS_KQ_NRMAX, out)
+    ws_nan_rows(bad, n, out, rows, rows)
 
 
 cdef void _matmul_amx_q2k(const float *x, const uint8_t *w, float *out, int64_t n, int64_t rows,
                           int64_t cols, int8_t *qs, float *dq, float *fb, uint8_t *xact,
-                          uint8_t *scratch, int32_t *cbuf, int threads) noexcept nogil:
+                          uint8_t *scratch, int32_t *cbuf, uint8_t *bad, int threads) noexcept nogil:
     """Q2_K on AMX tiles: quantize and repack the activations (groups of 16 rows, VNNI), then per
     chunk of groups whose packed activations fit _AMX_ACT_L2, the 16-row weight groups over the
     threads. Each output is made by one thread in a fixed order: threads do not change results."""
@@ -224,7 +236,7 @@ cdef void _matmul_amx_q2k(const float *x, const uint8_t *w, float *out, int64_t 
     cdef int64_t r, g, c, g0, g1, t
     per = (ngx + nch - 1) // nch       # balanced chunks
     for r in prange(n, num_threads=threads, schedule="static"):
-        _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb, True)
+        bad[r] = _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb, True)
     for g in prange(ngx, num_threads=threads, schedule="static"):
         ws_amx_pack_act(qs, dq, n, nb, 16 * g, xact + g * nb * WS_AMX_XBLK)
     for c in range(nch):
@@ -234,18 +246,19 @@ cdef void _matmul_amx_q2k(const float *x, const uint8_t *w, float *out, int64_t 
             t = openmp.omp_get_thread_num()
             ws_amx_q2k_group(w, nb * 84, nb, 16 * g, <int>min(<int64_t>16, rows - 16 * g), xact,
                              g0, g1, n, out, rows, scratch + t * nb * WS_AMX_WBLK, cbuf + t * 1024)
+    ws_nan_rows(bad, n, out, rows, rows)
 
 
 cdef void _matvec_many_core(const float *x, const uint8_t **w, int qtype, float *out, int64_t tasks,
                             int64_t rows, int64_t cols, int64_t bb, int8_t *qs, float *dq, float *fb,
-                            float *accbuf, int threads) noexcept nogil:
+                            float *accbuf, uint8_t *bad, int threads) noexcept nogil:
     """Task t: out[t, :] = x[t, :] @ W_t.T. One parallel region over (task, row group) pairs,
     each group made by _group exactly as _matmul_core makes it for one activation row."""
     cdef int64_t nb = cols // QK_K
     cdef int64_t ngroups = (rows + _WR - 1) // _WR
     cdef int64_t r, k, t, i0
     for r in prange(tasks, num_threads=threads, schedule="static"):
-        _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
+        bad[r] = _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
                            WS_KQ_PERMUTED(qtype))
     for k in prange(tasks * ngroups, num_threads=threads, schedule="static"):
         t = k // ngroups
@@ -253,6 +266,7 @@ cdef void _matvec_many_core(const float *x, const uint8_t **w, int qtype, float 
         _group(qtype, w[t], i0, min(i0 + _WR, rows), nb * bb, bb, 1, rows, cols, qs + t * cols,
                dq + t * nb, fb + t * 16 * nb, accbuf + openmp.omp_get_thread_num() * _WR * 16 * WS_KQ_NRMAX,
                out + t * rows)
+    ws_nan_rows(bad, tasks, out, rows, rows)
 
 
 def _aligned(nbytes, dtype=np.uint8):
@@ -300,6 +314,7 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     cdef int8_t[:, ::1] qs = np.empty((n, cols), dtype=np.int8)
     cdef float[:, ::1] dq = np.empty((n, nb), dtype=np.float32)
     cdef float[:, ::1] fb = np.empty((n, 16 * nb), dtype=np.float32)
+    cdef uint8_t[::1] bad = np.empty(n, dtype=np.uint8)   # row holds a NaN / Inf (ws_nan_rows)
     cdef uint8_t[::1] xact, scratch
     cdef int32_t[::1] cbuf
     if AMX and qtype == Q2_K and n >= _AMX_MIN_N:
@@ -310,14 +325,14 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
         cbuf = _aligned(threads * 1024 * 4, np.int32)
         with nogil:
             _matmul_amx_q2k(&x[0, 0], &w[0, 0], &out[0, 0], n, rows, cols, &qs[0, 0], &dq[0, 0],
-                            &fb[0, 0], &xact[0], &scratch[0], &cbuf[0], threads)
+                            &fb[0, 0], &xact[0], &scratch[0], &cbuf[0], &bad[0], threads)
         return
     # running sums of each thread's weight-row group (64-byte aligned rows of 16 floats)
     acc_arr = np.empty(threads * _WR * 16 * WS_KQ_NRMAX + 16, dtype=np.float32)
     cdef float[::1] acc = acc_arr[(-acc_arr.ctypes.data % 64) // 4:]
     with nogil:
         _matmul_core(&x[0, 0], &w[0, 0], qtype, &out[0, 0], n, rows, cols, bb,
-                     &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], threads)
+                     &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], &bad[0], threads)
 
 
 def matvec_many_supported(int qtype):
@@ -360,8 +375,9 @@ def matvec_many_into(const float[:, ::1] x, list ws, int qtype, float[:, ::1] ou
     cdef int8_t[:, ::1] qs = np.empty((tasks, cols), dtype=np.int8)
     cdef float[:, ::1] dq = np.empty((tasks, nb), dtype=np.float32)
     cdef float[:, ::1] fb = np.empty((tasks, 16 * nb), dtype=np.float32)
+    cdef uint8_t[::1] bad = np.empty(tasks, dtype=np.uint8)   # row holds a NaN / Inf
     acc_arr = np.empty(threads * _WR * 16 * WS_KQ_NRMAX + 16, dtype=np.float32)
     cdef float[::1] acc = acc_arr[(-acc_arr.ctypes.data % 64) // 4:]
     with nogil:
         _matvec_many_core(&x[0, 0], <const uint8_t **>&pv[0], qtype, &out[0, 0], tasks, rows, cols, bb,
-                          &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], threads)
+                          &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], &bad[0], threads)

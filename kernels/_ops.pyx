@@ -12,6 +12,7 @@ the reference these are tested against (tests/test_ops_cython.py).
     swiglu_into(gate, up, out)               out = silu(gate) * up
     attend_one(q, k_cache, v_cache, n_kv, scale, out, scratch, threads)
                                              one query position against n_kv cached positions
+    first_nonfinite_row(x)                   the first row holding a NaN or Inf, or -1
 
 The arithmetic of each row is in kernels/csrc/ops_simd.h, in loops the compiler vectorises (an
 exp of its own, SIMD reductions). RMSNorm sums squares in double (as ggml's rms_norm); the
@@ -21,7 +22,7 @@ rounding, not bit for bit.
 
 from cython.parallel cimport prange
 from libc.math cimport expf
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint32_t
 
 cdef extern from "ops_simd.h" nogil:  # kernels/csrc/ops_simd.h: the rows' arithmetic, vectorised
     void ws_rms_norm_row(const float *x, const float *w, int64_t n, double eps, float *out)
@@ -46,6 +47,31 @@ def rms_norm_into(const float[:, ::1] x, const float[::1] w, double eps, float[:
     with nogil:
         for i in range(n):
             ws_rms_norm_row(&x[i, 0], &w[0], e, eps, &out[i, 0])
+
+
+def first_nonfinite_row(const float[:, ::1] x):
+    """The index of the first row of x: float32[n, e] holding a NaN or +/-Inf, -1 if none.
+
+    The forward pass's non-finite check (engine/model/forward.py) runs it on the residual after
+    every layer and on the logits, so it is one branch-free pass: a float is NaN or Inf exactly
+    when its bits without the sign are >= 0x7F800000 (all-ones exponent), and the max of those
+    bits over a row vectorises (an integer max; a float test would not, without -ffast-math).
+    About 0.1 us for a 576-wide row plus the call, 3 us for 49152 logits."""
+    cdef Py_ssize_t n = x.shape[0], e = x.shape[1], i, j, found = -1
+    cdef const uint32_t *bits
+    cdef uint32_t top
+    if e == 0:
+        return -1
+    with nogil:
+        for i in range(n):
+            bits = <const uint32_t *>&x[i, 0]
+            top = 0
+            for j in range(e):
+                top = max(top, bits[j] & 0x7FFFFFFFu)
+            if top >= 0x7F800000u:
+                found = i
+                break
+    return found
 
 
 def rope_inplace(float[:, :, ::1] x, const int64_t[::1] positions, const float[:, ::1] cos,
