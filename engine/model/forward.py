@@ -312,6 +312,27 @@ class Model:
             ys[e] = y[j:j + 1]
         return True
 
+    def fused_experts(self, batch, h: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+                      slots: np.ndarray, out: np.ndarray) -> bool:
+        """Decode, every routed expert in one batch: gate/up, SwiGLU, down and the weighted sum
+        into out (float32[1, n_embd]) in one kernel call (the kernels' moe_decode_into, one
+        parallel region, no Python between experts), with the bits expert_batch and moe()'s sum
+        give (the experts taken in ascending id, as that sum). ids, weights: the token's k
+        routed experts and their weights (int64[k], float32[k]); slots: float32[k, n_embd]
+        scratch. False (nothing done) where the kernel or the types do not allow it."""
+        batch = sorted(batch, key=lambda item: item[0])
+        gates, ups, downs = zip(*(parts for _, parts in batch))
+        tg, td = gates[0].qtype, downs[0].qtype
+        fused = self.kernel.moe_kernel(tg, td)
+        if fused is None or not all(g.qtype == tg and u.qtype == tg and d.qtype == td
+                                    for g, u, d in zip(gates, ups, downs)):
+            return False
+        weight_of = dict(zip(ids.tolist(), weights.tolist()))
+        w = np.array([weight_of[e] for e, _ in batch], dtype=np.float32)  # [k], ascending ids
+        fused(h, [g.data for g in gates], [u.data for u in ups], [d.data for d in downs], int(tg), int(td),
+              w, slots[:len(batch)], out, self.kernel_threads)
+        return True
+
     def streamed_ffn(self, i: int, h: np.ndarray, ahead: np.ndarray | None = None) -> np.ndarray:
         """A dense FFN read by the store as expert 0 of its layer."""
         for batch in self.experts.fetch(i, [0]):
@@ -360,10 +381,16 @@ class Model:
         # decode: the outputs go to the workspace, one row each in arrival order; prefill: each
         # expert's rows are new arrays (n_batch * k rows held would be mostly idle)
         slots = self.work.take("experts_out", len(used), self.cfg.n_embd) if one else None
+        out = self.work.take("moe_out", *h.shape)
+        summed = False  # out already holds the weighted sum (the fused call made it)
         for batch in self.experts.fetch(i, used):
             if ahead is not None:
                 self.prefetcher.on_residual(i, ahead)
                 ahead = None
+            if one and len(batch) == len(used) and self.observer is None and self.fused_experts(
+                    batch, h, ids[0], weights[0], slots, out):
+                summed = True
+                continue
             if one and len(batch) > 1 and self.observer is None and self.expert_batch(batch, h, ys, slots):
                 continue
             for e, parts in batch:
@@ -371,14 +398,14 @@ class Model:
                     ys[e] = self.expert_ffn(*parts, h, (i, e), slots[len(ys):len(ys) + 1])
                 else:
                     ys[e] = self.expert_ffn(*parts, h[np.any(ids == e, axis=1)], (i, e))
-        out = self.work.take("moe_out", *h.shape)
-        out.fill(0)
-        if one:  # the same sums as below, in the same order, without the index arithmetic
+        if one and not summed:  # the same sums as below, in the same order, without the index arithmetic
+            out.fill(0)
             weight_of = dict(zip(ids[0].tolist(), weights[0]))
             for e in used.tolist():
                 y = ys[e]  # its slot: scaled in place, it is not used again
                 out += np.multiply(y, weight_of[e], out=y)
-        else:
+        elif not one:
+            out.fill(0)
             for e in used.tolist():  # summed in a fixed order: arrival order must not change the bits
                 rows, slot = np.nonzero(ids == e)
                 out[rows] += weights[rows, slot][:, None] * ys[e]

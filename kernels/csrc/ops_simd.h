@@ -126,4 +126,15 @@ static inline void ws_attend_head(const float *q, const float *k, const float *v
     }
 }
 
+/* y = y * w, then out = out + y, over n floats: two roundings, as NumPy's `np.multiply(y, w,
+ * out=y); out += y` does, never one fused multiply-add (GCC contracts a * b + c into an FMA at
+ * -O3 unless told not to), so the fused MoE call gives the per-expert path's bits */
+__attribute__((optimize("fp-contract=off")))
+static void ws_scale_add_row(float *out, float *y, float w, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        y[i] = y[i] * w;
+        out[i] = out[i] + y[i];
+    }
+}
+
 #endif /* WS_OPS_SIMD_H */
