@@ -49,6 +49,7 @@ def write_bases(directory: Path) -> dict[str, Path]:
                                        ("moe", tiny_moe_tensors(), tiny_moe_metadata(), None),
                                        ("align64", tiny_llama_tensors(1), tiny_llama_metadata(), 64)):
         meta["tokenizer.ggml.merges"] = ["<t1> <t2>"]
+        meta["general.dup_a"], meta["general.dup_b"] = "a", "b"  # one renamed to the other: a duplicate key
         out[name] = write_gguf(directory / f"{name}.gguf", tensors, meta, alignment=align)
     return out
 
@@ -84,7 +85,7 @@ def case_strategy(layouts: dict):
         lay = layouts[base]
         kind = draw(st.sampled_from(["truncate", "flip", "flip", "flip", "header_count", "length", "value_type",
                                      "n_dims", "dim", "tensor_type", "tensor_offset", "utf8", "poison",
-                                     "alignment"]))
+                                     "alignment", "duplicate", "swap_offsets"]))
         return _MAKERS[kind](draw, st, base, lay)
 
     return cases()
@@ -211,7 +212,26 @@ def _alignment(draw, st, base, lay):
                 expect="invalid" if v & (v - 1) or v == 0 or v > 4096 else "unknown")
 
 
-_MAKERS = {"truncate": _truncate, "flip": _flip, "header_count": _header_count, "length": _length,
+def _duplicate(draw, st, base, lay):
+    """A duplicate key (general.dup_b renamed general.dup_a) or tensor name (blk.1.X -> blk.0.X)."""
+    if draw(st.booleans()):
+        b = next(f for f in lay.kv if f.key == "general.dup_b")
+        return Case(base, "duplicate", "key general.dup_a", [(b.offset + 8 + len("general.dup_"), b"a")],
+                    expect="invalid")
+    t = draw(st.sampled_from([t for t in lay.tensors if t.name.startswith("blk.1.")]))
+    return Case(base, "duplicate", f"tensor {t.name}", [(t.info_offset + 8 + 4, b"0")], expect="invalid")
+
+
+def _swap_offsets(draw, st, base, lay):
+    i, j = sorted(draw(st.lists(st.integers(0, len(lay.tensors) - 1), min_size=2, max_size=2, unique=True)))
+    a, b = lay.tensors[i], lay.tensors[j]
+    at = [t.dims_offset + 4 + 8 * len(t.shape) + 4 for t in (a, b)]
+    rel = [t.offset - lay.data_offset for t in (a, b)]
+    return Case(base, "swap_offsets", f"{a.name}<->{b.name}", [(at[0], "Q", rel[1]), (at[1], "Q", rel[0])],
+                expect="invalid")
+
+
+_MAKERS = {"duplicate": _duplicate, "swap_offsets": _swap_offsets, "truncate": _truncate, "flip": _flip, "header_count": _header_count, "length": _length,
            "value_type": _value_type, "n_dims": _n_dims, "dim": _dim, "tensor_type": _tensor_type,
            "tensor_offset": _tensor_offset, "utf8": _utf8, "poison": _poison, "alignment": _alignment}
 
@@ -445,7 +465,13 @@ def value_findings(results: list[Result]) -> list[Result]:
     """Failing classes on files whose structure is valid, and poisoned values that loaded: the
     config/weights/tokenizer validation's to refuse, not the reader's."""
     return [r for r in results if (r.cls in FAILING and not r.structural) or
-            (r.cls == "loaded" and r.case.expect == "value")]
+            (r.cls == "loaded" and (r.case.expect == "value" or _flipped_metadata(r.case)))]
+
+
+def _flipped_metadata(case: Case) -> bool:
+    """A byte flip outside the data that left a valid structure: a changed key, value or tensor
+    name (e.g. output.weight renamed) that loaded: the tensor-set/config checks' to refuse."""
+    return case.kind == "flip" and not case.detail.startswith("data@")
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["worker"]:
