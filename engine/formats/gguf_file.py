@@ -2,10 +2,10 @@
 
 Each file's structure is first checked by gguf_header.read_layout (bounded: counts and lengths
 against the bytes left, llama.cpp's tensor-offset rule; non-regular files refused before any
-open); parsing is then done by the `gguf` package (llama.cpp's own); this module adds what the
-engine needs on top: one metadata dict, a tensor index with absolute byte ranges (the streaming reader reads
-those), shape checks, split-shard discovery, and clear errors for files that are truncated,
-corrupt or incomplete.
+open); parsing is then done by the `gguf` package (llama.cpp's own). This module adds what the
+engine needs on top: one metadata dict, a tensor index with absolute byte ranges (the streaming
+reader reads those), shape checks, split-shard discovery, and clear errors for files that are
+truncated, corrupt or incomplete.
 """
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def shard_paths(path: Path) -> list[Path]:
 
 
 class _CheckedReader(GGUFReader):
-    """GGUFReader that checks each tensor's type and byte range before mapping it, so a bad file
-    fails with the tensor's name, type and offset rather than a NumPy reshape error."""
+    """GGUFReader with a one-step parse of arrays (below). It runs only on files read_layout has
+    checked, so its own bounds checks are a second line, not the first."""
 
     def __init__(self, path: Path):
         self._path = path

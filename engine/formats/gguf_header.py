@@ -147,8 +147,8 @@ def read_layout(path: Path) -> Layout:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # swapped between the stat and the open
             raise GGUFError(f"{path}: is not a regular file")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            with memoryview(mm) as buf:
-                return _walk(path, buf, size)
+            with memoryview(mm) as buf:  # bounds from the map, not the stat: a file cut since then
+                return _walk(path, buf, len(mm))  # must not make a read past its end (SIGBUS)
 
 
 def _walk(path: Path, buf, size: int) -> Layout:
