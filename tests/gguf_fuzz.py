@@ -1,6 +1,7 @@
 """The GGUF fuzzer shared by tests/test_gguf_fuzz.py (a bounded CI run) and bench/fuzz_gguf.py (a
-long run): mutated tiny models, each loaded through the real path (Engine.load, then one generated
-token) in a long-lived worker subprocess, classified as issue 16's review did.
+long run): mutated tiny models, each loaded through the real path (Engine.load, the MoE with its
+experts streamed, then one generated token) in a long-lived worker subprocess, classified as
+issue 16's review did.
 
 Cases (hypothesis strategies, seeded by the caller): truncation and byte flips in every region
 (header, key/values, tensor infos, padding, data); crafted counts, lengths, value types, n_dims,
@@ -276,12 +277,12 @@ def structure_problem(path: Path) -> str | None:
 
 
 # ---- the worker (child side) -------------------------------------------------------------------
-def _load_once(path: str) -> tuple[str, str]:
+def _load_once(path: str, options: dict | None = None) -> tuple[str, str]:
     from weightstream.engine import Engine
     from weightstream.engine.errors import WeightstreamError
 
     try:
-        with Engine.load(path) as e:
+        with Engine.load(path, **(options or {})) as e:
             e.generate([1, 2], max_new_tokens=1)
         return "loaded", ""
     except (WeightstreamError, FileNotFoundError) as ex:
@@ -305,7 +306,7 @@ def worker_main() -> None:
     out.write(json.dumps({"ready": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}) + "\n")
     for line in sys.stdin:
         case = json.loads(line)
-        outcome, msg = _load_once(case["path"])
+        outcome, msg = _load_once(case["path"], case.get("options"))
         problem = structure_problem(Path(case["path"])) if outcome in ("loaded", "raw") else None
         out.write(json.dumps({"outcome": outcome, "msg": msg, "problem": problem,
                               "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}) + "\n")
@@ -374,7 +375,9 @@ class Runner:
         path = self.workdir / f"case{self.n}.gguf"
         patched_gguf(base_path, path, case.edits, cut=case.cut)
         try:
-            self.proc.stdin.write(json.dumps({"path": str(path)}) + "\n")
+            # the MoE streams its experts: their byte ranges are read with pread, not the map
+            options = {"stream": "experts"} if case.base == "moe" else {}
+            self.proc.stdin.write(json.dumps({"path": str(path), "options": options}) + "\n")
             self.proc.stdin.flush()
             ans = self._answer(self.timeout_s)
         except BrokenPipeError:
