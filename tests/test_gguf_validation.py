@@ -219,6 +219,15 @@ def test_a_tensor_offset_near_2_64_is_refused(tmp_path, tiny, layout):
     refused(bad, rf"tensor {name} has data offset {U64 - layout.data_offset}", r"expected \d+")
 
 
+def test_engine_load_refuses_a_wrapped_tensor_offset(tmp_path, tiny, layout):
+    """Through the engine's own load path (the review's file loaded and gave NaN logits)."""
+    from weightstream.engine import Engine
+
+    bad = patched_gguf(tiny, tmp_path / "wrap.gguf", offset_edit(layout, "output.weight", -layout.data_offset))
+    with pytest.raises(GGUFError, match=rf"wrap\.gguf: tensor output\.weight has data offset {U64 - layout.data_offset}"):
+        Engine.load(bad)
+
+
 def test_overlapping_tensors_are_refused(tmp_path, tiny, layout):
     second = layout.tensors[1].name
     bad = patched_gguf(tiny, tmp_path / "overlap.gguf", offset_edit(layout, second, 0))
@@ -277,6 +286,16 @@ def test_a_fifo_model_path_is_refused_without_blocking(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == f"GGUFError {fifo}: is a FIFO (named pipe), not a GGUF file (a model path must " \
                                  f"be a regular file)", out.stdout + out.stderr
+
+
+def test_the_cli_refuses_a_fifo_in_one_line(tmp_path):
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    out = subprocess.run([sys.executable, "-m", "weightstream.engine", "info", str(fifo)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines() == [f"weightstream: error: {fifo}: is a FIFO (named pipe), not a GGUF "
+                                               f"file (a model path must be a regular file)"], out.stderr
 
 
 def test_a_directory_model_path_is_refused(tmp_path):
