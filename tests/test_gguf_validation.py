@@ -132,6 +132,17 @@ def test_a_non_utf8_string_value_is_refused_naming_the_key_and_offset(tmp_path, 
     refused(bad, r"key 'tokenizer\.ggml\.tokens': string 0 of array", rf"at offset {first} is not valid UTF-8")
 
 
+def test_a_cut_utf8_sequence_before_a_long_string_is_refused(tmp_path):
+    """The array's strings are checked in one decode with the length fields zeroed: a string ending
+    in half a euro sign (e2 82) followed by one of 172 (0xac) bytes must not pass as a whole '€'."""
+    meta = tiny_llama_metadata()
+    meta["tokenizer.ggml.tokens"] = ["ab", "x" * 0xAC] + meta["tokenizer.ggml.tokens"][2:]
+    good = write_gguf(tmp_path / "good.gguf", tiny_llama_tensors(), meta)
+    first = kv(read_layout(good), "tokenizer.ggml.tokens").value_offset + 12 + 8
+    bad = patched_gguf(good, tmp_path / "cut.gguf", [(first, b"\xe2\x82")])
+    refused(bad, rf"key 'tokenizer\.ggml\.tokens': string 0 of array .* at offset {first} is not valid UTF-8")
+
+
 @pytest.mark.parametrize("alignment", [0, 3, 48])
 def test_an_alignment_not_a_power_of_two_is_refused(tmp_path, alignment):
     good = write_gguf(tmp_path / "a64.gguf", tiny_llama_tensors(), tiny_llama_metadata(), alignment=64)

@@ -21,6 +21,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ...kernels import formats
@@ -230,27 +231,28 @@ _U64 = struct.Struct("<Q")
 def _skip_strings(c: _Cursor, key: str, count: int) -> None:
     """count strings, each bounded and UTF-8, without _Cursor's per-string cost: a vocabulary is
     50k-250k of them and this walk must cost little beside gguf's own parse. First the lengths
-    alone; then, where every string is shorter than 128 bytes, the whole run is decoded at once:
-    each length field is then 8 bytes below 0x80 between the strings, so a sequence cut at a
-    string's end or begun at its start fails there as it would alone (exact, ~3x faster). Else,
-    or on any failure, string by string, the first bad one raising through _Cursor.text."""
+    alone (bounds); then one UTF-8 decode of a copy of the whole run with each 8-byte length field
+    zeroed: a NUL can neither continue a sequence nor be continued, so the run decodes exactly
+    when every string does. On any failure _Cursor.text reads them again one by one, the first
+    bad one raising the error that names it."""
     buf, size, start, unpack = c.buf, c.size, c.pos, _U64.unpack_from
-    pos, longest = start, 0
+    pos, fields = start, []
     for _ in range(count):
         if size - pos < 8:
             break
         n = unpack(buf, pos)[0]
         if n > size - pos - 8:
             break
-        if n > longest:
-            longest = n
+        fields.append(pos - start)
         pos += 8 + n
     else:
+        run = np.frombuffer(buf, np.uint8, pos - start, start).copy()  # uint8[run bytes]
+        if fields:
+            run[np.asarray(fields, dtype=np.int64)[:, None] + np.arange(8)] = 0  # [count, 8] indices
         try:
-            if longest < 128:
-                str(buf[start:pos], "utf-8")
-                c.pos = pos
-                return
+            str(memoryview(run), "utf-8")
+            c.pos = pos
+            return
         except UnicodeDecodeError:
             pass
     for j in range(count):
