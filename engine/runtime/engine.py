@@ -19,7 +19,7 @@ from ..model.config import ModelConfig
 from ..model.forward import PREFILL_BATCH, Model
 from ..observe.profiler import Profiler
 from ..observe.routing import parse_routing
-from ..stream.budget import MemoryPlan, plan_memory
+from ..stream.budget import MemoryPlan, plan_memory, release_metadata_arrays, release_parsed_fields
 from ..stream.reader import direct_io_supported
 from ..stream.store import ExpertStore
 from ..stream.verify import FileIdentity
@@ -121,9 +121,11 @@ class Engine:
             raise ValueError(f"Engine.load: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         t0 = time.perf_counter()
         f = GGUFFile(path)
+        release_parsed_fields(f)  # the largest part of the parse goes first (engine/stream/budget.py)
         try:
             cfg = opts.model_config(ModelConfig.from_metadata(f.metadata, source=str(path)))
             tokenizer = Tokenizer.from_metadata(f.metadata)
+            release_metadata_arrays(f)  # the tokenizer has the vocabulary: the parse's arrays go (budget.py)
             if distributed is not None:  # pipeline stages on Ray: engine/runtime/distributed.py
                 from .distributed import load_distributed
 
