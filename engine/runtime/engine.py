@@ -57,7 +57,12 @@ def _fits_in_memory(f: GGUFFile) -> bool:
 
 
 class Engine:
-    """A loaded GGUF model with its tokenizer and KV cache. Use as a context manager or call close()."""
+    """A loaded GGUF model with its tokenizer and KV cache. Use as a context manager or call close().
+
+    The model file must not change while the engine uses it: each forward call checks its size,
+    modification time and inode (ModelFileChangedError), and streamed expert reads check them and
+    the block scales too (engine/stream/verify.py). A resident model is used from a memory map, so a
+    file truncated *during* a forward call still ends the process with SIGBUS, as in llama.cpp."""
 
     def __init__(self, path, file: GGUFFile, cfg: ModelConfig, model: Model, tokenizer: Tokenizer,
                  load_s: float, store: ExpertStore | None = None, plan: MemoryPlan | None = None,
