@@ -88,10 +88,10 @@ def replacing(path):
     path = Path(path)
     with interrupts_raise():  # installed before the temporary exists: no window where a signal leaves it
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
         try:
+            os.close(fd)
+            umask = os.umask(0)
+            os.umask(umask)
             yield tmp
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; what we write is an ordinary file
             _publish(tmp, path)
