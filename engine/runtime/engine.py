@@ -126,8 +126,8 @@ class Engine:
             raise ValueError(f"Engine.load: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         t0 = time.perf_counter()
         f = GGUFFile(path)
-        release_parsed_fields(f)  # the largest part of the parse goes first (engine/stream/budget.py)
         try:
+            release_parsed_fields(f)  # the largest part of the parse goes first (engine/stream/budget.py)
             cfg = opts.model_config(ModelConfig.from_metadata(f.metadata, source=str(path)))
             tokenizer = Tokenizer.from_metadata(f.metadata)
             release_metadata_arrays(f)  # the tokenizer has the vocabulary: the parse's arrays go (budget.py)
