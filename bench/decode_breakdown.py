@@ -23,7 +23,7 @@ import pstats
 import time
 
 
-def breakdown(model: str, steps: int = 16, threads: int = 2, blas_pool: bool = False) -> dict:
+def breakdown(model: str, steps: int = 16, threads: int = 2, blas_pool: bool = False, top: int = 0) -> dict:
     import weightstream.engine.model.forward as forward
     from weightstream.engine.runtime.engine import Engine
 
@@ -41,6 +41,8 @@ def breakdown(model: str, steps: int = 16, threads: int = 2, blas_pool: bool = F
             m.forward([7 + j], 18 + j)
         prof.disable()
         wall_ms = (time.perf_counter() - t0) / steps * 1e3
+    if top:  # the functions that spend the most time of their own, for what the groups below miss
+        pstats.Stats(prof).sort_stats("tottime").print_stats(top)
     stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
 
     def ms(match, cumulative: bool = False) -> float:
@@ -64,8 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--blas-pool", action="store_true", help="NumPy's BLAS on its own pool (before kernels/blas.py)")
+    ap.add_argument("--top", type=int, default=0, metavar="N", help="also print the N functions with the most own time")
     args = ap.parse_args(argv)
-    r = breakdown(args.model, args.steps, args.threads, args.blas_pool)
+    r = breakdown(args.model, args.steps, args.threads, args.blas_pool, args.top)
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}))
     return 0
 

@@ -45,3 +45,23 @@ class RoutingTraceError(WeightstreamError, ValueError):
 
 class StageFailedError(WeightstreamError, RuntimeError):
     """A pipeline stage died, left with its node, or did not answer within the timeout."""
+
+
+class NonFiniteError(WeightstreamError, FloatingPointError):
+    """A forward pass produced NaN or Inf logits: names the first layer whose output (the residual)
+    went non-finite (or the output head) and the token position, instead of sampling from them."""
+
+
+class ExpertReadTimeout(ExpertReadError, TimeoutError):
+    """No read of the experts a layer waits for finished within the store's timeout (a stuck disk or
+    network filesystem): names the file, the layer and the experts."""
+
+
+class ModelFileChangedError(WeightstreamError, OSError):
+    """The model file was replaced, rewritten or truncated while an engine was using it: names the
+    file and what changed (size, modification time, inode, device) since it was loaded."""
+
+
+class NonFiniteWeightsError(WeightstreamError, ValueError):
+    """Weights read from the file hold a NaN or infinite block scale: names the file, the tensor,
+    the expert and the block."""

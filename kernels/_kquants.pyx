@@ -23,9 +23,15 @@ Layout of the work:
   instead (``kquants_amx.h``) when the build targets AMX and Linux grants the tile state
   (``AMX``): the Q8_K activations are repacked into the tiles' VNNI layout per 16 rows, and each
   thread unpacks 16 weight rows once per chunk of activation groups (sized to stay in L2).
+
+Non-finite values (docs/DESIGN.md, kernels): an activation row holding a NaN or Inf gives an
+all-NaN output row (the Q8_K quantizer flags the row while it scans for the absmax;
+``ws_nan_rows`` overwrites its outputs after the dot products), as the float reference does; a NaN
+weight scale (d, dmin) reaches the float products, an Inf one is made NaN where it is loaded
+(``ws_inf_to_nan``: the reference's 0 * Inf is NaN).
 """
 
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.math cimport rintf, fabsf
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uintptr_t
 
@@ -42,6 +48,7 @@ cdef extern from "common.h" nogil:
         WS_Q2_K
         WS_QK_K
     int ws_block_bytes(int qtype)
+    void ws_nan_rows(const uint8_t *bad, int64_t n, float *out, int64_t rows, int64_t ostride)
 
 # per-block math, AVX-512 or portable C (kernels/csrc/kquants_simd.h)
 cdef extern from "kquants_simd.h" nogil:
@@ -55,6 +62,11 @@ cdef extern from "kquants_simd.h" nogil:
     bint WS_KQ_PERMUTED(int qtype)
     void ws_kq_rows(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a, int nr,
                     float *accbuf, int first, int last, float *out, int64_t ostride)
+
+# SwiGLU and the weighted sum of the fused MoE call (kernels/csrc/ops_simd.h, shared with _ops)
+cdef extern from "ops_simd.h" nogil:
+    void ws_swiglu_row(const float *gate, const float *up, int64_t m, float *out)
+    void ws_scale_add_row(float *out, float *y, float w, int64_t n)
 
 # Q2_K prefill on AMX tiles (kernels/csrc/kquants_amx.h)
 cdef extern from "kquants_amx.h" nogil:
@@ -119,11 +131,12 @@ def _tuning(wr=None, l1_act=None, l1_max=None):
     return _WR, _L1_ACT, _L1_MAX
 
 
-cdef void _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, float *fb,
-                             bint permuted) noexcept nogil:
+cdef uint8_t _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, float *fb,
+                                bint permuted) noexcept nogil:
     """ggml's quantize_row_q8_K_ref: per 256, the value of largest magnitude (first on ties) maps to
     -127, q = nearest_int(iscale * x) (round half to even), capped at 127; d = 1 / iscale.
-    With ``permuted``, each block's quants are stored in the kernel's order (WS_KQ_PERMUTED)."""
+    With ``permuted``, each block's quants are stored in the kernel's order (WS_KQ_PERMUTED).
+    Returns 1 when the row holds a NaN or an Inf (which the int8 quants lose; see ws_nan_rows)."""
     cdef int64_t b, j, k
     cdef const float *xb
     cdef int8_t *qb
@@ -131,6 +144,7 @@ cdef void _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, f
     cdef float amax, ax, vmax, iscale, db
     cdef int v
     cdef int32_t s
+    cdef float nf = 0    # sum of x - x: +0 while all finite, NaN after a NaN or Inf (no -ffast-math)
     for b in range(nb):
         xb = x + QK_K * b
         qb = &tmp[0] if permuted else qs + QK_K * b
@@ -138,6 +152,7 @@ cdef void _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, f
         vmax = 0
         for j in range(QK_K):
             ax = fabsf(xb[j])
+            nf = nf + (xb[j] - xb[j])
             if ax > amax:
                 amax = ax
                 vmax = xb[j]
@@ -162,6 +177,7 @@ cdef void _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, f
         if permuted:   # element 128h + 32j + l -> position 64j + 32h + l
             for j in range(QK_K):
                 qs[QK_K * b + 64 * ((j // 32) % 4) + 32 * (j // 128) + j % 32] = qb[j]
+    return nf != nf
 
 
 cdef void _group(int qtype, const uint8_t *w, int64_t i0, int64_t i1, int64_t row_bytes,
@@ -198,22 +214,23 @@ cdef void _group(int qtype, const uint8_t *w, int64_t i0, int64_t i1, int64_t ro
 
 cdef void _matmul_core(const float *x, const uint8_t *w, int qtype, float *out, int64_t n,
                        int64_t rows, int64_t cols, int64_t bb, int8_t *qs, float *dq,
-                       float *fb, float *accbuf, int threads) noexcept nogil:
+                       float *fb, float *accbuf, uint8_t *bad, int threads) noexcept nogil:
     cdef int64_t nb = cols // QK_K
     cdef int64_t r, g, i0
     cdef int64_t ngroups = (rows + _WR - 1) // _WR
     for r in prange(n, num_threads=threads, schedule="static"):
-        _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
+        bad[r] = _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
                            WS_KQ_PERMUTED(qtype))
     for g in prange(ngroups, num_threads=threads, schedule="static"):
         i0 = g * _WR
         _group(qtype, w, i0, min(i0 + _WR, rows), nb * bb, bb, n, rows, cols, qs, dq, fb,
                accbuf + openmp.omp_get_thread_num() * _WR * 16 * WS_KQ_NRMAX, out)
+    ws_nan_rows(bad, n, out, rows, rows)
 
 
 cdef void _matmul_amx_q2k(const float *x, const uint8_t *w, float *out, int64_t n, int64_t rows,
                           int64_t cols, int8_t *qs, float *dq, float *fb, uint8_t *xact,
-                          uint8_t *scratch, int32_t *cbuf, int threads) noexcept nogil:
+                          uint8_t *scratch, int32_t *cbuf, uint8_t *bad, int threads) noexcept nogil:
     """Q2_K on AMX tiles: quantize and repack the activations (groups of 16 rows, VNNI), then per
     chunk of groups whose packed activations fit _AMX_ACT_L2, the 16-row weight groups over the
     threads. Each output is made by one thread in a fixed order: threads do not change results."""
@@ -224,7 +241,7 @@ cdef void _matmul_amx_q2k(const float *x, const uint8_t *w, float *out, int64_t 
     cdef int64_t r, g, c, g0, g1, t
     per = (ngx + nch - 1) // nch       # balanced chunks
     for r in prange(n, num_threads=threads, schedule="static"):
-        _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb, True)
+        bad[r] = _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb, True)
     for g in prange(ngx, num_threads=threads, schedule="static"):
         ws_amx_pack_act(qs, dq, n, nb, 16 * g, xact + g * nb * WS_AMX_XBLK)
     for c in range(nch):
@@ -234,18 +251,19 @@ cdef void _matmul_amx_q2k(const float *x, const uint8_t *w, float *out, int64_t 
             t = openmp.omp_get_thread_num()
             ws_amx_q2k_group(w, nb * 84, nb, 16 * g, <int>min(<int64_t>16, rows - 16 * g), xact,
                              g0, g1, n, out, rows, scratch + t * nb * WS_AMX_WBLK, cbuf + t * 1024)
+    ws_nan_rows(bad, n, out, rows, rows)
 
 
 cdef void _matvec_many_core(const float *x, const uint8_t **w, int qtype, float *out, int64_t tasks,
                             int64_t rows, int64_t cols, int64_t bb, int8_t *qs, float *dq, float *fb,
-                            float *accbuf, int threads) noexcept nogil:
+                            float *accbuf, uint8_t *bad, int threads) noexcept nogil:
     """Task t: out[t, :] = x[t, :] @ W_t.T. One parallel region over (task, row group) pairs,
     each group made by _group exactly as _matmul_core makes it for one activation row."""
     cdef int64_t nb = cols // QK_K
     cdef int64_t ngroups = (rows + _WR - 1) // _WR
     cdef int64_t r, k, t, i0
     for r in prange(tasks, num_threads=threads, schedule="static"):
-        _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
+        bad[r] = _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
                            WS_KQ_PERMUTED(qtype))
     for k in prange(tasks * ngroups, num_threads=threads, schedule="static"):
         t = k // ngroups
@@ -253,6 +271,56 @@ cdef void _matvec_many_core(const float *x, const uint8_t **w, int qtype, float 
         _group(qtype, w[t], i0, min(i0 + _WR, rows), nb * bb, bb, 1, rows, cols, qs + t * cols,
                dq + t * nb, fb + t * 16 * nb, accbuf + openmp.omp_get_thread_num() * _WR * 16 * WS_KQ_NRMAX,
                out + t * rows)
+    ws_nan_rows(bad, tasks, out, rows, rows)
+
+
+cdef void _moe_decode_core(const float *h, const uint8_t **wgu, int qgu, const uint8_t **wd, int qd,
+                           const float *weights, int64_t k, int64_t E, int64_t ff, int8_t *qs,
+                           float *dq, float *fb, float *gu, float *act, float *y, float *out,
+                           float *accbuf, uint8_t *bad, int threads) noexcept nogil:
+    """One decode step's k routed experts in one parallel region (see moe_decode_into). Scratch:
+    qs int8[E + k ff], dq float[nbe + k nbf], fb float[16 (nbe + k nbf)] (h's Q8_K, then each
+    activation row's); gu float[2k, ff]; act float[k, ff]; bad uint8[1 + k]."""
+    cdef int64_t nbe = E // QK_K, nbf = ff // QK_K
+    cdef int64_t bbgu = ws_block_bytes(qgu), bbd = ws_block_bytes(qd)
+    cdef int64_t ngu = (ff + _WR - 1) // _WR, nd = (E + _WR - 1) // _WR
+    cdef int64_t nch = (E + 63) // 64  # the weighted sum in chunks of 64 columns
+    cdef int64_t r, j, t, i0, c, c0, c1
+    cdef int8_t *qa = qs + E           # the activation rows' Q8_K, after h's
+    cdef float *da = dq + nbe
+    cdef float *fa = fb + 16 * nbe
+    cdef float *acc
+    with parallel(num_threads=threads):
+        acc = accbuf + openmp.omp_get_thread_num() * _WR * 16 * WS_KQ_NRMAX
+        # h once, in the gate/up type's order: every gate and up row group reads the same copy
+        for r in prange(1, schedule="static"):
+            bad[0] = _quantize_row_q8_k(h, nbe, qs, dq, fb, WS_KQ_PERMUTED(qgu))
+        for j in prange(2 * k * ngu, schedule="static"):  # (gate or up of expert t, row group)
+            t = j // ngu
+            i0 = (j % ngu) * _WR
+            _group(qgu, wgu[t], i0, min(i0 + _WR, ff), nbe * bbgu, bbgu, 1, ff, E, qs, dq, fb,
+                   acc, gu + t * ff)
+        for r in prange(k, schedule="static"):  # SwiGLU, then the row's Q8_K in down's order
+            if bad[0]:
+                ws_nan_rows(bad, 1, gu + r * ff, ff, ff)
+                ws_nan_rows(bad, 1, gu + (k + r) * ff, ff, ff)
+            ws_swiglu_row(gu + r * ff, gu + (k + r) * ff, ff, act + r * ff)
+            bad[1 + r] = _quantize_row_q8_k(act + r * ff, nbf, qa + r * ff, da + r * nbf,
+                                            fa + 16 * r * nbf, WS_KQ_PERMUTED(qd))
+        for j in prange(k * nd, schedule="static"):  # (down of expert t, row group)
+            t = j // nd
+            i0 = (j % nd) * _WR
+            _group(qd, wd[t], i0, min(i0 + _WR, E), nbf * bbd, bbd, 1, E, ff, qa + t * ff,
+                   da + t * nbf, fa + 16 * t * nbf, acc, y + t * E)
+        for c in prange(nch, schedule="static"):  # out = sum over t in order of w_t * y_t
+            c0 = c * 64
+            c1 = min(c0 + 64, E)
+            for t in range(c1 - c0):
+                out[c0 + t] = 0
+            for t in range(k):
+                if bad[1 + t]:
+                    ws_nan_rows(bad + 1 + t, 1, y + t * E + c0, c1 - c0, c1 - c0)
+                ws_scale_add_row(out + c0, y + t * E + c0, weights[t], c1 - c0)
 
 
 def _aligned(nbytes, dtype=np.uint8):
@@ -300,6 +368,7 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     cdef int8_t[:, ::1] qs = np.empty((n, cols), dtype=np.int8)
     cdef float[:, ::1] dq = np.empty((n, nb), dtype=np.float32)
     cdef float[:, ::1] fb = np.empty((n, 16 * nb), dtype=np.float32)
+    cdef uint8_t[::1] bad = np.empty(n, dtype=np.uint8)   # row holds a NaN / Inf (ws_nan_rows)
     cdef uint8_t[::1] xact, scratch
     cdef int32_t[::1] cbuf
     if AMX and qtype == Q2_K and n >= _AMX_MIN_N:
@@ -310,14 +379,14 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
         cbuf = _aligned(threads * 1024 * 4, np.int32)
         with nogil:
             _matmul_amx_q2k(&x[0, 0], &w[0, 0], &out[0, 0], n, rows, cols, &qs[0, 0], &dq[0, 0],
-                            &fb[0, 0], &xact[0], &scratch[0], &cbuf[0], threads)
+                            &fb[0, 0], &xact[0], &scratch[0], &cbuf[0], &bad[0], threads)
         return
     # running sums of each thread's weight-row group (64-byte aligned rows of 16 floats)
     acc_arr = np.empty(threads * _WR * 16 * WS_KQ_NRMAX + 16, dtype=np.float32)
     cdef float[::1] acc = acc_arr[(-acc_arr.ctypes.data % 64) // 4:]
     with nogil:
         _matmul_core(&x[0, 0], &w[0, 0], qtype, &out[0, 0], n, rows, cols, bb,
-                     &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], threads)
+                     &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], &bad[0], threads)
 
 
 def matvec_many_supported(int qtype):
@@ -360,8 +429,73 @@ def matvec_many_into(const float[:, ::1] x, list ws, int qtype, float[:, ::1] ou
     cdef int8_t[:, ::1] qs = np.empty((tasks, cols), dtype=np.int8)
     cdef float[:, ::1] dq = np.empty((tasks, nb), dtype=np.float32)
     cdef float[:, ::1] fb = np.empty((tasks, 16 * nb), dtype=np.float32)
+    cdef uint8_t[::1] bad = np.empty(tasks, dtype=np.uint8)   # row holds a NaN / Inf
     acc_arr = np.empty(threads * _WR * 16 * WS_KQ_NRMAX + 16, dtype=np.float32)
     cdef float[::1] acc = acc_arr[(-acc_arr.ctypes.data % 64) // 4:]
     with nogil:
         _matvec_many_core(&x[0, 0], <const uint8_t **>&pv[0], qtype, &out[0, 0], tasks, rows, cols, bb,
-                          &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], threads)
+                          &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], &bad[0], threads)
+
+
+def moe_decode_supported(int qtype_gu, int qtype_d):
+    """Whether moe_decode_into handles experts of these types (gate/up, down) with the bits of
+    matvec_many_into + SwiGLU + the weighted sum."""
+    return matvec_many_supported(qtype_gu) and matvec_many_supported(qtype_d)
+
+
+def moe_decode_into(const float[:, ::1] h, list gates, list ups, list downs, int qtype_gu, int qtype_d,
+                    const float[::1] weights, float[:, ::1] y, float[:, ::1] out, int threads=1):
+    """A decode step's routed experts in one call and one parallel region: for each expert t
+    (in the order given) ``y[t] = down_t(silu(gate_t h) * up_t h)``, then
+    ``out[0] = sum over t, in order, of y[t] * weights[t]`` (each product rounded, then added:
+    NumPy's ``out += y * w``). The bits equal matvec_many_into for the gate/up rows, SwiGLU,
+    matvec_many_into for the down rows and that sum, the per-expert path of
+    engine/model/forward.py; no Python runs between the experts.
+
+    h: float32[1, E]; gates, ups: k weights uint8[ff, row_bytes(E)] of qtype_gu; downs: k of
+    uint8[E, row_bytes(ff)] of qtype_d (C-contiguous); weights: float32[k]; y: float32[k, E]
+    (scratch: the experts' outputs times their weights on return); out: float32[1, E]."""
+    cdef int64_t k = len(gates)
+    if len(ups) != k or len(downs) != k or weights.shape[0] != k or y.shape[0] != k:
+        raise ValueError(f"moe_decode_into: {k} gates, {len(ups)} ups, {len(downs)} downs, "
+                         f"{weights.shape[0]} weights, y has {y.shape[0]} rows: all must agree")
+    if not moe_decode_supported(qtype_gu, qtype_d):
+        raise ValueError(f"moe_decode_into: types {_TYPE_NAMES.get(qtype_gu, qtype_gu)} / "
+                         f"{_TYPE_NAMES.get(qtype_d, qtype_d)} are not supported")
+    if threads < 1:
+        raise ValueError(f"moe_decode_into: threads must be >= 1, got {threads}")
+    cdef int64_t E = h.shape[1]
+    if h.shape[0] != 1 or out.shape[0] != 1 or out.shape[1] != E or y.shape[1] != E:
+        raise ValueError(f"moe_decode_into: h [{h.shape[0]}, {E}], out [{out.shape[0]}, {out.shape[1]}], "
+                         f"y [{y.shape[0]}, {y.shape[1]}]: need [1, E], [1, E], [k, E]")
+    if k == 0:
+        out[:, :] = 0
+        return
+    cdef int64_t ff = gates[0].shape[0]
+    if E % QK_K or ff % QK_K:
+        raise ValueError(f"moe_decode_into: widths {E} and {ff} must be multiples of {QK_K}")
+    cdef int64_t nbe = E // QK_K, nbf = ff // QK_K
+    ptrs = np.empty(3 * k, dtype=np.uintp)  # gates, ups, downs; the lists keep them alive
+    cdef const uint8_t[:, ::1] wv
+    expected = {"gate": (ff, nbe * BLOCK_BYTES[qtype_gu]), "up": (ff, nbe * BLOCK_BYTES[qtype_gu]),
+                "down": (E, nbf * BLOCK_BYTES[qtype_d])}
+    for t, (role, w) in enumerate([("gate", g) for g in gates] + [("up", u) for u in ups]
+                                  + [("down", d) for d in downs]):
+        wv = w
+        if (wv.shape[0], wv.shape[1]) != expected[role]:
+            raise ValueError(f"moe_decode_into: {role} {t % k} is uint8[{wv.shape[0]}, {wv.shape[1]}], "
+                             f"expected {list(expected[role])}")
+        ptrs[t] = <uintptr_t>&wv[0, 0]
+    cdef uintptr_t[::1] pv = ptrs
+    cdef int8_t[::1] qs = np.empty(E + k * ff, dtype=np.int8)
+    cdef float[::1] dq = np.empty(nbe + k * nbf, dtype=np.float32)
+    cdef float[::1] fb = np.empty(16 * (nbe + k * nbf), dtype=np.float32)
+    cdef float[:, ::1] gu = np.empty((2 * k, ff), dtype=np.float32)
+    cdef float[:, ::1] act = np.empty((k, ff), dtype=np.float32)
+    cdef uint8_t[::1] bad = np.zeros(1 + k, dtype=np.uint8)
+    acc_arr = np.empty(threads * _WR * 16 * WS_KQ_NRMAX + 16, dtype=np.float32)
+    cdef float[::1] acc = acc_arr[(-acc_arr.ctypes.data % 64) // 4:]
+    with nogil:
+        _moe_decode_core(&h[0, 0], <const uint8_t **>&pv[0], qtype_gu, <const uint8_t **>&pv[2 * k], qtype_d,
+                         &weights[0], k, E, ff, &qs[0], &dq[0], &fb[0], &gu[0, 0], &act[0, 0], &y[0, 0],
+                         &out[0, 0], &acc[0], &bad[0], threads)

@@ -29,13 +29,19 @@ Quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), as llama.cpp's vec_dot kernels
 
 Float weights (F32, F16, BF16): float32 FMA, F16 via ``vcvtph2ps``, BF16 by a 16-bit shift.
 
+Non-finite values (docs/DESIGN.md, kernels): an activation row holding a NaN or Inf gives an all-NaN
+output row (the quantizer flags the row; ``ws_nan_rows`` overwrites its outputs afterwards), as the
+float reference does; a NaN weight scale (d, m) reaches the float products, an Inf one is made NaN
+where it is loaded (``ws_inf_to_nan``: the reference's 0 * Inf is NaN). The float types propagate
+both through their float32 products.
+
 Each output element is computed by one thread in a fixed order, so any thread count gives the
 same bits. Without AVX-512 (F, BW, VL, VNNI) + F16C + BMI2 at compile time, portable scalar C
 computes the same quantities (same activation quants, same per-block integer dots).
 """
 
 from cython.parallel cimport prange, threadid
-from libc.stdint cimport int8_t, uint8_t
+from libc.stdint cimport int8_t, int64_t, uint8_t
 from libc.stddef cimport size_t
 
 from gguf import GGMLQuantizationType as _T
@@ -61,7 +67,8 @@ cdef extern from "legacy.h":
         size_t o_stride
         uint8_t *scratch
         size_t scratch_bytes
-    void lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, float *dx, float *cs) noexcept nogil
+    int lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, float *dx, float *cs) noexcept nogil
+    void ws_nan_rows(const uint8_t *bad, int64_t n, float *out, int64_t rows, int64_t ostride) noexcept nogil
     void lg_chunk(const lg_ctx *c, int r0, int r1, int tid) noexcept nogil
     void *lg_alloc(size_t nbytes) noexcept nogil
 
@@ -201,7 +208,9 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     c.cols = <int>cols
     c.nb = <int>(cols // 32) if quant else 0
     c.nbp = (c.nb + 15) // 16 * 16
-    c.fused = n <= FUSED_MAX_N
+    # decode unpacks while multiplying: AVX-512 only (the scalar lg_dot_tile reads unpacked rows,
+    # so a portable build takes the unpack-into-scratch path at every n; it read NULL before)
+    c.fused = n <= FUSED_MAX_N and SIMD
     c.w = &w[0, 0]
     c.w_stride = <size_t>rb
     c.x = &x[0, 0]
@@ -220,24 +229,27 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     cdef int8_t *xq = NULL
     cdef float *fbuf = NULL
     cdef uint8_t *scratch = NULL
+    cdef uint8_t *bad = NULL     # uint8[n]: activation row i holds a NaN / Inf (ws_nan_rows)
     try:
         if quant:
             xq = <int8_t *>lg_alloc(<size_t>n * c.xs)
             fbuf = <float *>lg_alloc(2 * <size_t>n * c.fs * sizeof(float))
-            if xq == NULL or fbuf == NULL:
+            bad = <uint8_t *>lg_alloc(<size_t>n)
+            if xq == NULL or fbuf == NULL or bad == NULL:
                 raise MemoryError()
             c.xq = xq
             c.dx = fbuf
             c.cs = fbuf + <size_t>n * c.fs
             for i in prange(n, nogil=True, num_threads=nthreads if n > 1 else 1, schedule="static"):
-                lg_quantize_row(c.t, &x[i, 0], c.nb, c.nbp, xq + <size_t>i * c.xs,
-                                fbuf + <size_t>i * c.fs, fbuf + (<size_t>n + i) * c.fs)
+                bad[i] = lg_quantize_row(c.t, &x[i, 0], c.nb, c.nbp, xq + <size_t>i * c.xs,
+                                         fbuf + <size_t>i * c.fs, fbuf + (<size_t>n + i) * c.fs) != 0
             if AMX and n >= _AMX_MIN_N:
                 scratch = <uint8_t *>lg_alloc(<size_t>((n + 15) // 16 + nthreads) * c.nb * LG_AMX_BLK)
                 if scratch == NULL:
                     raise MemoryError()
                 with nogil:
                     _matmul_amx(&c, scratch + <size_t>nthreads * c.nb * LG_AMX_BLK, scratch, nthreads)
+                    ws_nan_rows(bad, n, &out[0, 0], rows, rows)
                 return
             if not c.fused:
                 c.wb = max(1, min(64, _SCRATCH_TARGET // (c.xs + 8 * c.fs)))
@@ -252,7 +264,10 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
             for chunk in prange(nchunks, num_threads=nthreads, schedule="static"):
                 tid = threadid()
                 lg_chunk(&c, <int>(chunk * crow), <int>((chunk + 1) * crow), tid)
+            if quant:
+                ws_nan_rows(bad, n, &out[0, 0], rows, rows)
     finally:
         free(xq)
         free(fbuf)
         free(scratch)
+        free(bad)

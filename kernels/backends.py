@@ -212,6 +212,7 @@ class KernelCache:
         self.backend = backend
         self._cache: dict[tuple[int, int], object] = {}
         self._many: dict[int, Callable | None] = {}
+        self._moe: dict[tuple[int, int], Callable | None] = {}
 
     def _backend_name(self, qtype, n: int) -> str:
         return choose(qtype, n) if self.backend == "auto" else self.backend
@@ -234,6 +235,18 @@ class KernelCache:
             backend = REGISTRY.get(self._backend_name(qtype, 1))
             self._many[key] = backend.many_kernel(qtype) if backend is not None else None
         return self._many[key]
+
+    def moe_kernel(self, qtype_gu, qtype_d) -> Callable | None:
+        """The fused decode-step MoE kernel (moe_decode_into: every routed expert's gate/up,
+        SwiGLU, down and the weighted sum in one call) where the kernel module that the backend
+        uses at n = 1 for both types has one for them, else None (callers use many_kernel)."""
+        key = (int(qtype_gu), int(qtype_d))
+        if key not in self._moe:
+            modules = {self(q, 1) for q in key}
+            module = modules.pop() if len(modules) == 1 else None
+            fused = getattr(module, "moe_decode_into", None)
+            self._moe[key] = fused if fused is not None and module.moe_decode_supported(*key) else None
+        return self._moe[key]
 
     def matmul(self, x: np.ndarray, qt, threads: int, out: np.ndarray | None = None) -> np.ndarray:
         """x @ W.T for x: float32[n, cols] and W = qt, through the cached kernel; where there is

@@ -82,7 +82,7 @@ def outputs(files: dict[str, Path]) -> dict[str, np.ndarray]:
                        prefetch=prefetch, io=io, cache_slots=mult * 2, io_threads=2)
         elif name == "smollm2":
             record("smollm2/resident", path)
-            record("smollm2/ffn-80MiB", path, stream="ffn", memory_budget="80MiB")
+            record("smollm2/ffn-92MiB", path, stream="ffn", memory_budget="92MiB")
         else:
             for backend in ("auto", "numpy", "cython", "numba"):
                 record(f"{name}/{backend}", path, backend=backend)

@@ -51,7 +51,7 @@ def test_demo_streams_under_a_budget_smaller_than_the_model(demo_model):
     rc, out, err = cli("demo", "-n", "12")
     assert rc == 0, err[-2000:]
     assert out.startswith("> ") and len(out.split()) > 4
-    assert "of a 80.00 MiB budget" in err and "stays on disk" in err  # the plan
+    assert "of a 92.00 MiB budget" in err and "stays on disk" in err  # the plan
     assert "hit rate" in err and "tok/s" in err  # the profiler's summary
 
 

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"engine": "weightstream.engine", "kernels": "weightstream.kernels", "weightstream": "weightstream"}
 
 # The engine's rooms, lowest first: a room may import kernels, errors and any room before it.
-ROOMS = ["errors", "formats", "model", "stream", "observe", "runtime", "tools", "cli"]
+ROOMS = ["errors", "formats", "model", "stream", "observe", "runtime", "tools", "serve", "cli"]
 
 
 def module_name(path: Path) -> str:

@@ -43,10 +43,38 @@ def tiny_llama_metadata(arch: str = "llama") -> dict:
     }
 
 
+N_EXPERT, N_EXPERT_USED, N_FF_EXP = 4, 2, 32
+
+
+def tiny_moe_tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    """tiny_llama_tensors with each dense FFN replaced by a router and N_EXPERT stacked experts
+    (Mixtral's layout: ffn_{gate,up,down}_exps as [n_expert, rows, cols])."""
+    rng = np.random.default_rng(seed + 1)
+    t = tiny_llama_tensors(seed)
+    for i in range(N_LAYER):
+        p = f"blk.{i}."
+        for k in ("ffn_gate", "ffn_up", "ffn_down"):
+            del t[p + k + ".weight"]
+        t[p + "ffn_gate_inp.weight"] = rng.normal(0, 0.2, (N_EXPERT, N_EMBD)).astype(np.float32)
+        t[p + "ffn_gate_exps.weight"] = rng.normal(0, 0.2, (N_EXPERT, N_FF_EXP, N_EMBD)).astype(np.float32)
+        t[p + "ffn_up_exps.weight"] = rng.normal(0, 0.2, (N_EXPERT, N_FF_EXP, N_EMBD)).astype(np.float32)
+        t[p + "ffn_down_exps.weight"] = rng.normal(0, 0.2, (N_EXPERT, N_EMBD, N_FF_EXP)).astype(np.float32)
+    return t
+
+
+def tiny_moe_metadata(arch: str = "llama") -> dict:
+    return {**tiny_llama_metadata(arch), f"{arch}.expert_count": N_EXPERT,
+            f"{arch}.expert_used_count": N_EXPERT_USED, f"{arch}.expert_feed_forward_length": N_FF_EXP}
+
+
 def write_gguf(path: Path, tensors: dict[str, np.ndarray], metadata: dict, arch: str = "llama",
-               raw_types: dict[str, gguf.GGMLQuantizationType] | None = None, split_max_tensors: int = 0) -> Path:
-    """Write tensors (float32 arrays, or uint8 block bytes for names in raw_types) and metadata."""
+               raw_types: dict[str, gguf.GGMLQuantizationType] | None = None, split_max_tensors: int = 0,
+               alignment: int | None = None) -> Path:
+    """Write tensors (float32 arrays, or uint8 block bytes for names in raw_types) and metadata;
+    alignment: a general.alignment other than the default 32 (the data laid out to it)."""
     w = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
+    if alignment is not None:
+        w.add_custom_alignment(alignment)
     for key, value in metadata.items():
         if isinstance(value, bool):
             w.add_bool(key, value)
@@ -94,3 +122,17 @@ def rewritten_gguf(src: Path, dst: Path, edit_tensors=None, keys: dict | None = 
     w.write_tensors_to_file()
     w.close()
     return dst
+
+
+def patched_gguf(src: Path, dst: Path, edits=(), cut: int | None = None, extra: bytes = b"") -> Path:
+    """A copy of src with bytes overwritten: edits are (offset, struct format, value) packed
+    little-endian at offset, or (offset, bytes); cut: keep only the first `cut` bytes; extra:
+    appended. For crafting invalid files at the places gguf_header.read_layout reports."""
+    import struct
+
+    data = bytearray(Path(src).read_bytes())
+    for offset, fmt, *value in edits:
+        raw = fmt if isinstance(fmt, (bytes, bytearray)) else struct.pack("<" + fmt, *value)
+        data[offset:offset + len(raw)] = raw
+    Path(dst).write_bytes(bytes(data[:cut]) + extra)
+    return Path(dst)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import bench, convert, demo, generate, inspect
+from . import bench, convert, demo, generate, inspect, serve
 from .options import sampling_options
 from .parser import Parser
 from ..errors import WeightstreamError
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.register(sub)  # convert, quantize, imatrix
     demo.register(sub)  # demo, synth
     bench.register(sub)  # bench kernels | decode | bandwidth | io
+    serve.register(sub)  # serve: the OpenAI-compatible server (engine/serve/)
     return parser
 
 

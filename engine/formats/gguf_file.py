@@ -1,9 +1,11 @@
 """Open a GGUF file (or a set of split shards) as llama.cpp writes it.
 
-Parsing is done by the `gguf` package (llama.cpp's own); this module adds what the engine needs
-on top: one metadata dict, a tensor index with absolute byte ranges (the streaming reader reads
-those), shape checks, split-shard discovery, and clear errors for files that are truncated,
-corrupt or incomplete.
+Each file's structure is first checked by gguf_header.read_layout (bounded: counts and lengths
+against the bytes left, llama.cpp's tensor-offset rule; non-regular files refused before any
+open); parsing is then done by the `gguf` package (llama.cpp's own). This module adds what the
+engine needs on top: one metadata dict, a tensor index with absolute byte ranges (the streaming
+reader reads those), shape checks, split-shard discovery, and clear errors for files that are
+truncated, corrupt or incomplete.
 """
 from __future__ import annotations
 
@@ -20,9 +22,8 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from ...kernels import QTensor, formats
 from ..errors import GGUFError
+from .gguf_header import Layout, read_layout
 
-GGUF_MAGIC = b"GGUF"
-SUPPORTED_VERSIONS = (2, 3)
 SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
@@ -43,20 +44,6 @@ class TensorInfo:
         return formats.row_bytes(self.qtype, self.shape[-1])
 
 
-def _check_header(path: Path) -> None:
-    if not path.exists():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8:
-        raise GGUFError(f"{path}: file is {len(head)} bytes, too short for a GGUF header")
-    if head[:4] != GGUF_MAGIC:
-        raise GGUFError(f"{path}: bad magic {head[:4]!r}, expected {GGUF_MAGIC!r}: not a GGUF file")
-    version = struct.unpack("<I", head[4:8])[0]
-    if version not in SUPPORTED_VERSIONS:
-        raise GGUFError(f"{path}: GGUF version {version} not supported (expected one of {SUPPORTED_VERSIONS})")
-
-
 def shard_paths(path: Path) -> list[Path]:
     """All shards of a split model given any one of them (or [path] for a single file)."""
     m = SPLIT_NAME.match(path.name)
@@ -72,8 +59,8 @@ def shard_paths(path: Path) -> list[Path]:
 
 
 class _CheckedReader(GGUFReader):
-    """GGUFReader that checks each tensor's type and byte range before mapping it, so a bad file
-    fails with the tensor's name, type and offset rather than a NumPy reshape error."""
+    """GGUFReader with a one-step parse of arrays (below). It runs only on files read_layout has
+    checked, so its own bounds checks are a second line, not the first."""
 
     def __init__(self, path: Path):
         self._path = path
@@ -111,38 +98,19 @@ class _CheckedReader(GGUFReader):
             offs += 8 + n
         return offs - orig_offs, parts, idxs, types
 
-    def _build_tensors(self, start_offs: int, fields) -> None:
-        size = len(self.data)
-        for field in fields:
-            _, name_data, _, dims, raw_dtype, offset_tensor = field.parts
-            name = bytes(name_data).decode("utf-8", errors="replace")
-            try:
-                qtype = GGMLQuantizationType(int(raw_dtype[0]))
-            except ValueError:
-                raise GGUFError(f"{self._path}: tensor {name} has unknown tensor type id {int(raw_dtype[0])}") from None
-            if qtype not in formats.SUPPORTED_TYPES:
-                raise GGUFError(f"{self._path}: tensor {name} has type {qtype.name}, which weightstream does not "
-                                f"support (supported: {', '.join(sorted(q.name for q in formats.SUPPORTED_TYPES))})")
-            block_elems, block_bytes = formats.block_size(qtype)
-            n_elems = int(np.prod(dims))
-            if int(dims[0]) % block_elems:
-                raise GGUFError(f"{self._path}: tensor {name} ({qtype.name}) has {int(dims[0])} columns, "
-                                f"not a multiple of the block size {block_elems}")
-            offset = int(start_offs + offset_tensor[0])
-            nbytes = n_elems // block_elems * block_bytes
-            if offset + nbytes > size:
-                raise GGUFError(f"{self._path}: truncated: tensor {name} at offset {offset} needs {nbytes} bytes "
-                                f"(to offset {offset + nbytes}), but the file has only {size} bytes")
-        super()._build_tensors(start_offs, fields)
 
-
-def _open_reader(path: Path) -> GGUFReader:
-    _check_header(path)
+def _open_reader(path: Path) -> tuple[Layout, GGUFReader]:
+    """The file's checked layout (gguf_header.read_layout: bounded, before anything is allocated),
+    then gguf's reader over a structure known to be sound."""
+    layout = read_layout(path)
     try:
-        return _CheckedReader(path)
-    except (ValueError, IndexError, struct.error, OSError, OverflowError) as e:
-        size = path.stat().st_size
-        raise GGUFError(f"{path}: corrupt or truncated GGUF ({size} bytes): {e}") from e
+        reader = _CheckedReader(path)
+    except (ValueError, IndexError, KeyError, struct.error, OSError, OverflowError) as e:
+        raise GGUFError(f"{path}: corrupt or truncated GGUF ({layout.size} bytes): {e}") from e
+    if len(reader.tensors) != len(layout.tensors):  # both parse the same bytes: a bug if they differ
+        raise GGUFError(f"{path}: gguf's reader found {len(reader.tensors)} tensors, the header check "
+                        f"{len(layout.tensors)}")
+    return layout, reader
 
 
 class GGUFFile:
@@ -151,7 +119,8 @@ class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.paths = shard_paths(self.path)
-        self._readers = [_open_reader(p) for p in self.paths]
+        opened = [_open_reader(p) for p in self.paths]
+        self._readers = [r for _, r in opened]
         first = self._readers[0]
         self.metadata: dict[str, Any] = {k: f.contents() for k, f in first.fields.items()
                                          if not k.startswith("GGUF.")}
@@ -161,8 +130,8 @@ class GGUFFile:
         # called with the byte count of every tensor copied into memory (raw(copy=True)): a load's
         # progress bar (Engine.load(progress=True)); None: nothing to tell
         self.on_copy: Callable[[int], None] | None = None
-        for p, reader in zip(self.paths, self._readers):
-            self._index(p, reader)
+        for p, (layout, reader) in zip(self.paths, opened):
+            self._index(p, layout, reader)
 
     def _check_split_keys(self) -> None:
         declared = self.metadata.get("split.count")
@@ -170,15 +139,19 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: metadata says split.count={declared}, but the file name "
                             f"gives {len(self.paths)} shard(s)")
 
-    def _index(self, path: Path, reader: GGUFReader) -> None:
-        for t in reader.tensors:
-            qtype = GGMLQuantizationType(int(t.tensor_type))
-            shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-            nbytes = int(t.n_bytes)
-            if t.name in self.tensors:
-                raise GGUFError(f"{path}: duplicate tensor {t.name}")
-            self.tensors[t.name] = TensorInfo(t.name, qtype, shape, path, int(t.data_offset), nbytes)
-            self._arrays[t.name] = t.data
+    def _index(self, path: Path, layout: Layout, reader: GGUFReader) -> None:
+        """Names, types, shapes and byte ranges from the checked layout; the reader's memory-map
+        views (which must lie at the same offsets) for raw()."""
+        for entry, t in zip(layout.tensors, reader.tensors):
+            if t.name != entry.name or int(t.data_offset) != entry.offset or int(t.n_bytes) != entry.nbytes:
+                raise GGUFError(f"{path}: tensor {entry.name}: gguf's reader places it at offset "
+                                f"{int(t.data_offset)} ({int(t.n_bytes)} bytes), the header check at "
+                                f"{entry.offset} ({entry.nbytes} bytes)")
+            if entry.name in self.tensors:  # across shards (within one file read_layout refuses it)
+                raise GGUFError(f"{path}: duplicate tensor {entry.name}: also in {self.tensors[entry.name].path}")
+            self.tensors[entry.name] = TensorInfo(entry.name, entry.qtype, entry.shape, path, entry.offset,
+                                                  entry.nbytes)
+            self._arrays[entry.name] = t.data
 
     # ---- access -------------------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:

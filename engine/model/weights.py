@@ -46,6 +46,12 @@ class Linear:
             self.dense = kernels.dequantize(qt, threads)  # float32[rows, cols]
         else:
             self.dense = None
+        # F32 matrices (routers, some heads) go through the threaded float kernel too where there is
+        # one: NumPy's product runs on one BLAS thread inside the forward pass (kernels/blas.py),
+        # and a 128-expert router read on one core was ~6% of a 16-thread MoE decode step
+        self.numpy_product = self.dense is not None and not (
+            qt.qtype == GGMLQuantizationType.F32 and not dense
+            and kernels.backends.has_fused_kernel(qt.qtype, backend))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -55,7 +61,7 @@ class Linear:
         """out: a C-contiguous float32[n, rows] to write into (None: allocated)."""
         if self.observe is not None:
             self.observe(self.names, x)
-        if self.dense is not None:
+        if self.numpy_product:
             y = x @ self.dense.T if out is None else np.matmul(x, self.dense.T, out=out)
         else:
             y = self._kernel.matmul(x, self.qt, self._threads, out)

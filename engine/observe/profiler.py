@@ -50,6 +50,11 @@ class Profiler:
         self.prefetch: list[tuple[int, int, int, str]] = []
         self.forward = -1  # index of the forward pass being recorded
 
+    def clear(self) -> None:
+        """Drop every record (a server keeps one generation's: serve/worker.py). The pass counter
+        goes on, so a read still in flight lands tagged with a pass no new record has."""
+        self.forwards, self.layers, self.accesses, self.stalls, self.reads, self.prefetch = [], [], [], [], [], []
+
     # ---- hooks --------------------------------------------------------------------------------
     def begin_forward(self, n_tokens: int) -> float:
         self.forward += 1

@@ -31,15 +31,17 @@ node (engine/bench_io.disk_bandwidth, expert-sized reads of the model file) unle
 per-layer compute is the bytes a token touches in a layer over MEMORY_BPS. A split that does
 not fit some stage's budget costs infinity; when none fits, the error names the stage.
 
-Failure: every remote wait has a timeout (timeout_s per step, load_timeout_s for loading). When
-a stage actor dies or its node leaves, the driver finds which stage (a ping to each, with a short
-timeout), shuts the other actors down and raises StageFailedError naming the stage, its layers
-and its node. Ray stays optional: only this module imports it, inside functions.
+Failure: every remote wait has a timeout (timeout_s per step, load_timeout_s for loading and the
+warm-up). When a stage actor dies or its node leaves or is cut off, the driver finds which stage
+(a ping to each at once, PING_TIMEOUT_S), kills the actors without waiting on the lost node and
+raises StageFailedError naming the stage, its layers and its node: within timeout_s +
+PING_TIMEOUT_S and a few seconds (tests/test_distributed_netns.py: two network namespaces). Ray stays optional: only this module imports it, inside functions.
 """
 from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -303,40 +305,48 @@ class PipelineModel:
 
     def warm_up(self, n: int = 3) -> None:
         """A few pass-through round trips (pos -1: the stages compute nothing): a compiled graph's
-        first execution takes seconds (measured: 2 s), which must not land on the first token."""
+        first execution takes seconds (measured: 2 s), which must not land on the first token.
+        Part of loading, so they wait up to load_timeout_s: across two nodes on a busy machine the
+        first one took more than an 8 s step timeout (tests/test_distributed_netns.py)."""
         x = np.zeros((1, self.cfg.n_embd), dtype=np.float32)
         for _ in range(n):
-            self._run(x, -1)
+            self._run(x, -1, self.config.load_timeout_s)
 
-    def _run(self, x: np.ndarray, pos: int):
+    def _run(self, x: np.ndarray, pos: int, timeout: float | None = None):
         ray = _ray()
         msg = (x, int(pos), [])
+        timeout = timeout or self.config.timeout_s
         try:
             if self.dag is not None:
-                return ray.get(self.dag.execute(msg), timeout=self.config.timeout_s)
+                return ray.get(self.dag.execute(msg), timeout=timeout)
             ref = msg
             for a in self.stages:
                 ref = a.step.remote(ref)
-            return ray.get(ref, timeout=self.config.timeout_s)
+            return ray.get(ref, timeout=timeout)
         except (ray.exceptions.RayActorError, ray.exceptions.RaySystemError, ray.exceptions.GetTimeoutError,
                 ray.exceptions.ObjectLostError) as e:
             raise self._failed(e) from e
 
     def _failed(self, cause: BaseException) -> StageFailedError:
         """The stage that died (or, failing that, the first that does not answer a ping), with
-        every actor then shut down."""
+        every actor then shut down. The pings go out together (a live stage answers even while
+        its compiled-graph loop runs: Ray runs that loop in its _ray_system concurrency group), so
+        the error comes within one PING_TIMEOUT_S of the failed step however many stages there are."""
         ray = _ray()
         culprit, how = None, None
-        for s, a in enumerate(self.stages):
+        wait = min(PING_TIMEOUT_S, self.config.timeout_s)
+        pings = [a.ping.remote() for a in self.stages]
+        ray.wait(pings, num_returns=len(pings), timeout=wait)
+        for s, ref in enumerate(pings):
             try:
-                ray.get(a.ping.remote(), timeout=min(PING_TIMEOUT_S, self.config.timeout_s))
+                ray.get(ref, timeout=0)
             except ray.exceptions.RayActorError as e:
                 culprit, how = s, f"died: {str(e).splitlines()[0]}"
                 break
             except ray.exceptions.GetTimeoutError:
                 if culprit is None:
-                    culprit, how = s, f"did not answer within {min(PING_TIMEOUT_S, self.config.timeout_s):.0f} s"
-        self.close()
+                    culprit, how = s, f"did not answer within {wait:.0f} s"
+        self.close(failed=True)
         if culprit is None:
             return StageFailedError(f"pipeline step failed and every stage still answers: {cause}")
         r, info = self.ranges[culprit], self.infos[culprit]
@@ -386,27 +396,28 @@ class PipelineModel:
         return {"transport": self.transport, "transport_note": self.transport_note, "hops": n_hops,
                 "stages": stages, "latency": hops}
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Tear the graph down, close and kill the actors. failed (from _failed): a stage may be
+        dead or cut off, and both Ray's graph teardown (30 s per actor to cancel its loop, then
+        as long again to wait for it) and a graceful close() would wait on it: measured 50 s after
+        a cut link (tests/test_distributed_netns.py). So the actors are killed first and nothing
+        waits longer than PING_TIMEOUT_S."""
         if self.closed:
             return
         self.closed = True
         ray = _ray()
+        if failed:
+            self._kill_actors(ray)
         if self.dag is not None:
-            try:
-                self.dag.teardown()
-            except Exception:  # a dead actor's channels: nothing left to tear down
-                pass
+            _bounded(self.dag.teardown, PING_TIMEOUT_S)  # a dead actor's channels: nothing left to tear down
             self.dag = None
-        closing = [a.close.remote() for a in self.stages]
-        try:
-            ray.wait(closing, num_returns=len(closing), timeout=PING_TIMEOUT_S)
-        except Exception:
-            pass
-        for a in self.stages:
+        if not failed:
+            closing = [a.close.remote() for a in self.stages]
             try:
-                ray.kill(a)
+                ray.wait(closing, num_returns=len(closing), timeout=PING_TIMEOUT_S)
             except Exception:
                 pass
+            self._kill_actors(ray)
         if self.pg is not None:
             try:
                 ray.util.remove_placement_group(self.pg)
@@ -414,6 +425,27 @@ class PipelineModel:
                 pass
         if self.owns_ray:
             ray.shutdown()
+
+    def _kill_actors(self, ray) -> None:
+        for a in self.stages:
+            try:
+                ray.kill(a)  # a request to the GCS: returns without waiting on the actor's node
+            except Exception:
+                pass
+
+
+def _bounded(fn, timeout: float) -> None:
+    """fn() in a daemon thread, waited for at most timeout seconds (then left to finish, or not,
+    on its own); its errors are dropped: it is clean-up after the error that counts."""
+    def run():
+        try:
+            fn()
+        except Exception:
+            pass
+
+    t = threading.Thread(target=run, name="weightstream-teardown", daemon=True)
+    t.start()
+    t.join(timeout)
 
 
 def load_distributed(path, f, cfg: ModelConfig, opts, threads: int | None, backend: str,

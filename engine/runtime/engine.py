@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -18,13 +19,15 @@ from ..model.config import ModelConfig
 from ..model.forward import PREFILL_BATCH, Model
 from ..observe.profiler import Profiler
 from ..observe.routing import parse_routing
-from ..stream.budget import MemoryPlan, plan_memory
+from ..stream.budget import MemoryPlan, plan_memory, release_metadata_arrays, release_parsed_fields
 from ..stream.reader import direct_io_supported
 from ..stream.store import ExpertStore
+from ..stream.verify import FileIdentity
 from .build import build_model
 from .options import LoadOptions
 from .sampling import Sampler, SamplingParams, is_int
 
+CLOSE_WAIT_S = 30.0  # close() waits this long for a forward pass running in another thread
 
 
 @dataclass
@@ -56,7 +59,12 @@ def _fits_in_memory(f: GGUFFile) -> bool:
 
 
 class Engine:
-    """A loaded GGUF model with its tokenizer and KV cache. Use as a context manager or call close()."""
+    """A loaded GGUF model with its tokenizer and KV cache. Use as a context manager or call close().
+
+    The model file must not change while the engine uses it: each forward call checks its size,
+    modification time and inode (ModelFileChangedError), and streamed expert reads check them and
+    the block scales too (engine/stream/verify.py). A resident model is used from a memory map, so a
+    file truncated *during* a forward call still ends the process with SIGBUS, as in llama.cpp."""
 
     def __init__(self, path, file: GGUFFile, cfg: ModelConfig, model: Model, tokenizer: Tokenizer,
                  load_s: float, store: ExpertStore | None = None, plan: MemoryPlan | None = None,
@@ -72,6 +80,12 @@ class Engine:
         # with an error instead of continuing from the other sequence's state.
         self._turn = threading.RLock()
         self._sequence = 0
+        # what each shard is now; every forward call checks it is still so (engine/stream/verify.py):
+        # a file replaced, rewritten or truncated under the engine is an error, not wrong text or
+        # (resident, memory-mapped) a SIGBUS at the first page past a truncation
+        self._identities = [FileIdentity.of(p) for p in file.paths]
+        self._active: dict[int, str] = {}  # thread id -> name of each forward pass running now
+        self._idle = threading.Condition()  # notified when a forward pass ends
 
     @classmethod
     def load(cls, path, threads: int | None = None, backend: str = "auto", distributed=None,
@@ -115,8 +129,10 @@ class Engine:
         t0 = time.perf_counter()
         f = GGUFFile(path)
         try:
+            release_parsed_fields(f)  # the largest part of the parse goes first (engine/stream/budget.py)
             cfg = opts.model_config(ModelConfig.from_metadata(f.metadata, source=str(path)))
             tokenizer = Tokenizer.from_metadata(f.metadata)
+            release_metadata_arrays(f)  # the tokenizer has the vocabulary: the parse's arrays go (budget.py)
             if distributed is not None:  # pipeline stages on Ray: engine/runtime/distributed.py
                 from .distributed import load_distributed
 
@@ -141,16 +157,29 @@ class Engine:
         return cls(path, f, cfg, model, tokenizer, time.perf_counter() - t0, store, plan, model.profiler, opts.n_batch)
 
     # ---- lifecycle ----------------------------------------------------------------------------
-    def close(self) -> None:
-        if self.file is not None:
-            if hasattr(self.model, "pipeline_stats"):  # a PipelineModel: its stage actors
-                self.model.close()
-            self.model = None
-            if self.store is not None:
-                self.store.close()
-                self.store = None
-            self.file.close()
-            self.file = None
+    def close(self, timeout: float = CLOSE_WAIT_S) -> None:
+        """Free the model: the expert store's threads and slots, the file's memory map. A forward
+        pass running in another thread is waited for up to `timeout` seconds (its memory must not
+        be unmapped under it); if it is still running then, close() warns naming the thread and
+        leaves the file and the store open for it (they go at exit), never blocking for ever. A
+        stuck reader thread is left behind the same way (engine/stream/reader.py). Generators
+        resumed after close() raise RuntimeError."""
+        with self._idle:
+            if self.file is None:
+                return
+            model, self.model = self.model, None  # new forward passes refuse from here on
+            if not self._idle.wait_for(lambda: not self._active, timeout):
+                warnings.warn(f"{self.path}: Engine.close(): a forward pass in thread(s) "
+                              f"{', '.join(sorted(self._active.values()))} still runs after {timeout:.0f} s; the model "
+                              f"file and expert store stay open for it", RuntimeWarning, stacklevel=2)
+                return
+        if hasattr(model, "pipeline_stats"):  # a PipelineModel: its stage actors
+            model.close()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        self.file.close()
+        self.file = None
 
     def __enter__(self):
         return self
@@ -163,6 +192,23 @@ class Engine:
             raise RuntimeError("Engine is closed")
         return self.model
 
+    def _forward(self, model: Model, ids, pos: int, **kw) -> np.ndarray:
+        """model.forward once the files are known unchanged (a stat each, ~1 us: see _identities),
+        counted in _active so that close() does not unmap the weights under it."""
+        for ident in self._identities:
+            ident.check(when="(before a forward pass)")
+        me = threading.get_ident()
+        with self._idle:
+            if self.model is None:  # closed (from another thread) since this evaluation began
+                raise RuntimeError("Engine is closed")
+            self._active[me] = threading.current_thread().name
+        try:
+            return model.forward(ids, pos, **kw)
+        finally:
+            with self._idle:
+                del self._active[me]
+                self._idle.notify_all()
+
     # ---- scoring ------------------------------------------------------------------------------
     def _forward_all(self, ids: Sequence[int]) -> np.ndarray:
         """Logits for every position of ids, evaluated from an empty cache in prefill batches."""
@@ -172,7 +218,7 @@ class Engine:
             out = np.empty((len(ids), self.config.n_vocab), dtype=np.float32)
             b = self.prefill_batch
             for s in range(0, len(ids), b):
-                out[s:s + b] = model.forward(ids[s:s + b], s, all_logits=True)
+                out[s:s + b] = self._forward(model, ids[s:s + b], s, all_logits=True)
             return out
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -258,7 +304,7 @@ class Engine:
         t0 = time.perf_counter()
         b = self.prefill_batch
         for s in range(0, len(ids), b):
-            logits = model.forward(ids[s:s + b], s)
+            logits = self._forward(model, ids[s:s + b], s)
         stats.prefill_s = time.perf_counter() - t0
         history = list(ids)
         for step in range(max_new_tokens):
@@ -275,7 +321,7 @@ class Engine:
                     raise RuntimeError("this generation was superseded: another evaluation ran on the Engine "
                                        "since (it holds one sequence; finish or close a generator first)")
                 t1 = time.perf_counter()
-                logits = model.forward([next_id], len(history) - 1)
+                logits = self._forward(model, [next_id], len(history) - 1)
                 stats.decode_s += time.perf_counter() - t1
                 stats.decode_steps += 1
 
@@ -306,11 +352,15 @@ class Engine:
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, **kwargs) -> str:
         return "".join(self.stream(prompt, max_new_tokens, **kwargs))
 
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """The token ids of messages rendered with the model's chat template, ready for the
+        assistant's reply (what chat() generates from; the server checks their length first)."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special=False, parse_special=True)
+
     def chat(self, messages: list[dict], max_new_tokens: int = 256, stream: bool = False, **kwargs):
         """Render messages with the model's chat template and generate the assistant's reply."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(text, add_special=False, parse_special=True)
-        pieces = self.stream(ids, max_new_tokens, **kwargs)
+        pieces = self.stream(self.chat_ids(messages), max_new_tokens, **kwargs)
         return pieces if stream else "".join(pieces)
 
     def stats(self) -> dict:

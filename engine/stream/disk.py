@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..formats.atomic import replacing
+
 EXPERT_CHUNK = 3 * 4096 * 1536 * 84 // 256  # one Q2_K expert of 4096 <-> 1536 (gate, up, down): 6.2 MB
 
 
@@ -65,6 +67,8 @@ def disk_bandwidth(path, chunk_bytes: int = EXPERT_CHUNK, threads: int = 2, n_re
             return got
 
         t0 = time.perf_counter()
+        # no timeout: a disk benchmark (`weightstream bench io`) run on purpose, its reads plain
+        # preads that a dead disk fails with EIO; Ctrl-C still ends the command
         with ThreadPoolExecutor(threads) as pool:
             total = sum(pool.map(reader, range(threads)))
         seconds = time.perf_counter() - t0
@@ -78,17 +82,15 @@ def disk_bandwidth(path, chunk_bytes: int = EXPERT_CHUNK, threads: int = 2, n_re
 
 def make_scratch_file(path, size_bytes: int, block: int = 64 << 20) -> Path:
     """A file of random bytes (incompressible, so no filesystem shortcut), written to a temporary
-    name and renamed when complete."""
+    name and renamed when complete (engine/formats/atomic.py)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     rng = np.random.default_rng(0)
-    with open(tmp, "wb") as fh:
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
         left = size_bytes
         while left > 0:
             n = min(block, left)
             fh.write(rng.integers(0, 256, n, dtype=np.uint8).tobytes())
             left -= n
-    tmp.replace(path)
     return path
 
 

@@ -15,6 +15,15 @@ and the page cache is neither used nor polluted, so the memory budget is ours to
 O_DIRECT needs the file offset, the length and the buffer aligned to the block size, so each
 range is widened to whole pages and the data starts `head` bytes into its region (ReadRange).
 Filesystems that refuse O_DIRECT (tmpfs, some overlays) fall back to buffered reads, said once.
+
+After each job's reads its thread checks, off the compute thread, that the file is still the one
+opened (fstat: size, mtime, inode; engine/stream/verify.py) and runs the job's own check (the
+store's: block scales finite), so bytes of a file changed under the engine are an error, not text.
+
+close() never blocks for ever: a reader stuck in a read that does not return (a dead disk or
+network filesystem; the consumer gave up after its read timeout) is left behind after
+CLOSE_TIMEOUT_S with a warning naming it. It is a daemon thread; its job holds the slot memory it
+reads into, and the file descriptors stay open so that its read can never land in another file.
 """
 from __future__ import annotations
 
@@ -24,14 +33,18 @@ import mmap
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from ..errors import ExpertReadError
+from .verify import FileIdentity
 
 ALIGN = 4096  # O_DIRECT alignment: the logical block size of every filesystem we meet is <= 4 KiB
 DEMAND, PREFETCH = 0, 1  # job priorities: lower is served first
+CLOSE_TIMEOUT_S = 2.0  # close() waits this long in all for the readers to finish their current reads
 
 QUEUED, RUNNING, DONE, CANCELLED = "queued", "running", "done", "cancelled"
 
@@ -66,6 +79,7 @@ class ReadJob:
     wanted: int = 0  # bytes of the expert itself
     forward: int = -1  # the forward pass that queued it (set by the profiler, when there is one)
     _seq: int = 0  # the valid heap entry's sequence number (older entries are stale)
+    check: Callable[["ReadJob"], None] | None = None  # run in the reader thread once the bytes landed
 
     @property
     def finished(self) -> bool:
@@ -107,6 +121,9 @@ class ReadPool:
         self.direct = direct
         flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
         self._fds = {p: os.open(p, flags) for p in paths}
+        # what each file is now; compared after every job (identity=... : what the caller loaded)
+        self.identities = {p: FileIdentity.of(p, fd) for p, fd in self._fds.items()}
+        self.stuck: list[str] = []  # names of reader threads close() had to leave in a read
         self.on_done = on_done  # called in the reader thread after each job (the profiler's hook)
         self.cv = threading.Condition()
         self._heap: list[tuple[int, int, ReadJob]] = []
@@ -162,13 +179,17 @@ class ReadPool:
                         return job
                 if self._closed:
                     return None
-                self.cv.wait()
+                self.cv.wait()  # idle until work comes: submit() and close() notify, no timeout needed
 
     def _serve(self, index: int) -> None:
         while (job := self._next_job()) is not None:
             job.thread, job.t_start = index, time.perf_counter()
             try:
                 self._read(job)
+                for path in {r.path for r in job.ranges}:  # bytes of a file changed meanwhile: an error
+                    self.identities[path].check(self._fds[path], f"(reading {job.ranges[0].what})")
+                if job.check is not None:
+                    job.check(job)
             except BaseException as e:  # handed to the consumer, which raises it
                 job.error = e
             job.t_end = time.perf_counter()
@@ -206,8 +227,15 @@ class ReadPool:
                     job.state = CANCELLED
             self._heap.clear()
             self.cv.notify_all()
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
         for t in self._threads:
-            t.join()
+            t.join(max(0.0, deadline - time.monotonic()))
+        self.stuck = [t.name for t in self._threads if t.is_alive()]
+        if self.stuck:  # see the module docstring: left behind, their descriptors open
+            warnings.warn(f"{', '.join(self._fds)}: reader thread(s) {', '.join(self.stuck)} still blocked in a "
+                          f"read after {CLOSE_TIMEOUT_S:.0f} s; closing without them (the disk or filesystem is not "
+                          f"answering)", RuntimeWarning, stacklevel=3)
+            return
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}

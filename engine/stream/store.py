@@ -17,11 +17,17 @@ given up.
 policy="page-cache" keeps nothing of its own: every use reads the expert again with a buffered
 pread (the slots only hold the experts of the layer at hand and of the prefetches), leaving
 caching to the operating system's page cache, which is what flash-moe found best on macOS.
+
+Every expert read is checked before it is used (engine/stream/verify.py, in the reader thread):
+the file is still the one opened (else ModelFileChangedError) and every block scale is finite
+(else NonFiniteWeightsError; ~6-25 us per expert read on the test models, see verify.py). A failed
+check fails the read like an I/O error: the slot is freed, nothing wrong is cached.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 
 from ...kernels import QTensor
@@ -31,7 +37,8 @@ from .policies import PAGE_CACHE, make_policy
 from .reader import DEMAND, PREFETCH, ReadJob, ReadPool, ReadRange, aligned_span, region_bytes
 from .slots import SlotPool
 from ..formats.gguf_file import GGUFError, GGUFFile
-from ..errors import ExpertIndexError
+from ..errors import ExpertIndexError, ExpertReadTimeout
+from .verify import check_scales
 
 READ_TIMEOUT_S = 120.0  # no read of a few MiB takes this long on a working disk: fail, do not hang
 
@@ -231,7 +238,8 @@ class ExpertStore:
             shape = lay.part_shape(i)
             views.append(QTensor.view(info.qtype, shape, dest[pos + head:pos + head + n].reshape(shape[0], info.row_bytes)))
             pos += region_bytes(n, self.direct)
-        job = ReadJob(key, slot, dest, ranges, priority, wanted=lay.expert_bytes)
+        job = ReadJob(key, slot, dest, ranges, priority, wanted=lay.expert_bytes,
+                      check=partial(_check_parts, tuple(views)))
         if self.profiler is not None:
             self.profiler.read_queued(job)
         self._slot_of[key], self._job_of[key], self._views_of[key] = slot, job, tuple(views)
@@ -250,9 +258,9 @@ class ExpertStore:
                 if done:
                     break
                 if time.perf_counter() - t0 > self.timeout_s:
-                    raise TimeoutError(f"{self.path}: no read of layer {layer}'s experts {[k[1] for k in waiting]} "
+                    raise ExpertReadTimeout(f"{self.path}: no read of layer {layer}'s experts {[k[1] for k in waiting]} "
                                        f"finished within {self.timeout_s:.0f} s")
-                self.reader.cv.wait(1.0)
+                self.reader.cv.wait(1.0)  # bounded: the loop re-checks the timeout
         t1 = time.perf_counter()
         self.stats.stall_s += t1 - t0
         if self.profiler is not None and t1 - t0 > 1e-6:
@@ -274,7 +282,7 @@ class ExpertStore:
         """Block until some read in flight finishes (its slot can then be given up)."""
         with self.reader.cv:
             if not self.reader.cv.wait_for(lambda: any(j.finished for j in self._job_of.values()), self.timeout_s):
-                raise TimeoutError(f"{self.path}: no expert read finished within {self.timeout_s:.0f} s")
+                raise ExpertReadTimeout(f"{self.path}: no expert read finished within {self.timeout_s:.0f} s")
         for key, job in list(self._job_of.items()):
             if job.finished:
                 self._finish_background(key, job)
@@ -327,3 +335,9 @@ class ExpertStore:
             self._account(job)
         self._job_of.clear()
         self.pool.close()
+
+
+def _check_parts(views, job: ReadJob) -> None:
+    """A read job's check (reader thread): every block scale of the expert's parts is finite."""
+    for view, r in zip(views, job.ranges):
+        check_scales(view, f"{r.path}: {r.what}")

@@ -534,8 +534,8 @@ def synth_model(out_path: str | os.PathLike, preset: str | Preset, layers: int |
 def write_tensor_data(writer: gguf.GGUFWriter, tensors: list[PlannedTensor], seed: int, progress: bool,
                       label: str) -> None:
     """Stream every tensor's bytes into the open file, aligned and padded exactly as
-    GGUFWriter.write_tensors_to_file does (data section and each tensor at general.alignment),
-    then fsync so the rename that follows publishes a complete file."""
+    GGUFWriter.write_tensors_to_file does (data section and each tensor at general.alignment).
+    gguf_output fsyncs the file before its rename (engine/formats/atomic.py)."""
     from tqdm import tqdm
 
     f = writer.fout[0]
@@ -546,8 +546,6 @@ def write_tensor_data(writer: gguf.GGUFWriter, tensors: list[PlannedTensor], see
         for chunk in chunks:
             write_chunk(f, chunk)
             bar.update(chunk.nbytes)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def data_section(tensors: list[PlannedTensor], seed: int, alignment: int) -> Iterator[np.ndarray]:
@@ -563,6 +561,8 @@ def prefetched(chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
     the pending chunk is finished and dropped."""
     with ThreadPoolExecutor(1, thread_name_prefix="synth") as pool:
         pending = pool.submit(next, chunks, None)
+        # no timeout: the thread computes one chunk (bounded CPU work, no I/O), and the wait is
+        # interruptible by signals (SIGTERM during a synth: engine/formats/atomic.py)
         while (chunk := pending.result()) is not None:
             pending = pool.submit(next, chunks, None)
             yield chunk

@@ -145,4 +145,27 @@ static inline float ws_bf16_to_fp32(uint16_t h) {
     return r.f;
 }
 
+/* A weight scale (fp16 d / dmin / m) with an Inf made NaN: (s - s) + s is s while finite. The
+   reference's dequantized block holds 0 * Inf = NaN wherever a quant is 0 (or the min term
+   cancels), so its outputs are NaN; the kernels that fold the offset into an exact int32 dot
+   would give +/-Inf instead (an Inf min m / dmin too: the reference sums Inf * x of both signs).
+   Every path applies it where it loads a scale: two operations per block, none per product.
+   Kept as written: these kernels are built without -ffast-math. */
+static inline float ws_inf_to_nan(float s) { return (s - s) + s; }
+
+/* The NaN contract of the fused kernels (docs/DESIGN.md, kernels): an activation row holding a NaN
+   or an Inf gives an all-NaN output row, as the float reference x @ W.T gives NaN there (an Inf
+   may give +/-Inf in the reference; NaN here). Quantizing the row to int8 blocks loses the
+   non-finite value (NaN scales to any int, Inf to a zero block), so the quantizers report each
+   row (bad[i] != 0) while computing its absmax, and the row's outputs are overwritten after the
+   dot products: no extra pass over the weights, one over the outputs of bad rows only.
+   out: float[n][ostride], the first `rows` of each row written. */
+static inline void ws_nan_rows(const uint8_t *bad, int64_t n, float *out, int64_t rows, int64_t ostride) {
+    ws_f32 qnan;
+    qnan.u = 0x7FC00000u;
+    for (int64_t i = 0; i < n; i++)
+        if (bad[i])
+            for (int64_t j = 0; j < rows; j++) out[i * ostride + j] = qnan.f;
+}
+
 #endif /* WS_COMMON_H */

@@ -114,8 +114,8 @@ static void ws_amx_unpack_q2k(const uint8_t *w, int64_t row_bytes, int64_t nb, i
             _mm_store_si128((__m128i *)(s + 4096 + 32 * m), mins);
             _mm_store_si128((__m128i *)(s + 4096 + 32 * m + 16), _mm_slli_epi16(mins, 4));
             float *dd = (float *)(s + 4096 + 512);
-            dd[m] = _cvtsh_ss(ws_load_u16(blk + 80));
-            dd[16 + m] = _cvtsh_ss(ws_load_u16(blk + 82));
+            dd[m] = ws_inf_to_nan(_cvtsh_ss(ws_load_u16(blk + 80)));   /* Inf: NaN, as the reference */
+            dd[16 + m] = ws_inf_to_nan(_cvtsh_ss(ws_load_u16(blk + 82)));
         }
     }
 }

@@ -110,13 +110,14 @@ WS_AI __m512i ws_bcast256(const uint8_t *p) {
 WS_AI void ws_bcast_half2(const uint8_t *p, __m512 *d, __m512 *dmin) {
     int32_t v;
     memcpy(&v, p, 4);
-    const __m512 dm = _mm512_cvtph_ps(_mm256_set1_epi32(v));    /* d, dmin, d, dmin, ... */
+    __m512 dm = _mm512_cvtph_ps(_mm256_set1_epi32(v));          /* d, dmin, d, dmin, ... */
+    dm = _mm512_add_ps(_mm512_sub_ps(dm, dm), dm);              /* Inf -> NaN: ws_inf_to_nan */
     *d = _mm512_permute_ps(dm, 0x00);
     *dmin = _mm512_permute_ps(dm, 0x55);
 }
 
 WS_AI __m512 ws_bcast_half(const uint8_t *p) {
-    return _mm512_set1_ps(_cvtsh_ss(ws_load_u16(p)));
+    return _mm512_set1_ps(ws_inf_to_nan(_cvtsh_ss(ws_load_u16(p))));
 }
 
 /* int16 scales (in the low 16 words of sw) spread so 128-bit lane m of zmm p is sub-block 4p+m */
@@ -331,8 +332,8 @@ static void ws_unpack_scalar(int qtype, const uint8_t *b, ws_sblk *u) {
     int k, i;
     switch (qtype) {
     case WS_Q2_K: {
-        float dmin = ws_half_at(b + 82);
-        u->d = ws_half_at(b + 80);
+        float dmin = ws_inf_to_nan(ws_half_at(b + 82));
+        u->d = ws_inf_to_nan(ws_half_at(b + 80));
         for (k = 0; k < 16; k++) { u->sc[k] = b[k] & 15; u->g[k] = dmin * (float)(b[k] >> 4); }
         for (i = 0; i < 256; i++)
             u->q[i] = (b[16 + 32 * (i / 128) + i % 32] >> (2 * ((i / 32) % 4))) & 3;
@@ -343,7 +344,7 @@ static void ws_unpack_scalar(int qtype, const uint8_t *b, ws_sblk *u) {
         uint8_t s[16];
         ws_kq_q3_scales(b + 96, aux);
         memcpy(s, aux, 16);
-        u->d = ws_half_at(b + 108);
+        u->d = ws_inf_to_nan(ws_half_at(b + 108));
         for (k = 0; k < 16; k++) { u->sc[k] = (int)s[k] - 32; u->g[k] = 4.0f * u->d * (float)u->sc[k]; }
         for (i = 0; i < 256; i++) {
             int low = (b[32 + 32 * (i / 128) + i % 32] >> (2 * ((i / 32) % 4))) & 3;
@@ -357,10 +358,10 @@ static void ws_unpack_scalar(int qtype, const uint8_t *b, ws_sblk *u) {
         uint32_t sm[4];
         uint8_t s[16];
         const uint8_t *qs = b + (qtype == WS_Q4_K ? 16 : 48);
-        float dmin = ws_half_at(b + 2);
+        float dmin = ws_inf_to_nan(ws_half_at(b + 2));
         ws_kq_k4_scales(b + 4, sm);
         memcpy(s, sm, 16);
-        u->d = ws_half_at(b);
+        u->d = ws_inf_to_nan(ws_half_at(b));
         for (k = 0; k < 16; k++) { u->sc[k] = s[k / 2]; u->g[k] = dmin * (float)s[8 + k / 2]; }
         for (i = 0; i < 256; i++) {
             int q = (qs[32 * (i / 64) + i % 32] >> (4 * ((i / 32) % 2))) & 15;
@@ -370,7 +371,7 @@ static void ws_unpack_scalar(int qtype, const uint8_t *b, ws_sblk *u) {
         break;
     }
     default: {  /* Q6_K */
-        u->d = ws_half_at(b + 208);
+        u->d = ws_inf_to_nan(ws_half_at(b + 208));
         for (k = 0; k < 16; k++) { u->sc[k] = (int8_t)b[192 + k]; u->g[k] = 32.0f * u->d * (float)u->sc[k]; }
         for (i = 0; i < 256; i++) {
             int h = i / 128, kk = (i / 32) % 4, l = i % 32;

@@ -60,9 +60,17 @@ static inline float lg_round_f16(float f) {
 /* ---------------------------------------------------------------------------------
    Activations: one row of cols = 32 * nb floats -> xq int8[nbp * 32], dx[nbp], cs[nbp]
    (nbp = nb rounded up to 16; padding is zero). cs = s (min types) or -off * dx * sum(q).
+   Returns nonzero when the row holds a NaN or an Inf (lost in the int8 quants).
    ---------------------------------------------------------------------------------- */
-static void lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, float *dx, float *cs) {
+static int lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, float *dx, float *cs) {
     const int inter = lg_interleaved(t), has_min = lg_has_min(t), off = lg_offset(t);
+    /* sum of v - v over the row: +0 while every value is finite, NaN once one is NaN or Inf
+       (the row's outputs become NaN: ws_nan_rows). Kept as written: no -ffast-math here. */
+#if LG_SIMD
+    __m512 nfv = _mm512_setzero_ps();
+#else
+    float nf = 0.0f;
+#endif
     for (int b = 0; b < nb; b++) {
         const float *v = x + 32 * (size_t)b;
         int8_t *q = xq + 32 * (size_t)b;
@@ -70,6 +78,7 @@ static void lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, 
         int isum = 0;
 #if LG_SIMD
         __m512 a0 = _mm512_loadu_ps(v), a1 = _mm512_loadu_ps(v + 16);
+        nfv = _mm512_add_ps(nfv, _mm512_add_ps(_mm512_sub_ps(a0, a0), _mm512_sub_ps(a1, a1)));
         float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a0), _mm512_abs_ps(a1)));
         d = amax / 127.0f;
         id = d != 0.0f ? 1.0f / d : 0.0f;
@@ -89,7 +98,7 @@ static void lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, 
         _mm_storeu_si128((__m128i *)(q + 16), b1);
 #else
         float amax = 0.0f;
-        for (int j = 0; j < 32; j++) { float a = fabsf(v[j]); if (a > amax) amax = a; }
+        for (int j = 0; j < 32; j++) { float a = fabsf(v[j]); if (a > amax) amax = a; nf += v[j] - v[j]; }
         d = amax / 127.0f;
         id = d != 0.0f ? 1.0f / d : 0.0f;
         int8_t tmp[32];
@@ -114,6 +123,11 @@ static void lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, 
         memset(xq + 32 * (size_t)b, 0, 32);
         dx[b] = 0.0f; cs[b] = 0.0f;
     }
+#if LG_SIMD
+    return _mm512_cmp_ps_mask(nfv, nfv, _CMP_UNORD_Q) != 0;
+#else
+    return nf != nf;
+#endif
 }
 
 /* ---------------------------------------------------------------------------------
@@ -149,8 +163,12 @@ WS_INLINE void lg_scales16(const int t, const uint8_t *p, int k, __m512 *dw, __m
     const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(bs));
     __mmask16 km = k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << k) - 1u);
     __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), km, idx, (const void *)p, 1);
-    *dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
-    if (lg_has_min(t)) *cw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
+    __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+    *dw = _mm512_add_ps(_mm512_sub_ps(d, d), d);                 /* Inf -> NaN: ws_inf_to_nan */
+    if (lg_has_min(t)) {
+        __m512 m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
+        *cw = _mm512_add_ps(_mm512_sub_ps(m, m), m);
+    }
     else *cw = *dw;
 }
 #endif
@@ -189,8 +207,8 @@ static void lg_unpack_row(int t, const uint8_t *w, int nb, int nbp, uint8_t *ubu
             if (inter) { u[2 * j] = e[j]; u[2 * j + 1] = e[16 + j]; }
             else { u[j] = e[j]; u[16 + j] = e[16 + j]; }
         }
-        dwb[b] = ws_fp16_to_fp32(ws_load_u16(p));
-        cwb[b] = lg_has_min(t) ? ws_fp16_to_fp32(ws_load_u16(p + 2)) : dwb[b];
+        dwb[b] = ws_inf_to_nan(ws_half_at(p));     /* Inf -> NaN, as the reference's 0 * Inf */
+        cwb[b] = lg_has_min(t) ? ws_inf_to_nan(ws_half_at(p + 2)) : dwb[b];
     }
     (void)off;
 #endif

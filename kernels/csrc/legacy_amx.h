@@ -109,8 +109,8 @@ static void lg_amx_unpack(const int t, const uint8_t *w, size_t row_bytes, int n
         for (int b = 0; b < nb; b++) {
             float *f = (float *)(scr + (size_t)b * LG_AMX_BLK + 512);
             const uint8_t *p = row + (size_t)b * bs;
-            f[m] = m < nrw ? _cvtsh_ss(ws_load_u16(p)) : 0.0f;
-            f[16 + m] = m < nrw && has_min ? _cvtsh_ss(ws_load_u16(p + 2)) : 0.0f;
+            f[m] = m < nrw ? ws_inf_to_nan(_cvtsh_ss(ws_load_u16(p))) : 0.0f;   /* Inf: NaN, as the reference */
+            f[16 + m] = m < nrw && has_min ? ws_inf_to_nan(_cvtsh_ss(ws_load_u16(p + 2))) : 0.0f;
         }
     }
 }

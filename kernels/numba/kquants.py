@@ -38,6 +38,16 @@ from .legacy import (F32, FASTMATH, FLT, I8, I16, I32, JIT, ROWS_PER_TASK, arr, 
 
 
 @njit(inline="always")
+def scale16(wr, off):
+    """A weight scale (fp16 d / dmin at byte `off` of row `wr`) with an Inf made NaN: the
+    reference's dequantized block holds 0 * Inf = NaN where a quant is 0, so its outputs are NaN;
+    the int16 dots here would give +/-Inf. np.isinf, not (s - s) + s: the kernels' fastmath
+    'reassoc' + 'nsz' may fold that to s."""
+    s = f16(wr, off)
+    return F32(np.nan) if np.isinf(s) else s
+
+
+@njit(inline="always")
 def _dot_i16_256(buf, xr, xo):
     """int32 sum of buf[k] * xr[xo + k], k < 256 (int16 x int16 -> vpdpwssd)."""
     isum = np.int32(0)
@@ -153,8 +163,8 @@ def _q2_k_kernel(xq, xd, bsums, w, out):
             for b in range(nb):
                 o = 84 * b
                 _unpack_q2_k(wr, o, buf, mins)
-                d = f16(wr, o + 80)
-                dmin = f16(wr, o + 82)
+                d = scale16(wr, o + 80)
+                dmin = scale16(wr, o + 82)
                 for i in range(n):
                     isum = _dot_i16_256(buf, xq[b, i], 0)
                     summs = np.int32(0)
@@ -178,7 +188,7 @@ def _q3_k_kernel(xq, xd, bsums, w, out):
             for b in range(nb):
                 o = 110 * b
                 _unpack_q3_k(wr, o, buf)
-                d = f16(wr, o + 108)
+                d = scale16(wr, o + 108)
                 for i in range(n):
                     isum = _dot_i16_256(buf, xq[b, i], 0)
                     acc[i] += xd[b, i] * d * F32(isum)
@@ -200,8 +210,8 @@ def _q4_k_kernel(xq, xd, bsums, w, out):
             for b in range(nb):
                 o = 144 * b
                 _unpack_q4_k(wr, o, buf, mins)
-                d = f16(wr, o)
-                dmin = f16(wr, o + 2)
+                d = scale16(wr, o)
+                dmin = scale16(wr, o + 2)
                 for i in range(n):
                     isum = _dot_i16_256(buf, xq[b, i], 0)
                     summs = np.int32(0)
@@ -227,8 +237,8 @@ def _q5_k_kernel(xq, xd, bsums, w, out):
             for b in range(nb):
                 o = 176 * b
                 _unpack_q5_k(wr, o, buf, mins)
-                d = f16(wr, o)
-                dmin = f16(wr, o + 2)
+                d = scale16(wr, o)
+                dmin = scale16(wr, o + 2)
                 for i in range(n):
                     isum = _dot_i16_256(buf, xq[b, i], 0)
                     summs = np.int32(0)
@@ -253,7 +263,7 @@ def _q6_k_kernel(xq, xd, bsums, w, out):
             for b in range(nb):
                 o = 210 * b
                 _unpack_q6_k(wr, o, buf)
-                d = f16(wr, o + 208)
+                d = scale16(wr, o + 208)
                 for i in range(n):
                     isum = _dot_i16_256(buf, xq[b, i], 0)
                     acc[i] += xd[b, i] * d * F32(isum)

@@ -146,9 +146,15 @@ def bcast(builder, v, n):
 
 
 def half_at(builder, base, off):
-    """The fp16 at byte offset `off` of uint8 pointer `base`, as float."""
+    """The fp16 weight scale at byte offset `off` of uint8 pointer `base`, as float, an Inf made
+    NaN: the reference's dequantized block holds 0 * Inf = NaN (or sums Inf * x of both signs),
+    so its outputs are NaN where the integer dots here would give +/-Inf (common.h ws_inf_to_nan).
+    A compare and a select per block (fcmp without fastmath flags: not folded away)."""
     h = builder.load(builder.bitcast(builder.gep(base, [off]), I16.as_pointer()), align=1)
-    return builder.fpext(builder.bitcast(h, ir.HalfType()), FLT)
+    v = builder.fpext(builder.bitcast(h, ir.HalfType()), FLT)
+    fabs = builder.module.declare_intrinsic("llvm.fabs", [FLT])
+    inf = builder.fcmp_ordered("==", builder.call(fabs, [v]), ir.Constant(FLT, float("inf")))
+    return builder.select(inf, ir.Constant(FLT, float("nan")), v)
 
 
 def hsum(builder, v):

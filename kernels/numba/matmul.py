@@ -77,17 +77,20 @@ _IDENTITY_256 = np.arange(256, dtype=np.int64)
 
 
 @njit(parallel=True, **JIT)
-def _quantize_q8_k(x, pos, qs, d, bsums):
+def _quantize_q8_k(x, pos, qs, d, bsums, bad):
     """x float32[n, cols] -> block-major qs int8[nb, n, 256] (element k of a block stored at
-    pos[k]), d float32[nb, n], bsums int16[nb, n, 16] (nb = cols // 256)."""
+    pos[k]), d float32[nb, n], bsums int16[nb, n, 16] (nb = cols // 256); bad uint8[n]: 1 where
+    row i holds a NaN or Inf, which the int8 quants lose (see _nan_rows)."""
     n, cols = x.shape
     for i in prange(n):
+        nf = F32(0.0)  # sum of v - v: +0 while all finite, NaN after a NaN or Inf (no fastmath)
         for b in range(cols // 256):
             o = 256 * b
             amax = F32(0.0)
             vmax = F32(0.0)
             for k in range(256):
                 v = x[i, o + k]
+                nf += v - v
                 if abs(v) > amax:  # strict: the first of equal magnitudes wins, as the C loop
                     amax = abs(v)
                     vmax = v
@@ -105,19 +108,23 @@ def _quantize_q8_k(x, pos, qs, d, bsums):
                     acc += q
                 bsums[b, i, s] = acc
             d[b, i] = F32(1.0) / iscale
+        bad[i] = nf != nf
 
 
 @njit(parallel=True, **JIT)
-def _quantize_q8_0(x, qs, d, qsum):
+def _quantize_q8_0(x, qs, d, qsum, bad):
     """x float32[n, cols] -> block-major qs int8[nb, n, 32], d float32[nb, n] (fp16-rounded, as
-    stored in block_q8_0 / block_q8_1), qsum int32[nb, n] (Q8_1's s is d * qsum), nb = cols // 32."""
+    stored in block_q8_0 / block_q8_1), qsum int32[nb, n] (Q8_1's s is d * qsum), nb = cols // 32;
+    bad uint8[n]: 1 where row i holds a NaN or Inf (as _quantize_q8_k)."""
     n, cols = x.shape
     for i in prange(n):
+        nf = F32(0.0)
         for b in range(cols // 32):
             o = 32 * b
             amax = F32(0.0)
             for k in range(32):
                 amax = max(amax, abs(x[i, o + k]))
+                nf += x[i, o + k] - x[i, o + k]
             db = amax / F32(127.0)
             inv = F32(1.0) / db if db != F32(0.0) else F32(0.0)
             acc = 0
@@ -129,30 +136,32 @@ def _quantize_q8_0(x, qs, d, qsum):
                 acc += q
             qsum[b, i] = acc
             d[b, i] = round_f16(db)
+        bad[i] = nf != nf
 
 
-def quantize_q8_k(x: np.ndarray, perm: np.ndarray | None = None):
+def quantize_q8_k(x: np.ndarray, perm: np.ndarray | None = None, bad: np.ndarray | None = None):
     """Q8_K of x as weightstream.kernels.quantize.quantize_q8_k, block-major: (qs int8[nb, n, 256],
-    d float32[nb, n], bsums int16[nb, n, 16]). With `perm`, qs[b, i, k] is element perm[k]."""
+    d float32[nb, n], bsums int16[nb, n, 16]). With `perm`, qs[b, i, k] is element perm[k].
+    bad: uint8[n] to receive the rows holding a NaN or Inf (None: not kept)."""
     n, cols = x.shape
     nb = cols // 256
     pos = _IDENTITY_256 if perm is None else np.argsort(perm)
     qs = np.empty((nb, n, 256), np.int8)
     d = np.empty((nb, n), np.float32)
     bsums = np.empty((nb, n, 16), np.int16)
-    _quantize_q8_k(x, pos, qs, d, bsums)
+    _quantize_q8_k(x, pos, qs, d, bsums, np.empty(n, np.uint8) if bad is None else bad)
     return qs, d, bsums
 
 
-def quantize_q8_0(x: np.ndarray):
+def quantize_q8_0(x: np.ndarray, bad: np.ndarray | None = None):
     """Q8_0 of x as weightstream.kernels.quantize.quantize_q8_0, block-major: (qs int8[nb, n, 32],
-    d float32[nb, n], qsum int32[nb, n]); Q8_1's quants and d are the same."""
+    d float32[nb, n], qsum int32[nb, n]); Q8_1's quants and d are the same. bad: as quantize_q8_k."""
     n, cols = x.shape
     nb = cols // 32
     qs = np.empty((nb, n, 32), np.int8)
     d = np.empty((nb, n), np.float32)
     qsum = np.empty((nb, n), np.int32)
-    _quantize_q8_0(x, qs, d, qsum)
+    _quantize_q8_0(x, qs, d, qsum, np.empty(n, np.uint8) if bad is None else bad)
     return qs, d, qsum
 
 
@@ -195,24 +204,31 @@ def _check(x, w, qtype, out, threads) -> T:
 
 
 def _run(x, w, qt: T, out, simd: bool) -> None:
-    """Dispatch to a kernel tier (inputs already checked, n, rows, cols > 0)."""
+    """Dispatch to a kernel tier (inputs already checked, n, rows, cols > 0).
+
+    NaN contract (docs/DESIGN.md, kernels): the tiers that quantize x to int8 lose a NaN / Inf, so
+    the quantizer flags those rows (`bad`) and their outputs become NaN afterwards, as the float
+    reference gives; the float tiers propagate NaN / Inf through their float32 products."""
     kind = strategy(qt, simd)
+    bad = np.zeros(x.shape[0], np.uint8)  # uint8[n]: activation row holds a NaN / Inf
     if qt in _K_QUANTS:
         if kind == "simd-int8":
             kernel, perm = kq.SIMD_KERNELS[qt.name]
-            qs, d, bsums = quantize_q8_k(x, perm)
+            qs, d, bsums = quantize_q8_k(x, perm, bad)
             kernel(qs, d, bsums, w, out, tile_rows(x.shape[1]))
         else:
-            qs, d, bsums = quantize_q8_k(x)
+            qs, d, bsums = quantize_q8_k(x, bad=bad)
             kq.GENERIC_KERNELS[qt.name](qs, d, bsums, w, out)
     elif qt in _LEGACY:
         if kind == "simd-int8":
-            qs, d, qsum = quantize_q8_0(x)
+            qs, d, qsum = quantize_q8_0(x, bad)
             lg.SIMD_KERNELS[qt.name](qs, d, qsum, w, out, tile_rows(x.shape[1]))
         else:
             lg.GENERIC_KERNELS[qt.name](x, w, out)
     else:
         lg._dense_kernel(lg.DENSE_KIND[qt.name], x, w, out)
+    if bad.any():
+        out[bad.view(bool)] = np.nan
 
 
 def matmul_into(x: np.ndarray, w: np.ndarray, qtype, out: np.ndarray, threads: int, *,

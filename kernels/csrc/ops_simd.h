@@ -1,0 +1,140 @@
+/* The per-token small operations of kernels/_ops.pyx, one row at a time, in loops the compiler
+ * turns into SIMD code (-O3 -march=native, OpenMP's `simd` pragmas: the module is built with
+ * -fopenmp).
+ *
+ * Why C and not Cython loops: a float sum in a Cython loop is a chain of dependent adds (the
+ * compiler may not reorder it), and expf() is a libm call per element; at decode these rows are
+ * short (64..4096 floats), so a 128-long dot product paid ~4 cycles per element and one-token
+ * attention over 30 cached positions of 32 heads took longer than the layer's weight matmuls.
+ * `#pragma omp simd reduction` allows the reordering for exactly these sums, and ws_expf is an
+ * exp the vectoriser can inline. (Check with -fopt-info-vec-optimized when changing a loop:
+ * a libm call such as floorf in it is enough to keep it scalar.)
+ */
+#ifndef WS_OPS_SIMD_H
+#define WS_OPS_SIMD_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* exp(x) in float: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial
+ * (expf's coefficients), 2^n from exponent bits. Within 2 ulp of expf on [-87, 88]; below -87
+ * it returns 0 (expf's results there are denormal or 0), above 88 +inf (expf's are within 2x of
+ * FLT_MAX there); NaN gives NaN. The selects are written as comparisons, not fminf/fmaxf, so a
+ * NaN is never clamped into a number. */
+static inline float ws_expf(float x) {
+    const float hi = 88.0f, lo = -87.0f;
+    float xc = x > hi ? hi : x;
+    xc = xc < lo ? lo : xc;
+    /* n = round(xc / ln2) by adding and taking away 1.5 * 2^23 (floorf would stop GCC 12
+     * vectorising the loop; without -ffast-math the pair is not folded away) */
+    float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = xc - n * 0.693359375f;  /* ln2 in two parts: the first exact in float */
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;  /* 2^n, n in [-125, 127] after the clamp */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    float y = p * scale;
+    y = x > hi ? INFINITY : y;
+    y = x < lo ? 0.0f : y;
+    return x != x ? x : y;
+}
+
+/* sum of a[i] * b[i], i < n, in float, in SIMD lanes */
+static inline float ws_dot(const float *a, const float *b, int64_t n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++)
+        s += a[i] * b[i];
+    return s;
+}
+
+/* out = x * w / sqrt(mean(x^2) + eps); the sum of squares in double, as ggml's rms_norm; out may be x */
+static inline void ws_rms_norm_row(const float *x, const float *w, int64_t n, double eps, float *out) {
+    double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < n; i++)
+        ss += (double)x[i] * x[i];
+    float scale = (float)(1.0 / sqrt(ss / n + eps));
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++)
+        out[i] = (x[i] * scale) * w[i];
+}
+
+/* rotate one head's first 2 * half dimensions: NEOX pairs (d, d + half) */
+static inline void ws_rope_neox_row(float *x, const float *c, const float *s, int64_t half) {
+#pragma omp simd
+    for (int64_t d = 0; d < half; d++) {
+        float a = x[d], b = x[d + half];
+        x[d] = a * c[d] - b * s[d];
+        x[d + half] = a * s[d] + b * c[d];
+    }
+}
+
+/* rotate one head's first 2 * half dimensions: adjacent pairs (2d, 2d + 1) (llama.cpp's NORM) */
+static inline void ws_rope_norm_row(float *x, const float *c, const float *s, int64_t half) {
+#pragma omp simd
+    for (int64_t d = 0; d < half; d++) {
+        float a = x[2 * d], b = x[2 * d + 1];
+        x[2 * d] = a * c[d] - b * s[d];
+        x[2 * d + 1] = a * s[d] + b * c[d];
+    }
+}
+
+/* out = gate / (1 + exp(-gate)) * up over one row of m */
+static inline void ws_swiglu_row(const float *gate, const float *up, int64_t m, float *out) {
+#pragma omp simd
+    for (int64_t j = 0; j < m; j++) {
+        float g = gate[j];
+        out[j] = g / (1.0f + ws_expf(-g)) * up[j];
+    }
+}
+
+/* softmax(scale * K q) . V for one head: k, v point at the head's first cached vector, the next
+ * position row_stride floats further; scores: n_kv floats of scratch; out: hd floats */
+static inline void ws_attend_head(const float *q, const float *k, const float *v, int64_t n_kv,
+                                  int64_t row_stride, int64_t hd, float scale, float *scores, float *out) {
+    float m = -3.4e38f;
+    for (int64_t t = 0; t < n_kv; t++) {
+        float s = ws_dot(q, k + t * row_stride, hd) * scale;
+        scores[t] = s;
+        m = s > m ? s : m;
+    }
+    double total = 0.0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t t = 0; t < n_kv; t++) {
+        float p = ws_expf(scores[t] - m);
+        scores[t] = p;
+        total += p;
+    }
+    float inv = (float)(1.0 / total);
+    for (int64_t d = 0; d < hd; d++)
+        out[d] = 0.0f;
+    for (int64_t t = 0; t < n_kv; t++) {
+        const float *vt = v + t * row_stride;
+        float p = scores[t] * inv;
+#pragma omp simd
+        for (int64_t d = 0; d < hd; d++)
+            out[d] += p * vt[d];
+    }
+}
+
+/* y = y * w, then out = out + y, over n floats: two roundings, as NumPy's `np.multiply(y, w,
+ * out=y); out += y` does, never one fused multiply-add (GCC contracts a * b + c into an FMA at
+ * -O3 unless told not to), so the fused MoE call gives the per-expert path's bits */
+__attribute__((optimize("fp-contract=off")))
+static void ws_scale_add_row(float *out, float *y, float w, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        y[i] = y[i] * w;
+        out[i] = out[i] + y[i];
+    }
+}
+
+#endif /* WS_OPS_SIMD_H */
