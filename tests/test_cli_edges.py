@@ -156,7 +156,7 @@ def test_profile_console_and_json_counts_agree(capsys, demo_model, tmp_path):
     import re
 
     out_json = tmp_path / "profile.json"
-    rc = main(["profile", str(demo_model), "-p", "The sky is", "-n", "6", "--memory-budget", "80MiB",
+    rc = main(["profile", str(demo_model), "-p", "The sky is", "-n", "6", "--memory-budget", "92MiB",
                "-c", "256", "--json", str(out_json)])
     out, err = capsys.readouterr()
     assert rc == 0, err

@@ -16,6 +16,8 @@ from weightstream.engine.cli.main import build_parser, main
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
+SERVES = ("a server: runs until stopped (tests/test_serve.py runs `weightstream serve` in a subprocess "
+          "on a loopback port and talks to it)")
 # command (as normalized, before placeholders) -> why this test does not run it
 SKIPPED = {
     "pip install -e .": "network: installs the package (the test runs from an installed checkout)",
@@ -24,7 +26,12 @@ SKIPPED = {
     "weightstream demo": "96 tokens under the streaming budget: a minute on a shared core; "
                          "tests/test_cli.py runs the same demo with -n 12",
     "weightstream demo --moe": "big model: writes a 2.3 GB synthetic MoE (tests/test_cli.py runs it with -n 4)",
-    "weightstream demo --memory-budget 80MiB --moe": "big model: the 2.3 GB synthetic MoE",
+    "weightstream demo --memory-budget 92MiB --moe": "big model: the 2.3 GB synthetic MoE",
+    'pip install -e ".[serve]"': "network: installs the serve extra",
+    "weightstream serve ~/.cache/weightstream/SmolLM2-135M-Instruct.Q4_1.gguf --memory-budget 90MiB --prefetch lookahead":
+        SERVES,
+    "weightstream serve MODEL --port 8080 --memory-budget B": SERVES,
+    "weightstream serve MODEL --host 127.0.0.1 --port 8080 --max-queue 8 --alias NAME": SERVES,
     "weightstream convert HF_DIR OUT.gguf --type f32 --imatrix F": "needs a Hugging Face checkpoint "
                                                                    "(network); tests/test_convert.py converts tiny ones",
     "weightstream quantize IN.gguf OUT.gguf q2_k --imatrix F": "needs an imatrix and requantizes 135 M weights "
@@ -75,7 +82,7 @@ def places(demo_model, tmp_path_factory):
     text = tmp / "text.txt"
     text.write_text("\n\n".join(topics[k] for k in sorted(topics))[:3000])  # one chunk of 512 tokens, not two
     return {"MODEL": str(demo_model), "IN.gguf": str(demo_model), "PROMPT": "The capital of France is",
-            "P": "The capital of France is", "N": "1", "T": "0.8", "S": "1", "B": "80MiB",
+            "P": "The capital of France is", "N": "1", "T": "0.8", "S": "1", "B": "92MiB",
             "FILE": str(text), "CALIBRATION.txt": str(text), "imatrix.dat": str(tmp / "imatrix.dat"),
             "OUT.gguf": str(tmp / "out.gguf"), "out.json": str(tmp / "trace.json"), "out.png": str(tmp / "out.png"),
             "f.json": str(tmp / "f.json"), "HF_DIR": str(tmp / "hf"), "F": str(tmp / "imatrix.dat"),
