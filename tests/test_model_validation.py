@@ -120,6 +120,31 @@ def test_bad_moe_and_rope_values_are_refused_by_key(changes, match):
         ModelConfig.from_metadata(meta, source=SOURCE)
 
 
+def hybrid_meta(**changes):
+    """A qwen35 (Gated DeltaNet hybrid) config's metadata: tiny_llama's sizes plus the ssm.* keys."""
+    meta = {k.replace("llama.", "qwen35."): v for k, v in config_meta().items()}
+    meta.update({"general.architecture": "qwen35", "qwen35.ssm.conv_kernel": 4, "qwen35.ssm.group_count": 2,
+                 "qwen35.ssm.time_step_rank": 4, "qwen35.ssm.state_size": 16, "qwen35.ssm.inner_size": 64})
+    meta.update({f"qwen35.{k}": v for k, v in changes.items()})
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(**{"attention.recurrent_layers": [1, 0]}), r"recurrent_layers: expected one bool per layer \(2\)"),
+    (dict(**{"attention.recurrent_layers": "yes"}), r"recurrent_layers: expected one bool per layer"),
+    (dict(full_attention_interval=0), r"full_attention_interval: expected an integer >= 1, found 0"),
+    (dict(**{"ssm.inner_size": 66}), r"ssm.inner_size: expected a multiple of ssm.time_step_rank 4"),
+    (dict(**{"ssm.time_step_rank": 3, "ssm.inner_size": 63}), r"ssm.time_step_rank: expected a multiple of "
+                                                               r"ssm.group_count 2"),
+    (dict(**{"ssm.conv_kernel": None}), r"missing metadata key qwen35.ssm.conv_kernel"),
+    (dict(**{"ssm.state_size": 0}), r"ssm.state_size: expected an integer >= 1, found 0"),
+])
+def test_bad_hybrid_values_are_refused_by_key(changes, match):
+    assert ModelConfig.from_metadata(hybrid_meta()).linear.v_head_dim == 16
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_metadata(hybrid_meta(**changes), source=SOURCE)
+
+
 def test_good_config_values_still_load():
     cfg = ModelConfig.from_metadata(config_meta(**{"rope.scaling.type": "linear", "rope.scaling.factor": 4.0}))
     assert (cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot, cfg.n_vocab) == (N_HEAD, N_HEAD_KV, HEAD_DIM,
