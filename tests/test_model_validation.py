@@ -215,6 +215,20 @@ def test_without_output_weight_the_head_is_the_tied_embedding(tmp_path):
         np.testing.assert_array_equal(a.logits([1, 2, 3]), b.logits([1, 2, 3]))
 
 
+def test_an_architecture_llama_cpp_does_not_tie_needs_its_output_weight(tmp_path):
+    """olmoe (and qwen2moe): llama.cpp requires output.weight, with no fallback to token_embd."""
+    meta = {k.replace("llama.", "olmoe."): v for k, v in moe_meta().items()}
+    tensors = tiny_moe_tensors()
+    for i in range(N_LAYER):
+        tensors[f"blk.{i}.attn_q_norm.weight"] = np.ones(N_HEAD * HEAD_DIM, np.float32)
+        tensors[f"blk.{i}.attn_k_norm.weight"] = np.ones(N_HEAD_KV * HEAD_DIM, np.float32)
+    with Engine.load(write_gguf(tmp_path / "olmoe.gguf", tensors, meta, arch="olmoe")) as eng:
+        assert eng.config.arch == "olmoe"
+    del tensors["output.weight"]
+    load_error(write_gguf(tmp_path / "tied.gguf", tensors, meta, arch="olmoe"), GGUFError,
+               r"tensor\(s\) output.weight not found \(1 missing, needed by olmoe\)")
+
+
 def test_a_renamed_output_weight_is_an_unexpected_tensor_not_a_silent_tie(tmp_path):
     tensors = tiny_llama_tensors()
     tensors["output_head.weight"] = tensors.pop("output.weight")

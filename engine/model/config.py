@@ -36,6 +36,10 @@ class ArchFlags:
     # which K head a linear-attention V head reads: llama.cpp's qwen35 converter reorders V heads so
     # V head j uses K head j % n_k_heads ("tiled"); qwen3next keeps Hugging Face's j // (Hv / Hk)
     linear_v_tiled: bool = True
+    # a file without output.weight multiplies by token_embd (tied embeddings); llama.cpp's
+    # load_tensors allows that for most architectures but requires output.weight for qwen2moe and
+    # olmoe (created with flags 0, no TENSOR_DUPLICATED fallback)
+    tied_output: bool = True
 
 
 # Per-architecture conventions, as llama.cpp's graph builders (src/models/*.cpp) apply them.
@@ -43,9 +47,10 @@ ARCHITECTURES: dict[str, ArchFlags] = {
     "llama": ArchFlags(rope=ROPE_NORM, moe_norm_topk=True),  # dense, or Mixtral-style MoE
     "qwen2": ArchFlags(rope=ROPE_NEOX, qkv_bias=True),
     "qwen3": ArchFlags(rope=ROPE_NEOX, qk_norm="head"),
-    "qwen2moe": ArchFlags(rope=ROPE_NEOX, qkv_bias=True, shared_expert=True, requires_moe=True),
+    "qwen2moe": ArchFlags(rope=ROPE_NEOX, qkv_bias=True, shared_expert=True, requires_moe=True,
+                          tied_output=False),
     "qwen3moe": ArchFlags(rope=ROPE_NEOX, qk_norm="head", moe_norm_topk=True, requires_moe=True),
-    "olmoe": ArchFlags(rope=ROPE_NEOX, qk_norm="full", requires_moe=True),
+    "olmoe": ArchFlags(rope=ROPE_NEOX, qk_norm="full", requires_moe=True, tied_output=False),
     # the Qwen3.5 family: text positions make its multi-section rope plain NEOX on n_rot dims
     "qwen35": ArchFlags(rope=ROPE_NEOX, qk_norm="head", moe_norm_topk=True, shared_expert=True,
                         gated_attention=True, hybrid=True),

@@ -206,7 +206,8 @@ def expected_tensors(f: GGUFFile, cfg: ModelConfig) -> dict[str, tuple[bool, tup
 
     need("token_embd.weight", (cfg.n_vocab, E))
     need("output_norm.weight", (E,))
-    need("output.weight", (cfg.n_vocab, E), required=False)  # absent: tied to token_embd, as llama.cpp
+    # absent: the head is token_embd (tied), where llama.cpp allows it (ArchFlags.tied_output)
+    need("output.weight", (cfg.n_vocab, E), required=not cfg.flags.tied_output)
     need("rope_freqs.weight", (cfg.n_rot // 2,), required=False)
     q_rows = 2 * H * D if cfg.flags.gated_attention else H * D
     for i in range(cfg.n_layer):
