@@ -60,6 +60,9 @@ def test_unbounded_recursion_is_an_error_not_a_crash(short_limit):
     ("{{ [1, 2] * 10**8 }}", r"a repetition \(\*\) would hold 200000000 items"),
     ("{{ 7 ** 100000000 }}", r"a power \(\*\*\)"),  # jinja's ** is left-associative: no 10**9 here
     ("{{ 'x'.ljust(10**9) }}", r"str.ljust would hold 1000000000 items"),
+    ("{{ 'x' | center(10**9) }}", r"the center filter's parameter would hold 1000000000 items"),
+    ("{{ 'x' | indent(width=10**8) }}", r"the indent filter's parameter would hold 100000000 items"),
+    ("{{ (['ab'] * 1000) | join('c' * 2000) }}", r"the join filter's result would hold 2000000 items"),
     ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
      r"a concatenation \(~\)"),
     ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
@@ -75,12 +78,12 @@ def test_ordinary_templates_render_as_before():
               "{{ m.content | trim }}{% if not loop.last %}|{% endif %}{% endfor %}"
               "{% for x in [3, 0, 5] if x %}{{ x }}{% else %}none{% endfor %}"
               "{% set ns = namespace(n=0) %}{% for i in range(3) %}{% set ns.n = ns.n + i %}{% endfor %}{{ ns.n }}"
-              "{{ 'ab' * 2 }}{{ 2 ** 10 }}{{ '%s!' % 'ok' }}{{ 'x' ~ 1 }}{{ tools | tojson }}"
+              "{{ 'ab' * 2 }}{{ 2 ** 10 }}{{ '%s!' % 'ok' }}{{ 'x' ~ 1 }}{{ tools | tojson }}{{ 10**9 | string | length }}"
               "{% for item in tree recursive %}{{ item.name }}{{ loop(item.children) }}{% endfor %}")
     messages = [{"role": "user", "content": " hi "}, {"role": "assistant", "content": "yo"}]
     tree = [{"name": "a", "children": [{"name": "b", "children": []}]}]
     assert render(source, messages=messages, tools=None, tree=tree) == \
-        "[2]<user>hi|<assistant>yo35" + "3" + "abab1024ok!x1nullab"
+        "[2]<user>hi|<assistant>yo35" + "3" + "abab1024ok!x1null10ab"
 
 
 def test_the_sandbox_still_refuses_and_raise_exception_still_raises():

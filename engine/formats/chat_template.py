@@ -11,15 +11,17 @@ or grow without end:
   nested loops over range(100000) stop at the deadline, output or not; so does every call
   (macros, methods, `range`), which also bounds recursion;
 - `~` (string concatenation) and the `+`, `*`, `**`, `%` operators refuse results over the size
-  limit, `*` and `**` before they allocate them, and str's padding methods refuse widths over it,
-  so a loop doubling a string cannot reach gigabytes in the few steps it takes;
+  limit, `*` and `**` before they allocate them, and str's padding methods and every filter refuse
+  an integer parameter (a width, a count) over it, so a loop doubling a string cannot reach
+  gigabytes in the few steps it takes, nor can `center(10**9)`;
 - the output is produced chunk by chunk (Template.generate), its size and the clock checked per chunk.
-What stays unbounded: a single builtin call working on data already within the limits (a filter
-such as `center(width)` with a huge width, or str.replace multiplying a string up to a few MiB)
-allocates once before its result is checked.
+What stays unbounded: a single builtin call working on data already within the limits (e.g.
+str.replace multiplying a 1 Mi string by a 1 Mi replacement) allocates once before its result is
+checked.
 """
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -119,6 +121,13 @@ def _sandbox_class():
                         budget.size(width, f"str.{__obj.__name__}")
             return budget.result(super().call(__context, __obj, *args, **kwargs), "a call's result")
 
+        def bound_filters(self) -> None:
+            """Every filter ticks the clock, refuses an integer parameter (a width, a count) over
+            the size limit (`center(10**9)` would allocate a GiB before its result is seen) and
+            has its result size-checked. The filtered value itself is not a parameter."""
+            for name, f in list(self.filters.items()):
+                self.filters[name] = _bounded_filter(self, name, f)
+
         def call_binop(self, context, operator, left, right):
             budget = self.budget
             budget.tick()
@@ -133,6 +142,23 @@ def _sandbox_class():
             return budget.result(super().call_binop(context, operator, left, right), f"an operation ({operator})")
 
     return jinja2, BoundedSandbox
+
+
+def _bounded_filter(env, name: str, f):
+    """The filter f, checked as BoundedSandbox.bound_filters says."""
+    # jinja passes the context, eval context or environment first to filters marked so
+    skip = 2 if getattr(f, "jinja_pass_arg", None) is not None else 1
+
+    @functools.wraps(f)  # keeps jinja_pass_arg
+    def bounded(*args, **kwargs):
+        budget = env.budget
+        budget.tick()
+        for value in (*args[skip:], *kwargs.values()):
+            if isinstance(value, int):
+                budget.size(value, f"the {name} filter's parameter")
+        return budget.result(f(*args, **kwargs), f"the {name} filter's result")
+
+    return bounded
 
 
 def compile_chat_template(source: str, what: str = "chat template"):
@@ -170,6 +196,7 @@ def compile_chat_template(source: str, what: str = "chat template"):
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
+    env.bound_filters()
     try:
         return ChatTemplate(env, env.from_string(source), what)
     except jinja2.exceptions.TemplateSyntaxError as e:
