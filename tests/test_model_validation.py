@@ -291,9 +291,10 @@ def test_a_non_string_chat_template_is_refused_by_name():
     assert "tokenizer.chat_template: expected a string" in msg
 
 
-def test_engine_load_refuses_u32_tokens_naming_the_file(tmp_path):
-    path = write(tmp_path, metadata={**loadable_metadata(), "tokenizer.ggml.tokens": list(range(N_VOCAB))})
-    load_error(path, ConfigError, "tokenizer.ggml.tokens")
+@pytest.mark.parametrize("tokens", [list(range(N_VOCAB)), "abc"])
+def test_engine_load_refuses_tokens_that_are_not_strings_naming_the_file(tmp_path, tokens):
+    path = write(tmp_path, metadata={**loadable_metadata(), "tokenizer.ggml.tokens": tokens})
+    load_error(path, ConfigError, "metadata tokenizer.ggml.tokens: expected an array of strings")
 
 
 def test_a_model_vocabulary_larger_than_the_tokenizer_is_refused_at_load(tmp_path):

@@ -114,9 +114,11 @@ class Engine:
         t0 = time.perf_counter()
         f = GGUFFile(path)
         try:
+            # the vocabulary first: the config's n_vocab is its token count, so a malformed
+            # tokenizer.ggml.tokens is named as that, not as a missing vocab_size
+            tokenizer = Tokenizer.from_metadata(f.metadata, source=str(path))
             cfg = opts.model_config(ModelConfig.from_metadata(f.metadata, source=str(path)))
             check_tensor_set(f, cfg)  # before anything sizes memory or reads by these names
-            tokenizer = Tokenizer.from_metadata(f.metadata, source=str(path))
             if distributed is not None:  # pipeline stages on Ray: engine/runtime/distributed.py
                 from .distributed import load_distributed
 
