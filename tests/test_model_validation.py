@@ -84,11 +84,12 @@ def load_error(path, error=WeightstreamError, match=None):
     ("attention.value_length", HEAD_DIM * 2, r"value_length: expected key_length 16"),
     ("rope.dimension_count", HEAD_DIM * 2, r"rope.dimension_count: expected an even count <= the head size 16, found 32"),
     ("rope.dimension_count", 15, r"rope.dimension_count: expected an even count <= the head size 16, found 15"),
-    ("block_count", 0, r"block_count: expected an integer >= 1, found 0"),
-    ("block_count", [2, 2], r"block_count: expected an integer >= 1, found \[2, 2\]"),
-    ("block_count", "2", r"block_count: expected an integer >= 1, found '2'"),
-    ("block_count", 2.0, r"block_count: expected an integer >= 1, found 2.0"),
-    ("block_count", True, r"block_count: expected an integer >= 1, found True"),
+    ("block_count", 0, r"block_count: expected an integer in 1..512, found 0"),
+    ("block_count", 2**40, r"block_count: expected an integer in 1..512, found 1099511627776"),
+    ("block_count", [2, 2], r"block_count: expected an integer in 1..512, found \[2, 2\]"),
+    ("block_count", "2", r"block_count: expected an integer in 1..512, found '2'"),
+    ("block_count", 2.0, r"block_count: expected an integer in 1..512, found 2.0"),
+    ("block_count", True, r"block_count: expected an integer in 1..512, found True"),
     ("context_length", 0, r"context_length: expected an integer >= 1, found 0"),
     ("embedding_length", None, r"missing metadata key llama.embedding_length"),
     ("attention.layer_norm_rms_epsilon", None, r"missing metadata key llama.attention.layer_norm_rms_epsilon"),
@@ -109,7 +110,8 @@ def test_bad_config_values_are_refused_by_key(key, value, match):
 @pytest.mark.parametrize("changes,match", [
     (dict(expert_used_count=5), r"expert_used_count: expected an integer in 1..4 \(expert_count\), found 5"),
     (dict(expert_used_count=0), r"expert_used_count: expected an integer in 1..4"),
-    (dict(expert_count=-1), r"expert_count: expected an integer >= 0, found -1"),
+    (dict(expert_count=-1), r"expert_count: expected an integer in 0..512, found -1"),
+    (dict(expert_count=2**40), r"expert_count: expected an integer in 0..512, found 1099511627776"),
     (dict(**{"rope.scaling.type": "linear", "rope.scaling.factor": -2.0}), r"rope.scaling.factor: expected a finite"),
     (dict(expert_weights_norm=1), r"expert_weights_norm: expected a bool, found 1"),
     (dict(feed_forward_length=[N_FF, N_FF, N_FF]), r"feed_forward_length: expected one count >= 0 per block \(2\)"),
@@ -158,7 +160,7 @@ def test_good_config_values_still_load():
 @pytest.mark.parametrize("key,value,match", [
     ("llama.attention.layer_norm_rms_epsilon", math.nan, "layer_norm_rms_epsilon: expected a finite number > 0"),
     ("llama.attention.head_count", 0, "head_count: expected an integer >= 1, found 0"),
-    ("llama.block_count", "2", "block_count: expected an integer >= 1"),
+    ("llama.block_count", "2", "block_count: expected an integer in 1..512"),
 ])
 def test_engine_load_names_the_file_and_key_of_a_bad_value(tmp_path, key, value, match):
     path = write(tmp_path, metadata={**loadable_metadata(), key: value})
@@ -331,3 +333,33 @@ def test_bad_token_ids_to_logits_are_named(tmp_path, ids):
         with pytest.raises(ValueError, match=r"logits: token ids must be integers in \[0, 256\)"):
             eng.logits(ids)
         assert eng.logits(np.array([1, 2])).shape == (2, N_VOCAB)
+
+
+# ---- every poison value in every key: only our errors -------------------------------------------
+
+POISON = [0, -1, 1, 2**40, 1.5, math.nan, -math.inf, True, "x", "", [], [1, 2], ["a", 3], None]
+
+
+@pytest.mark.filterwarnings("ignore:GGUF has no tokenizer.ggml.pre")  # removing the key is a case
+def test_every_key_poisoned_gives_a_clean_error_or_a_valid_model(tmp_path):
+    """Each metadata key of a tiny llama and a tiny MoE, replaced by each poison value (None:
+    removed): the config, the tokenizer and the tensor-set check either accept it or raise one of
+    our errors; never a ZeroDivisionError, KeyError, TypeError, IndexError or OverflowError."""
+    from weightstream.engine.formats.gguf_file import GGUFFile
+    from weightstream.engine.model.weights import check_tensor_set
+
+    cases = 0
+    for tensors, base in ((tiny_llama_tensors(), loadable_metadata()), (tiny_moe_tensors(), moe_meta())):
+        with GGUFFile(write(tmp_path, tensors, base, f"base{cases}.gguf")) as f:
+            meta = dict(f.metadata)
+            for key in [k for k in meta if not k.startswith("GGUF.")] + ["llama.vocab_size", "llama.expert_count"]:
+                for value in POISON:
+                    cases += 1
+                    poisoned = {**meta, key: value} if value is not None else {k: v for k, v in meta.items()
+                                                                               if k != key}
+                    try:
+                        Tokenizer.from_metadata(poisoned, source=SOURCE)
+                        check_tensor_set(f, ModelConfig.from_metadata(poisoned, source=SOURCE))
+                    except WeightstreamError as e:
+                        assert str(e).startswith(SOURCE) or str(f.path) in str(e), (key, value, e)
+    assert cases > 300

@@ -61,6 +61,11 @@ ARCHITECTURES: dict[str, ArchFlags] = {
 }
 
 
+# llama.cpp's limits (LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS in llama-hparams.h): per-layer and
+# per-expert lists are sized by these counts, so a block_count of 2**40 must not get that far
+MAX_LAYERS = 512
+MAX_EXPERTS = 512
+
 ATTENTION = "attention"  # a layer type: softmax attention over the layer's KV cache
 LINEAR_ATTENTION = "linear_attention"  # a layer type: Gated DeltaNet with a fixed-size recurrent state
 
@@ -176,7 +181,7 @@ class ModelConfig:
             k.fail("rope.scaling.type", "'none' or 'linear' (others are not supported)", scaling)
         # llama.cpp reads a factor of 0 as "not set" (scale 1); a negative or non-finite one is garbage
         scale_factor = k.float("rope.scaling.factor", 1.0, minimum=0.0) if scaling == "linear" else 1.0
-        n_layer_all = k.int("block_count", minimum=1)
+        n_layer_all = k.int("block_count", minimum=1, maximum=MAX_LAYERS)
         # an MTP (next-token prediction) block is counted in block_count: it is not run here
         n_nextn = k.int("nextn_predict_layers", 0, minimum=0)
         if n_nextn >= n_layer_all:
@@ -197,7 +202,7 @@ class ModelConfig:
                                   f"(one value for all {n_layer} layers is)")
             return values.pop()
 
-        n_expert = k.int("expert_count", 0, minimum=0)
+        n_expert = k.int("expert_count", 0, minimum=0, maximum=MAX_EXPERTS)
         if flags.requires_moe and n_expert == 0:
             k.fail("expert_count", f"at least 1 (architecture {arch} is a mixture of experts)", k.get("expert_count"))
         n_expert_used = per_layer("expert_used_count", 0)
@@ -274,10 +279,11 @@ class MetadataKeys:
             raise ConfigError(f"{self.source}: missing metadata key {full}")
         return default
 
-    def int(self, name: str, default: int | None = None, minimum: int = 0) -> int:
+    def int(self, name: str, default: int | None = None, minimum: int = 0, maximum: int | None = None) -> int:
         value = self.get(name, default)
-        if not _is_int(value) or value < minimum:
-            self.fail(name, f"an integer >= {minimum}", value)
+        if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
+            self.fail(name, f"an integer >= {minimum}" if maximum is None else f"an integer in {minimum}..{maximum}",
+                      value)
         return int(value)
 
     def float(self, name: str, default: float | None = None, minimum: float = 0.0, exclusive: bool = False) -> float:
