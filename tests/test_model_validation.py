@@ -362,4 +362,12 @@ def test_every_key_poisoned_gives_a_clean_error_or_a_valid_model(tmp_path):
                         check_tensor_set(f, ModelConfig.from_metadata(poisoned, source=SOURCE))
                     except WeightstreamError as e:
                         assert str(e).startswith(SOURCE) or str(f.path) in str(e), (key, value, e)
-    assert cases > 300
+    hybrid = hybrid_meta(**{"attention.recurrent_layers": [True, False], "nextn_predict_layers": 0})
+    for key in hybrid:  # a hybrid's ssm.* and layer keys too (the config alone: no tensors here)
+        for value in POISON:
+            cases += 1
+            try:
+                ModelConfig.from_metadata({**hybrid, key: value}, source=SOURCE)
+            except ConfigError as e:
+                assert str(e).startswith(SOURCE), (key, value, e)
+    assert cases > 600
