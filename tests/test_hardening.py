@@ -117,3 +117,18 @@ def test_perplexity_needs_a_context_of_two(demo_model):
         for n_ctx in (0, 1):
             with pytest.raises(ValueError, match="n_ctx must be an integer >= 2"):
                 eng.perplexity("some text " * 50, n_ctx=n_ctx)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("llama.attention.head_count", 0, "llama.attention.head_count: expected an integer >= 1, found 0"),
+    ("tokenizer.ggml.tokens", list(range(256)), "tokenizer.ggml.tokens: expected an array of strings"),
+    ("tokenizer.chat_template", 7, "tokenizer.chat_template: expected a string"),
+])
+def test_the_cli_names_a_poisoned_file_and_key_without_a_traceback(tmp_path, key, value, match):
+    """head_count 0 raised ZeroDivisionError, u32 tokens and a non-string chat template raw
+    errors, each printed by the CLI as a traceback."""
+    from tests.test_model_validation import loadable_metadata, write
+
+    path = write(tmp_path, metadata=loadable_metadata(**{key: value}))
+    rc, out, err = cli("run", path, "-p", "hi", "-n", "2")
+    assert rc != 0 and match in err and str(path) in err and "Traceback" not in err

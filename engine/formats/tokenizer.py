@@ -33,10 +33,13 @@ the short list:
 from __future__ import annotations
 
 import codecs
-import json
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from ..errors import ConfigError
+from .chat_template import ChatTemplateError, compile_chat_template
 
 __all__ = [
     "PRE_TOKENIZER_REGEXES",
@@ -295,6 +298,60 @@ def _meta_list(meta: Mapping[str, Any], key: str) -> list | None:
     return list(value)
 
 
+# array keys -> (element types, in words): checked before use, with their lengths where they hold
+# one entry per token
+_ARRAY_KEYS = {
+    "tokenizer.ggml.tokens": ((str, bytes), "strings"),
+    "tokenizer.ggml.merges": ((str,), "strings"),
+    "tokenizer.ggml.token_type": ((int,), "integers"),
+    "tokenizer.ggml.scores": ((int, float), "finite numbers"),
+}
+_PER_TOKEN = ("tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+_FLAG_KEYS = ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token", "tokenizer.ggml.add_space_prefix")
+
+
+def _check_metadata(meta: Mapping[str, Any], source: str) -> None:
+    """Refuse, with a ConfigError naming source and the key (expected vs found), tokenizer
+    metadata of the wrong type or length: tokens that are not an array of strings (e.g. u32),
+    merges that are not strings, token_type/scores not one number per token, special token ids
+    that are not integers, bos/eos ids outside the vocabulary (llama.cpp only warns and falls
+    back to its default there; a file naming a bos/eos it does not hold is broken, and generation
+    would add or stop at the wrong token), flags that are not bools, a non-string model, pre or
+    chat template."""
+    def fail(key: str, expected: str, found: str):
+        error = ChatTemplateError if key == "tokenizer.chat_template" else ConfigError
+        raise error(f"{source}: metadata {key}: expected {expected}, found {found}")
+
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            fail(key, "a string", f"{type(meta[key]).__name__} {meta[key]!r:.60}")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    n = len(tokens) if isinstance(tokens, (list, tuple)) else None
+    for key, (types, what) in _ARRAY_KEYS.items():
+        value = meta.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (list, tuple)):
+            fail(key, f"an array of {what}", f"{type(value).__name__} {value!r:.60}")
+        for i, x in enumerate(value):
+            if not isinstance(x, types) or isinstance(x, bool) or (isinstance(x, float) and not math.isfinite(x)):
+                fail(key, f"an array of {what}", f"{type(x).__name__} {x!r:.40} at index {i}")
+        if key in _PER_TOKEN and n is not None and len(value) != n:
+            fail(key, f"{n} entries (one per token of tokenizer.ggml.tokens)", f"{len(value)} entries")
+    for name, key in _SPECIAL_ID_KEYS:
+        key = "tokenizer.ggml." + key
+        value = meta.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            fail(key, "a token id (an integer)", f"{type(value).__name__} {value!r:.40}")
+        if name in ("bos", "eos") and n is not None and not 0 <= value < n:
+            fail(key, f"a token id in [0, {n}) (the vocabulary)", str(value))
+    for key in _FLAG_KEYS:
+        if meta.get(key) is not None and not isinstance(meta[key], bool):
+            fail(key, "a bool", f"{type(meta[key]).__name__} {meta[key]!r:.40}")
+
+
 class Tokenizer:
     """Text <-> token ids for a GGUF vocabulary, as llama.cpp tokenizes it. Build with `from_metadata`."""
 
@@ -318,8 +375,23 @@ class Tokenizer:
     # ---- construction ----------------------------------------------------------------------------
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
-        """Build from GGUF metadata ({key: value}, strings as str and arrays as lists)."""
+    def from_metadata(cls, meta: Mapping[str, Any], source: str = "model") -> Tokenizer:
+        """Build from GGUF metadata ({key: value}, strings as str and arrays as lists). Every
+        problem with it is a ConfigError naming source (the file) and the key: values of the wrong
+        type or length are refused up front (_check_metadata), so that nothing fails later, at the
+        first generation."""
+        _check_metadata(meta, source)
+        try:
+            self = cls._from_checked_metadata(meta)
+        except ConfigError:
+            raise
+        except ValueError as e:  # the checks below: say which file
+            raise ConfigError(f"{source}: {e}") from e
+        self.source = source
+        return self
+
+    @classmethod
+    def _from_checked_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
         from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -339,9 +411,7 @@ class Tokenizer:
         types = _meta_list(meta, "tokenizer.ggml.token_type")
         if types is None:
             types = [TOKEN_TYPE_NORMAL] * n
-        elif len(types) < n:
-            raise ValueError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
-        types = [int(t) for t in types[:n]]
+        types = list(types)  # promote() below marks some as control tokens
         tokens = [
             (t.decode("utf-8", errors="replace") if isinstance(t, bytes) else str(t)) if len(t) else f"[EMPTY_{i}]"
             for i, t in enumerate(tokens)  # an empty token gets llama.cpp's placeholder name
@@ -473,7 +543,7 @@ class Tokenizer:
             hf.decoder = decoders.ByteLevel()
         else:
             scores = _meta_list(meta, "tokenizer.ggml.scores")
-            if scores is None or len(scores) < n:
+            if scores is None:
                 raise ValueError("a 'llama' (SentencePiece) vocabulary needs tokenizer.ggml.scores for every token")
             unk = tokens[ids["unk"]] if ids["unk"] is not None else None
             hf = HFTokenizer(models.BPE(
@@ -616,13 +686,13 @@ class Tokenizer:
 
         A sandboxed jinja2 environment with trim_blocks/lstrip_blocks, `raise_exception`, `strftime_now`,
         a `tojson` that does not escape HTML, and bos_token/eos_token/unk_token/pad_token set from the
-        vocabulary. Extra keyword arguments (tools=..., documents=..., enable_thinking=...) become
+        vocabulary, rendered within a time and size limit (formats/chat_template.py: ChatTemplateError). Extra keyword arguments (tools=..., documents=..., enable_thinking=...) become
         template variables.
         """
         if not self.chat_template:
             raise ValueError("this GGUF has no tokenizer.chat_template to render")
         if self._template is None:
-            self._template = _compile_chat_template(self.chat_template)
+            self._template = compile_chat_template(self.chat_template, f"{self.source}: tokenizer.chat_template")
         variables: dict[str, Any] = {"tools": None, "documents": None}
         for name, token_id in (("bos_token", self.bos_id), ("eos_token", self.eos_id),
                                ("unk_token", self.unk_id), ("pad_token", self.pad_id)):
@@ -663,39 +733,3 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
-
-
-def _compile_chat_template(source: str):
-    """Compile a chat template as transformers does (its _compile_jinja_template)."""
-    from datetime import datetime
-
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationTag(Extension):
-        # transformers marks assistant spans with {% generation %}...{% endgeneration %}; render the body
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt):
-        return datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    return env.from_string(source)

@@ -196,6 +196,122 @@ class ModelWeights:
             yield self.output
 
 
+def expected_tensors(f: GGUFFile, cfg: ModelConfig) -> dict[str, tuple[bool, tuple[tuple[int, ...], ...]]]:
+    """name -> (required, the shapes it may have, NumPy order) of every tensor the loader below
+    reads for cfg, by llama.cpp's names. A layer's variant (routed experts or a dense FFN; a
+    hybrid's attn_qkv or legacy ssm_in, ssm_beta or ssm_ba) follows what the file holds, as
+    load_weights does; widths the metadata leaves at 0 come from the file's own tensors."""
+    E, H, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.head_dim
+    want: dict[str, tuple[bool, tuple[tuple[int, ...], ...]]] = {}
+
+    def need(name, *shapes, required=True):
+        want[name] = (required, shapes)
+
+    def rows(name, configured):  # a width: the metadata's, else the tensor's own (0 when absent)
+        return configured or (f.info(name).shape[-2] if name in f and len(f.info(name).shape) >= 2 else 0)
+
+    need("token_embd.weight", (cfg.n_vocab, E))
+    need("output_norm.weight", (E,))
+    # absent: the head is token_embd (tied), where llama.cpp allows it (ArchFlags.tied_output)
+    need("output.weight", (cfg.n_vocab, E), required=not cfg.flags.tied_output)
+    need("rope_freqs.weight", (cfg.n_rot // 2,), required=False)
+    q_rows = 2 * H * D if cfg.flags.gated_attention else H * D
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        need(p + "attn_norm.weight", (E,))
+        need(p + ("post_attention_norm.weight" if cfg.flags.hybrid else "ffn_norm.weight"), (E,))
+        if cfg.layer_types[i] == LINEAR_ATTENTION:
+            _expect_gated_delta_net(f, cfg, p, need)
+        else:
+            for part, n in (("attn_q", q_rows), ("attn_k", Hkv * D), ("attn_v", Hkv * D)):
+                need(p + part + ".weight", (n, E))
+                if cfg.flags.qkv_bias:
+                    need(p + part + ".bias", (n,), required=False)
+            need(p + "attn_output.weight", (E, H * D))
+            if cfg.flags.qk_norm:
+                full = cfg.flags.qk_norm == "full"
+                need(p + "attn_q_norm.weight", (H * D if full else D,))
+                need(p + "attn_k_norm.weight", (Hkv * D if full else D,))
+        if p + "ffn_gate_inp.weight" in f or cfg.flags.requires_moe:
+            X, n_exp = cfg.n_expert, rows(p + "ffn_gate_exps.weight", cfg.n_ff_exp)
+            need(p + "ffn_gate_inp.weight", (X, E))
+            need(p + "ffn_gate_exps.weight", (X, n_exp, E))
+            need(p + "ffn_up_exps.weight", (X, n_exp, E))
+            need(p + "ffn_down_exps.weight", (X, E, n_exp))
+            if cfg.flags.shared_expert:
+                n_sh = rows(p + "ffn_gate_shexp.weight", cfg.n_ff_shexp)
+                need(p + "ffn_gate_shexp.weight", (n_sh, E))
+                need(p + "ffn_up_shexp.weight", (n_sh, E))
+                need(p + "ffn_down_shexp.weight", (E, n_sh))
+                need(p + "ffn_gate_inp_shexp.weight", (E,), (1, E), required=False)
+        else:
+            n_ff = rows(p + "ffn_gate.weight", cfg.n_ff)
+            need(p + "ffn_gate.weight", (n_ff, E))
+            need(p + "ffn_up.weight", (n_ff, E))
+            need(p + "ffn_down.weight", (E, n_ff))
+    return want
+
+
+def _expect_gated_delta_net(f: GGUFFile, cfg: ModelConfig, p: str, need) -> None:
+    """A linear-attention layer's tensors for expected_tensors (see _load_gated_delta_net)."""
+    d, E = cfg.linear, cfg.n_embd
+    if p + "ssm_in.weight" in f and p + "attn_qkv.weight" not in f:  # older qwen3next files
+        need(p + "ssm_in.weight", (d.n_k_heads * (2 * d.k_head_dim) + 2 * d.value_dim, E))
+    else:
+        need(p + "attn_qkv.weight", (d.conv_dim, E))
+        need(p + "attn_gate.weight", (d.value_dim, E))
+    if p + "ssm_ba.weight" in f and p + "ssm_beta.weight" not in f:
+        need(p + "ssm_ba.weight", (2 * d.n_v_heads, E))
+    else:
+        need(p + "ssm_beta.weight", (d.n_v_heads, E))
+        need(p + "ssm_alpha.weight", (d.n_v_heads, E))
+    need(p + "ssm_conv1d.weight", (d.conv_dim, d.conv_kernel))
+    need(p + "ssm_dt.bias", (d.n_v_heads,))
+    need(p + "ssm_a", (d.n_v_heads,))
+    need(p + "ssm_norm.weight", (d.v_head_dim,))
+    need(p + "ssm_out.weight", (E, d.value_dim))
+
+
+def check_tensor_set(f: GGUFFile, cfg: ModelConfig) -> None:
+    """The file's tensors are exactly what the architecture reads, each of the shape the metadata
+    gives, or a GGUFError naming the tensor and expected vs found. llama.cpp refuses a file with
+    tensors it did not use too (llama_model_loader::done_getting_tensors: "wrong number of
+    tensors"): an extra tensor means the metadata (block_count) or the names (a renamed
+    output.weight, which would otherwise fall back to the tied embedding) are not what the file
+    was written with. MTP blocks (nextn_predict_layers, after the trunk) are not run: any tensor
+    of theirs is allowed."""
+    want = expected_tensors(f, cfg)
+    n_blocks = cfg.n_layer + cfg.n_nextn
+    mtp = tuple(f"blk.{i}." for i in range(cfg.n_layer, n_blocks))
+    extra = sorted(n for n in f.tensors if n not in want and not n.startswith(mtp))
+    beyond = [n for n in extra if _block_index(n) is not None and _block_index(n) >= n_blocks]
+    if beyond:
+        raise GGUFError(f"{f.path}: metadata {cfg.arch}.block_count is {n_blocks} (blocks 0..{n_blocks - 1}), "
+                        f"but the file holds tensors of block {max(map(_block_index, beyond))} "
+                        f"({len(beyond)} beyond the count, e.g. {beyond[0]})")
+    missing = [n for n, (required, _) in want.items() if required and n not in f]
+    if missing:
+        last = max((_block_index(n) for n in f.tensors if _block_index(n) is not None), default=-1)
+        hint = (f"; metadata block_count is {n_blocks} but the file's blocks end at {last}"
+                if last < cfg.n_layer - 1 else "")
+        raise GGUFError(f"{f.path}: tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+                        f"not found ({len(missing)} missing, needed by {cfg.arch}){hint}")
+    if extra:
+        raise GGUFError(f"{f.path}: unexpected tensor(s) {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} "
+                        f"({len(extra)}): {cfg.arch} with this metadata does not use them (llama.cpp refuses "
+                        f"files with unused tensors too)")
+    for name, (_, shapes) in want.items():
+        if name in f and f.info(name).shape not in shapes:
+            raise GGUFError(f"{f.path}: tensor {name} has shape {list(f.info(name).shape)}, expected "
+                            f"{' or '.join(str(list(s)) for s in shapes)} from the model's metadata")
+
+
+def _block_index(name: str) -> int | None:
+    """N of a blk.N.* tensor name (None: not a block tensor, or N is not a number)."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit() else None
+
+
 def load_weights(f: GGUFFile, cfg: ModelConfig, dequantize_resident: bool | None = None,
                  threads: int | None = None, backend: str = "auto", copy: bool = False,
                  stream_ffn: bool = False, layers: range | None = None, ends: bool = True) -> ModelWeights:

@@ -17,6 +17,7 @@ from ..formats.gguf_file import GGUFFile
 from ..formats.tokenizer import Tokenizer
 from ..model.config import ModelConfig
 from ..model.forward import PREFILL_BATCH, Model
+from ..model.weights import check_tensor_set
 from ..observe.profiler import Profiler
 from ..observe.routing import parse_routing
 from ..stream.budget import MemoryPlan, plan_memory, release_metadata_arrays, release_parsed_fields
@@ -130,9 +131,12 @@ class Engine:
         f = GGUFFile(path)
         try:
             release_parsed_fields(f)  # the largest part of the parse goes first (engine/stream/budget.py)
+            # the vocabulary first: the config's n_vocab is its token count, so a malformed
+            # tokenizer.ggml.tokens is named as that, not as a missing vocab_size
+            tokenizer = Tokenizer.from_metadata(f.metadata, source=str(path))
             cfg = opts.model_config(ModelConfig.from_metadata(f.metadata, source=str(path)))
-            tokenizer = Tokenizer.from_metadata(f.metadata)
             release_metadata_arrays(f)  # the tokenizer has the vocabulary: the parse's arrays go (budget.py)
+            check_tensor_set(f, cfg)  # before anything sizes memory or reads by these names
             if distributed is not None:  # pipeline stages on Ray: engine/runtime/distributed.py
                 from .distributed import load_distributed
 
@@ -223,10 +227,9 @@ class Engine:
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32[n, n_vocab]: the logits after each of token_ids (a fresh sequence)."""
-        ids = np.asarray(token_ids, dtype=np.int64)
-        if ids.ndim != 1 or len(ids) == 0:
+        if not isinstance(token_ids, (list, tuple, np.ndarray)) or np.ndim(token_ids) != 1 or len(token_ids) == 0:
             raise ValueError("logits: token_ids must be a non-empty 1-D sequence")
-        return self._forward_all(ids)
+        return self._forward_all(np.asarray(self._checked_ids(token_ids, "logits"), dtype=np.int64))
 
     def perplexity(self, text: str, n_ctx: int = 512, progress=None) -> float:
         """Perplexity as llama-perplexity computes it: the text's tokens cut into non-overlapping
@@ -272,16 +275,20 @@ class Engine:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special=add_special)
         elif isinstance(prompt, (list, tuple, np.ndarray)):
-            ids = list(prompt)
-            bad = next((t for t in ids if not is_int(t) or not 0 <= t < self.config.n_vocab), None)
-            if bad is not None:
-                raise ValueError(f"generate: token ids must be integers in [0, {self.config.n_vocab}), got {bad!r}")
-            ids = [int(t) for t in ids]
+            ids = self._checked_ids(prompt, "generate")
         else:
             raise TypeError(f"generate: the prompt must be a string or a sequence of token ids, got {type(prompt).__name__}")
         if not ids:
             raise ValueError("generate: empty prompt")
         return ids
+
+    def _checked_ids(self, token_ids: Sequence, what: str) -> list[int]:
+        """token_ids as ints, each checked to be an integer id of the model's vocabulary (a float
+        or an id out of range used to be truncated or index past the embedding)."""
+        bad = next((t for t in token_ids if not is_int(t) or not 0 <= t < self.config.n_vocab), None)
+        if bad is not None:
+            raise ValueError(f"{what}: token ids must be integers in [0, {self.config.n_vocab}), got {bad!r}")
+        return [int(t) for t in token_ids]
 
     def generate_tokens(self, prompt: str | Sequence[int], max_new_tokens: int = 128, add_special: bool = True,
                         **sampling) -> Iterator[int]:

@@ -3,9 +3,11 @@ made and resolved against the model in one place (`resolved`), so that Engine.lo
 stage and the CLI mean the same thing by the same option."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 from ..model.config import ModelConfig
+from ..stream.budget import parse_size
 from ..stream.policies import CACHE_POLICIES, PAGE_CACHE
 
 STREAM_MODES = ("none", "experts", "ffn", "auto")
@@ -49,6 +51,8 @@ class LoadOptions:
                 raise ValueError(f"Engine.load: {name} must be a positive integer, got {value!r}")
         if not isinstance(self.io_threads, int) or self.io_threads < 1:
             raise ValueError(f"Engine.load: io_threads must be a positive integer, got {self.io_threads!r}")
+        if self.memory_budget is not None:
+            _check_budget(self.memory_budget)
 
     @classmethod
     def from_kwargs(cls, **options) -> "LoadOptions":
@@ -90,3 +94,18 @@ class LoadOptions:
         if self.cache_policy == PAGE_CACHE or self.io == "buffered":
             return "buffered"
         return "direct" if self.io == "direct" or direct_possible else "buffered"
+
+
+def _check_budget(budget) -> None:
+    """A memory budget is a positive byte count (an int, a finite float) or a size string ("3GiB");
+    inf, NaN, 0 or a negative count used to fail deep inside the planner (OverflowError) or be
+    planned with."""
+    bad = isinstance(budget, bool) or (isinstance(budget, float) and not math.isfinite(budget))
+    if not bad:
+        try:
+            bad = parse_size(budget) <= 0
+        except (TypeError, ValueError):
+            bad = True
+    if bad:
+        raise ValueError(f"Engine.load: memory_budget must be a positive size (bytes, or e.g. \"3GiB\"), "
+                         f"got {budget!r}")
