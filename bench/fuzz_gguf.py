@@ -6,7 +6,8 @@ Same cases (derandomized hypothesis; the first 400 are the CI run's), same worke
 classes (tests/gguf_fuzz.py). Prints the count per class, then every case that counts against the
 reader (a crash, hang, raw error, memory blow-up or silent load on a structurally invalid file)
 and the value-level findings (structurally valid files: poisoned values, for the config/weights
-validation). Exit status 1 if anything counts against the reader.
+validation). Exit status 1 if anything counts against the reader, or if any file (structurally
+valid or not) gave a raw error, a memory blow-up, a crash or a hang.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.gguf_fuzz
 
-from tests.gguf_fuzz import counts, failures, fuzz, value_findings  # noqa: E402
+from tests.gguf_fuzz import FAILING, counts, failures, fuzz, value_findings  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -51,7 +52,8 @@ def main(argv=None) -> int:
         rows = lambda rs: [{"class": r.cls, "case": r.case.describe(), "msg": r.msg} for r in rs]  # noqa: E731
         args.json.write_text(json.dumps({"cases": len(results), "seconds": round(took), "counts": c,
                                          "against_reader": rows(bad), "value_level": rows(values)}, indent=1))
-    return 1 if bad else 0
+    broke = [r for r in values if r.cls in FAILING]  # a raw error, blow-up, crash or hang on any file
+    return 1 if bad or broke else 0
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ class ExpertIndexError(WeightstreamError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class ContextFullError(WeightstreamError, RuntimeError):
-    """The tokens asked for do not fit the context (n_ctx) the model was loaded with."""
+class ContextFullError(WeightstreamError, RuntimeError, ValueError):
+    """The tokens asked for do not fit the context (n_ctx) the model was loaded with (a ValueError
+    too where the caller's arguments asked for more than the context holds)."""
 
 
 class RoutingTraceError(WeightstreamError, ValueError):

@@ -13,6 +13,7 @@ import numpy as np
 
 from ...kernels import check_threads
 from ...kernels.backends import BACKENDS
+from ..errors import ContextFullError
 from ..formats.gguf_file import GGUFFile
 from ..formats.tokenizer import Tokenizer
 from ..model.config import ModelConfig
@@ -304,7 +305,8 @@ class Engine:
         sampler = Sampler(SamplingParams(**sampling))
         ids = self._prompt_ids(prompt, add_special)
         if len(ids) + max_new_tokens > model.n_ctx:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed n_ctx={model.n_ctx}")
+            raise ContextFullError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
+                                   f"exceed n_ctx={model.n_ctx}")
         self._sequence += 1
         sequence = self._sequence
         stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
