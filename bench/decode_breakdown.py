@@ -3,10 +3,10 @@
     python bench/decode_breakdown.py MODEL.gguf [--steps 16] [--threads 2] [--blas-pool]
 
 After a 16-token prefill and two warm-up steps, `--steps` single-token forward passes run under
-cProfile; the step's time is split into the routed experts (expert_batch / expert_ffn, kernels
-included), the fused matmuls of the resident quantized weights (attention or linear-attention
-projections, shared experts, the head: KernelCache.matmul), F32 matmuls through NumPy (routers:
-Linear.__call__'s own time), routing (router + softmax + top-k), the Gated DeltaNet layer's own
+cProfile; the step's time is split into the routed experts (fused_experts / expert_batch /
+expert_ffn, kernels included), the fused matmuls of the resident quantized weights (attention or
+linear-attention projections, shared experts, the head, and the F32 routers: KernelCache.matmul),
+F32 matmuls through NumPy (where no float kernel: Linear.__call__'s own time), routing (router + softmax + top-k), the Gated DeltaNet layer's own
 time (conv, delta rule, gated norm; hybrids), and the output head. cProfile adds its own cost per
 Python call, so the profiled ms/token is a little above an unprofiled run's.
 
@@ -51,7 +51,7 @@ def breakdown(model: str, steps: int = 16, threads: int = 2, blas_pool: bool = F
     return {
         "model": model, "threads": threads, "blas_pool": blas_pool, "ms_per_token": wall_ms,
         "layers": ms(lambda f, _, n: n == "run_layers", True),
-        "experts": ms(lambda f, _, n: n in ("expert_batch", "expert_ffn"), True),
+        "experts": ms(lambda f, _, n: n in ("fused_experts", "expert_batch", "expert_ffn"), True),
         "quantized_matmuls": ms(lambda f, _, n: n == "matmul" and f.endswith("backends.py")),
         "f32_matmuls": ms(lambda f, _, n: n == "__call__" and f.endswith("weights.py")),
         "routing": ms(lambda f, _, n: n == "route", True),
