@@ -236,7 +236,7 @@ def moe_engine(tmp_path_factory):
     path = moe_gguf_file("qwen3moe", tmp_path_factory.mktemp("moe"))
     with Engine.load(path, stream="experts", n_ctx=128, n_batch=16) as eng:
         plan = eng.plan
-    budget = plan.resident + plan.kv_cache + plan.work + 4 * plan.slot_bytes  # 4 of 2 layers x 8 experts fit
+    budget = plan.host + plan.resident + plan.kv_cache + plan.work + 4 * plan.slot_bytes  # 4 of 2 layers x 8 experts fit
     with Engine.load(path, n_ctx=128, n_batch=16, memory_budget=budget, threads=1, profile=True) as eng:
         assert eng.store is not None and eng.store.n_slots == 4
         yield eng
@@ -270,7 +270,7 @@ def test_metrics_under_a_memory_budget(moe_engine):
     assert m["weightstream_read_gbps"] > 0 and m["weightstream_time_to_first_token_seconds_count"] == 1
     layers = {int(k.split('"')[1]): v for k, v in m.items() if k.startswith("weightstream_layer_hit_rate{")}
     assert sorted(layers) == list(range(moe_engine.config.n_layer))
-    assert stats["generation"]["decode_tokens"] == 23  # the profiler's records are this generation's
+    assert stats["generation"]["decode_passes"] == 23  # the profiler's records are this generation's
     assert stats["experts"]["hits"] == x["hits"] and stats["memory"]["budget"] == moe_engine.plan.budget
 
 

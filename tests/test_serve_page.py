@@ -51,7 +51,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def engine(demo_model):
-    with Engine.load(demo_model, n_ctx=512, memory_budget="90MiB", prefetch="lookahead", threads=1,
+    with Engine.load(demo_model, n_ctx=512, memory_budget="104MiB", prefetch="lookahead", threads=1,
                      profile=True) as eng:
         assert eng.store is not None  # the FFNs stream: the figures have something to show
         yield eng
@@ -66,7 +66,7 @@ def test_page_streams_an_answer_and_its_figures(browser, engine, tmp_path):
         worker = app.state.worker
         browser.get(url + "/")
         wait_for(lambda: "SmolLM2" in text(browser, "model"), what="the page's first poll of /v1/stats")
-        assert "90 MiB" in text(browser, "memory") and text(browser, "f-state") == "idle"
+        assert "104 MiB" in text(browser, "memory") and text(browser, "f-state") == "idle"
         assert text(browser, "f-hit") == "–" and not browser.find_elements("css selector", "#layers .bar")
 
         max_tokens = browser.find_element("id", "max-tokens")

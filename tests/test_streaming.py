@@ -175,7 +175,7 @@ def test_profile_cli_writes_trace_plots_and_json(moe_gguf, tmp_path, capsys):
                "--trace", str(tmp_path / "t.json"), "--plot", str(tmp_path / "p.png"), "--json", str(tmp_path / "s.json")])
     assert rc == 0
     err = capsys.readouterr()
-    assert "found in memory" in err.out and "Belady" in err.out
+    assert "hit rate" in err.out and "Belady" in err.out
     trace = json.loads((tmp_path / "t.json").read_text())
     assert any(e.get("ph") == "X" for e in trace["traceEvents"])
     summary = json.loads((tmp_path / "s.json").read_text())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-_PROFILE_KEYS = ("hit_rate", "stall_ms_per_token", "bytes_per_token", "read_gbps_wall", "decode_tokens",
+_PROFILE_KEYS = ("hit_rate", "stall_ms_per_token", "bytes_per_token", "read_gbps_wall", "decode_passes",
                  "hit_rate_per_layer")
 
 
