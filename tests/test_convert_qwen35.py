@@ -15,7 +15,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
-safetensors = pytest.importorskip("safetensors")
+pytest.importorskip("safetensors")
 import safetensors.numpy  # noqa: E402
 import safetensors.torch  # noqa: E402
 
