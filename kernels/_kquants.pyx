@@ -285,7 +285,7 @@ cdef void _moe_decode_core(const float *h, const uint8_t **wgu, int qgu, const u
     cdef int64_t bbgu = ws_block_bytes(qgu), bbd = ws_block_bytes(qd)
     cdef int64_t ngu = (ff + _WR - 1) // _WR, nd = (E + _WR - 1) // _WR
     cdef int64_t nch = (E + 63) // 64  # the weighted sum in chunks of 64 columns
-    cdef int64_t r, j, t, i0, c, c0, c1
+    cdef int64_t r, j, t, i0, c, c0, c1, col
     cdef int8_t *qa = qs + E           # the activation rows' Q8_K, after h's
     cdef float *da = dq + nbe
     cdef float *fa = fb + 16 * nbe
@@ -315,8 +315,8 @@ cdef void _moe_decode_core(const float *h, const uint8_t **wgu, int qgu, const u
         for c in prange(nch, schedule="static"):  # out = sum over t in order of w_t * y_t
             c0 = c * 64
             c1 = min(c0 + 64, E)
-            for t in range(c1 - c0):
-                out[c0 + t] = 0
+            for col in range(c0, c1):
+                out[col] = 0
             for t in range(k):
                 if bad[1 + t]:
                     ws_nan_rows(bad + 1 + t, 1, y + t * E + c0, c1 - c0, c1 - c0)

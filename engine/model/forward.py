@@ -312,25 +312,23 @@ class Model:
             ys[e] = y[j:j + 1]
         return True
 
-    def fused_experts(self, batch, h: np.ndarray, ids: np.ndarray, weights: np.ndarray,
-                      slots: np.ndarray, out: np.ndarray) -> bool:
+    def fused_experts(self, batch, h: np.ndarray, used_weights: np.ndarray, slots: np.ndarray,
+                      out: np.ndarray) -> bool:
         """Decode, every routed expert in one batch: gate/up, SwiGLU, down and the weighted sum
         into out (float32[1, n_embd]) in one kernel call (the kernels' moe_decode_into, one
         parallel region, no Python between experts), with the bits expert_batch and moe()'s sum
-        give (the experts taken in ascending id, as that sum). ids, weights: the token's k
-        routed experts and their weights (int64[k], float32[k]); slots: float32[k, n_embd]
-        scratch. False (nothing done) where the kernel or the types do not allow it."""
-        batch = sorted(batch, key=lambda item: item[0])
+        give (the experts taken in ascending id, as that sum). used_weights: float32[k], the
+        experts' weights in ascending id; slots: float32[k, n_embd] scratch. False (nothing
+        done) where the kernel or the types do not allow it."""
+        batch = sorted(batch, key=lambda item: item[0])  # the store yields them as they arrive
         gates, ups, downs = zip(*(parts for _, parts in batch))
         tg, td = gates[0].qtype, downs[0].qtype
         fused = self.kernel.moe_kernel(tg, td)
         if fused is None or not all(g.qtype == tg and u.qtype == tg and d.qtype == td
                                     for g, u, d in zip(gates, ups, downs)):
             return False
-        weight_of = dict(zip(ids.tolist(), weights.tolist()))
-        w = np.array([weight_of[e] for e, _ in batch], dtype=np.float32)  # [k], ascending ids
         fused(h, [g.data for g in gates], [u.data for u in ups], [d.data for d in downs], int(tg), int(td),
-              w, slots[:len(batch)], out, self.kernel_threads)
+              used_weights, slots[:len(batch)], out, self.kernel_threads)
         return True
 
     def streamed_ffn(self, i: int, h: np.ndarray, ahead: np.ndarray | None = None) -> np.ndarray:
@@ -376,7 +374,11 @@ class Model:
         positions: int64[n], the tokens' positions (a routing source chooses by position)."""
         ids, weights = self.route(moe, h, i, positions)
         one = len(h) == 1  # decode: every expert sees the one token; no row selection needed
-        used = np.sort(ids[0]) if one else np.unique(ids)
+        if one:  # the token's experts in ascending id (the summing order) and their weights
+            order = np.argsort(ids[0])
+            used, used_weights = ids[0][order], weights[0][order]
+        else:
+            used = np.unique(ids)
         ys = {}  # expert -> its output on the tokens routed to it, computed as the experts arrive
         # decode: the outputs go to the workspace, one row each in arrival order; prefill: each
         # expert's rows are new arrays (n_batch * k rows held would be mostly idle)
@@ -388,7 +390,7 @@ class Model:
                 self.prefetcher.on_residual(i, ahead)
                 ahead = None
             if one and len(batch) == len(used) and self.observer is None and self.fused_experts(
-                    batch, h, ids[0], weights[0], slots, out):
+                    batch, h, used_weights, slots, out):
                 summed = True
                 continue
             if one and len(batch) > 1 and self.observer is None and self.expert_batch(batch, h, ys, slots):
@@ -400,10 +402,9 @@ class Model:
                     ys[e] = self.expert_ffn(*parts, h[np.any(ids == e, axis=1)], (i, e))
         if one and not summed:  # the same sums as below, in the same order, without the index arithmetic
             out.fill(0)
-            weight_of = dict(zip(ids[0].tolist(), weights[0]))
-            for e in used.tolist():
+            for e, w in zip(used.tolist(), used_weights):
                 y = ys[e]  # its slot: scaled in place, it is not used again
-                out += np.multiply(y, weight_of[e], out=y)
+                out += np.multiply(y, w, out=y)
         elif not one:
             out.fill(0)
             for e in used.tolist():  # summed in a fixed order: arrival order must not change the bits
