@@ -249,6 +249,16 @@ class GGUFFile:
                 finally:
                     os.close(fd)
 
+    def release_parse(self) -> None:
+        """Drop gguf's parsed fields (GGUFReader.fields: every array element as its own NumPy views,
+        ~45 MiB for a 49k-token vocabulary with its merges) and tensor records (.tensors: their
+        fields' views): self.metadata and self.tensors hold their values, and nothing here reads
+        them after opening. What needs each key's GGUF type (quantize's metadata copy) must read
+        them before (engine/stream/budget.py release_parsed_fields calls this in Engine.load)."""
+        for reader in self._readers:
+            reader.fields = type(reader.fields)()
+            reader.tensors = type(reader.tensors)()
+
     def close(self) -> None:
         self._arrays.clear()
         for r in self._readers:

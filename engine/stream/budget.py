@@ -136,17 +136,10 @@ def host_bytes(cfg: ModelConfig) -> int:
 
 
 def release_parsed_fields(f: GGUFFile) -> None:
-    """Drop gguf's parsed fields (GGUFReader.fields: every array element as its own NumPy views,
-    ~45 MiB for a 49k-token vocabulary with its merges) and tensor records (.tensors: their
-    fields' views, which pin ~16 MiB of the freed heap among them) once f.metadata and f.tensors
-    hold their values: the largest part of the parse, freed before the tokenizer's build allocates
-    on top of it. GGUFFile reads neither after opening; until it drops them itself (a hook asked of
-    engine/formats/gguf_file.py's owner) they are cleared here, and a reader without them is left
-    alone."""
-    for reader in getattr(f, "_readers", ()):
-        for name in ("fields", "tensors"):
-            if getattr(reader, name, None):
-                setattr(reader, name, type(getattr(reader, name))())
+    """Free the largest part of the parse (GGUFFile.release_parse: gguf's per-element views of
+    every array and its tensor records) before the tokenizer's build allocates on top of it, and
+    hand the heap back to the operating system."""
+    f.release_parse()
     gc.collect()  # the parts hold reference cycles through their fields
     _malloc_trim()
 
