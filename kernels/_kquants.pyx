@@ -32,7 +32,6 @@ weight scale (d, dmin) reaches the float products, an Inf one is made NaN where 
 """
 
 from cython.parallel cimport parallel, prange
-from libc.math cimport rintf, fabsf
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uintptr_t
 
 import numpy as np
@@ -60,8 +59,14 @@ cdef extern from "kquants_simd.h" nogil:
         const float *fb
         int64_t qx_stride, dx_stride, fb_stride
     bint WS_KQ_PERMUTED(int qtype)
+    void ws_kq_scales(int qtype, const uint8_t *w, int64_t nblocks, float *dm)
     void ws_kq_rows(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a, int nr,
-                    float *accbuf, int first, int last, float *out, int64_t ostride)
+                    const float *dm, float *accbuf, int first)
+    void ws_kq_reduce16(const float *v, int64_t vstride, int m, float *out)
+
+# Q8_K quantization of an activation row (kernels/csrc/q8k_simd.h)
+cdef extern from "q8k_simd.h" nogil:
+    int ws_quantize_row_q8k(const float *x, int64_t nb, int8_t *qs, float *d, float *fb, int permuted)
 
 # SwiGLU and the weighted sum of the fused MoE call (kernels/csrc/ops_simd.h, shared with _ops)
 cdef extern from "ops_simd.h" nogil:
@@ -131,68 +136,63 @@ def _tuning(wr=None, l1_act=None, l1_max=None):
     return _WR, _L1_ACT, _L1_MAX
 
 
-cdef uint8_t _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, float *fb,
-                                bint permuted) noexcept nogil:
-    """ggml's quantize_row_q8_K_ref: per 256, the value of largest magnitude (first on ties) maps to
-    -127, q = nearest_int(iscale * x) (round half to even), capped at 127; d = 1 / iscale.
-    With ``permuted``, each block's quants are stored in the kernel's order (WS_KQ_PERMUTED).
-    Returns 1 when the row holds a NaN or an Inf (which the int8 quants lose; see ws_nan_rows)."""
-    cdef int64_t b, j, k
-    cdef const float *xb
-    cdef int8_t *qb
-    cdef int8_t tmp[QK_K]
-    cdef float amax, ax, vmax, iscale, db
-    cdef int v
-    cdef int32_t s
-    cdef float nf = 0    # sum of x - x: +0 while all finite, NaN after a NaN or Inf (no -ffast-math)
-    for b in range(nb):
-        xb = x + QK_K * b
-        qb = &tmp[0] if permuted else qs + QK_K * b
-        amax = 0
-        vmax = 0
-        for j in range(QK_K):
-            ax = fabsf(xb[j])
-            nf = nf + (xb[j] - xb[j])
-            if ax > amax:
-                amax = ax
-                vmax = xb[j]
-        if amax == 0:
-            d[b] = 0
-            for j in range(QK_K):
-                qs[QK_K * b + j] = 0
-            for k in range(16):
-                fb[16 * b + k] = 0
-            continue
-        iscale = <float>(-127.0) / vmax     # float division, as the C reference
-        for j in range(QK_K):
-            v = <int>rintf(iscale * xb[j])
-            qb[j] = <int8_t>(v if v < 127 else 127)
-        db = <float>1.0 / iscale
-        d[b] = db
-        for k in range(16):
-            s = 0
-            for j in range(16):
-                s = s + qb[16 * k + j]
-            fb[16 * b + k] = db * <float>s
-        if permuted:   # element 128h + 32j + l -> position 64j + 32h + l
-            for j in range(QK_K):
-                qs[QK_K * b + 64 * ((j // 32) % 4) + 32 * (j // 128) + j % 32] = qb[j]
-    return nf != nf
+cdef inline int64_t _scratch_floats(int64_t nb) noexcept nogil:
+    """Floats of one thread's _group scratch for rows of nb blocks: the partial sums
+    [_WR][WS_KQ_NRMAX][16], then the block scales [_WR nb][2] + 16 (ws_kq_scales writes groups of
+    8 blocks), rounded up to 16 floats so every thread's part stays 64-byte aligned."""
+    return (_WR * 16 * WS_KQ_NRMAX + 2 * _WR * nb + 16 + 15) // 16 * 16
+
+
+def _thread_scratch(int threads, int64_t nb):
+    """float32[threads * _scratch_floats(nb)], 64-byte aligned: each thread's _group scratch."""
+    return _aligned(4 * threads * _scratch_floats(nb), np.float32)
+
+
+cdef inline uint8_t _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, float *fb,
+                                       bint permuted) noexcept nogil:
+    """ggml's quantize_row_q8_K_ref on one row of nb blocks, plus fb = d * bsum per 16
+    (kernels/csrc/q8k_simd.h). With ``permuted``, each block's quants are stored in the kernel's
+    order (WS_KQ_PERMUTED). Returns 1 when the row holds a NaN or an Inf (see ws_nan_rows)."""
+    return <uint8_t>ws_quantize_row_q8k(x, nb, qs, d, fb, permuted)
+
+
+def quantize_q8_k_into(const float[:, ::1] x, bint permuted=False):
+    """The kernels' own Q8_K of x: float32[n, cols] (cols a multiple of 256), for tests:
+    (qs int8[n, cols], d float32[n, nb], fb float32[n, 16 nb], bad uint8[n])."""
+    cdef int64_t n = x.shape[0], cols = x.shape[1], r
+    if cols % QK_K:
+        raise ValueError(f"quantize_q8_k_into: {cols} columns, not a multiple of {QK_K}")
+    cdef int64_t nb = cols // QK_K
+    qs_arr, d_arr = np.zeros((n, cols), np.int8), np.zeros((n, nb), np.float32)
+    fb_arr, bad_arr = np.zeros((n, 16 * nb), np.float32), np.zeros(n, np.uint8)
+    cdef int8_t[:, ::1] qs = qs_arr
+    cdef float[:, ::1] d = d_arr
+    cdef float[:, ::1] fb = fb_arr
+    cdef uint8_t[::1] bad = bad_arr
+    if n and nb:
+        for r in range(n):
+            bad[r] = _quantize_row_q8_k(&x[r, 0], nb, &qs[r, 0], &d[r, 0], &fb[r, 0], permuted)
+    return qs_arr, d_arr, fb_arr, bad_arr
 
 
 cdef void _group(int qtype, const uint8_t *w, int64_t i0, int64_t i1, int64_t row_bytes,
                  int64_t bb, int64_t n, int64_t rows, int64_t cols, const int8_t *qs,
-                 const float *dq, const float *fb, float *accbuf, float *out) noexcept nogil:
-    """Weight rows i0..i1 against all activation rows: tiles of up to WS_KQ_NRMAX (6) activation rows; each
-    tile in block ranges whose activations stay in L1 while the group's rows pass over them
-    (running sums in accbuf: 16 floats per (weight row, activation row))."""
+                 const float *dq, const float *fb, float *scratch, float *out) noexcept nogil:
+    """Weight rows i0..i1 against all activation rows: the rows' block scales as floats once
+    (ws_kq_scales), then tiles of up to WS_KQ_NRMAX (6) activation rows; each tile in block
+    ranges whose activations stay in L1 while the group's rows pass over them, the 16-lane
+    partial sums of each (weight row, activation row) in scratch, summed 16 weight rows at a time
+    (ws_kq_reduce16) when the tile's blocks are done. scratch: this thread's _scratch_floats(nb)."""
     cdef int64_t nb = cols // QK_K
-    cdef int64_t r0 = 0, b0, nbk, kc, i
-    cdef int nr
+    cdef int64_t r0 = 0, b0, nbk, kc, i, j0
+    cdef int nr, r
     cdef ws_kq_act act
+    cdef float *accbuf = scratch                       # [_WR][WS_KQ_NRMAX][16]
+    cdef float *dm = scratch + _WR * 16 * WS_KQ_NRMAX   # [(i1 - i0) nb][2] (+ 16)
     act.qx_stride = cols
     act.dx_stride = nb
     act.fb_stride = 16 * nb
+    ws_kq_scales(qtype, w + i0 * row_bytes, (i1 - i0) * nb, dm)
     while r0 < n:
         nr = <int>min(<int64_t>WS_KQ_NRMAX, n - r0)
         kc = nb
@@ -205,10 +205,15 @@ cdef void _group(int qtype, const uint8_t *w, int64_t i0, int64_t i1, int64_t ro
             act.dx = dq + r0 * nb + b0
             act.fb = fb + r0 * 16 * nb + 16 * b0
             for i in range(i0, i1):
-                ws_kq_rows(qtype, w + i * row_bytes + b0 * bb, nbk, &act, nr,
-                           accbuf + (i - i0) * 16 * WS_KQ_NRMAX, b0 == 0, b0 + nbk == nb,
-                           out + r0 * rows + i, rows)
+                ws_kq_rows(qtype, w + i * row_bytes + b0 * bb, nbk, &act, nr, dm + 2 * ((i - i0) * nb + b0),
+                           accbuf + (i - i0) * 16 * WS_KQ_NRMAX, b0 == 0)
             b0 = b0 + nbk
+        for r in range(nr):  # out[r0 + r, i0..i1]: contiguous, 16 weight rows per reduction tree
+            j0 = i0
+            while j0 < i1:
+                ws_kq_reduce16(accbuf + (j0 - i0) * 16 * WS_KQ_NRMAX + 16 * r, 16 * WS_KQ_NRMAX,
+                               <int>min(<int64_t>16, i1 - j0), out + (r0 + r) * rows + j0)
+                j0 = j0 + 16
         r0 = r0 + nr
 
 
@@ -218,13 +223,16 @@ cdef void _matmul_core(const float *x, const uint8_t *w, int qtype, float *out, 
     cdef int64_t nb = cols // QK_K
     cdef int64_t r, g, i0
     cdef int64_t ngroups = (rows + _WR - 1) // _WR
-    for r in prange(n, num_threads=threads, schedule="static"):
-        bad[r] = _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
-                           WS_KQ_PERMUTED(qtype))
+    if n == 1:  # decode: one row is a microsecond of work, not worth waking a team for
+        bad[0] = _quantize_row_q8_k(x, nb, qs, dq, fb, WS_KQ_PERMUTED(qtype))
+    else:
+        for r in prange(n, num_threads=threads, schedule="static"):
+            bad[r] = _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
+                                        WS_KQ_PERMUTED(qtype))
     for g in prange(ngroups, num_threads=threads, schedule="static"):
         i0 = g * _WR
         _group(qtype, w, i0, min(i0 + _WR, rows), nb * bb, bb, n, rows, cols, qs, dq, fb,
-               accbuf + openmp.omp_get_thread_num() * _WR * 16 * WS_KQ_NRMAX, out)
+               accbuf + openmp.omp_get_thread_num() * _scratch_floats(nb), out)
     ws_nan_rows(bad, n, out, rows, rows)
 
 
@@ -269,7 +277,7 @@ cdef void _matvec_many_core(const float *x, const uint8_t **w, int qtype, float 
         t = k // ngroups
         i0 = (k % ngroups) * _WR
         _group(qtype, w[t], i0, min(i0 + _WR, rows), nb * bb, bb, 1, rows, cols, qs + t * cols,
-               dq + t * nb, fb + t * 16 * nb, accbuf + openmp.omp_get_thread_num() * _WR * 16 * WS_KQ_NRMAX,
+               dq + t * nb, fb + t * 16 * nb, accbuf + openmp.omp_get_thread_num() * _scratch_floats(nb),
                out + t * rows)
     ws_nan_rows(bad, tasks, out, rows, rows)
 
@@ -291,7 +299,7 @@ cdef void _moe_decode_core(const float *h, const uint8_t **wgu, int qgu, const u
     cdef float *fa = fb + 16 * nbe
     cdef float *acc
     with parallel(num_threads=threads):
-        acc = accbuf + openmp.omp_get_thread_num() * _WR * 16 * WS_KQ_NRMAX
+        acc = accbuf + openmp.omp_get_thread_num() * _scratch_floats(max(nbe, nbf))
         # h once, in the gate/up type's order: every gate and up row group reads the same copy
         for r in prange(1, schedule="static"):
             bad[0] = _quantize_row_q8_k(h, nbe, qs, dq, fb, WS_KQ_PERMUTED(qgu))
@@ -324,7 +332,7 @@ cdef void _moe_decode_core(const float *h, const uint8_t **wgu, int qgu, const u
 
 
 def _aligned(nbytes, dtype=np.uint8):
-    """A 64-byte aligned uint8 / int32 buffer of nbytes (tile loads and zmm stores want it)."""
+    """A 64-byte aligned uint8 / int32 / float32 buffer of nbytes (tile loads and zmm stores want it)."""
     buf = np.empty(nbytes + 64, dtype=np.uint8)
     off = (-buf.ctypes.data) % 64
     return buf[off:off + nbytes].view(dtype)
@@ -381,9 +389,8 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
             _matmul_amx_q2k(&x[0, 0], &w[0, 0], &out[0, 0], n, rows, cols, &qs[0, 0], &dq[0, 0],
                             &fb[0, 0], &xact[0], &scratch[0], &cbuf[0], &bad[0], threads)
         return
-    # running sums of each thread's weight-row group (64-byte aligned rows of 16 floats)
-    acc_arr = np.empty(threads * _WR * 16 * WS_KQ_NRMAX + 16, dtype=np.float32)
-    cdef float[::1] acc = acc_arr[(-acc_arr.ctypes.data % 64) // 4:]
+    # each thread's partial sums and block scales (_group)
+    cdef float[::1] acc = _thread_scratch(threads, nb)
     with nogil:
         _matmul_core(&x[0, 0], &w[0, 0], qtype, &out[0, 0], n, rows, cols, bb,
                      &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], &bad[0], threads)
@@ -430,8 +437,7 @@ def matvec_many_into(const float[:, ::1] x, list ws, int qtype, float[:, ::1] ou
     cdef float[:, ::1] dq = np.empty((tasks, nb), dtype=np.float32)
     cdef float[:, ::1] fb = np.empty((tasks, 16 * nb), dtype=np.float32)
     cdef uint8_t[::1] bad = np.empty(tasks, dtype=np.uint8)   # row holds a NaN / Inf
-    acc_arr = np.empty(threads * _WR * 16 * WS_KQ_NRMAX + 16, dtype=np.float32)
-    cdef float[::1] acc = acc_arr[(-acc_arr.ctypes.data % 64) // 4:]
+    cdef float[::1] acc = _thread_scratch(threads, nb)
     with nogil:
         _matvec_many_core(&x[0, 0], <const uint8_t **>&pv[0], qtype, &out[0, 0], tasks, rows, cols, bb,
                           &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], &bad[0], threads)
@@ -493,8 +499,7 @@ def moe_decode_into(const float[:, ::1] h, list gates, list ups, list downs, int
     cdef float[:, ::1] gu = np.empty((2 * k, ff), dtype=np.float32)
     cdef float[:, ::1] act = np.empty((k, ff), dtype=np.float32)
     cdef uint8_t[::1] bad = np.zeros(1 + k, dtype=np.uint8)
-    acc_arr = np.empty(threads * _WR * 16 * WS_KQ_NRMAX + 16, dtype=np.float32)
-    cdef float[::1] acc = acc_arr[(-acc_arr.ctypes.data % 64) // 4:]
+    cdef float[::1] acc = _thread_scratch(threads, max(nbe, nbf))
     with nogil:
         _moe_decode_core(&h[0, 0], <const uint8_t **>&pv[0], qtype_gu, <const uint8_t **>&pv[2 * k], qtype_d,
                          &weights[0], k, E, ff, &qs[0], &dq[0], &fb[0], &gu[0, 0], &act[0, 0], &y[0, 0],

@@ -12,7 +12,14 @@ the reference these are tested against (tests/test_ops_cython.py).
     swiglu_into(gate, up, out)               out = silu(gate) * up
     attend_one(q, k_cache, v_cache, n_kv, scale, out, scratch, threads)
                                              one query position against n_kv cached positions
+    attention_decode(qkv, ...)               one token's attention block between its two
+                                             projections: Q/K norms, RoPE, the cache write,
+                                             attention, the output gate
     first_nonfinite_row(x)                   the first row holding a NaN or Inf, or -1
+    softmax_rows_into(x, out)                a router's probabilities, per row
+    topk_weights_into(probs, ids, weights, norm, choose)
+                                             a router's k experts by descending probability
+                                             (or given ids) and their weights
 
 The arithmetic of each row is in kernels/csrc/ops_simd.h, in loops the compiler vectorises (an
 exp of its own, SIMD reductions). RMSNorm sums squares in double (as ggml's rms_norm); the
@@ -31,6 +38,9 @@ cdef extern from "ops_simd.h" nogil:  # kernels/csrc/ops_simd.h: the rows' arith
     void ws_swiglu_row(const float *gate, const float *up, int64_t m, float *out)
     void ws_attend_head(const float *q, const float *k, const float *v, int64_t n_kv,
                         int64_t row_stride, int64_t hd, float scale, float *scores, float *out)
+    void ws_softmax_row(const float *x, int64_t n, float *out)
+    void ws_sigmoid_gate_row(float *out, const float *gate, int64_t n)
+    void ws_topk_row(const float *p, int64_t n, int64_t k, int64_t *ids)
 
 
 def _check(cond, msg):
@@ -143,3 +153,135 @@ def attend_one(const float[:, ::1] q, const float[:, :, ::1] k_cache, const floa
         g = h // group
         ws_attend_head(&q[h, 0], &k_cache[0, g, 0], &v_cache[0, g, 0], n_kv, stride, hd, scale,
                        &scratch[h, 0], &out[h, 0])
+
+
+def softmax_rows_into(const float[:, ::1] x, float[:, ::1] out):
+    """out[i] = softmax(x[i]) for each row (out may be x): a router's probabilities, one call
+    instead of NumPy's max, subtract, exp, sum and divide (each a temporary) per MoE layer."""
+    cdef Py_ssize_t n = x.shape[0], e = x.shape[1], i
+    _check(out.shape[0] == n and out.shape[1] == e,
+           f"softmax_rows_into: out is [{out.shape[0]}, {out.shape[1]}], x is [{n}, {e}]")
+    if e == 0:
+        return
+    with nogil:
+        for i in range(n):
+            ws_softmax_row(&x[i, 0], e, &out[i, 0])
+
+
+def topk_weights_into(const float[:, ::1] probs, int64_t[:, ::1] ids, float[:, ::1] weights,
+                      bint norm, bint choose=True):
+    """A router's choice per row of probs: float32[n, n_expert]. With choose, ids[i] (int64[n, k])
+    becomes the k experts of highest probability, highest first, ties to the lower id (NumPy's
+    stable argsort of -probs, cut at k; NaN last); without, ids holds the caller's choice
+    (a routing source's) and is only checked. weights[i, j] = probs[i, ids[i, j]], divided by
+    their sum (in j order) with norm. k * n_expert comparisons a row: no sort."""
+    cdef Py_ssize_t n = probs.shape[0], e = probs.shape[1], k = ids.shape[1], i, j
+    cdef float total
+    _check(ids.shape[0] == n and weights.shape[0] == n and weights.shape[1] == k,
+           f"topk_weights_into: probs [{n}, {e}], ids [{ids.shape[0]}, {k}], "
+           f"weights [{weights.shape[0]}, {weights.shape[1]}]")
+    _check(1 <= k <= e, f"topk_weights_into: k = {k} experts of {e}")
+    if not choose:
+        for i in range(n):
+            for j in range(k):
+                _check(0 <= ids[i, j] < e, f"topk_weights_into: expert id {ids[i, j]} (row {i}) outside [0, {e})")
+    with nogil:
+        for i in range(n):
+            if choose:
+                ws_topk_row(&probs[i, 0], e, k, &ids[i, 0])
+            total = 0
+            for j in range(k):
+                weights[i, j] = probs[i, ids[i, j]]
+                total = total + weights[i, j]
+            if norm:
+                for j in range(k):
+                    weights[i, j] = weights[i, j] / total
+
+
+def attention_decode(const float[:, ::1] qkv, Py_ssize_t heads, Py_ssize_t kv_heads, bint gated,
+                     q_norm, k_norm, bint norm_full, double eps, Py_ssize_t pos,
+                     const float[:, ::1] cos, const float[:, ::1] sin, int n_rot, bint neox,
+                     float[:, :, ::1] k_cache, float[:, :, ::1] v_cache, float scale,
+                     float[:, ::1] q, float[:, ::1] out, float[:, ::1] scratch, int threads=1):
+    """One decode token's attention between its QKV and output projections, in one call (the
+    per-call path of engine/model/forward.py makes ~10 calls and NumPy views for it, per layer):
+
+      q[h] = Q of head h (gated: the first half of the head's [q; gate] rows), K and V of the token
+      written to k_cache[pos] / v_cache[pos]; then Q and K RMS-normed (q_norm / k_norm: float32
+      weights per head_dim, or over the whole projection with norm_full; None: no norm) and
+      rotated by RoPE at pos (as rope_inplace); out[h] = attend_one's result over positions
+      0..pos; gated: out *= sigmoid(gate).
+
+    The same row functions as rms_norm_into, rope_inplace and attend_one, in the same order, so
+    the bits are theirs; the gate's sigmoid uses this module's exp (NumPy's differs by an ulp).
+    qkv: float32[1, (2 if gated else 1) * heads * hd + 2 * kv_heads * hd]; caches
+    float32[n_ctx, kv_heads, hd]; q, out: float32[heads, hd]; scratch: float32[heads, >= pos + 1];
+    cos / sin: float32[n_ctx, n_rot / 2]."""
+    cdef Py_ssize_t hd = k_cache.shape[2], h, g, j
+    cdef Py_ssize_t qw = (2 if gated else 1) * hd   # a head's rows in qkv
+    cdef Py_ssize_t kv0 = heads * qw, kvw = kv_heads * hd, n_kv = pos + 1, half = n_rot // 2
+    _check(kv_heads > 0 and heads % kv_heads == 0, f"attention_decode: {heads} query heads over {kv_heads} kv heads")
+    _check(qkv.shape[0] == 1 and qkv.shape[1] == kv0 + 2 * kvw,
+           f"attention_decode: qkv is [{qkv.shape[0]}, {qkv.shape[1]}], need [1, {kv0 + 2 * kvw}]")
+    _check(k_cache.shape[1] == kv_heads and v_cache.shape[0] == k_cache.shape[0]
+           and v_cache.shape[1] == kv_heads and v_cache.shape[2] == hd,
+           f"attention_decode: caches [{k_cache.shape[0]}, {k_cache.shape[1]}, {hd}] / "
+           f"[{v_cache.shape[0]}, {v_cache.shape[1]}, {v_cache.shape[2]}] for {kv_heads} kv heads")
+    _check(0 <= pos < k_cache.shape[0] and pos < cos.shape[0],
+           f"attention_decode: position {pos} outside the cache ({k_cache.shape[0]}) or rope table ({cos.shape[0]})")
+    _check(0 < n_rot <= hd and n_rot % 2 == 0 and cos.shape[1] == half and sin.shape[1] == half
+           and sin.shape[0] == cos.shape[0], f"attention_decode: n_rot {n_rot}, head_dim {hd}, "
+           f"rope tables [{cos.shape[0]}, {cos.shape[1]}]")
+    _check(q.shape[0] == heads and q.shape[1] == hd and out.shape[0] == heads and out.shape[1] == hd,
+           f"attention_decode: q [{q.shape[0]}, {q.shape[1]}] and out [{out.shape[0]}, {out.shape[1]}] "
+           f"must be [{heads}, {hd}]")
+    _check(scratch.shape[0] >= heads and scratch.shape[1] >= n_kv,
+           f"attention_decode: scratch [{scratch.shape[0]}, {scratch.shape[1]}] < [{heads}, {n_kv}]")
+    cdef const float[::1] qn, kn
+    cdef bint has_qn = q_norm is not None, has_kn = k_norm is not None
+    cdef Py_ssize_t nw = (heads if norm_full else 1) * hd, kw = (kv_heads if norm_full else 1) * hd
+    if has_qn:
+        qn = q_norm
+        _check(qn.shape[0] == nw, f"attention_decode: q_norm has {qn.shape[0]} values, need {nw}")
+    if has_kn:
+        kn = k_norm
+        _check(kn.shape[0] == kw, f"attention_decode: k_norm has {kn.shape[0]} values, need {kw}")
+    cdef float *kt = &k_cache[pos, 0, 0]
+    cdef float *qp = &q[0, 0]
+    cdef Py_ssize_t group = heads // kv_heads, stride = kv_heads * hd
+    cdef int nt = threads if n_kv * heads * hd >= 262144 else 1   # as attend_one
+    with nogil:
+        for h in range(heads):
+            for j in range(hd):
+                q[h, j] = qkv[0, h * qw + j]
+        for j in range(kvw):
+            kt[j] = qkv[0, kv0 + j]
+            (&v_cache[pos, 0, 0])[j] = qkv[0, kv0 + kvw + j]
+        if has_qn:
+            if norm_full:
+                ws_rms_norm_row(qp, &qn[0], heads * hd, eps, qp)
+            else:
+                for h in range(heads):
+                    ws_rms_norm_row(qp + h * hd, &qn[0], hd, eps, qp + h * hd)
+        if has_kn:
+            if norm_full:
+                ws_rms_norm_row(kt, &kn[0], kvw, eps, kt)
+            else:
+                for h in range(kv_heads):
+                    ws_rms_norm_row(kt + h * hd, &kn[0], hd, eps, kt + h * hd)
+        for h in range(heads):
+            if neox:
+                ws_rope_neox_row(qp + h * hd, &cos[pos, 0], &sin[pos, 0], half)
+            else:
+                ws_rope_norm_row(qp + h * hd, &cos[pos, 0], &sin[pos, 0], half)
+        for h in range(kv_heads):
+            if neox:
+                ws_rope_neox_row(kt + h * hd, &cos[pos, 0], &sin[pos, 0], half)
+            else:
+                ws_rope_norm_row(kt + h * hd, &cos[pos, 0], &sin[pos, 0], half)
+    for h in prange(heads, nogil=True, num_threads=nt, schedule="static"):
+        g = h // group
+        ws_attend_head(&q[h, 0], &k_cache[0, g, 0], &v_cache[0, g, 0], n_kv, stride, hd, scale,
+                       &scratch[h, 0], &out[h, 0])
+        if gated:
+            ws_sigmoid_gate_row(&out[h, 0], &qkv[0, h * qw + hd], hd)

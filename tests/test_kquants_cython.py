@@ -176,3 +176,29 @@ def test_matvec_many_bad_inputs():
         _kquants.matvec_many_into(x, [ws[0], ws[1][:4]], int(T.Q2_K), np.zeros((2, 8), np.float32))
     with pytest.raises(ValueError, match="type Q8_0 is not supported"):
         _kquants.matvec_many_into(x, ws, int(T.Q8_0), np.zeros((2, 8), np.float32))
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+def test_the_kernels_q8_k_is_ggmls_bit_for_bit(permuted):
+    """The vectorised activation quantizer (kernels/csrc/q8k_simd.h) == quantize_q8_k (NumPy,
+    ggml's quantize_row_q8_K_ref): quants, scales and the per-16 min-term sums d * bsum, with ties
+    of magnitude (the first wins, with its sign), half-way products, zero blocks."""
+    from weightstream.kernels.quantize import quantize_q8_k
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, 1024)).astype(np.float32)
+    x[1, :256] = 0  # a zero block
+    x[2, 10], x[2, 3] = -5.0, 5.0  # the same magnitude twice: the first (+5) sets the sign
+    x[3, 256:300], x[3, 300:310] = -2.5, 2.5
+    x[4] = np.round(x[4] * 4) / 4  # quarter steps: many products land half-way
+    x[5] *= 1e-30  # tiny scales
+    qs, d, fb, bad = _kquants.quantize_q8_k_into(x, permuted)
+    ref = quantize_q8_k(x)
+    j = np.arange(256)
+    order = 64 * ((j // 32) % 4) + 32 * (j // 128) + j % 32 if permuted else j  # where element j is stored
+    assert np.array_equal(qs.reshape(6, 4, 256)[:, :, order], ref.qs.reshape(6, 4, 256))
+    assert np.array_equal(d.view(np.uint32), ref.d.view(np.uint32))
+    fb_ref = np.repeat(ref.d, 16, axis=1) * ref.bsums.astype(np.float32)
+    assert np.array_equal(fb.view(np.uint32), fb_ref.view(np.uint32))
+    assert not bad.any()
+    x[0, 5], x[3, 700] = np.nan, -np.inf
+    assert _kquants.quantize_q8_k_into(x, permuted)[3].tolist() == [1, 0, 0, 1, 0, 0]

@@ -75,3 +75,113 @@ def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="n_kv 513 for a cache of 512"):
         _ops.attend_one(np.zeros((2, 8), np.float32), np.zeros((512, 1, 8), np.float32), np.zeros((512, 1, 8), np.float32),
                         513, 1.0, np.zeros((2, 8), np.float32), np.zeros((2, 513), np.float32))
+
+
+@pytest.mark.parametrize("n,e", [(1, 128), (4, 512), (3, 8)])
+def test_softmax_rows(n, e):
+    rng = np.random.default_rng([n, e, 1])
+    x = rng.standard_normal((n, e), dtype=np.float32) * 4
+    out = np.empty_like(x)
+    _ops.softmax_rows_into(x, out)
+    assert close(out, softmax(x))
+    _ops.softmax_rows_into(x, x)  # in place (the router's logits become its probabilities)
+    assert np.array_equal(x, out)
+
+
+def test_softmax_row_with_a_nan_is_all_nan():
+    x = np.array([[0.5, np.nan, 1.0], [0.5, 2.0, 1.0]], dtype=np.float32)
+    out = np.empty_like(x)
+    _ops.softmax_rows_into(x, out)
+    assert np.isnan(out[0]).all() and close(out[1], softmax(x[1:])[0])
+
+
+@pytest.mark.parametrize("e,k,norm", [(128, 8, True), (512, 10, False), (8, 8, True), (60, 1, False)])
+def test_topk_is_a_stable_descending_argsort_cut_at_k(e, k, norm):
+    rng = np.random.default_rng([e, k])
+    probs = softmax(np.round(rng.standard_normal((16, e), dtype=np.float32), 1))  # rounded: many ties
+    ids, weights = np.empty((16, k), np.int64), np.empty((16, k), np.float32)
+    _ops.topk_weights_into(probs, ids, weights, norm)
+    ref_ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    assert np.array_equal(ids, ref_ids)
+    ref = np.take_along_axis(probs, ref_ids, axis=-1)
+    if norm:
+        ref = ref / ref.sum(axis=-1, keepdims=True)
+    assert np.allclose(weights, ref, rtol=1e-6, atol=0)
+
+
+def test_topk_ranks_nan_last_and_takes_given_ids():
+    probs = np.array([[0.1, np.nan, 0.5, 0.5, 0.2]], dtype=np.float32)
+    ids, weights = np.empty((1, 5), np.int64), np.empty((1, 5), np.float32)
+    _ops.topk_weights_into(probs, ids, weights, False)
+    assert ids.tolist() == [[2, 3, 4, 0, 1]] == np.argsort(-probs, kind="stable").tolist()
+    given = np.array([[4, 0]], dtype=np.int64)  # a routing source's choice: kept, weights gathered
+    w2 = np.empty((1, 2), np.float32)
+    _ops.topk_weights_into(probs, given, w2, True, False)
+    assert given.tolist() == [[4, 0]] and np.allclose(w2, [[0.2 / 0.3, 0.1 / 0.3]])
+    with pytest.raises(ValueError, match=r"expert id 5 \(row 0\) outside \[0, 5\)"):
+        _ops.topk_weights_into(probs, np.array([[5, 0]], dtype=np.int64), w2, True, False)
+    with pytest.raises(ValueError, match="k = 6 experts of 5"):
+        _ops.topk_weights_into(probs, np.empty((1, 6), np.int64), np.empty((1, 6), np.float32), True)
+
+
+def attention_by_calls(qkv, heads, kv_heads, hd, gated, q_norm, k_norm, full, pos, rope, neox, kc, vc, scale):
+    """The per-call decode path attention_decode replaces: rms_norm_into, rope_inplace,
+    attend_one and NumPy's sigmoid, one after the other."""
+    qw = (2 if gated else 1) * hd
+    q = np.ascontiguousarray(qkv[0, :heads * qw].reshape(heads, qw)[:, :hd])
+    k = qkv[0, heads * qw:heads * qw + kv_heads * hd].reshape(kv_heads, hd).copy()
+    kc[pos], vc[pos] = k, qkv[0, heads * qw + kv_heads * hd:].reshape(kv_heads, hd)
+    if q_norm is not None:
+        shape = (1, heads * hd) if full else (heads, hd)
+        _ops.rms_norm_into(q.reshape(shape), q_norm, 1e-6, q.reshape(shape))
+        shape = (1, kv_heads * hd) if full else (kv_heads, hd)
+        _ops.rms_norm_into(kc[pos].reshape(shape), k_norm, 1e-6, kc[pos].reshape(shape))
+    p = np.array([pos])
+    _ops.rope_inplace(q[None], p, rope.cos, rope.sin, rope.n_rot, neox)
+    _ops.rope_inplace(kc[pos][None], p, rope.cos, rope.sin, rope.n_rot, neox)
+    out = np.empty((heads, hd), np.float32)
+    _ops.attend_one(q, kc, vc, pos + 1, scale, out, np.empty((heads, 64), np.float32))
+    if gated:
+        out = out * (1 / (1 + np.exp(-qkv[0, :heads * qw].reshape(heads, qw)[:, hd:])))
+    return out
+
+
+@pytest.mark.parametrize("gated,norm,neox", [(False, None, False), (False, "head", True),
+                                             (True, "head", True), (False, "full", True)])
+@pytest.mark.parametrize("heads,kv_heads,threads", [(8, 2, 1), (4, 4, 2)])
+def test_attention_decode_is_the_per_call_path(gated, norm, neox, heads, kv_heads, threads):
+    hd, pos, n_ctx = 32, 9, 16
+    rng = np.random.default_rng([heads, kv_heads, threads, gated, neox])
+    rope = Rope(16, 10000.0, n_ctx, ROPE_NEOX if neox else ROPE_NORM)  # partial rotary: 16 of 32
+    qkv = rng.standard_normal((1, (2 if gated else 1) * heads * hd + 2 * kv_heads * hd), dtype=np.float32)
+    full = norm == "full"
+    q_norm = None if norm is None else rng.standard_normal((heads if full else 1) * hd, dtype=np.float32)
+    k_norm = None if norm is None else rng.standard_normal((kv_heads if full else 1) * hd, dtype=np.float32)
+    kc = rng.standard_normal((n_ctx, kv_heads, hd), dtype=np.float32)
+    vc = rng.standard_normal((n_ctx, kv_heads, hd), dtype=np.float32)
+    kc2, vc2 = kc.copy(), vc.copy()
+    ref = attention_by_calls(qkv.copy(), heads, kv_heads, hd, gated, q_norm, k_norm, full, pos, rope, neox, kc2, vc2, 0.2)
+    q, out = np.empty((heads, hd), np.float32), np.empty((heads, hd), np.float32)
+    _ops.attention_decode(qkv, heads, kv_heads, gated, q_norm, k_norm, full, 1e-6, pos, rope.cos, rope.sin,
+                          16, neox, kc, vc, 0.2, q, out, np.empty((heads, n_ctx), np.float32), threads)
+    assert np.array_equal(kc, kc2) and np.array_equal(vc, vc2)  # the cache row: the same bits
+    if gated:  # the gate's sigmoid: this module's exp against NumPy's
+        assert close(out, ref)
+    else:
+        assert np.array_equal(out, ref)
+
+
+def test_attention_decode_names_bad_shapes():
+    kc = np.zeros((4, 2, 8), np.float32)
+    rope = Rope(8, 10000.0, 4, ROPE_NEOX)
+    args = dict(q=np.empty((4, 8), np.float32), out=np.empty((4, 8), np.float32), scratch=np.empty((4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"qkv is \[1, 60\], need \[1, 64\]"):
+        _ops.attention_decode(np.zeros((1, 60), np.float32), 4, 2, False, None, None, False, 1e-6, 0,
+                              rope.cos, rope.sin, 8, True, kc, kc.copy(), 1.0, **args)
+    with pytest.raises(ValueError, match="position 4 outside the cache"):
+        _ops.attention_decode(np.zeros((1, 64), np.float32), 4, 2, False, None, None, False, 1e-6, 4,
+                              rope.cos, rope.sin, 8, True, kc, kc.copy(), 1.0, **args)
+    with pytest.raises(ValueError, match="q_norm has 5 values, need 8"):
+        _ops.attention_decode(np.zeros((1, 64), np.float32), 4, 2, False, np.ones(5, np.float32),
+                              np.ones(8, np.float32), False, 1e-6, 0, rope.cos, rope.sin, 8, True, kc,
+                              kc.copy(), 1.0, **args)

@@ -187,7 +187,10 @@ class Model:
         n, H, Hkv, D = len(h), cfg.n_head, cfg.n_head_kv, cfg.head_dim
         gated = cfg.flags.gated_attention  # attn_q holds each head's [q; gate]: twice the rows
         q_cols = (2 if gated else 1) * H * D
-        q, k, v = L.wqkv(h, self.work.take("qkv", n, q_cols + 2 * Hkv * D))  # [n, q_cols], [n, Hkv*D] x2
+        qkv = self.work.take("qkv", n, q_cols + 2 * Hkv * D)
+        q, k, v = L.wqkv(h, qkv)  # [n, q_cols], [n, Hkv*D] x2: views of qkv (its blocks in turn)
+        if n == 1:  # decode: everything between the two projections in one native call
+            return self.attention_decode(i, L, qkv, int(positions[0]))
         gate = None
         if gated:
             qg = q.reshape(n, H, 2 * D)  # a view: q's rows are contiguous within each token
@@ -207,13 +210,6 @@ class Model:
         cache = self.states[i]
         cache.k[start:end] = k
         cache.v[start:end] = v
-        if n == 1:  # decode: one pass over the cache per head
-            out = self.work.take("attn", 1, H * D)
-            _ops.attend_one(q[0], cache.k, cache.v, end, self.scale, out.reshape(H, D), self.attn_scores,
-                            self.kernel_threads)
-            if gate is not None:
-                out *= sigmoid(gate)
-            return L.wo(out, self.work.take("attn_proj", 1, cfg.n_embd))
         # prefill: the scores, mask and probabilities [Hkv, g, n, T] are allocated per call (the
         # budget counts them: work_buffers' "prefill_scores"); held, they would take n_batch times
         # a decode step's
@@ -229,6 +225,25 @@ class Model:
         if gate is not None:
             out *= sigmoid(gate)
         return L.wo(out, self.work.take("attn_proj", n, cfg.n_embd))
+
+    def attention_decode(self, i: int, L: LayerWeights, qkv: np.ndarray, pos: int) -> np.ndarray:
+        """One token's attention from its QKV projection qkv: float32[1, q_cols + 2 Hkv D] (every
+        Q/K/V layout the prefill path takes, in one row): the Q/K norms, RoPE, the cache write,
+        attention over positions 0..pos and the output gate in _ops.attention_decode (the same
+        row functions the prefill path calls one by one), then attn_output."""
+        cfg = self.cfg
+        H, D = cfg.n_head, cfg.head_dim
+        full = cfg.flags.qk_norm == "full"
+        normed = cfg.flags.qk_norm in ("full", "head")
+        cache = self.states[i]
+        out = self.work.take("attn", 1, H * D)
+        _ops.attention_decode(qkv, H, cfg.n_head_kv, cfg.flags.gated_attention,
+                              L.q_norm if normed else None, L.k_norm if normed else None, full,
+                              cfg.rms_eps, pos, self.rope.cos, self.rope.sin, cfg.n_rot,
+                              cfg.flags.rope == ROPE_NEOX, cache.k, cache.v, self.scale,
+                              self.work.take("q", H, D), out.reshape(H, D), self.attn_scores,
+                              self.kernel_threads)
+        return L.wo(out, self.work.take("attn_proj", 1, cfg.n_embd))
 
     # ---- linear attention (Gated DeltaNet) ----------------------------------------------------
     def linear_attention(self, i: int, L: GatedDeltaNetWeights, h: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -344,18 +359,17 @@ class Model:
         """Top-k experts per token: (ids int64[n, k] by descending weight, weights float32[n, k]).
         With self.routing set, the ids are its choices for (layer, each token's position),
         weighted by the router's probabilities at those ids; self.routing_trace records the ids."""
-        k = self.cfg.n_expert_used
-        probs = softmax(moe.router(h))  # [n, n_expert]
-        if self.routing is None:
-            ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-        else:
-            ids = self.chosen_ids(layer, positions, probs)
-        weights = np.take_along_axis(probs, ids, axis=-1)
-        if self.cfg.flags.moe_norm_topk:
-            weights = weights / np.sum(weights, axis=-1, keepdims=True)
+        n, k = len(h), self.cfg.n_expert_used
+        probs = self.work.take("router_probs", n, moe.router.shape[0])  # [n, n_expert]
+        _ops.softmax_rows_into(moe.router(h, probs), probs)  # in place: one call, no temporaries
+        choose = self.routing is None
+        ids = np.empty((n, k), dtype=np.int64) if choose else self.chosen_ids(layer, positions, probs)
+        weights = np.empty((n, k), dtype=np.float32)
+        # the top k (a stable descending argsort's, cut at k) and their weights, in one native call
+        _ops.topk_weights_into(probs, ids, weights, self.cfg.flags.moe_norm_topk, choose)
         if self.routing_trace is not None:
             self.routing_trace.record(layer, ids)
-        return ids, weights.astype(np.float32)
+        return ids, weights
 
     def chosen_ids(self, layer: int, positions: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """int64[n, k]: self.routing's experts for each token by descending router probability
@@ -365,7 +379,7 @@ class Model:
             raise ValueError("Model.route: a routing source needs the layer and the tokens' positions")
         ids = np.stack([self.routing.choose(layer, int(p)) for p in positions])  # [n, k]
         order = np.argsort(-np.take_along_axis(probs, ids, axis=-1), axis=-1, kind="stable")
-        return np.take_along_axis(ids, order, axis=-1)
+        return np.ascontiguousarray(np.take_along_axis(ids, order, axis=-1), dtype=np.int64)
 
     def moe(self, i: int, moe: MoEWeights, h: np.ndarray, ahead: np.ndarray | None = None,
             positions: np.ndarray | None = None) -> np.ndarray:

@@ -42,7 +42,7 @@ def work_buffers(cfg: ModelConfig, n_batch: int, n_ctx: int) -> list[Buffer]:
     return [
         Buffer("norm", (n, E), True),  # each block's normed input h
         Buffer("qkv", (n, q_cols + 2 * Hkv * D), True),  # Q (and gates), K and V projections
-        *([Buffer("q", (n, H * D), True)] if cfg.flags.gated_attention else []),  # Q apart from its gates
+        Buffer("q", (n, H * D), True),  # Q apart from its gates (prefill, gated); decode: Q normed and rotated
         *linear_attention_buffers(cfg, n),
         Buffer("attn", (n, H * D), True),  # attention output, before attn_output
         Buffer("scores", (H, n_ctx), True),  # one-token attention's scores per head
@@ -53,6 +53,7 @@ def work_buffers(cfg: ModelConfig, n_batch: int, n_ctx: int) -> list[Buffer]:
         Buffer("experts_in", (2 * k, E), True),  # decode: the token once per gate and up matrix
         Buffer("experts_out", (k, E), True),  # decode: each routed expert's output
         Buffer("moe_out", (n, E), True),  # the weighted sum of the experts (+ shared expert)
+        Buffer("router_probs", (n, cfg.n_expert), True),  # the router's logits, then probabilities
         Buffer("residual", (n, E), False),  # embed's rows: the residual stream of the call
         Buffer("qk_copies", (n, (H + Hkv) * D), False),  # prefill: Q and K made contiguous
         Buffer("prefill_scores", (3 * H * n, n_ctx), False),  # prefill: scores, mask, probabilities

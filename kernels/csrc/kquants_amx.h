@@ -107,7 +107,8 @@ static void ws_amx_unpack_q2k(const uint8_t *w, int64_t row_bytes, int64_t nb, i
             _mm_prefetch((const char *)blk + WS_KQ_PREFETCH, _MM_HINT_T0);
             _mm_prefetch((const char *)blk + WS_KQ_PREFETCH + 64, _MM_HINT_T0);
             ws_ublk u;
-            ws_unpack_q2k(blk, &u);
+            const float unused_dm[2] = {0.0f, 0.0f};   /* only u.w is used: d, dmin go to dd below */
+            ws_unpack_q2k(blk, unused_dm, &u);
             for (int j = 0; j < 4; j++) _mm512_store_si512((void *)(s + 256 * m + 64 * j), u.w[j]);
             const __m128i mins = _mm_and_si128(_mm_srli_epi16(_mm_loadu_si128((const __m128i *)blk), 4),
                                                _mm_set1_epi8(15));

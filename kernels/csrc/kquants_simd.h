@@ -106,20 +106,6 @@ WS_AI __m512i ws_bcast256(const uint8_t *p) {
     return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
 }
 
-/* fp16 pair (d, dmin) at p -> zmm of d and zmm of dmin, from one load and one conversion */
-WS_AI void ws_bcast_half2(const uint8_t *p, __m512 *d, __m512 *dmin) {
-    int32_t v;
-    memcpy(&v, p, 4);
-    __m512 dm = _mm512_cvtph_ps(_mm256_set1_epi32(v));          /* d, dmin, d, dmin, ... */
-    dm = _mm512_add_ps(_mm512_sub_ps(dm, dm), dm);              /* Inf -> NaN: ws_inf_to_nan */
-    *d = _mm512_permute_ps(dm, 0x00);
-    *dmin = _mm512_permute_ps(dm, 0x55);
-}
-
-WS_AI __m512 ws_bcast_half(const uint8_t *p) {
-    return _mm512_set1_ps(ws_inf_to_nan(_cvtsh_ss(ws_load_u16(p))));
-}
-
 /* int16 scales (in the low 16 words of sw) spread so 128-bit lane m of zmm p is sub-block 4p+m */
 WS_AI void ws_spread16(__m512i sw, __m512i s[4]) {
     s[0] = _mm512_permutexvar_epi16(WS_LANES16(0, 1, 2, 3), sw);
@@ -149,7 +135,7 @@ static const uint8_t ws_q2k_nib[64] __attribute__((aligned(64))) = {
 #define WS_Q2K_QGE2 0xcccfc0cfccc0ff00ull
 #define WS_Q2K_QEQ3 0x888f80808880f000ull
 
-WS_AI void ws_unpack_q2k(const uint8_t *b, ws_ublk *u) {
+WS_AI void ws_unpack_q2k(const uint8_t *b, const float *dm, ws_ublk *u) {
     const __m128i sc = _mm_loadu_si128((const __m128i *)b);
     __m512i t = _mm512_permutexvar_epi8(_mm512_load_si512(ws_q2k_perm), _mm512_castsi128_si512(sc));
     t = _mm512_and_si512(t, _mm512_load_si512(ws_q2k_nib));
@@ -164,12 +150,12 @@ WS_AI void ws_unpack_q2k(const uint8_t *b, ws_ublk *u) {
                                       WS_LANES8(0, 1, 2, 3), 0xEA), t2);
     u->w[3] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(_mm512_srli_epi16(qs, 6), m3,
                                       WS_LANES8(44, 52, 56, 60), 0xEA), t2);
-    __m512 dmin;
-    ws_bcast_half2(b + 80, &u->d, &dmin);
-    u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_cvtepu8_epi32(sc), 4)), dmin);
+    u->d = _mm512_set1_ps(dm[0]);
+    u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_cvtepu8_epi32(sc), 4)),
+                         _mm512_set1_ps(dm[1]));
 }
 
-WS_AI void ws_unpack_q3k(const uint8_t *b, ws_ublk *u) {
+WS_AI void ws_unpack_q3k(const uint8_t *b, const float *dm, ws_ublk *u) {
     uint32_t aux[4];
     ws_kq_q3_scales(b + 96, aux);
     const __m128i sc = _mm_sub_epi8(_mm_loadu_si128((const __m128i *)aux), _mm_set1_epi8(32));
@@ -188,13 +174,12 @@ WS_AI void ws_unpack_q3k(const uint8_t *b, ws_ublk *u) {
     u->w[2] = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(hm, WS_HALVES32(0x10101010, 0x20202020)), q, four);
     q = _mm512_and_si512(_mm512_srlv_epi16(hi, sh1), three);
     u->w[3] = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(hm, WS_HALVES32(0x40404040, (int)0x80808080)), q, four);
-    u->d = ws_bcast_half(b + 108);
-    u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)),
-                         _mm512_mul_ps(u->d, _mm512_set1_ps(4.0f)));
+    u->d = _mm512_set1_ps(dm[0]);
+    u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)), _mm512_set1_ps(dm[1]));
 }
 
 /* Q4_K / Q5_K: scales and mins; zmm c holds sub-blocks 2c (low nibbles) and 2c+1 (high). */
-WS_AI void ws_k4_common(const uint8_t *b, ws_ublk *u) {
+WS_AI void ws_k4_common(const uint8_t *b, const float *dm, ws_ublk *u) {
     uint32_t sm[4];
     ws_kq_k4_scales(b + 4, sm);
     const __m128i v = _mm_loadu_si128((const __m128i *)sm);
@@ -205,20 +190,19 @@ WS_AI void ws_k4_common(const uint8_t *b, ws_ublk *u) {
     u->s[3] = _mm512_permutexvar_epi16(WS_HALVES32(0x00060006, 0x00070007), sw);
     const __m128i mins = _mm_shuffle_epi8(v, _mm_set_epi8(15, 15, 14, 14, 13, 13, 12, 12,
                                                           11, 11, 10, 10, 9, 9, 8, 8));
-    __m512 dmin;
-    ws_bcast_half2(b, &u->d, &dmin);
-    u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mins)), dmin);
+    u->d = _mm512_set1_ps(dm[0]);
+    u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mins)), _mm512_set1_ps(dm[1]));
 }
 
-WS_AI void ws_unpack_q4k(const uint8_t *b, ws_ublk *u) {
-    ws_k4_common(b, u);
+WS_AI void ws_unpack_q4k(const uint8_t *b, const float *dm, ws_ublk *u) {
+    ws_k4_common(b, dm, u);
     const __m512i sh = WS_HALVES32(0, 0x00040004), m4 = _mm512_set1_epi8(0x0F);
     for (int c = 0; c < 4; c++)
         u->w[c] = _mm512_and_si512(_mm512_srlv_epi16(ws_bcast256(b + 16 + 32 * c), sh), m4);
 }
 
-WS_AI void ws_unpack_q5k(const uint8_t *b, ws_ublk *u) {
-    ws_k4_common(b, u);
+WS_AI void ws_unpack_q5k(const uint8_t *b, const float *dm, ws_ublk *u) {
+    ws_k4_common(b, dm, u);
     const __m512i sh = WS_HALVES32(0, 0x00040004), m4 = _mm512_set1_epi8(0x0F);
     const __m512i sixteen = _mm512_set1_epi8(16), qh = ws_bcast256(b + 16);
     for (int c = 0; c < 4; c++) {
@@ -229,7 +213,7 @@ WS_AI void ws_unpack_q5k(const uint8_t *b, ws_ublk *u) {
     }
 }
 
-WS_AI void ws_unpack_q6k(const uint8_t *b, ws_ublk *u) {
+WS_AI void ws_unpack_q6k(const uint8_t *b, const float *dm, ws_ublk *u) {
     const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
     ws_spread16(_mm512_castsi256_si512(_mm256_cvtepi8_epi16(sc)), u->s);
     const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
@@ -243,17 +227,46 @@ WS_AI void ws_unpack_q6k(const uint8_t *b, ws_ublk *u) {
         t = _mm512_slli_epi16(_mm512_srlv_epi16(qh, sh1), 4);
         u->w[2 * h + 1] = _mm512_ternarylogic_epi32(t, m30, _mm512_and_si512(_mm512_srli_epi16(ql, 4), m4), 0xEA);
     }
-    u->d = ws_bcast_half(b + 208);
-    u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)),
-                         _mm512_mul_ps(u->d, _mm512_set1_ps(32.0f)));
+    u->d = _mm512_set1_ps(dm[0]);
+    u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)), _mm512_set1_ps(dm[1]));
 }
 
-/* nbk blocks of one weight row times nr activation rows, accumulated over calls: first starts
-   from zero (else from accbuf), last reduces into out[r * ostride] (else saves to accbuf).
+/* dm[2j], dm[2j + 1] for block j < nblocks of w (consecutive blocks: a group's rows are
+   contiguous): d and the factor of the constant term g as floats, an Inf made NaN
+   (ws_inf_to_nan): Q2_K / Q4_K / Q5_K (d, dmin), Q3_K (d, 4d), Q6_K (d, 32d) (x4 and x32 are
+   exact). Made once per group of weight rows, before its blocks are unpacked: converting 8 blocks'
+   halves with one vcvtph2ps here, instead of a broadcast, a conversion, the Inf fix-up and two
+   permutes in every block's unpack (again for every activation tile), frees ~6 of the ~32
+   vector-port uops a Q2_K block costs at n = 1. dm holds 2 * nblocks + 16 floats (the last
+   conversion writes whole groups of 8 blocks). */
+static void ws_kq_scales(int qtype, const uint8_t *w, int64_t nblocks, float *dm) {
+    const int bb = ws_block_bytes(qtype);
+    const int pair = qtype == WS_Q2_K || qtype == WS_Q4_K || qtype == WS_Q5_K;
+    const int off = qtype == WS_Q2_K ? 80 : qtype == WS_Q3_K ? 108 : qtype == WS_Q6_K ? 208 : 0;
+    const float k = qtype == WS_Q3_K ? 4.0f : 32.0f;   /* d-only types: g's factor over d */
+    const __m512 second = pair ? _mm512_set1_ps(1.0f)
+                               : _mm512_set_ps(k, 1, k, 1, k, 1, k, 1, k, 1, k, 1, k, 1, k, 1);
+    for (int64_t j0 = 0; j0 < nblocks; j0 += 8) {
+        uint32_t raw[8] __attribute__((aligned(32))) = {0};
+        const int64_t m = nblocks - j0 < 8 ? nblocks - j0 : 8;
+        for (int64_t j = 0; j < m; j++) {   /* (d, dmin) or (d, d) as two halves */
+            const uint8_t *blk = w + (j0 + j) * bb + off;
+            raw[j] = pair ? ws_load_u32(blk) : (uint32_t)ws_load_u16(blk) * 0x10001u;
+        }
+        __m512 f = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)raw));
+        f = _mm512_add_ps(_mm512_sub_ps(f, f), f);   /* Inf -> NaN: ws_inf_to_nan */
+        _mm512_storeu_ps(dm + 2 * j0, _mm512_mul_ps(f, second));
+    }
+}
+
+/* nbk blocks of one weight row times nr activation rows: the 16-lane partial sums of row r go to
+   accbuf + 16 r, added to what is there unless first. dm: the row's first block's (d, g factor)
+   pair (ws_kq_scales). ws_kq_reduce16 sums the lanes once a group's rows are done: one reduction
+   tree for 16 weight rows instead of a horizontal sum per row (~30 cycles a row: as much as
+   three Q2_K blocks, the whole row of a 768-wide expert down projection).
    qtype and nr are compile-time constants at every call site, so the switches fold away. */
 WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a,
-                          const int nr, float *accbuf, int first, int last, float *out,
-                          int64_t ostride) {
+                          const int nr, const float *dm, float *accbuf, int first) {
     const int bb = ws_block_bytes(qtype);
     /* scale and min terms: two accumulators (two short dependency chains) when few rows */
     const int split = nr <= 4;
@@ -272,11 +285,11 @@ WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const 
         for (int o = 0; o < bb; o += 64)
             _mm_prefetch((const char *)blk + WS_KQ_PREFETCH + o, _MM_HINT_T0);
         switch (qtype) {
-        case WS_Q2_K: ws_unpack_q2k(blk, &u); break;
-        case WS_Q3_K: ws_unpack_q3k(blk, &u); break;
-        case WS_Q4_K: ws_unpack_q4k(blk, &u); break;
-        case WS_Q5_K: ws_unpack_q5k(blk, &u); break;
-        default:      ws_unpack_q6k(blk, &u); break;
+        case WS_Q2_K: ws_unpack_q2k(blk, dm + 2 * ib, &u); break;
+        case WS_Q3_K: ws_unpack_q3k(blk, dm + 2 * ib, &u); break;
+        case WS_Q4_K: ws_unpack_q4k(blk, dm + 2 * ib, &u); break;
+        case WS_Q5_K: ws_unpack_q5k(blk, dm + 2 * ib, &u); break;
+        default:      ws_unpack_q6k(blk, dm + 2 * ib, &u); break;
         }
         for (int r = 0; r < nr; r++) {
             const int8_t *x = a->qx + r * a->qx_stride + 256 * ib;
@@ -302,21 +315,41 @@ WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const 
                 acc[r] = _mm512_fnmadd_ps(u.g, _mm512_loadu_ps(f), acc[r]);
         }
     }
-    for (int r = 0; r < nr; r++) {
-        const __m512 v = _mm512_sub_ps(acc[r], accm[r]);
-        if (last) out[r * ostride] = _mm512_reduce_add_ps(v);
-        else _mm512_storeu_ps(accbuf + 16 * r, v);
+    for (int r = 0; r < nr; r++)
+        _mm512_storeu_ps(accbuf + 16 * r, _mm512_sub_ps(acc[r], accm[r]));
+}
+
+/* out[j] = the sum of the 16 floats at v + j * vstride, j < m <= 16, by one tree of 46 shuffles
+   and adds for all 16 (levels: 256-bit halves, 128-bit quarters, pairs, single lanes). Vector
+   slot j is loaded from row ws_kq_tree_row[j] so the last level's lane i is row i (the tree
+   leaves lane i holding slot ws_kq_tree_row[i]; the order is its own inverse). Missing rows are
+   zeros. */
+static const int ws_kq_tree_row[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+
+static inline void ws_kq_reduce16(const float *v, int64_t vstride, int m, float *out) {
+    __m512 x[16], y[8], z[4], u[2];
+    for (int j = 0; j < 16; j++) {
+        const int row = ws_kq_tree_row[j];
+        x[j] = row < m ? _mm512_loadu_ps(v + row * vstride) : _mm512_setzero_ps();
     }
+    for (int j = 0; j < 8; j++)
+        y[j] = _mm512_add_ps(_mm512_shuffle_f32x4(x[j], x[j + 8], 0x44), _mm512_shuffle_f32x4(x[j], x[j + 8], 0xEE));
+    for (int j = 0; j < 4; j++)
+        z[j] = _mm512_add_ps(_mm512_shuffle_f32x4(y[j], y[j + 4], 0x88), _mm512_shuffle_f32x4(y[j], y[j + 4], 0xDD));
+    for (int j = 0; j < 2; j++)
+        u[j] = _mm512_add_ps(_mm512_unpacklo_ps(z[j], z[j + 2]), _mm512_unpackhi_ps(z[j], z[j + 2]));
+    const __m512 sum = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x44), _mm512_shuffle_ps(u[0], u[1], 0xEE));
+    _mm512_mask_storeu_ps(out, (__mmask16)((1u << m) - 1u), sum);
 }
 
 #define WS_KQ_NR_CASES(QT) \
     switch (nr) { \
-    case 1: ws_kq_rows_avx(QT, w, nbk, a, 1, accbuf, first, last, out, ostride); break; \
-    case 2: ws_kq_rows_avx(QT, w, nbk, a, 2, accbuf, first, last, out, ostride); break; \
-    case 3: ws_kq_rows_avx(QT, w, nbk, a, 3, accbuf, first, last, out, ostride); break; \
-    case 4: ws_kq_rows_avx(QT, w, nbk, a, 4, accbuf, first, last, out, ostride); break; \
-    case 5: ws_kq_rows_avx(QT, w, nbk, a, 5, accbuf, first, last, out, ostride); break; \
-    default: ws_kq_rows_avx(QT, w, nbk, a, 6, accbuf, first, last, out, ostride); break; \
+    case 1: ws_kq_rows_avx(QT, w, nbk, a, 1, dm, accbuf, first); break; \
+    case 2: ws_kq_rows_avx(QT, w, nbk, a, 2, dm, accbuf, first); break; \
+    case 3: ws_kq_rows_avx(QT, w, nbk, a, 3, dm, accbuf, first); break; \
+    case 4: ws_kq_rows_avx(QT, w, nbk, a, 4, dm, accbuf, first); break; \
+    case 5: ws_kq_rows_avx(QT, w, nbk, a, 5, dm, accbuf, first); break; \
+    default: ws_kq_rows_avx(QT, w, nbk, a, 6, dm, accbuf, first); break; \
     }
 
 #else  /* portable scalar path */
@@ -385,8 +418,7 @@ static void ws_unpack_scalar(int qtype, const uint8_t *b, ws_sblk *u) {
 }
 
 static void ws_kq_rows_scalar(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a,
-                              int nr, float *accbuf, int first, int last, float *out,
-                              int64_t ostride) {
+                              int nr, float *accbuf, int first) {
     const int bb = ws_block_bytes(qtype);
     float acc[WS_KQ_NRMAX];
     ws_sblk u;
@@ -407,18 +439,33 @@ static void ws_kq_rows_scalar(int qtype, const uint8_t *w, int64_t nbk, const ws
             acc[r] += u.d * a->dx[r * a->dx_stride + ib] * (float)s - m;
         }
     }
-    for (int r = 0; r < nr; r++) {
-        if (last) out[r * ostride] = acc[r];
-        else accbuf[16 * r] = acc[r];
+    for (int r = 0; r < nr; r++) {   /* lane 0 holds the sum, the others zeros (ws_kq_reduce16) */
+        accbuf[16 * r] = acc[r];
+        for (int l = 1; l < 16; l++) accbuf[16 * r + l] = 0.0f;
+    }
+}
+
+/* the scales stay in the blocks: the scalar unpack reads them */
+static void ws_kq_scales(int qtype, const uint8_t *w, int64_t nblocks, float *dm) {
+    (void)qtype; (void)w; (void)nblocks; (void)dm;
+}
+
+/* out[j] = the sum of the 16 floats at v + j * vstride, j < m (lane order) */
+static inline void ws_kq_reduce16(const float *v, int64_t vstride, int m, float *out) {
+    for (int j = 0; j < m; j++) {
+        float t = 0.0f;
+        for (int l = 0; l < 16; l++) t += v[j * vstride + l];
+        out[j] = t;
     }
 }
 
 #endif
 
-/* W_row . x_r over nbk blocks for r < nr (1..WS_KQ_NRMAX), as ws_kq_rows_avx above: accbuf holds the
-   running sums (16 floats per row) between calls over consecutive block ranges. */
+/* W_row . x_r over nbk blocks for r < nr (1..WS_KQ_NRMAX), as ws_kq_rows_avx above: accbuf holds
+   16 partial sums per activation row, summed by ws_kq_reduce16 once the row's blocks are done.
+   dm: the (d, g factor) pairs of the row's blocks from ws_kq_scales (unused by the scalar path). */
 static void ws_kq_rows(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a, int nr,
-                       float *accbuf, int first, int last, float *out, int64_t ostride) {
+                       const float *dm, float *accbuf, int first) {
 #if WS_KQ_AVX512
     switch (qtype) {
     case WS_Q2_K: WS_KQ_NR_CASES(WS_Q2_K); break;
@@ -428,7 +475,8 @@ static void ws_kq_rows(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act
     default:      WS_KQ_NR_CASES(WS_Q6_K); break;
     }
 #else
-    ws_kq_rows_scalar(qtype, w, nbk, a, nr, accbuf, first, last, out, ostride);
+    (void)dm;
+    ws_kq_rows_scalar(qtype, w, nbk, a, nr, accbuf, first);
 #endif
 }
 

@@ -126,6 +126,60 @@ static inline void ws_attend_head(const float *q, const float *k, const float *v
     }
 }
 
+/* out *= sigmoid(gate) over n floats (gated attention's per-head output gate) */
+static inline void ws_sigmoid_gate_row(float *out, const float *gate, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++)
+        out[i] = out[i] * (1.0f / (1.0f + ws_expf(-gate[i])));
+}
+
+/* softmax over one row of n: exp(x - max) / sum, the sum in double (as ws_attend_head). A NaN in
+ * the row makes the whole row NaN (the sum is NaN); an all -inf row too (-inf - -inf). */
+static inline void ws_softmax_row(const float *x, int64_t n, float *out) {
+    float m = -INFINITY;
+    int nan = 0;
+    for (int64_t i = 0; i < n; i++) {
+        m = x[i] > m ? x[i] : m;
+        nan |= x[i] != x[i];
+    }
+    double total = 0.0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < n; i++) {
+        float p = ws_expf(x[i] - m);
+        out[i] = p;
+        total += p;
+    }
+    float s = nan ? NAN : (float)total;
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++)
+        out[i] = out[i] / s;
+}
+
+/* (a, ia) ranks before (b, ib): larger value first, equal values by lower index (a stable
+ * descending sort's order); NaN ranks after every number (as NumPy's sort puts it last) */
+static inline int ws_ranks_before(float a, int64_t ia, float b, int64_t ib) {
+    int an = a != a, bn = b != b;
+    if (an || bn)
+        return an && bn ? ia < ib : bn;
+    return a > b || (a == b && ia < ib);
+}
+
+/* ids[0..k) = the indices of the k first values of p[0..n) in ws_ranks_before's order (a stable
+ * argsort of -p, cut at k): pick j is the best of those ranking after pick j - 1, one pass per
+ * pick, k * n comparisons and no scratch. k <= n. */
+static inline void ws_topk_row(const float *p, int64_t n, int64_t k, int64_t *ids) {
+    for (int64_t j = 0; j < k; j++) {
+        int64_t best = -1;
+        for (int64_t i = 0; i < n; i++) {
+            if (j > 0 && !ws_ranks_before(p[ids[j - 1]], ids[j - 1], p[i], i))
+                continue;  /* ranks at or before the previous pick: already taken */
+            if (best < 0 || ws_ranks_before(p[i], i, p[best], best))
+                best = i;
+        }
+        ids[j] = best;
+    }
+}
+
 /* y = y * w, then out = out + y, over n floats: two roundings, as NumPy's `np.multiply(y, w,
  * out=y); out += y` does, never one fused multiply-add (GCC contracts a * b + c into an FMA at
  * -O3 unless told not to), so the fused MoE call gives the per-expert path's bits */
