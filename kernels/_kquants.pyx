@@ -59,9 +59,8 @@ cdef extern from "kquants_simd.h" nogil:
         const float *fb
         int64_t qx_stride, dx_stride, fb_stride
     bint WS_KQ_PERMUTED(int qtype)
-    void ws_kq_scales(int qtype, const uint8_t *w, int64_t nblocks, float *dm)
     void ws_kq_rows(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a, int nr,
-                    const float *dm, float *accbuf, int first)
+                    float *accbuf, int first)
     void ws_kq_reduce16(const float *v, int64_t vstride, int m, float *out)
 
 # Q8_K quantization of an activation row (kernels/csrc/q8k_simd.h)
@@ -136,16 +135,15 @@ def _tuning(wr=None, l1_act=None, l1_max=None):
     return _WR, _L1_ACT, _L1_MAX
 
 
-cdef inline int64_t _scratch_floats(int64_t nb) noexcept nogil:
-    """Floats of one thread's _group scratch for rows of nb blocks: the partial sums
-    [_WR][WS_KQ_NRMAX][16], then the block scales [_WR nb][2] + 16 (ws_kq_scales writes groups of
-    8 blocks), rounded up to 16 floats so every thread's part stays 64-byte aligned."""
-    return (_WR * 16 * WS_KQ_NRMAX + 2 * _WR * nb + 16 + 15) // 16 * 16
+cdef inline int64_t _scratch_floats() noexcept nogil:
+    """Floats of one thread's _group scratch: the partial sums [_WR][WS_KQ_NRMAX][16] (a multiple
+    of 16 floats, so every thread's part stays 64-byte aligned)."""
+    return _WR * 16 * WS_KQ_NRMAX
 
 
-def _thread_scratch(int threads, int64_t nb):
-    """float32[threads * _scratch_floats(nb)], 64-byte aligned: each thread's _group scratch."""
-    return _aligned(4 * threads * _scratch_floats(nb), np.float32)
+def _thread_scratch(int threads):
+    """float32[threads * _scratch_floats()], 64-byte aligned: each thread's _group scratch."""
+    return _aligned(4 * threads * _scratch_floats(), np.float32)
 
 
 cdef inline uint8_t _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, float *fb,
@@ -178,21 +176,19 @@ def quantize_q8_k_into(const float[:, ::1] x, bint permuted=False):
 cdef void _group(int qtype, const uint8_t *w, int64_t i0, int64_t i1, int64_t row_bytes,
                  int64_t bb, int64_t n, int64_t rows, int64_t cols, const int8_t *qs,
                  const float *dq, const float *fb, float *scratch, float *out) noexcept nogil:
-    """Weight rows i0..i1 against all activation rows: the rows' block scales as floats once
-    (ws_kq_scales), then tiles of up to WS_KQ_NRMAX (6) activation rows; each tile in block
-    ranges whose activations stay in L1 while the group's rows pass over them, the 16-lane
-    partial sums of each (weight row, activation row) in scratch, summed 16 weight rows at a time
-    (ws_kq_reduce16) when the tile's blocks are done. scratch: this thread's _scratch_floats(nb)."""
+    """Weight rows i0..i1 against all activation rows: tiles of up to WS_KQ_NRMAX (6) activation
+    rows; each tile in block ranges whose activations stay in L1 while the group's rows pass over
+    them, the 16-lane partial sums of each (weight row, activation row) in scratch, summed 16
+    weight rows at a time (ws_kq_reduce16) when the tile's blocks are done. scratch: this
+    thread's _scratch_floats()."""
     cdef int64_t nb = cols // QK_K
     cdef int64_t r0 = 0, b0, nbk, kc, i, j0
     cdef int nr, r
     cdef ws_kq_act act
-    cdef float *accbuf = scratch                       # [_WR][WS_KQ_NRMAX][16]
-    cdef float *dm = scratch + _WR * 16 * WS_KQ_NRMAX   # [(i1 - i0) nb][2] (+ 16)
+    cdef float *accbuf = scratch    # [_WR][WS_KQ_NRMAX][16]
     act.qx_stride = cols
     act.dx_stride = nb
     act.fb_stride = 16 * nb
-    ws_kq_scales(qtype, w + i0 * row_bytes, (i1 - i0) * nb, dm)
     while r0 < n:
         nr = <int>min(<int64_t>WS_KQ_NRMAX, n - r0)
         kc = nb
@@ -205,7 +201,7 @@ cdef void _group(int qtype, const uint8_t *w, int64_t i0, int64_t i1, int64_t ro
             act.dx = dq + r0 * nb + b0
             act.fb = fb + r0 * 16 * nb + 16 * b0
             for i in range(i0, i1):
-                ws_kq_rows(qtype, w + i * row_bytes + b0 * bb, nbk, &act, nr, dm + 2 * ((i - i0) * nb + b0),
+                ws_kq_rows(qtype, w + i * row_bytes + b0 * bb, nbk, &act, nr,
                            accbuf + (i - i0) * 16 * WS_KQ_NRMAX, b0 == 0)
             b0 = b0 + nbk
         for r in range(nr):  # out[r0 + r, i0..i1]: contiguous, 16 weight rows per reduction tree
@@ -232,7 +228,7 @@ cdef void _matmul_core(const float *x, const uint8_t *w, int qtype, float *out, 
     for g in prange(ngroups, num_threads=threads, schedule="static"):
         i0 = g * _WR
         _group(qtype, w, i0, min(i0 + _WR, rows), nb * bb, bb, n, rows, cols, qs, dq, fb,
-               accbuf + openmp.omp_get_thread_num() * _scratch_floats(nb), out)
+               accbuf + openmp.omp_get_thread_num() * _scratch_floats(), out)
     ws_nan_rows(bad, n, out, rows, rows)
 
 
@@ -277,7 +273,7 @@ cdef void _matvec_many_core(const float *x, const uint8_t **w, int qtype, float 
         t = k // ngroups
         i0 = (k % ngroups) * _WR
         _group(qtype, w[t], i0, min(i0 + _WR, rows), nb * bb, bb, 1, rows, cols, qs + t * cols,
-               dq + t * nb, fb + t * 16 * nb, accbuf + openmp.omp_get_thread_num() * _scratch_floats(nb),
+               dq + t * nb, fb + t * 16 * nb, accbuf + openmp.omp_get_thread_num() * _scratch_floats(),
                out + t * rows)
     ws_nan_rows(bad, tasks, out, rows, rows)
 
@@ -299,7 +295,7 @@ cdef void _moe_decode_core(const float *h, const uint8_t **wgu, int qgu, const u
     cdef float *fa = fb + 16 * nbe
     cdef float *acc
     with parallel(num_threads=threads):
-        acc = accbuf + openmp.omp_get_thread_num() * _scratch_floats(max(nbe, nbf))
+        acc = accbuf + openmp.omp_get_thread_num() * _scratch_floats()
         # h once, in the gate/up type's order: every gate and up row group reads the same copy
         for r in prange(1, schedule="static"):
             bad[0] = _quantize_row_q8_k(h, nbe, qs, dq, fb, WS_KQ_PERMUTED(qgu))
@@ -390,7 +386,7 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
                             &fb[0, 0], &xact[0], &scratch[0], &cbuf[0], &bad[0], threads)
         return
     # each thread's partial sums and block scales (_group)
-    cdef float[::1] acc = _thread_scratch(threads, nb)
+    cdef float[::1] acc = _thread_scratch(threads)
     with nogil:
         _matmul_core(&x[0, 0], &w[0, 0], qtype, &out[0, 0], n, rows, cols, bb,
                      &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], &bad[0], threads)
@@ -437,7 +433,7 @@ def matvec_many_into(const float[:, ::1] x, list ws, int qtype, float[:, ::1] ou
     cdef float[:, ::1] dq = np.empty((tasks, nb), dtype=np.float32)
     cdef float[:, ::1] fb = np.empty((tasks, 16 * nb), dtype=np.float32)
     cdef uint8_t[::1] bad = np.empty(tasks, dtype=np.uint8)   # row holds a NaN / Inf
-    cdef float[::1] acc = _thread_scratch(threads, nb)
+    cdef float[::1] acc = _thread_scratch(threads)
     with nogil:
         _matvec_many_core(&x[0, 0], <const uint8_t **>&pv[0], qtype, &out[0, 0], tasks, rows, cols, bb,
                           &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], &bad[0], threads)
@@ -499,7 +495,7 @@ def moe_decode_into(const float[:, ::1] h, list gates, list ups, list downs, int
     cdef float[:, ::1] gu = np.empty((2 * k, ff), dtype=np.float32)
     cdef float[:, ::1] act = np.empty((k, ff), dtype=np.float32)
     cdef uint8_t[::1] bad = np.zeros(1 + k, dtype=np.uint8)
-    cdef float[::1] acc = _thread_scratch(threads, max(nbe, nbf))
+    cdef float[::1] acc = _thread_scratch(threads)
     with nogil:
         _moe_decode_core(&h[0, 0], <const uint8_t **>&pv[0], qtype_gu, <const uint8_t **>&pv[2 * k], qtype_d,
                          &weights[0], k, E, ff, &qs[0], &dq[0], &fb[0], &gu[0, 0], &act[0, 0], &y[0, 0],

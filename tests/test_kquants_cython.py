@@ -57,6 +57,7 @@ SHAPES = [
     (17, 14336, 1),
     (3, 1280, 64),
     (129, 768, 2),
+    (5, 17920, 3),  # 70 blocks a row: the kernel converts block scales 64 blocks at a time
 ]
 
 
@@ -100,7 +101,8 @@ def test_tiling_does_not_change_results():
     expected = matmul_q8_ref(x, raw, T.Q4_K, (40, 4096))
     saved = _kquants._tuning()
     try:
-        for wr, l1_act, l1_max in [(1, 1, 1), (3, 2000, 1), (16, 16384, 1 << 30)]:
+        # wr = 20: a group of more than 16 rows is summed in two reduction trees
+        for wr, l1_act, l1_max in [(1, 1, 1), (3, 2000, 1), (16, 16384, 1 << 30), (20, 16384, 1 << 30)]:
             _kquants._tuning(wr, l1_act, l1_max)
             assert nmse(_run(x, raw, T.Q4_K), expected) < Q8_NMSE
     finally:

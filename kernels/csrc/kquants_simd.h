@@ -231,46 +231,53 @@ WS_AI void ws_unpack_q6k(const uint8_t *b, const float *dm, ws_ublk *u) {
     u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)), _mm512_set1_ps(dm[1]));
 }
 
-/* dm[2j], dm[2j + 1] for block j < nblocks of w (consecutive blocks: a group's rows are
-   contiguous): d and the factor of the constant term g as floats, an Inf made NaN
-   (ws_inf_to_nan): Q2_K / Q4_K / Q5_K (d, dmin), Q3_K (d, 4d), Q6_K (d, 32d) (x4 and x32 are
-   exact). Made once per group of weight rows, before its blocks are unpacked: converting 8 blocks'
-   halves with one vcvtph2ps here, instead of a broadcast, a conversion, the Inf fix-up and two
-   permutes in every block's unpack (again for every activation tile), frees ~6 of the ~32
-   vector-port uops a Q2_K block costs at n = 1. dm holds 2 * nblocks + 16 floats (the last
-   conversion writes whole groups of 8 blocks). */
-static void ws_kq_scales(int qtype, const uint8_t *w, int64_t nblocks, float *dm) {
+/* dm[2j], dm[2j + 1] for block j < nblocks of w (consecutive blocks of one row): d and the factor
+   of the constant term g as floats, an Inf made NaN (ws_inf_to_nan): Q2_K / Q4_K / Q5_K (d, dmin),
+   Q3_K (d, 4d), Q6_K (d, 32d) (x4 and x32 are exact). ws_kq_rows_avx makes them for a row's
+   blocks before unpacking them: one gather and one vcvtph2ps per 8 blocks instead of a
+   broadcast, a conversion, the Inf fix-up and two permutes in every block's unpack (again for
+   every activation tile); llvm-mca (sapphirerapids) puts a Q2_K block at n = 1 at 12.5 cycles,
+   from 14.3. dm holds 2 * nblocks + 16 floats (whole groups of 8 blocks are written). */
+#define WS_KQ_DM_CHUNK 64   /* blocks whose scales ws_kq_rows_avx converts at a time */
+
+static inline void ws_kq_scales(int qtype, const uint8_t *w, int64_t nblocks, float *dm) {
     const int bb = ws_block_bytes(qtype);
     const int pair = qtype == WS_Q2_K || qtype == WS_Q4_K || qtype == WS_Q5_K;
-    const int off = qtype == WS_Q2_K ? 80 : qtype == WS_Q3_K ? 108 : qtype == WS_Q6_K ? 208 : 0;
+    /* the 32 bits gathered per block: (d, dmin), or for the d-only types the 16 bits before d and
+       d (d is the block's last field: reading past it could cross the end of the matrix) */
+    const int off = qtype == WS_Q2_K ? 80 : qtype == WS_Q3_K ? 106 : qtype == WS_Q6_K ? 206 : 0;
     const float k = qtype == WS_Q3_K ? 4.0f : 32.0f;   /* d-only types: g's factor over d */
     const __m512 second = pair ? _mm512_set1_ps(1.0f)
                                : _mm512_set_ps(k, 1, k, 1, k, 1, k, 1, k, 1, k, 1, k, 1, k, 1);
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bb));
     for (int64_t j0 = 0; j0 < nblocks; j0 += 8) {
-        uint32_t raw[8] __attribute__((aligned(32))) = {0};
+        /* one gather of 8 blocks' halves (scalar stores read back as a vector would stall on
+           store forwarding), masked at the end of the group */
         const int64_t m = nblocks - j0 < 8 ? nblocks - j0 : 8;
-        for (int64_t j = 0; j < m; j++) {   /* (d, dmin) or (d, d) as two halves */
-            const uint8_t *blk = w + (j0 + j) * bb + off;
-            raw[j] = pair ? ws_load_u32(blk) : (uint32_t)ws_load_u16(blk) * 0x10001u;
-        }
-        __m512 f = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)raw));
+        const __mmask8 valid = (__mmask8)((1u << m) - 1u);
+        __m256i raw = _mm256_mmask_i32gather_epi32(_mm256_setzero_si256(), valid, idx,
+                                                   (const void *)(w + j0 * bb + off), 1);
+        if (!pair)   /* (d, d): d from the upper half into both */
+            raw = _mm256_or_si256(_mm256_srli_epi32(raw, 16), _mm256_and_si256(raw, _mm256_set1_epi32((int)0xFFFF0000u)));
+        __m512 f = _mm512_cvtph_ps(raw);
         f = _mm512_add_ps(_mm512_sub_ps(f, f), f);   /* Inf -> NaN: ws_inf_to_nan */
         _mm512_storeu_ps(dm + 2 * j0, _mm512_mul_ps(f, second));
     }
 }
 
 /* nbk blocks of one weight row times nr activation rows: the 16-lane partial sums of row r go to
-   accbuf + 16 r, added to what is there unless first. dm: the row's first block's (d, g factor)
-   pair (ws_kq_scales). ws_kq_reduce16 sums the lanes once a group's rows are done: one reduction
+   accbuf + 16 r, added to what is there unless first. ws_kq_reduce16 sums the lanes once a
+   group's rows are done: one reduction
    tree for 16 weight rows instead of a horizontal sum per row (~30 cycles a row: as much as
    three Q2_K blocks, the whole row of a 768-wide expert down projection).
    qtype and nr are compile-time constants at every call site, so the switches fold away. */
 WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a,
-                          const int nr, const float *dm, float *accbuf, int first) {
+                          const int nr, float *accbuf, int first) {
     const int bb = ws_block_bytes(qtype);
     /* scale and min terms: two accumulators (two short dependency chains) when few rows */
     const int split = nr <= 4;
     __m512 acc[WS_KQ_NRMAX], accm[WS_KQ_NRMAX];
+    float dm[2 * WS_KQ_DM_CHUNK + 16] __attribute__((aligned(64)));
     for (int r = 0; r < nr; r++) {
         acc[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(accbuf + 16 * r);
         accm[r] = _mm512_setzero_ps();
@@ -278,6 +285,11 @@ WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const 
     for (int64_t ib = 0; ib < nbk; ib++) {
         ws_ublk u;
         const uint8_t *blk = w + ib * bb;
+        /* the row's block scales as floats, a chunk at a time, just before its blocks: the
+           gather then finds the lines the prefetch below asked for a row earlier */
+        if (ib % WS_KQ_DM_CHUNK == 0)
+            ws_kq_scales(qtype, blk, nbk - ib < WS_KQ_DM_CHUNK ? nbk - ib : WS_KQ_DM_CHUNK, dm);
+        const float *bdm = dm + 2 * (ib % WS_KQ_DM_CHUNK);
         /* software prefetch: one core's hardware prefetcher keeps too few lines in flight to
            stream weights at the memory's rate (measured: Q2_K 14336x4096 cold 4.0 ms without,
            see bench/RESULTS.md); the rows of a group are contiguous, so w + distance is what
@@ -285,11 +297,11 @@ WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const 
         for (int o = 0; o < bb; o += 64)
             _mm_prefetch((const char *)blk + WS_KQ_PREFETCH + o, _MM_HINT_T0);
         switch (qtype) {
-        case WS_Q2_K: ws_unpack_q2k(blk, dm + 2 * ib, &u); break;
-        case WS_Q3_K: ws_unpack_q3k(blk, dm + 2 * ib, &u); break;
-        case WS_Q4_K: ws_unpack_q4k(blk, dm + 2 * ib, &u); break;
-        case WS_Q5_K: ws_unpack_q5k(blk, dm + 2 * ib, &u); break;
-        default:      ws_unpack_q6k(blk, dm + 2 * ib, &u); break;
+        case WS_Q2_K: ws_unpack_q2k(blk, bdm, &u); break;
+        case WS_Q3_K: ws_unpack_q3k(blk, bdm, &u); break;
+        case WS_Q4_K: ws_unpack_q4k(blk, bdm, &u); break;
+        case WS_Q5_K: ws_unpack_q5k(blk, bdm, &u); break;
+        default:      ws_unpack_q6k(blk, bdm, &u); break;
         }
         for (int r = 0; r < nr; r++) {
             const int8_t *x = a->qx + r * a->qx_stride + 256 * ib;
@@ -344,12 +356,12 @@ static inline void ws_kq_reduce16(const float *v, int64_t vstride, int m, float 
 
 #define WS_KQ_NR_CASES(QT) \
     switch (nr) { \
-    case 1: ws_kq_rows_avx(QT, w, nbk, a, 1, dm, accbuf, first); break; \
-    case 2: ws_kq_rows_avx(QT, w, nbk, a, 2, dm, accbuf, first); break; \
-    case 3: ws_kq_rows_avx(QT, w, nbk, a, 3, dm, accbuf, first); break; \
-    case 4: ws_kq_rows_avx(QT, w, nbk, a, 4, dm, accbuf, first); break; \
-    case 5: ws_kq_rows_avx(QT, w, nbk, a, 5, dm, accbuf, first); break; \
-    default: ws_kq_rows_avx(QT, w, nbk, a, 6, dm, accbuf, first); break; \
+    case 1: ws_kq_rows_avx(QT, w, nbk, a, 1, accbuf, first); break; \
+    case 2: ws_kq_rows_avx(QT, w, nbk, a, 2, accbuf, first); break; \
+    case 3: ws_kq_rows_avx(QT, w, nbk, a, 3, accbuf, first); break; \
+    case 4: ws_kq_rows_avx(QT, w, nbk, a, 4, accbuf, first); break; \
+    case 5: ws_kq_rows_avx(QT, w, nbk, a, 5, accbuf, first); break; \
+    default: ws_kq_rows_avx(QT, w, nbk, a, 6, accbuf, first); break; \
     }
 
 #else  /* portable scalar path */
@@ -445,11 +457,6 @@ static void ws_kq_rows_scalar(int qtype, const uint8_t *w, int64_t nbk, const ws
     }
 }
 
-/* the scales stay in the blocks: the scalar unpack reads them */
-static void ws_kq_scales(int qtype, const uint8_t *w, int64_t nblocks, float *dm) {
-    (void)qtype; (void)w; (void)nblocks; (void)dm;
-}
-
 /* out[j] = the sum of the 16 floats at v + j * vstride, j < m (lane order) */
 static inline void ws_kq_reduce16(const float *v, int64_t vstride, int m, float *out) {
     for (int j = 0; j < m; j++) {
@@ -462,10 +469,10 @@ static inline void ws_kq_reduce16(const float *v, int64_t vstride, int m, float 
 #endif
 
 /* W_row . x_r over nbk blocks for r < nr (1..WS_KQ_NRMAX), as ws_kq_rows_avx above: accbuf holds
-   16 partial sums per activation row, summed by ws_kq_reduce16 once the row's blocks are done.
-   dm: the (d, g factor) pairs of the row's blocks from ws_kq_scales (unused by the scalar path). */
+   16 partial sums per activation row, summed by ws_kq_reduce16 once the row's blocks are done
+   (the scalar path keeps its sum in lane 0, zeros in the others). */
 static void ws_kq_rows(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a, int nr,
-                       const float *dm, float *accbuf, int first) {
+                       float *accbuf, int first) {
 #if WS_KQ_AVX512
     switch (qtype) {
     case WS_Q2_K: WS_KQ_NR_CASES(WS_Q2_K); break;
@@ -475,7 +482,6 @@ static void ws_kq_rows(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act
     default:      WS_KQ_NR_CASES(WS_Q6_K); break;
     }
 #else
-    (void)dm;
     ws_kq_rows_scalar(qtype, w, nbk, a, nr, accbuf, first);
 #endif
 }
