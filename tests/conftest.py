@@ -1,8 +1,9 @@
 """Shared fixtures. Everything is offline: no test may reach a model hub.
 
-Under pytest-xdist (the README's command: `python -m pytest -q -n 2 --dist loadgroup`) this file
-also shares the machine between the workers: each worker runs on its own cores, and tests that
-use machine-wide resources run one after another on one worker (MACHINE_WIDE below)."""
+Under pytest-xdist (the README's command: `python -m pytest -q -n 2 --dist loadgroup
+--no-loadscope-reorder`) this file also shares the machine between the workers: each worker runs on
+its own cores, tests that use machine-wide resources run one after another on one worker
+(MACHINE_WIDE below), and the longest files start first (LONGEST_FIRST)."""
 import os
 
 # (tests/__init__.py, imported before this file, keeps the repository root from hiding installed packages)
@@ -52,13 +53,34 @@ def _share_the_cores() -> tuple[set[int], set[int]] | None:
 CORES = _share_the_cores()
 
 
+# The longest groups, longest first (seconds on one core of CI's 2, 2-worker run of 2026-12-06).
+# A worker takes the next group when it finishes one, so the long ones must start first, or one
+# of them ends alone at the end with the other worker idle. xdist's own order (most tests first,
+# turned off by the README's --no-loadscope-reorder) put the wheel build and Ray near the end.
+LONGEST_FIRST = [
+    "machine-wide",  # ~280 s: Ray clusters, netns machines, waits for Ray's health checks
+    "test_quantize_model.py",  # ~220 s: quantizes and runs four MoE architectures
+    "test_packaging.py",  # ~160 s: compiles the wheel's five Cython modules
+    "test_smollm2.py",  # ~110 s: transformers' SmolLM2 reference
+    "test_architectures.py",
+    "test_qwen35_hybrid.py",
+    "test_fused_moe.py",
+]
+
+
 def pytest_collection_modifyitems(config, items):
     """Under `--dist loadgroup` an xdist_group is the unit a worker takes: each file is one (its
     module fixtures, e.g. a converted model, built once, as without xdist; a file's tests in their
-    order), and the MACHINE_WIDE files share one."""
+    order), and the MACHINE_WIDE files share one. Under xdist the groups of LONGEST_FIRST go first
+    (every worker sorts the same way, as xdist requires); the rest keep their order."""
+    group = {}
     for item in items:
         name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("machine-wide" if name in MACHINE_WIDE else name))
+        group[item] = "machine-wide" if name in MACHINE_WIDE else name
+        item.add_marker(pytest.mark.xdist_group(group[item]))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(group[item], len(rank)))  # stable: file order kept within
 
 
 @pytest.fixture(scope="module", autouse=True)

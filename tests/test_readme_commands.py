@@ -22,7 +22,7 @@ SERVES = ("a server: runs until stopped (tests/test_serve.py runs `weightstream 
 SKIPPED = {
     "pip install -e .": "network: installs the package (the test runs from an installed checkout)",
     'pip install -e ".[test,distributed]"': "network: installs the extras",
-    "python -m pytest -q -n 2 --dist loadgroup": "the whole test suite, this test included",
+    "python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder": "the whole test suite, this test included",
     "weightstream demo": "96 tokens under the streaming budget: a minute on a shared core; "
                          "tests/test_cli.py runs the same demo with -n 12",
     "weightstream demo --moe": "big model: writes a 2.3 GB synthetic MoE (tests/test_cli.py runs it with -n 4)",
