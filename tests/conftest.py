@@ -53,18 +53,21 @@ def _share_the_cores() -> tuple[set[int], set[int]] | None:
 CORES = _share_the_cores()
 
 
-# The longest groups, longest first (seconds on one core of CI's 2, 2-worker run of 2026-12-06).
-# A worker takes the next group when it finishes one, so the long ones must start first, or one
-# of them ends alone at the end with the other worker idle. xdist's own order (most tests first,
-# turned off by the README's --no-loadscope-reorder) put the wheel build and Ray near the end.
+# The longest groups, longest first: seconds of test time per group in a 2-worker run (2026-12-06,
+# junit times, one core each, a shared machine). A worker takes the next group when it has almost
+# none left, so the long ones must start first, or one ends alone with the other worker idle.
+# xdist's own order (most tests first, turned off by the README's --no-loadscope-reorder) left the
+# Ray/netns group and the wheel build to the end.
 LONGEST_FIRST = [
-    "machine-wide",  # ~280 s: Ray clusters, netns machines, waits for Ray's health checks
-    "test_quantize_model.py",  # ~220 s: quantizes and runs four MoE architectures
-    "test_packaging.py",  # ~160 s: compiles the wheel's five Cython modules
-    "test_smollm2.py",  # ~110 s: transformers' SmolLM2 reference
-    "test_architectures.py",
-    "test_qwen35_hybrid.py",
-    "test_fused_moe.py",
+    "test_architectures.py",  # 456: transformers references of every architecture
+    "machine-wide",  # ~300: Ray clusters, netns machines (waits for Ray's health checks), cgroup, chromium
+    "test_convert.py",  # 183
+    "test_quantize_model.py",  # 179: quantizes and runs four MoE architectures
+    "test_smollm2.py",  # 171: transformers' SmolLM2 reference
+    "test_packaging.py",  # 151: compiles the wheel's five Cython modules
+    "test_qwen35_hybrid.py",  # 147
+    "test_streaming.py",  # 115
+    "test_expert_store.py",  # 93
 ]
 
 
