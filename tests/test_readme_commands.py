@@ -22,7 +22,7 @@ SERVES = ("a server: runs until stopped (tests/test_serve.py runs `weightstream 
 SKIPPED = {
     "pip install -e .": "network: installs the package (the test runs from an installed checkout)",
     'pip install -e ".[test,distributed]"': "network: installs the extras",
-    "python -m pytest -q": "the whole test suite, this test included",
+    "python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder": "the whole test suite, this test included",
     "weightstream demo": "96 tokens under the streaming budget: a minute on a shared core; "
                          "tests/test_cli.py runs the same demo with -n 12",
     "weightstream demo --moe": "big model: writes a 2.3 GB synthetic MoE (tests/test_cli.py runs it with -n 4)",
@@ -67,6 +67,15 @@ def readme_commands() -> list[str]:
 
 
 COMMANDS = readme_commands()
+
+
+def test_ci_runs_the_readmes_install_and_test_command():
+    """.ci/run is what CI runs on a fresh clone: the README's test command, so that what the
+    README tells a contributor to run is what CI proves passes (workers, --dist included)."""
+    shown = re.search(r'^pip install -e "\.\[test,distributed\]" && python -m pytest .*$', README, re.M)
+    assert shown, "README.md: no `pip install -e \".[test,distributed]\" && python -m pytest ...` line"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert shown.group(0) in ci.splitlines(), f".ci/run does not run the README's line {shown.group(0)!r}"
 
 
 def test_extraction_found_the_commands():
