@@ -12,6 +12,9 @@ the reference these are tested against (tests/test_ops_cython.py).
     swiglu_into(gate, up, out)               out = silu(gate) * up
     attend_one(q, k_cache, v_cache, n_kv, scale, out, scratch, threads)
                                              one query position against n_kv cached positions
+    attend_causal(q, k_cache, v_cache, positions, scale, out, scratch, threads)
+                                             prefill: each query position against the cache up
+                                             to its own position
     attention_decode(qkv, ...)               one token's attention block between its two
                                              projections: Q/K norms, RoPE, the cache write,
                                              attention, the output gate
@@ -27,7 +30,7 @@ attention dot products and exp run in float SIMD lanes; so results agree with Nu
 rounding, not bit for bit.
 """
 
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.math cimport expf
 from libc.stdint cimport int64_t, uint32_t
 
@@ -285,3 +288,37 @@ def attention_decode(const float[:, ::1] qkv, Py_ssize_t heads, Py_ssize_t kv_he
                        &scratch[h, 0], &out[h, 0])
         if gated:
             ws_sigmoid_gate_row(&out[h, 0], &qkv[0, h * qw + hd], hd)
+
+
+def attend_causal(const float[:, :, ::1] q, const float[:, :, ::1] k_cache, const float[:, :, ::1] v_cache,
+                  const int64_t[::1] positions, float scale, float[:, :, ::1] out, float[:, ::1] scratch,
+                  int threads=1):
+    """Prefill attention: out[i, h] = attend_one's result for query q[i, h] over the cached
+    positions 0..positions[i] (causal; the caches already hold the call's own keys and values).
+    Each (token, head) pair is one attend_one row, so a prefill token gets the bits a decode step
+    at its position would; the pairs are spread over the threads round robin (later positions read
+    more keys). q, out: float32[n, heads, head_dim]; caches float32[n_ctx, kv_heads, head_dim];
+    scratch: float32[>= threads, >= max(positions) + 1] (each thread's scores)."""
+    cdef Py_ssize_t n = q.shape[0], heads = q.shape[1], hd = q.shape[2], kvh = k_cache.shape[1]
+    cdef Py_ssize_t i, h, j, top = -1
+    _check(kvh > 0 and heads % kvh == 0, f"attend_causal: {heads} query heads over {kvh} kv heads")
+    _check(k_cache.shape[2] == hd and v_cache.shape[1] == kvh and v_cache.shape[2] == hd
+           and v_cache.shape[0] == k_cache.shape[0],
+           f"attend_causal: caches [{k_cache.shape[0]}, {kvh}, {k_cache.shape[2]}] / "
+           f"[{v_cache.shape[0]}, {v_cache.shape[1]}, {v_cache.shape[2]}] for head_dim {hd}")
+    _check(positions.shape[0] == n and out.shape[0] == n and out.shape[1] == heads and out.shape[2] == hd,
+           f"attend_causal: {positions.shape[0]} positions, out [{out.shape[0]}, {out.shape[1]}, "
+           f"{out.shape[2]}] for q [{n}, {heads}, {hd}]")
+    _check(threads >= 1, f"attend_causal: threads must be >= 1, got {threads}")
+    for i in range(n):
+        _check(0 <= positions[i] < k_cache.shape[0],
+               f"attend_causal: position {positions[i]} outside the cache's {k_cache.shape[0]}")
+        top = max(top, positions[i])
+    _check(scratch.shape[0] >= threads and scratch.shape[1] > top,
+           f"attend_causal: scratch [{scratch.shape[0]}, {scratch.shape[1]}] < [{threads}, {top + 1}]")
+    cdef Py_ssize_t group = heads // kvh, stride = kvh * hd
+    for j in prange(n * heads, nogil=True, num_threads=threads, schedule="static", chunksize=1):
+        i = j // heads
+        h = j % heads
+        ws_attend_head(&q[i, h, 0], &k_cache[0, h // group, 0], &v_cache[0, h // group, 0],
+                       positions[i] + 1, stride, hd, scale, &scratch[threadid(), 0], &out[i, h, 0])

@@ -185,3 +185,34 @@ def test_attention_decode_names_bad_shapes():
         _ops.attention_decode(np.zeros((1, 64), np.float32), 4, 2, False, np.ones(5, np.float32),
                               np.ones(8, np.float32), False, 1e-6, 0, rope.cos, rope.sin, 8, True, kc,
                               kc.copy(), 1.0, **args)
+
+
+@pytest.mark.parametrize("heads,kv_heads,threads", [(8, 2, 1), (4, 4, 2), (6, 3, 3)])
+def test_attend_causal_is_attend_one_per_token(heads, kv_heads, threads):
+    """Prefill attention: each (token, head) == attend_one at that token's position, bit for bit,
+    and == NumPy's masked softmax attention to float rounding."""
+    n, hd, start, n_ctx = 7, 32, 5, 16
+    rng = np.random.default_rng([heads, kv_heads, threads])
+    q = rng.standard_normal((n, heads, hd), dtype=np.float32)
+    kc = rng.standard_normal((n_ctx, kv_heads, hd), dtype=np.float32)
+    vc = rng.standard_normal((n_ctx, kv_heads, hd), dtype=np.float32)
+    positions = np.arange(start, start + n, dtype=np.int64)
+    out = np.empty_like(q)
+    _ops.attend_causal(q, kc, vc, positions, 0.3, out, np.empty((threads, n_ctx), np.float32), threads)
+    g = heads // kv_heads
+    for i, p in enumerate(positions):
+        one = np.empty((heads, hd), np.float32)
+        _ops.attend_one(q[i], kc, vc, p + 1, 0.3, one, np.empty((heads, n_ctx), np.float32))
+        assert np.array_equal(out[i], one)
+        keys, values = np.repeat(kc[:p + 1], g, axis=1), np.repeat(vc[:p + 1], g, axis=1)  # [T, heads, hd]
+        probs = softmax(np.einsum("hd,thd->ht", q[i], keys) * np.float32(0.3))
+        assert close(out[i], np.einsum("ht,thd->hd", probs, values))
+
+
+def test_attend_causal_names_bad_input():
+    q = np.zeros((2, 4, 8), np.float32)
+    kc = np.zeros((4, 2, 8), np.float32)
+    with pytest.raises(ValueError, match="position 4 outside the cache's 4"):
+        _ops.attend_causal(q, kc, kc.copy(), np.array([3, 4]), 1.0, q.copy(), np.zeros((1, 8), np.float32))
+    with pytest.raises(ValueError, match=r"scratch \[1, 2\] < \[2, 4\]"):
+        _ops.attend_causal(q, kc, kc.copy(), np.array([2, 3]), 1.0, q.copy(), np.zeros((1, 2), np.float32), 2)

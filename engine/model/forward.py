@@ -21,7 +21,7 @@ import numpy as np
 from ... import kernels
 from ...kernels import QTensor, _deltanet, _ops
 from ...kernels.blas import one_blas_thread
-from ...kernels.reference.ops import Rope, sigmoid, softmax
+from ...kernels.reference.ops import Rope, sigmoid
 
 from .config import ROPE_NEOX, ModelConfig
 from .experts import ExpertSource, ResidentExperts
@@ -210,18 +210,12 @@ class Model:
         cache = self.states[i]
         cache.k[start:end] = k
         cache.v[start:end] = v
-        # prefill: the scores, mask and probabilities [Hkv, g, n, T] are allocated per call (the
-        # budget counts them: work_buffers' "prefill_scores"); held, they would take n_batch times
-        # a decode step's
-        keys, values = cache.k[:end], cache.v[:end]  # [T, Hkv, D]
-        g = H // Hkv  # query heads per kv head
-        qh = q.reshape(n, Hkv, g, D).transpose(1, 2, 0, 3)  # [Hkv, g, n, D]
-        scores = (qh @ keys.transpose(1, 2, 0)[:, None]) * self.scale  # [Hkv, g, n, T]
-        mask = np.arange(end)[None, :] > positions[:, None]  # [n, T] causal: position p sees keys 0..p
-        scores = np.where(mask, np.float32(-np.inf), scores)
-        probs = softmax(scores)
-        out = probs @ values.transpose(1, 0, 2)[:, None]  # [Hkv, g, n, D]
-        out = out.transpose(2, 0, 1, 3).reshape(n, H * D)
+        # prefill: every (token, head) against the cache up to the token's position, threaded, as
+        # a decode step would at that position; the scores need a row per thread
+        out = self.work.take("attn", n, H * D)
+        t = self.kernel_threads
+        scores = self.attn_scores if t <= H else np.empty((t, self.n_ctx), dtype=np.float32)
+        _ops.attend_causal(q, cache.k, cache.v, positions, self.scale, out.reshape(n, H, D), scores, t)
         if gate is not None:
             out *= sigmoid(gate)
         return L.wo(out, self.work.take("attn_proj", n, cfg.n_embd))

@@ -45,7 +45,7 @@ def work_buffers(cfg: ModelConfig, n_batch: int, n_ctx: int) -> list[Buffer]:
         Buffer("q", (n, H * D), True),  # Q apart from its gates (prefill, gated); decode: Q normed and rotated
         *linear_attention_buffers(cfg, n),
         Buffer("attn", (n, H * D), True),  # attention output, before attn_output
-        Buffer("scores", (H, n_ctx), True),  # one-token attention's scores per head
+        Buffer("scores", (H, n_ctx), True),  # attention's scores: per head (decode), per thread (prefill)
         Buffer("attn_proj", (n, E), True),  # attn_output's result, added to the residual
         Buffer("gate_up", (m, 2 * ff), True),  # gate then up rows (of every expert, batched decode)
         Buffer("act", (m, ff), True),  # SwiGLU output
@@ -56,7 +56,6 @@ def work_buffers(cfg: ModelConfig, n_batch: int, n_ctx: int) -> list[Buffer]:
         Buffer("router_probs", (n, cfg.n_expert), True),  # the router's logits, then probabilities
         Buffer("residual", (n, E), False),  # embed's rows: the residual stream of the call
         Buffer("qk_copies", (n, (H + Hkv) * D), False),  # prefill: Q and K made contiguous
-        Buffer("prefill_scores", (3 * H * n, n_ctx), False),  # prefill: scores, mask, probabilities
         Buffer("experts_rows", (n * k, E), False),  # prefill: each expert's outputs on its rows
         Buffer("logits", (n, V), False),  # returned to the caller, every position with all_logits
     ]

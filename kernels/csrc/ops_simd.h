@@ -16,6 +16,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 /* exp(x) in float: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial
  * (expf's coefficients), 2^n from exponent bits. Within 2 ulp of expf on [-87, 88]; below -87
@@ -97,16 +100,52 @@ static inline void ws_swiglu_row(const float *gate, const float *up, int64_t m, 
     }
 }
 
+/* scores[t] = scale * (q . k_t) for t < n_kv, k_t = k + t * row_stride. With AVX-512 and hd a
+ * multiple of 16, four keys at a time: four independent FMA chains where one dot product alone
+ * is a chain of hd / 16 dependent FMAs (~4 multiply-adds a cycle; prefill attention of 512 tokens
+ * spent ~80 ms a layer there); each key's 16 lanes are summed in one fixed order either way. */
+static inline void ws_scores(const float *q, const float *k, int64_t n_kv, int64_t row_stride,
+                             int64_t hd, float scale, float *scores) {
+    int64_t t = 0;
+#if defined(__AVX512F__)
+    if (hd % 16 == 0) {
+        for (; t + 4 <= n_kv; t += 4) {
+            const float *k0 = k + t * row_stride;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t d = 0; d < hd; d += 16) {
+                const __m512 qv = _mm512_loadu_ps(q + d);
+                a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + d), a0);
+                a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + row_stride + d), a1);
+                a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + 2 * row_stride + d), a2);
+                a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + 3 * row_stride + d), a3);
+            }
+            scores[t] = _mm512_reduce_add_ps(a0) * scale;
+            scores[t + 1] = _mm512_reduce_add_ps(a1) * scale;
+            scores[t + 2] = _mm512_reduce_add_ps(a2) * scale;
+            scores[t + 3] = _mm512_reduce_add_ps(a3) * scale;
+        }
+        for (; t < n_kv; t++) {
+            const float *kt = k + t * row_stride;
+            __m512 a = _mm512_setzero_ps();
+            for (int64_t d = 0; d < hd; d += 16)
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(kt + d), a);
+            scores[t] = _mm512_reduce_add_ps(a) * scale;
+        }
+        return;
+    }
+#endif
+    for (; t < n_kv; t++)
+        scores[t] = ws_dot(q, k + t * row_stride, hd) * scale;
+}
+
 /* softmax(scale * K q) . V for one head: k, v point at the head's first cached vector, the next
  * position row_stride floats further; scores: n_kv floats of scratch; out: hd floats */
 static inline void ws_attend_head(const float *q, const float *k, const float *v, int64_t n_kv,
                                   int64_t row_stride, int64_t hd, float scale, float *scores, float *out) {
     float m = -3.4e38f;
-    for (int64_t t = 0; t < n_kv; t++) {
-        float s = ws_dot(q, k + t * row_stride, hd) * scale;
-        scores[t] = s;
-        m = s > m ? s : m;
-    }
+    ws_scores(q, k, n_kv, row_stride, hd, scale, scores);
+    for (int64_t t = 0; t < n_kv; t++)
+        m = scores[t] > m ? scores[t] : m;
     double total = 0.0;
 #pragma omp simd reduction(+ : total)
     for (int64_t t = 0; t < n_kv; t++) {
