@@ -27,6 +27,7 @@
 #define WS_KQUANTS_SIMD_H
 
 #include "common.h"
+#include "sum16.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__F16C__)
@@ -331,27 +332,13 @@ WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const 
         _mm512_storeu_ps(accbuf + 16 * r, _mm512_sub_ps(acc[r], accm[r]));
 }
 
-/* out[j] = the sum of the 16 floats at v + j * vstride, j < m <= 16, by one tree of 46 shuffles
-   and adds for all 16 (levels: 256-bit halves, 128-bit quarters, pairs, single lanes). Vector
-   slot j is loaded from row ws_kq_tree_row[j] so the last level's lane i is row i (the tree
-   leaves lane i holding slot ws_kq_tree_row[i]; the order is its own inverse). Missing rows are
-   zeros. */
-static const int ws_kq_tree_row[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
-
+/* out[j] = the sum of the 16 floats at v + j * vstride, j < m <= 16 (sum16.h's tree; missing rows
+   are zeros) */
 static inline void ws_kq_reduce16(const float *v, int64_t vstride, int m, float *out) {
-    __m512 x[16], y[8], z[4], u[2];
-    for (int j = 0; j < 16; j++) {
-        const int row = ws_kq_tree_row[j];
-        x[j] = row < m ? _mm512_loadu_ps(v + row * vstride) : _mm512_setzero_ps();
-    }
-    for (int j = 0; j < 8; j++)
-        y[j] = _mm512_add_ps(_mm512_shuffle_f32x4(x[j], x[j + 8], 0x44), _mm512_shuffle_f32x4(x[j], x[j + 8], 0xEE));
-    for (int j = 0; j < 4; j++)
-        z[j] = _mm512_add_ps(_mm512_shuffle_f32x4(y[j], y[j + 4], 0x88), _mm512_shuffle_f32x4(y[j], y[j + 4], 0xDD));
-    for (int j = 0; j < 2; j++)
-        u[j] = _mm512_add_ps(_mm512_unpacklo_ps(z[j], z[j + 2]), _mm512_unpackhi_ps(z[j], z[j + 2]));
-    const __m512 sum = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x44), _mm512_shuffle_ps(u[0], u[1], 0xEE));
-    _mm512_mask_storeu_ps(out, (__mmask16)((1u << m) - 1u), sum);
+    __m512 x[16];
+    for (int j = 0; j < 16; j++)
+        x[j] = j < m ? _mm512_loadu_ps(v + j * vstride) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(out, (__mmask16)((1u << m) - 1u), ws_sum16(x));
 }
 
 #define WS_KQ_NR_CASES(QT) \

@@ -16,9 +16,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "sum16.h"
 
 /* exp(x) in float: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial
  * (expf's coefficients), 2^n from exponent bits. Within 2 ulp of expf on [-87, 88]; below -87
@@ -101,41 +99,46 @@ static inline void ws_swiglu_row(const float *gate, const float *up, int64_t m, 
 }
 
 /* scores[t] = scale * (q . k_t) for t < n_kv, k_t = k + t * row_stride. With AVX-512 and hd a
- * multiple of 16, four keys at a time: four independent FMA chains where one dot product alone
- * is a chain of hd / 16 dependent FMAs (~4 multiply-adds a cycle; prefill attention of 512 tokens
- * spent ~80 ms a layer there); each key's 16 lanes are summed in one fixed order either way. */
+ * multiple of 16, 16 keys at a time: 16 independent FMA chains (one dot product alone is a chain of
+ * hd / 16 dependent FMAs: ~4 multiply-adds a cycle; prefill attention of 512 tokens spent ~80 ms a
+ * layer there), their lanes summed by one tree (sum16.h) instead of a horizontal sum per key;
+ * the last n_kv % 16 keys as zeros in the same tree, so every key's sum has the same order. */
 static inline void ws_scores(const float *q, const float *k, int64_t n_kv, int64_t row_stride,
                              int64_t hd, float scale, float *scores) {
-    int64_t t = 0;
 #if defined(__AVX512F__)
     if (hd % 16 == 0) {
-        for (; t + 4 <= n_kv; t += 4) {
+        const __m512 vscale = _mm512_set1_ps(scale);
+        for (int64_t t = 0; t < n_kv; t += 16) {
+            const int m = n_kv - t < 16 ? (int)(n_kv - t) : 16;
             const float *k0 = k + t * row_stride;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            __m512 acc[16];
+            for (int j = 0; j < 16; j++)
+                acc[j] = _mm512_setzero_ps();
             for (int64_t d = 0; d < hd; d += 16) {
                 const __m512 qv = _mm512_loadu_ps(q + d);
-                a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + d), a0);
-                a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + row_stride + d), a1);
-                a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + 2 * row_stride + d), a2);
-                a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + 3 * row_stride + d), a3);
+                for (int j = 0; j < 16; j++)
+                    if (j < m)
+                        acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + j * row_stride + d), acc[j]);
             }
-            scores[t] = _mm512_reduce_add_ps(a0) * scale;
-            scores[t + 1] = _mm512_reduce_add_ps(a1) * scale;
-            scores[t + 2] = _mm512_reduce_add_ps(a2) * scale;
-            scores[t + 3] = _mm512_reduce_add_ps(a3) * scale;
-        }
-        for (; t < n_kv; t++) {
-            const float *kt = k + t * row_stride;
-            __m512 a = _mm512_setzero_ps();
-            for (int64_t d = 0; d < hd; d += 16)
-                a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(kt + d), a);
-            scores[t] = _mm512_reduce_add_ps(a) * scale;
+            _mm512_mask_storeu_ps(scores + t, (__mmask16)((1u << m) - 1u), _mm512_mul_ps(ws_sum16(acc), vscale));
         }
         return;
     }
 #endif
-    for (; t < n_kv; t++)
+    for (int64_t t = 0; t < n_kv; t++)
         scores[t] = ws_dot(q, k + t * row_stride, hd) * scale;
+}
+
+/* out[i] = exp(x[i] - m) for i < n (out may be x); returns their sum, in double */
+static inline double ws_exp_sum(const float *x, int64_t n, float m, float *out) {
+    double total = 0.0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < n; i++) {
+        float p = ws_expf(x[i] - m);
+        out[i] = p;
+        total += p;
+    }
+    return total;
 }
 
 /* softmax(scale * K q) . V for one head: k, v point at the head's first cached vector, the next
@@ -146,14 +149,7 @@ static inline void ws_attend_head(const float *q, const float *k, const float *v
     ws_scores(q, k, n_kv, row_stride, hd, scale, scores);
     for (int64_t t = 0; t < n_kv; t++)
         m = scores[t] > m ? scores[t] : m;
-    double total = 0.0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t t = 0; t < n_kv; t++) {
-        float p = ws_expf(scores[t] - m);
-        scores[t] = p;
-        total += p;
-    }
-    float inv = (float)(1.0 / total);
+    float inv = (float)(1.0 / ws_exp_sum(scores, n_kv, m, scores));
     for (int64_t d = 0; d < hd; d++)
         out[d] = 0.0f;
     for (int64_t t = 0; t < n_kv; t++) {
@@ -181,13 +177,7 @@ static inline void ws_softmax_row(const float *x, int64_t n, float *out) {
         m = x[i] > m ? x[i] : m;
         nan |= x[i] != x[i];
     }
-    double total = 0.0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t i = 0; i < n; i++) {
-        float p = ws_expf(x[i] - m);
-        out[i] = p;
-        total += p;
-    }
+    const double total = ws_exp_sum(x, n, m, out);
     float s = nan ? NAN : (float)total;
 #pragma omp simd
     for (int64_t i = 0; i < n; i++)

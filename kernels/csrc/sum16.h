@@ -1,0 +1,31 @@
+/* The sums of 16 zmm vectors' lanes as one zmm, by one shuffle tree (AVX-512 only).
+ *
+ * Lane i of ws_sum16(a) is the sum of a[i]'s 16 lanes, for all 16 at once: 46 shuffles and adds
+ * (levels: 256-bit halves, 128-bit quarters, pairs, single lanes) where 16 horizontal sums would
+ * take ~150 and a dependency chain each. The tree leaves lane i holding the sum of its input slot
+ * ws_sum16_slot[i]; the inputs are placed in that order (the order is its own inverse), so lane i
+ * is a[i]. One fixed order of additions: the same inputs give the same bits wherever it is used
+ * (the k-quant kernels' rows, attention scores). */
+#ifndef WS_SUM16_H
+#define WS_SUM16_H
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+static const int ws_sum16_slot[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+
+static inline __attribute__((always_inline)) __m512 ws_sum16(const __m512 a[16]) {
+    __m512 x[16], y[8], z[4], u[2];
+    for (int j = 0; j < 16; j++)
+        x[j] = a[ws_sum16_slot[j]];
+    for (int j = 0; j < 8; j++)
+        y[j] = _mm512_add_ps(_mm512_shuffle_f32x4(x[j], x[j + 8], 0x44), _mm512_shuffle_f32x4(x[j], x[j + 8], 0xEE));
+    for (int j = 0; j < 4; j++)
+        z[j] = _mm512_add_ps(_mm512_shuffle_f32x4(y[j], y[j + 4], 0x88), _mm512_shuffle_f32x4(y[j], y[j + 4], 0xDD));
+    for (int j = 0; j < 2; j++)
+        u[j] = _mm512_add_ps(_mm512_unpacklo_ps(z[j], z[j + 2]), _mm512_unpackhi_ps(z[j], z[j + 2]));
+    return _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x44), _mm512_shuffle_ps(u[0], u[1], 0xEE));
+}
+
+#endif
+#endif /* WS_SUM16_H */
