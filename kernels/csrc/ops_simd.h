@@ -141,6 +141,27 @@ static inline double ws_exp_sum(const float *x, int64_t n, float m, float *out) 
     return total;
 }
 
+#if defined(__AVX512F__)
+/* out[0..16 nv) = sum over t of (scores[t] * inv) * v_t, nv = 4 or 8 zmm kept in registers (a
+ * constant at each call once inlined), each lane a chain of FMAs in key order */
+static inline __attribute__((always_inline)) void ws_weighted_sum_regs(
+        const float *scores, float inv, const float *v, int64_t n_kv, int64_t row_stride, int nv, float *out) {
+    __m512 acc[8];
+    for (int c = 0; c < 8; c++)
+        acc[c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n_kv; t++) {
+        const float *vt = v + t * row_stride;
+        const __m512 p = _mm512_set1_ps(scores[t] * inv);
+        for (int c = 0; c < 8; c++)
+            if (c < nv)
+                acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vt + 16 * c), acc[c]);
+    }
+    for (int c = 0; c < 8; c++)
+        if (c < nv)
+            _mm512_storeu_ps(out + 16 * c, acc[c]);
+}
+#endif
+
 /* softmax(scale * K q) . V for one head: k, v point at the head's first cached vector, the next
  * position row_stride floats further; scores: n_kv floats of scratch; out: hd floats */
 static inline void ws_attend_head(const float *q, const float *k, const float *v, int64_t n_kv,
@@ -150,6 +171,12 @@ static inline void ws_attend_head(const float *q, const float *k, const float *v
     for (int64_t t = 0; t < n_kv; t++)
         m = scores[t] > m ? scores[t] : m;
     float inv = (float)(1.0 / ws_exp_sum(scores, n_kv, m, scores));
+#if defined(__AVX512F__)
+    if (hd == 64 || hd == 128) {   /* the output in registers across the keys, not stored per key */
+        ws_weighted_sum_regs(scores, inv, v, n_kv, row_stride, hd / 16, out);
+        return;
+    }
+#endif
     for (int64_t d = 0; d < hd; d++)
         out[d] = 0.0f;
     for (int64_t t = 0; t < n_kv; t++) {
