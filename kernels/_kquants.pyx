@@ -175,17 +175,16 @@ def quantize_q8_k_into(const float[:, ::1] x, bint permuted=False):
 
 cdef void _group(int qtype, const uint8_t *w, int64_t i0, int64_t i1, int64_t row_bytes,
                  int64_t bb, int64_t n, int64_t rows, int64_t cols, const int8_t *qs,
-                 const float *dq, const float *fb, float *scratch, float *out) noexcept nogil:
+                 const float *dq, const float *fb, float *accbuf, float *out) noexcept nogil:
     """Weight rows i0..i1 against all activation rows: tiles of up to WS_KQ_NRMAX (6) activation
     rows; each tile in block ranges whose activations stay in L1 while the group's rows pass over
-    them, the 16-lane partial sums of each (weight row, activation row) in scratch, summed 16
-    weight rows at a time (ws_kq_reduce16) when the tile's blocks are done. scratch: this
-    thread's _scratch_floats()."""
+    them, the 16-lane partial sums of each (weight row, activation row) in accbuf (this thread's
+    _scratch_floats(): [_WR][WS_KQ_NRMAX][16]), summed 16 weight rows at a time (ws_kq_reduce16)
+    when the tile's blocks are done."""
     cdef int64_t nb = cols // QK_K
     cdef int64_t r0 = 0, b0, nbk, kc, i, j0
     cdef int nr, r
     cdef ws_kq_act act
-    cdef float *accbuf = scratch    # [_WR][WS_KQ_NRMAX][16]
     act.qx_stride = cols
     act.dx_stride = nb
     act.fb_stride = 16 * nb
@@ -385,7 +384,7 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
             _matmul_amx_q2k(&x[0, 0], &w[0, 0], &out[0, 0], n, rows, cols, &qs[0, 0], &dq[0, 0],
                             &fb[0, 0], &xact[0], &scratch[0], &cbuf[0], &bad[0], threads)
         return
-    # each thread's partial sums and block scales (_group)
+    # each thread's partial sums (_group)
     cdef float[::1] acc = _thread_scratch(threads)
     with nogil:
         _matmul_core(&x[0, 0], &w[0, 0], qtype, &out[0, 0], n, rows, cols, bb,

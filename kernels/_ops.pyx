@@ -51,6 +51,52 @@ def _check(cond, msg):
         raise ValueError(msg)
 
 
+cdef _check_caches(str who, const float[:, :, ::1] k_cache, const float[:, :, ::1] v_cache,
+                   Py_ssize_t heads, Py_ssize_t hd):
+    """The K and V caches: float32[n_ctx, kv_heads, hd] both, kv_heads dividing the query heads."""
+    cdef Py_ssize_t kvh = k_cache.shape[1]
+    _check(kvh > 0 and heads % kvh == 0, f"{who}: {heads} query heads over {kvh} kv heads")
+    _check(k_cache.shape[2] == hd and v_cache.shape[0] == k_cache.shape[0]
+           and v_cache.shape[1] == kvh and v_cache.shape[2] == hd,
+           f"{who}: caches [{k_cache.shape[0]}, {kvh}, {k_cache.shape[2]}] / "
+           f"[{v_cache.shape[0]}, {v_cache.shape[1]}, {v_cache.shape[2]}] for head_dim {hd}")
+
+
+cdef void _norm_rows(float *x, const float *w, Py_ssize_t rows, Py_ssize_t width, double eps) noexcept nogil:
+    """RMSNorm of `rows` consecutive rows of `width` floats in place, each times w[width]."""
+    cdef Py_ssize_t r
+    for r in range(rows):
+        ws_rms_norm_row(x + r * width, w, width, eps, x + r * width)
+
+
+cdef void _rope_heads(float *x, Py_ssize_t heads, Py_ssize_t hd, const float *c, const float *s,
+                      Py_ssize_t half, bint neox) noexcept nogil:
+    """RoPE of `heads` consecutive heads of hd floats in place, at the angles c / s (half each)."""
+    cdef Py_ssize_t h
+    for h in range(heads):
+        if neox:
+            ws_rope_neox_row(x + h * hd, c, s, half)
+        else:
+            ws_rope_norm_row(x + h * hd, c, s, half)
+
+
+cdef void _attend_heads(const float *q, const float *k_cache, const float *v_cache, Py_ssize_t heads,
+                        Py_ssize_t kvh, Py_ssize_t hd, Py_ssize_t n_kv, float scale, float *scores,
+                        Py_ssize_t scores_stride, float *out, const float *gate, Py_ssize_t gate_stride,
+                        int threads) noexcept nogil:
+    """out[h] = ws_attend_head for each query head h of q (q, out: [heads, hd] contiguous; caches
+    [n_ctx, kvh, hd]; head h reads kv head h // (heads / kvh)); with a gate (not NULL), out[h] *=
+    sigmoid(gate + h * gate_stride). One thread unless the caches are long enough to pay for
+    waking the others."""
+    cdef Py_ssize_t group = heads // kvh, stride = kvh * hd, h
+    cdef int nt = threads if n_kv * heads * hd >= 262144 else 1
+    for h in prange(heads, num_threads=nt, schedule="static"):
+        ws_attend_head(q + h * hd, k_cache + (h // group) * hd, v_cache + (h // group) * hd, n_kv,
+                       stride, hd, scale, scores + h * scores_stride, out + h * hd)
+        if gate != NULL:
+            ws_sigmoid_gate_row(out + h * hd, gate + h * gate_stride, hd)
+
+
 def rms_norm_into(const float[:, ::1] x, const float[::1] w, double eps, float[:, ::1] out):
     """out[i] = x[i] * w / sqrt(mean(x[i]^2) + eps) for each row i (out may be x)."""
     cdef Py_ssize_t n = x.shape[0], e = x.shape[1], i, j
@@ -92,7 +138,7 @@ def rope_inplace(float[:, :, ::1] x, const int64_t[::1] positions, const float[:
     """Rotate the first n_rot dimensions of every head of x[n, heads, head_dim] in place, row i
     by the angles of positions[i] (cos/sin: float32[n_ctx, n_rot / 2]). neox rotates
     (d, d + n_rot/2) pairs, else adjacent (2d, 2d + 1) pairs (llama.cpp's NEOX / NORM)."""
-    cdef Py_ssize_t n = x.shape[0], heads = x.shape[1], hd = x.shape[2], i, h, d
+    cdef Py_ssize_t n = x.shape[0], heads = x.shape[1], hd = x.shape[2], i
     cdef Py_ssize_t half = n_rot // 2
     _check(positions.shape[0] == n, f"rope_inplace: {positions.shape[0]} positions for {n} rows")
     _check(0 < n_rot <= hd and n_rot % 2 == 0, f"rope_inplace: n_rot {n_rot} for head_dim {hd}")
@@ -105,11 +151,7 @@ def rope_inplace(float[:, :, ::1] x, const int64_t[::1] positions, const float[:
     with nogil:
         for i in range(n):
             p = positions[i]
-            for h in range(heads):
-                if neox:
-                    ws_rope_neox_row(&x[i, h, 0], &cos[p, 0], &sin[p, 0], half)
-                else:
-                    ws_rope_norm_row(&x[i, h, 0], &cos[p, 0], &sin[p, 0], half)
+            _rope_heads(&x[i, 0, 0], heads, hd, &cos[p, 0], &sin[p, 0], half, neox)
 
 
 def swiglu_into(const float[:, :] gate, const float[:, :] up, float[:, ::1] out):
@@ -139,23 +181,15 @@ def attend_one(const float[:, ::1] q, const float[:, :, ::1] k_cache, const floa
     0..n_kv-1, g = h // (heads / kv_heads) (grouped-query attention).
     q, out: float32[heads, head_dim]; k_cache, v_cache: float32[n_ctx, kv_heads, head_dim];
     scratch: float32[heads, >= n_kv] for the scores."""
-    cdef Py_ssize_t heads = q.shape[0], hd = q.shape[1], kvh = k_cache.shape[1], h, g
-    _check(kvh > 0 and heads % kvh == 0, f"attend_one: {heads} query heads over {kvh} kv heads")
-    _check(k_cache.shape[2] == hd and v_cache.shape[1] == kvh and v_cache.shape[2] == hd
-           and v_cache.shape[0] == k_cache.shape[0],
-           f"attend_one: caches [{k_cache.shape[0]}, {kvh}, {k_cache.shape[2]}] / "
-           f"[{v_cache.shape[0]}, {v_cache.shape[1]}, {v_cache.shape[2]}] for head_dim {hd}")
+    cdef Py_ssize_t heads = q.shape[0], hd = q.shape[1]
+    _check_caches("attend_one", k_cache, v_cache, heads, hd)
     _check(0 < n_kv <= k_cache.shape[0], f"attend_one: n_kv {n_kv} for a cache of {k_cache.shape[0]}")
     _check(out.shape[0] == heads and out.shape[1] == hd, "attend_one: out must be [heads, head_dim]")
     _check(scratch.shape[0] >= heads and scratch.shape[1] >= n_kv,
            f"attend_one: scratch [{scratch.shape[0]}, {scratch.shape[1]}] < [{heads}, {n_kv}]")
-    cdef Py_ssize_t group = heads // kvh, stride = kvh * hd
-    # one thread unless the caches are long enough to pay for waking the other
-    cdef int nt = threads if n_kv * heads * hd >= 262144 else 1
-    for h in prange(heads, nogil=True, num_threads=nt, schedule="static"):
-        g = h // group
-        ws_attend_head(&q[h, 0], &k_cache[0, g, 0], &v_cache[0, g, 0], n_kv, stride, hd, scale,
-                       &scratch[h, 0], &out[h, 0])
+    with nogil:
+        _attend_heads(&q[0, 0], &k_cache[0, 0, 0], &v_cache[0, 0, 0], heads, k_cache.shape[1], hd, n_kv,
+                      scale, &scratch[0, 0], scratch.shape[1], &out[0, 0], NULL, 0, threads)
 
 
 def softmax_rows_into(const float[:, ::1] x, float[:, ::1] out):
@@ -220,16 +254,14 @@ def attention_decode(const float[:, ::1] qkv, Py_ssize_t heads, Py_ssize_t kv_he
     qkv: float32[1, (2 if gated else 1) * heads * hd + 2 * kv_heads * hd]; caches
     float32[n_ctx, kv_heads, hd]; q, out: float32[heads, hd]; scratch: float32[heads, >= pos + 1];
     cos / sin: float32[n_ctx, n_rot / 2]."""
-    cdef Py_ssize_t hd = k_cache.shape[2], h, g, j
+    cdef Py_ssize_t hd = k_cache.shape[2], h, j
     cdef Py_ssize_t qw = (2 if gated else 1) * hd   # a head's rows in qkv
     cdef Py_ssize_t kv0 = heads * qw, kvw = kv_heads * hd, n_kv = pos + 1, half = n_rot // 2
-    _check(kv_heads > 0 and heads % kv_heads == 0, f"attention_decode: {heads} query heads over {kv_heads} kv heads")
+    _check_caches("attention_decode", k_cache, v_cache, heads, hd)
+    _check(k_cache.shape[1] == kv_heads,
+           f"attention_decode: caches hold {k_cache.shape[1]} kv heads, the call says {kv_heads}")
     _check(qkv.shape[0] == 1 and qkv.shape[1] == kv0 + 2 * kvw,
            f"attention_decode: qkv is [{qkv.shape[0]}, {qkv.shape[1]}], need [1, {kv0 + 2 * kvw}]")
-    _check(k_cache.shape[1] == kv_heads and v_cache.shape[0] == k_cache.shape[0]
-           and v_cache.shape[1] == kv_heads and v_cache.shape[2] == hd,
-           f"attention_decode: caches [{k_cache.shape[0]}, {k_cache.shape[1]}, {hd}] / "
-           f"[{v_cache.shape[0]}, {v_cache.shape[1]}, {v_cache.shape[2]}] for {kv_heads} kv heads")
     _check(0 <= pos < k_cache.shape[0] and pos < cos.shape[0],
            f"attention_decode: position {pos} outside the cache ({k_cache.shape[0]}) or rope table ({cos.shape[0]})")
     _check(0 < n_rot <= hd and n_rot % 2 == 0 and cos.shape[1] == half and sin.shape[1] == half
@@ -251,8 +283,6 @@ def attention_decode(const float[:, ::1] qkv, Py_ssize_t heads, Py_ssize_t kv_he
         _check(kn.shape[0] == kw, f"attention_decode: k_norm has {kn.shape[0]} values, need {kw}")
     cdef float *kt = &k_cache[pos, 0, 0]
     cdef float *qp = &q[0, 0]
-    cdef Py_ssize_t group = heads // kv_heads, stride = kv_heads * hd
-    cdef int nt = threads if n_kv * heads * hd >= 262144 else 1   # as attend_one
     with nogil:
         for h in range(heads):
             for j in range(hd):
@@ -260,34 +290,15 @@ def attention_decode(const float[:, ::1] qkv, Py_ssize_t heads, Py_ssize_t kv_he
         for j in range(kvw):
             kt[j] = qkv[0, kv0 + j]
             (&v_cache[pos, 0, 0])[j] = qkv[0, kv0 + kvw + j]
-        if has_qn:
-            if norm_full:
-                ws_rms_norm_row(qp, &qn[0], heads * hd, eps, qp)
-            else:
-                for h in range(heads):
-                    ws_rms_norm_row(qp + h * hd, &qn[0], hd, eps, qp + h * hd)
+        if has_qn:  # over the whole projection (one row) or per head
+            _norm_rows(qp, &qn[0], 1 if norm_full else heads, nw if norm_full else hd, eps)
         if has_kn:
-            if norm_full:
-                ws_rms_norm_row(kt, &kn[0], kvw, eps, kt)
-            else:
-                for h in range(kv_heads):
-                    ws_rms_norm_row(kt + h * hd, &kn[0], hd, eps, kt + h * hd)
-        for h in range(heads):
-            if neox:
-                ws_rope_neox_row(qp + h * hd, &cos[pos, 0], &sin[pos, 0], half)
-            else:
-                ws_rope_norm_row(qp + h * hd, &cos[pos, 0], &sin[pos, 0], half)
-        for h in range(kv_heads):
-            if neox:
-                ws_rope_neox_row(kt + h * hd, &cos[pos, 0], &sin[pos, 0], half)
-            else:
-                ws_rope_norm_row(kt + h * hd, &cos[pos, 0], &sin[pos, 0], half)
-    for h in prange(heads, nogil=True, num_threads=nt, schedule="static"):
-        g = h // group
-        ws_attend_head(&q[h, 0], &k_cache[0, g, 0], &v_cache[0, g, 0], n_kv, stride, hd, scale,
-                       &scratch[h, 0], &out[h, 0])
-        if gated:
-            ws_sigmoid_gate_row(&out[h, 0], &qkv[0, h * qw + hd], hd)
+            _norm_rows(kt, &kn[0], 1 if norm_full else kv_heads, kw if norm_full else hd, eps)
+        _rope_heads(qp, heads, hd, &cos[pos, 0], &sin[pos, 0], half, neox)
+        _rope_heads(kt, kv_heads, hd, &cos[pos, 0], &sin[pos, 0], half, neox)
+        _attend_heads(qp, &k_cache[0, 0, 0], &v_cache[0, 0, 0], heads, kv_heads, hd, n_kv, scale,
+                      &scratch[0, 0], scratch.shape[1], &out[0, 0],
+                      &qkv[0, hd] if gated else NULL, qw, threads)
 
 
 def attend_causal(const float[:, :, ::1] q, const float[:, :, ::1] k_cache, const float[:, :, ::1] v_cache,
@@ -301,11 +312,7 @@ def attend_causal(const float[:, :, ::1] q, const float[:, :, ::1] k_cache, cons
     scratch: float32[>= threads, >= max(positions) + 1] (each thread's scores)."""
     cdef Py_ssize_t n = q.shape[0], heads = q.shape[1], hd = q.shape[2], kvh = k_cache.shape[1]
     cdef Py_ssize_t i, h, j, top = -1
-    _check(kvh > 0 and heads % kvh == 0, f"attend_causal: {heads} query heads over {kvh} kv heads")
-    _check(k_cache.shape[2] == hd and v_cache.shape[1] == kvh and v_cache.shape[2] == hd
-           and v_cache.shape[0] == k_cache.shape[0],
-           f"attend_causal: caches [{k_cache.shape[0]}, {kvh}, {k_cache.shape[2]}] / "
-           f"[{v_cache.shape[0]}, {v_cache.shape[1]}, {v_cache.shape[2]}] for head_dim {hd}")
+    _check_caches("attend_causal", k_cache, v_cache, heads, hd)
     _check(positions.shape[0] == n and out.shape[0] == n and out.shape[1] == heads and out.shape[2] == hd,
            f"attend_causal: {positions.shape[0]} positions, out [{out.shape[0]}, {out.shape[1]}, "
            f"{out.shape[2]}] for q [{n}, {heads}, {hd}]")
