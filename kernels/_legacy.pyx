@@ -16,7 +16,11 @@ Quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), as llama.cpp's vec_dot kernels
   11 + 12 significant bits times a power of two). Q4_1 / Q5_1 add ``m * s`` instead.
 * Per block: ``dw * dx * dot`` with dot an exact int32. Scales of 16 blocks at a time are one
   vector (a gather of the fp16 fields); a pair of blocks fills one 512-bit register.
-* Decode (n <= 4): unpack and multiply in one pass over each weight row. Prefill: each thread
+* Decode (n <= 4): unpack and multiply in one pass over the weights. With an even number of
+  blocks per row (``lg_stream_rows``), a chunk of 16 rows is read as one stream of blocks: one
+  gather of scales per 16 blocks wherever rows begin, pairs of blocks unpacked into natural
+  element order (activations quantized in that order for this path), rows' lanes summed 16
+  rows at a time; else row by row (``lg_dot_tile``). Prefill: each thread
   unpacks a chunk of weight rows once into an L2 scratch (u8 per weight + float scales) and
   multiplies every 4-row tile of activations against it.
 * Prefill on AMX-INT8 (``AMX``: built for it and Linux granted the tile state; n >= the cut-off
@@ -24,8 +28,9 @@ Quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), as llama.cpp's vec_dot kernels
   unpacks 16 weight rows at a time, one K = 32 tile product per block, scaled in AVX-512 floats
   (``legacy_amx.h``). Offset types there use signed weights (tdpbssd), folding the offset into
   the exact int32 dot instead of a float term.
-* Inside a 32-byte block the nibble types keep byte order "element k, element 16 + k"
-  (what widening the packed bytes to 16 bits gives); the activations are stored in that order.
+* Outside the decode stream, inside a 32-byte block the nibble types keep byte order "element k,
+  element 16 + k" (what widening the packed bytes to 16 bits gives); the activations are stored
+  in that order.
 
 Float weights (F32, F16, BF16): float32 FMA, F16 via ``vcvtph2ps``, BF16 by a 16-bit shift.
 
@@ -67,7 +72,17 @@ cdef extern from "legacy.h":
         size_t o_stride
         uint8_t *scratch
         size_t scratch_bytes
-    int lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, float *dx, float *cs) noexcept nogil
+        int natural
+        const float *dxr
+        const float *csr
+        size_t rs
+        float *fscratch
+        size_t fscratch_floats
+    int lg_interleaved(int t) noexcept nogil
+    int lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, float *dx, float *cs,
+                        int inter) noexcept nogil
+    void lg_tile_scales(const float *dx, const float *cs, size_t fs, int n, int nb, size_t rs,
+                        float *dxr, float *csr) noexcept nogil
     void ws_nan_rows(const uint8_t *bad, int64_t n, float *out, int64_t rows, int64_t ostride) noexcept nogil
     void lg_chunk(const lg_ctx *c, int r0, int r1, int tid) noexcept nogil
     void *lg_alloc(size_t nbytes) noexcept nogil
@@ -159,7 +174,7 @@ def quantize_rows(const float[:, ::1] x, int qtype):
     cdef float[:, ::1] d = d_a
     cdef float[:, ::1] cs = cs_a
     for i in range(n):
-        lg_quantize_row(qtype, &x[i, 0], nb, nbp, &xq[i, 0], &d[i, 0], &cs[i, 0])
+        lg_quantize_row(qtype, &x[i, 0], nb, nbp, &xq[i, 0], &d[i, 0], &cs[i, 0], lg_interleaved(qtype))
     qs = xq_a[:, :cols].reshape(n, nb, 32)
     if qtype != int(_T.Q8_0):   # stored as (element k, element 16 + k) pairs
         qs = np.concatenate([qs[:, :, 0::2], qs[:, :, 1::2]], axis=2)
@@ -221,6 +236,14 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     c.fs = <size_t>c.nbp
     c.scratch = NULL
     c.scratch_bytes = 0
+    # decode with an even number of blocks per row: the block-stream kernel (lg_stream_rows),
+    # activations in natural order
+    c.natural = c.fused and quant and c.nb % 2 == 0 and not (AMX and n >= _AMX_MIN_N)
+    c.dxr = NULL
+    c.csr = NULL
+    c.rs = 0
+    c.fscratch = NULL
+    c.fscratch_floats = 0
     c.xq = NULL
     c.dx = NULL
     c.cs = NULL
@@ -230,6 +253,7 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     cdef float *fbuf = NULL
     cdef uint8_t *scratch = NULL
     cdef uint8_t *bad = NULL     # uint8[n]: activation row i holds a NaN / Inf (ws_nan_rows)
+    cdef float *stream = NULL    # decode stream: dxr, csr [n][rs], then per thread [n][rs + 256]
     try:
         if quant:
             xq = <int8_t *>lg_alloc(<size_t>n * c.xs)
@@ -242,7 +266,18 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
             c.cs = fbuf + <size_t>n * c.fs
             for i in prange(n, nogil=True, num_threads=nthreads if n > 1 else 1, schedule="static"):
                 bad[i] = lg_quantize_row(c.t, &x[i, 0], c.nb, c.nbp, xq + <size_t>i * c.xs,
-                                         fbuf + <size_t>i * c.fs, fbuf + (<size_t>n + i) * c.fs) != 0
+                                         fbuf + <size_t>i * c.fs, fbuf + (<size_t>n + i) * c.fs,
+                                         lg_interleaved(c.t) and not c.natural) != 0
+            if c.natural:
+                c.rs = <size_t>c.wb * c.nb + 16
+                c.fscratch_floats = <size_t>n * (c.rs + 256)
+                stream = <float *>lg_alloc((2 * <size_t>n * c.rs + nthreads * c.fscratch_floats) * sizeof(float))
+                if stream == NULL:
+                    raise MemoryError()
+                c.dxr = stream
+                c.csr = stream + <size_t>n * c.rs
+                c.fscratch = stream + 2 * <size_t>n * c.rs
+                lg_tile_scales(c.dx, c.cs, c.fs, c.n, c.nb, c.rs, stream, stream + <size_t>n * c.rs)
             if AMX and n >= _AMX_MIN_N:
                 scratch = <uint8_t *>lg_alloc(<size_t>((n + 15) // 16 + nthreads) * c.nb * LG_AMX_BLK)
                 if scratch == NULL:
@@ -271,3 +306,4 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
         free(fbuf)
         free(scratch)
         free(bad)
+        free(stream)

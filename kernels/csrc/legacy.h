@@ -8,6 +8,7 @@
 #define WS_LEGACY_H
 
 #include "common.h"
+#include "sum16.h"
 #include <stddef.h>
 #include <stdlib.h>
 #include <math.h>
@@ -23,7 +24,7 @@ static int lg_simd(void) { return LG_SIMD; }
    prefetcher alone keeps too few lines in flight to stream at the memory's rate (the same
    measurement as WS_KQ_PREFETCH in kquants_simd.h). Rows of a chunk are contiguous. */
 #ifndef LG_PREFETCH
-#define LG_PREFETCH 2048
+#define LG_PREFETCH 4096
 #endif
 
 /* offset of the quants and of qh inside a block */
@@ -60,10 +61,14 @@ static inline float lg_round_f16(float f) {
 /* ---------------------------------------------------------------------------------
    Activations: one row of cols = 32 * nb floats -> xq int8[nbp * 32], dx[nbp], cs[nbp]
    (nbp = nb rounded up to 16; padding is zero). cs = s (min types) or -off * dx * sum(q).
+   inter: each block's quants stored as (element k, element 16 + k) pairs, the order
+   lg_unpack_pair's nibbles come out in (lg_interleaved(t) types; prefill and AMX); 0: natural
+   order (Q8_0 always; the decode stream, lg_unpack_pair_nat).
    Returns nonzero when the row holds a NaN or an Inf (lost in the int8 quants).
    ---------------------------------------------------------------------------------- */
-static int lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, float *dx, float *cs) {
-    const int inter = lg_interleaved(t), has_min = lg_has_min(t), off = lg_offset(t);
+static int lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, float *dx, float *cs,
+                           int inter) {
+    const int has_min = lg_has_min(t), off = lg_offset(t);
     /* sum of v - v over the row: +0 while every value is finite, NaN once one is NaN or Inf
        (the row's outputs become NaN: ws_nan_rows). Kept as written: no -ffast-math here. */
 #if LG_SIMD
@@ -377,7 +382,137 @@ typedef struct {
     const int8_t *xq; const float *dx; const float *cs; size_t xs, fs;
     float *out; size_t o_stride;
     uint8_t *scratch; size_t scratch_bytes;    /* per thread */
+    /* decode stream (lg_stream_rows): natural-order activations, their dx / cs tiled along a
+       chunk's blocks (dxr[r * rs + i] = dx[r][i % nb], the same for cs: rs >= wb * nb + 16), and
+       per thread rs * n + 256 * n floats of scratch (fscratch, fscratch_floats apart) */
+    int natural;
+    const float *dxr; const float *csr; size_t rs;
+    float *fscratch; size_t fscratch_floats;
 } lg_ctx;
+
+#if LG_SIMD
+/* Decode, an even number of blocks per row: unpack a pair of blocks into natural order (byte i
+   of the 64 = element i of the pair's 64), the activations' lg_quantize_row(inter = 0) order.
+   The nibbles need no byte moves: each block's 16 qs bytes are broadcast to two 128-bit lanes
+   (a load and a masked broadcast), and one GF(2) affine byte map per 64-bit lane keeps the low
+   nibble (lanes 0, 2) or moves the high nibble down (lanes 1, 3): 2 vector uops where
+   lg_unpack_pair's interleaved order takes 4 (widen to words, shift, merge, insert). */
+#define LG_NIB_LO 0x0102040800000000ll   /* output bit i <- input bit i (i < 4) */
+#define LG_NIB_HI 0x1020408000000000ll   /* output bit i <- input bit i + 4 */
+WS_INLINE __m512i lg_unpack_pair_nat(const int t, const uint8_t *p) {
+    const int bs = ws_block_bytes(t);
+    if (t == WS_Q8_0) {
+        __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p + 2))),
+                                       _mm256_loadu_si256((const __m256i *)(p + bs + 2)), 1);
+        return _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
+    }
+    const int qo = lg_qs_off(t);
+    __m512i x = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(p + qo)));
+    x = _mm512_mask_broadcast_i32x4(x, (__mmask16)0xFF00, _mm_loadu_si128((const __m128i *)(p + bs + qo)));
+#if defined(__GFNI__)
+    __m512i v = _mm512_gf2p8affine_epi64_epi8(x, _mm512_set_epi64(LG_NIB_HI, LG_NIB_HI, LG_NIB_LO, LG_NIB_LO,
+                                                                   LG_NIB_HI, LG_NIB_HI, LG_NIB_LO, LG_NIB_LO), 0);
+#else
+    __m512i v = _mm512_and_si512(_mm512_srlv_epi16(x, _mm512_set_epi64(0x0004000400040004ll, 0x0004000400040004ll, 0, 0,
+                                                                       0x0004000400040004ll, 0x0004000400040004ll, 0, 0)),
+                                 _mm512_set1_epi8(0x0F));
+#endif
+    if (t == WS_Q5_0 || t == WS_Q5_1) {   /* bit j of qh: element j's fifth bit */
+        const int ho = lg_qh_off(t);
+        const uint64_t hm = (uint64_t)ws_load_u32(p + ho) | ((uint64_t)ws_load_u32(p + bs + ho) << 32);
+        v = _mm512_mask_add_epi8(v, (__mmask64)hm, v, _mm512_set1_epi8(16));
+    }
+    return v;
+}
+
+/* Decode (n = R <= 4 activation rows, nb even): weight rows [r0, r1) (<= 16, contiguous) read as one
+   stream of blocks, 16 at a time: one gather of the 16 blocks' d (and m) wherever the rows
+   begin and end, instead of one per 16 blocks of each row (a 576-wide row has 18 blocks: two
+   gathers and conversions for 18 blocks), times the activations' dx tiled along the stream
+   (c->dxr); the per-block min / offset terms go to scratch and are added once a row is done.
+   Each pair of blocks: unpack (2 uops), then per activation row dpbusd, convert and one FMA
+   with the pair's scales. A row's 16 lanes go to scratch; one sum16 tree sums the rows at the
+   end (no horizontal sum per row). Deterministic: the same order whatever the threads. */
+WS_INLINE void lg_stream_rows(const int t, const int R, const lg_ctx *c, int r0, int r1, float *scr) {
+    const int bs = ws_block_bytes(t), nb = c->nb;
+    const int nrows = r1 - r0, nblk = nrows * nb;
+    const size_t rs = c->rs;
+    float *mt = scr;              /* [R][rs]: the min / offset term of each block of the stream */
+    float *part = scr + R * rs;   /* [16 rows][R][16]: each row's lanes */
+    const uint8_t *w = c->w + (size_t)r0 * c->w_stride;
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i base = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512 acc[4][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    int row = 0, jb = 0;          /* the row being summed and its next block */
+    for (int g = 0; g < nblk; g += 16) {
+        const int k = nblk - g < 16 ? nblk - g : 16;   /* even: nb is */
+        const uint8_t *gw = w + (size_t)g * bs;
+        for (int o = 0; o < 16 * bs; o += 64)   /* see LG_PREFETCH */
+            _mm_prefetch((const char *)gw + LG_PREFETCH + o, _MM_HINT_T0);
+        __m512 dw, cw, S[4];
+        lg_scales16(t, gw, k, &dw, &cw);
+        for (int r = 0; r < R; r++) {
+            S[r] = _mm512_mul_ps(dw, _mm512_loadu_ps(c->dxr + r * rs + g));
+            _mm512_storeu_ps(mt + r * rs + g, _mm512_mul_ps(cw, _mm512_loadu_ps(c->csr + r * rs + g)));
+        }
+        /* unrolled: the pair's scale index and accumulator are constants (acc stays in registers) */
+        #pragma GCC unroll 8
+        for (int p = 0; p < 8; p++) {
+            if (2 * p >= k)
+                break;
+            const __m512i wv = lg_unpack_pair_nat(t, gw + (size_t)(2 * p) * bs);
+            const __m512i ix = _mm512_add_epi32(base, _mm512_set1_epi32(2 * p));
+            for (int r = 0; r < R; r++) {
+                const __m512i d = _mm512_dpbusd_epi32(zero, wv, _mm512_loadu_si512((const void *)(c->xq + r * c->xs + 32 * (size_t)jb)));
+                acc[r][p & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(ix, S[r]), acc[r][p & 1]);
+            }
+            jb += 2;
+            if (jb == nb) {   /* row done: its min / offset terms, then its lanes to scratch */
+                for (int r = 0; r < R; r++) {
+                    __m512 v = _mm512_add_ps(acc[r][0], acc[r][1]);
+                    const float *m = mt + r * rs + (size_t)row * nb;
+                    for (int b = 0; b < nb; b += 16) {
+                        const int left = nb - b;
+                        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u), m + b));
+                    }
+                    _mm512_storeu_ps(part + (size_t)(row * R + r) * 16, v);
+                    acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+                }
+                row++;
+                jb = 0;
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        __m512 x[16];
+        for (int j = 0; j < 16; j++)
+            x[j] = j < nrows ? _mm512_loadu_ps(part + (size_t)(j * R + r) * 16) : _mm512_setzero_ps();
+        _mm512_mask_storeu_ps(c->out + (size_t)r * c->o_stride + r0, (__mmask16)((1u << nrows) - 1u), ws_sum16(x));
+    }
+}
+
+#define LG_STREAM_R(T) switch (c->n) { case 1: lg_stream_rows(T, 1, c, r0, r1, scr); break; case 2: lg_stream_rows(T, 2, c, r0, r1, scr); break; case 3: lg_stream_rows(T, 3, c, r0, r1, scr); break; default: lg_stream_rows(T, 4, c, r0, r1, scr); break; }
+static void lg_stream_chunk(const lg_ctx *c, int r0, int r1, float *scr) {
+    switch (c->t) {
+    case WS_Q4_0: LG_STREAM_R(WS_Q4_0) break;
+    case WS_Q4_1: LG_STREAM_R(WS_Q4_1) break;
+    case WS_Q5_0: LG_STREAM_R(WS_Q5_0) break;
+    case WS_Q5_1: LG_STREAM_R(WS_Q5_1) break;
+    default:      LG_STREAM_R(WS_Q8_0) break;
+    }
+}
+#endif
+
+/* dxr / csr for the decode stream: row r's dx and cs tiled (see lg_ctx) */
+static void lg_tile_scales(const float *dx, const float *cs, size_t fs, int n, int nb, size_t rs,
+                           float *dxr, float *csr) {
+    for (int r = 0; r < n; r++)
+        for (size_t i = 0; i < rs; i++) {
+            dxr[r * rs + i] = dx[r * fs + i % (size_t)nb];
+            csr[r * rs + i] = cs[r * fs + i % (size_t)nb];
+        }
+}
 
 #define LG_TILE 4
 #define LG_CB 128
@@ -393,6 +528,13 @@ static void lg_chunk(const lg_ctx *c, int r0, int r1, int tid) {
         }
         return;
     }
+#if LG_SIMD
+    if (c->natural) {
+        if (r1 > r0)
+            lg_stream_chunk(c, r0, r1, c->fscratch + (size_t)tid * c->fscratch_floats);
+        return;
+    }
+#endif
     lg_dot_fn dot = lg_dot_for(c->t);
     const int bs = ws_block_bytes(c->t);
     /* Decode: whole rows, one sequential weight stream (slicing columns as prefill does
