@@ -40,6 +40,10 @@ from gguf import GGMLQuantizationType
 from . import traits
 
 cimport openmp
+from libc.stdlib cimport free
+from libc.string cimport memset
+cdef extern from "<stdlib.h>" nogil:
+    void *aligned_alloc(size_t alignment, size_t size)
 
 # type numbers and block sizes (kernels/csrc/common.h)
 cdef extern from "common.h" nogil:
@@ -141,9 +145,26 @@ cdef inline int64_t _scratch_floats() noexcept nogil:
     return _WR * 16 * WS_KQ_NRMAX
 
 
-def _thread_scratch(int threads):
-    """float32[threads * _scratch_floats()], 64-byte aligned: each thread's _group scratch."""
-    return _aligned(4 * threads * _scratch_floats(), np.float32)
+cdef struct _Arena:
+    # one aligned C allocation a call carves its scratch from (freed at its end): at decode a
+    # call's five NumPy scratch arrays and their memoryviews cost ~3 us, ~145 calls a step
+    uint8_t *base
+    size_t used
+
+
+cdef int _arena_open(_Arena *a, size_t nbytes) except -1:
+    a.base = <uint8_t *>aligned_alloc(64, (nbytes + 64 * 8 + 63) // 64 * 64)
+    a.used = 0
+    if a.base == NULL:
+        raise MemoryError(f"kernel scratch of {nbytes} bytes")
+    return 0
+
+
+cdef inline void *_take(_Arena *a, size_t nbytes) noexcept nogil:
+    """The next nbytes of the arena, 64-byte aligned (its size reserved 64 bytes a piece)."""
+    cdef void *p = a.base + a.used
+    a.used += (nbytes + 63) // 64 * 64
+    return p
 
 
 cdef inline uint8_t _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, float *fb,
@@ -326,13 +347,6 @@ cdef void _moe_decode_core(const float *h, const uint8_t **wgu, int qgu, const u
                 ws_scale_add_row(out + c0, y + t * E + c0, weights[t], c1 - c0)
 
 
-def _aligned(nbytes, dtype=np.uint8):
-    """A 64-byte aligned uint8 / int32 / float32 buffer of nbytes (tile loads and zmm stores want it)."""
-    buf = np.empty(nbytes + 64, dtype=np.uint8)
-    off = (-buf.ctypes.data) % 64
-    return buf[off:off + nbytes].view(dtype)
-
-
 _TYPE_NAMES = {int(t): t.name for t in GGMLQuantizationType}
 
 
@@ -367,28 +381,37 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     if cols == 0:
         out[:, :] = 0
         return
-    # Q8_K scratch for all activation rows, once per call
-    cdef int8_t[:, ::1] qs = np.empty((n, cols), dtype=np.int8)
-    cdef float[:, ::1] dq = np.empty((n, nb), dtype=np.float32)
-    cdef float[:, ::1] fb = np.empty((n, 16 * nb), dtype=np.float32)
-    cdef uint8_t[::1] bad = np.empty(n, dtype=np.uint8)   # row holds a NaN / Inf (ws_nan_rows)
-    cdef uint8_t[::1] xact, scratch
-    cdef int32_t[::1] cbuf
-    if AMX and qtype == Q2_K and n >= _AMX_MIN_N:
-        # packed activations uint8[groups of 16 rows][nb][WS_AMX_XBLK]; per thread: weight
-        # scratch uint8[nb][WS_AMX_WBLK] and tile results int32[2][2][16 * 16]
-        xact = _aligned(((n + 15) // 16) * nb * WS_AMX_XBLK)
-        scratch = _aligned(threads * nb * WS_AMX_WBLK)
-        cbuf = _aligned(threads * 1024 * 4, np.int32)
-        with nogil:
-            _matmul_amx_q2k(&x[0, 0], &w[0, 0], &out[0, 0], n, rows, cols, &qs[0, 0], &dq[0, 0],
-                            &fb[0, 0], &xact[0], &scratch[0], &cbuf[0], &bad[0], threads)
-        return
-    # each thread's partial sums (_group)
-    cdef float[::1] acc = _thread_scratch(threads)
-    with nogil:
-        _matmul_core(&x[0, 0], &w[0, 0], qtype, &out[0, 0], n, rows, cols, bb,
-                     &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], &bad[0], threads)
+    # Q8_K scratch for all activation rows, once per call: qs int8[n, cols], dq float[n, nb],
+    # fb float[n, 16 nb], bad uint8[n] (row holds a NaN / Inf: ws_nan_rows); then either the
+    # AMX buffers or each thread's partial sums (_group)
+    cdef bint amx = AMX and qtype == Q2_K and n >= _AMX_MIN_N
+    cdef size_t act_bytes = n * cols + 4 * n * nb + 64 * n * nb + n
+    cdef size_t amx_bytes = ((n + 15) // 16) * nb * WS_AMX_XBLK + threads * nb * WS_AMX_WBLK + threads * 4096
+    cdef _Arena a
+    _arena_open(&a, act_bytes + (amx_bytes if amx else 4 * threads * _scratch_floats()))
+    cdef int8_t *qs = <int8_t *>_take(&a, n * cols)
+    cdef float *dq = <float *>_take(&a, 4 * n * nb)
+    cdef float *fb = <float *>_take(&a, 64 * n * nb)
+    cdef uint8_t *bad = <uint8_t *>_take(&a, n)
+    cdef uint8_t *xact
+    cdef uint8_t *scratch
+    cdef int32_t *cbuf
+    try:
+        if amx:
+            # packed activations uint8[groups of 16 rows][nb][WS_AMX_XBLK]; per thread: weight
+            # scratch uint8[nb][WS_AMX_WBLK] and tile results int32[2][2][16 * 16]
+            xact = <uint8_t *>_take(&a, ((n + 15) // 16) * nb * WS_AMX_XBLK)
+            scratch = <uint8_t *>_take(&a, threads * nb * WS_AMX_WBLK)
+            cbuf = <int32_t *>_take(&a, threads * 4096)
+            with nogil:
+                _matmul_amx_q2k(&x[0, 0], &w[0, 0], &out[0, 0], n, rows, cols, qs, dq, fb, xact,
+                                scratch, cbuf, bad, threads)
+        else:
+            with nogil:
+                _matmul_core(&x[0, 0], &w[0, 0], qtype, &out[0, 0], n, rows, cols, bb, qs, dq, fb,
+                             <float *>_take(&a, 4 * threads * _scratch_floats()), bad, threads)
+    finally:
+        free(a.base)
 
 
 def matvec_many_supported(int qtype):
@@ -419,23 +442,35 @@ def matvec_many_into(const float[:, ::1] x, list ws, int qtype, float[:, ::1] ou
     cdef int64_t rows = first.shape[0]
     if out.shape[1] != rows:
         raise ValueError(f"matvec_many_into: out must be float32[{tasks}, {rows}], got [{out.shape[0]}, {out.shape[1]}]")
-    ptrs = np.empty(tasks, dtype=np.uintp)  # the weights' addresses; ws keeps them alive
+    # scratch: the weights' addresses (ws keeps them alive), each task's Q8_K (qs, dq, fb; bad:
+    # row holds a NaN / Inf), each thread's partial sums
+    cdef _Arena a
+    _arena_open(&a, 8 * tasks + tasks * cols + 4 * tasks * nb + 64 * tasks * nb + tasks
+                + 4 * threads * _scratch_floats())
+    cdef const uint8_t **pv = <const uint8_t **>_take(&a, 8 * tasks)
     cdef const uint8_t[:, ::1] wv
-    for t in range(tasks):
-        wv = ws[t]
-        if wv.shape[0] != rows or wv.shape[1] != nb * bb:
-            raise ValueError(f"matvec_many_into: weight {t} is uint8[{wv.shape[0]}, {wv.shape[1]}], "
-                             f"expected [{rows}, {nb * bb}]")
-        ptrs[t] = <uintptr_t>&wv[0, 0]
-    cdef uintptr_t[::1] pv = ptrs
-    cdef int8_t[:, ::1] qs = np.empty((tasks, cols), dtype=np.int8)
-    cdef float[:, ::1] dq = np.empty((tasks, nb), dtype=np.float32)
-    cdef float[:, ::1] fb = np.empty((tasks, 16 * nb), dtype=np.float32)
-    cdef uint8_t[::1] bad = np.empty(tasks, dtype=np.uint8)   # row holds a NaN / Inf
-    cdef float[::1] acc = _thread_scratch(threads)
-    with nogil:
-        _matvec_many_core(&x[0, 0], <const uint8_t **>&pv[0], qtype, &out[0, 0], tasks, rows, cols, bb,
-                          &qs[0, 0], &dq[0, 0], &fb[0, 0], &acc[0], &bad[0], threads)
+    cdef int8_t *qs
+    cdef float *dq
+    cdef float *fb
+    cdef float *acc
+    cdef uint8_t *bad
+    try:
+        for t in range(tasks):
+            wv = ws[t]
+            if wv.shape[0] != rows or wv.shape[1] != nb * bb:
+                raise ValueError(f"matvec_many_into: weight {t} is uint8[{wv.shape[0]}, {wv.shape[1]}], "
+                                 f"expected [{rows}, {nb * bb}]")
+            pv[t] = &wv[0, 0]
+        qs = <int8_t *>_take(&a, tasks * cols)
+        dq = <float *>_take(&a, 4 * tasks * nb)
+        fb = <float *>_take(&a, 64 * tasks * nb)
+        bad = <uint8_t *>_take(&a, tasks)
+        acc = <float *>_take(&a, 4 * threads * _scratch_floats())
+        with nogil:
+            _matvec_many_core(&x[0, 0], pv, qtype, &out[0, 0], tasks, rows, cols, bb, qs, dq, fb, acc,
+                              bad, threads)
+    finally:
+        free(a.base)
 
 
 def moe_decode_supported(int qtype_gu, int qtype_d):
@@ -476,26 +511,42 @@ def moe_decode_into(const float[:, ::1] h, list gates, list ups, list downs, int
     if E % QK_K or ff % QK_K:
         raise ValueError(f"moe_decode_into: widths {E} and {ff} must be multiples of {QK_K}")
     cdef int64_t nbe = E // QK_K, nbf = ff // QK_K
-    ptrs = np.empty(3 * k, dtype=np.uintp)  # gates, ups, downs; the lists keep them alive
+    # scratch: the weights' addresses (gates, ups, downs; the lists keep them alive), h's and the
+    # activation rows' Q8_K, gate/up outputs float[2k, ff], SwiGLU float[k, ff], bad flags,
+    # each thread's partial sums
+    cdef int64_t nq = nbe + k * nbf   # Q8_K blocks: h's, then each activation row's
+    cdef _Arena a
+    _arena_open(&a, 8 * 3 * k + (E + k * ff) + 4 * nq + 64 * nq + 4 * 3 * k * ff + (1 + k)
+                + 4 * threads * _scratch_floats())
+    cdef const uint8_t **pv = <const uint8_t **>_take(&a, 8 * 3 * k)
     cdef const uint8_t[:, ::1] wv
+    cdef int8_t *qs
+    cdef float *dq
+    cdef float *fb
+    cdef float *gu
+    cdef float *act
+    cdef float *acc
+    cdef uint8_t *bad
     expected = {"gate": (ff, nbe * BLOCK_BYTES[qtype_gu]), "up": (ff, nbe * BLOCK_BYTES[qtype_gu]),
                 "down": (E, nbf * BLOCK_BYTES[qtype_d])}
-    for t, (role, w) in enumerate([("gate", g) for g in gates] + [("up", u) for u in ups]
-                                  + [("down", d) for d in downs]):
-        wv = w
-        if (wv.shape[0], wv.shape[1]) != expected[role]:
-            raise ValueError(f"moe_decode_into: {role} {t % k} is uint8[{wv.shape[0]}, {wv.shape[1]}], "
-                             f"expected {list(expected[role])}")
-        ptrs[t] = <uintptr_t>&wv[0, 0]
-    cdef uintptr_t[::1] pv = ptrs
-    cdef int8_t[::1] qs = np.empty(E + k * ff, dtype=np.int8)
-    cdef float[::1] dq = np.empty(nbe + k * nbf, dtype=np.float32)
-    cdef float[::1] fb = np.empty(16 * (nbe + k * nbf), dtype=np.float32)
-    cdef float[:, ::1] gu = np.empty((2 * k, ff), dtype=np.float32)
-    cdef float[:, ::1] act = np.empty((k, ff), dtype=np.float32)
-    cdef uint8_t[::1] bad = np.zeros(1 + k, dtype=np.uint8)
-    cdef float[::1] acc = _thread_scratch(threads)
-    with nogil:
-        _moe_decode_core(&h[0, 0], <const uint8_t **>&pv[0], qtype_gu, <const uint8_t **>&pv[2 * k], qtype_d,
-                         &weights[0], k, E, ff, &qs[0], &dq[0], &fb[0], &gu[0, 0], &act[0, 0], &y[0, 0],
-                         &out[0, 0], &acc[0], &bad[0], threads)
+    try:
+        for t, (role, w) in enumerate([("gate", g) for g in gates] + [("up", u) for u in ups]
+                                      + [("down", d) for d in downs]):
+            wv = w
+            if (wv.shape[0], wv.shape[1]) != expected[role]:
+                raise ValueError(f"moe_decode_into: {role} {t % k} is uint8[{wv.shape[0]}, {wv.shape[1]}], "
+                                 f"expected {list(expected[role])}")
+            pv[t] = &wv[0, 0]
+        qs = <int8_t *>_take(&a, E + k * ff)
+        dq = <float *>_take(&a, 4 * nq)
+        fb = <float *>_take(&a, 64 * nq)
+        gu = <float *>_take(&a, 4 * 2 * k * ff)
+        act = <float *>_take(&a, 4 * k * ff)
+        bad = <uint8_t *>_take(&a, 1 + k)
+        memset(bad, 0, 1 + k)
+        acc = <float *>_take(&a, 4 * threads * _scratch_floats())
+        with nogil:
+            _moe_decode_core(&h[0, 0], pv, qtype_gu, pv + 2 * k, qtype_d, &weights[0], k, E, ff, qs, dq,
+                             fb, gu, act, &y[0, 0], &out[0, 0], acc, bad, threads)
+    finally:
+        free(a.base)
