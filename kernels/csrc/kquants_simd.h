@@ -241,10 +241,12 @@ WS_AI void ws_unpack_q6k(const uint8_t *b, const float *dm, ws_ublk *u) {
    blocks before unpacking them: one gather and one vcvtph2ps per 8 blocks instead of a
    broadcast, a conversion, the Inf fix-up and two permutes in every block's unpack (again for
    every activation tile); llvm-mca (sapphirerapids) puts a Q2_K block at n = 1 at 12.5 cycles,
-   from 14.3. dm holds 2 * nblocks + 16 floats (whole groups of 8 blocks are written). */
+   from 14.3. dm holds 2 * nblocks + 16 floats (whole groups of 8 blocks are written). With dx
+   (one activation row's block scales, from block 0 of w; NULL for several rows) d is stored as
+   d * dx, the product the block loop would make: one multiply per block fewer at n = 1. */
 #define WS_KQ_DM_CHUNK 64   /* blocks whose scales ws_kq_rows_avx converts at a time */
 
-static inline void ws_kq_scales(int qtype, const uint8_t *w, int64_t nblocks, float *dm) {
+static inline void ws_kq_scales(int qtype, const uint8_t *w, int64_t nblocks, const float *dx, float *dm) {
     const int bb = ws_block_bytes(qtype);
     const int pair = qtype == WS_Q2_K || qtype == WS_Q4_K || qtype == WS_Q5_K;
     /* the 32 bits gathered per block: (d, dmin), or for the d-only types the 16 bits before d and
@@ -265,7 +267,12 @@ static inline void ws_kq_scales(int qtype, const uint8_t *w, int64_t nblocks, fl
             raw = _mm256_or_si256(_mm256_srli_epi32(raw, 16), _mm256_and_si256(raw, _mm256_set1_epi32((int)0xFFFF0000u)));
         __m512 f = _mm512_cvtph_ps(raw);
         f = _mm512_add_ps(_mm512_sub_ps(f, f), f);   /* Inf -> NaN: ws_inf_to_nan */
-        _mm512_storeu_ps(dm + 2 * j0, _mm512_mul_ps(f, second));
+        __m512 factor = second;
+        if (dx != NULL)   /* d times the activation's dx in the even slots */
+            factor = _mm512_mask_permutexvar_ps(second, (__mmask16)0x5555,
+                                                _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+                                                _mm512_castps256_ps512(_mm256_maskz_loadu_ps(valid, dx + j0)));
+        _mm512_storeu_ps(dm + 2 * j0, _mm512_mul_ps(f, factor));
     }
 }
 
@@ -292,7 +299,8 @@ WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const 
         /* the row's block scales as floats, a chunk at a time, just before its blocks: the
            gather then finds the lines the prefetch below asked for a row earlier */
         if (ib % WS_KQ_DM_CHUNK == 0)
-            ws_kq_scales(qtype, blk, nbk - ib < WS_KQ_DM_CHUNK ? nbk - ib : WS_KQ_DM_CHUNK, dm);
+            ws_kq_scales(qtype, blk, nbk - ib < WS_KQ_DM_CHUNK ? nbk - ib : WS_KQ_DM_CHUNK,
+                         nr == 1 ? a->dx + ib : NULL, dm);
         const float *bdm = dm + 2 * (ib % WS_KQ_DM_CHUNK);
         /* software prefetch: one core's hardware prefetcher keeps too few lines in flight to
            stream weights at the memory's rate (measured: Q2_K 14336x4096 cold 4.0 ms without,
@@ -323,7 +331,8 @@ WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const 
                 s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u.w[2], _mm512_loadu_si512((const void *)(x + 128))), u.s[2]);
                 s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u.w[3], _mm512_loadu_si512((const void *)(x + 192))), u.s[3]);
             }
-            const __m512 dd = _mm512_mul_ps(u.d, _mm512_set1_ps(a->dx[r * a->dx_stride + ib]));
+            /* one activation row: d already holds d * dx (ws_kq_scales; the same product) */
+            const __m512 dd = nr == 1 ? u.d : _mm512_mul_ps(u.d, _mm512_set1_ps(a->dx[r * a->dx_stride + ib]));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd, acc[r]);
             if (split)
                 accm[r] = _mm512_fmadd_ps(u.g, _mm512_loadu_ps(f), accm[r]);
