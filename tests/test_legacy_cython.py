@@ -140,6 +140,25 @@ def test_large_head_shape_q8_0():
     assert quantize.nmse(got, quantize.matmul_q8_ref(x, raw, T.Q8_0, (3000, 576))) < 1e-8
 
 
+@pytest.mark.parametrize("qtype", QUANT, ids=lambda t: t.name)
+def test_decode_stream_every_tile_height(qtype):
+    """The decode stream (lg_stream_rows: n <= 4, an even number of blocks per row) for every
+    activation tile height 1..4, partial 16-row chunks and rows that start inside a 16-block
+    scale group (18 blocks a row), against the Q8 reference; the same bits whatever the threads,
+    and each activation row's output the same as that row alone (the tile does not mix rows)."""
+    rng = np.random.default_rng([int(qtype), 7])
+    for rows, cols in [(1, 64), (17, 576), (40, 576), (33, 1536)]:
+        raw = reference.random_raw(qtype, rows, cols, rng)
+        x = rng.standard_normal((4, cols)).astype(np.float32)
+        alone = [_run(x[i:i + 1], raw, qtype, 1) for i in range(4)]
+        for n in (1, 2, 3, 4):
+            got = _run(x[:n], raw, qtype, 1)
+            assert np.array_equal(got, _run(x[:n], raw, qtype, 2)), (rows, cols, n)
+            err = quantize.nmse(got, quantize.matmul_q8_ref(x[:n], raw, qtype, (rows, cols)))
+            assert err < (1e-6 if qtype in MIN_TYPES else 1e-8), (rows, cols, n, err)
+            assert all(np.array_equal(got[i], alone[i][0]) for i in range(n)), (rows, cols, n)
+
+
 def test_empty_shapes():
     raw = reference.random_raw(T.Q4_1, 0, 64, np.random.default_rng(5))
     out = np.empty((2, 0), np.float32)
