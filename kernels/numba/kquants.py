@@ -28,7 +28,7 @@ Two tiers:
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
+from llvmlite import binding as llvm, ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -361,6 +361,46 @@ def _unpack_q2_k_simd(builder, pb):
     return planes, plane_scales, half_at(builder, pb, c64(80)), mins16, half_at(builder, pb, c64(82)), 0
 
 
+# Q2_K's weights come out already times their sub-block scales, as in the Cython kernel
+# (kernels/csrc/kquants_simd.h, ws_unpack_q2k, where the layout is explained): a 64-entry byte
+# table T[index] = q * sc[sub-block] made from the 16 scale bytes by one constant byte shuffle,
+# a nibble mask and two masked doublings, looked up with vpermb at index (code bits & mask) | base;
+# then one vpdpbusd per plane, where vpmaddubsw + vpmaddwd with spread int16 scales took two
+# multiplies and four shuffles more (numba/cython on 14336x4096 n = 1: 1.50 -> see bench/RESULTS.md).
+_Q2K_PERM = [0, 0, 0, 0, 2, 3, 10, 11, 2, 3, 10, 11, 2, 3, 10, 11, 4, 5, 12, 13, 0, 0, 0, 0, 0, 1, 1, 1,
+             0, 8, 8, 8, 4, 5, 12, 13, 0, 9, 9, 9, 0, 0, 0, 0, 0, 6, 6, 6, 4, 5, 12, 13, 0, 7, 7, 7,
+             0, 14, 14, 14, 0, 15, 15, 15]
+_Q2K_NIB = [0, 0, 0, 0, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 15, 0, 15, 15, 15,
+            0, 15, 15, 15, 0, 15, 15, 15, 15, 15, 15, 15, 0, 15, 15, 15, 0, 0, 0, 0, 0, 15, 15, 15,
+            15, 15, 15, 15, 0, 15, 15, 15, 0, 15, 15, 15, 0, 15, 15, 15]
+_Q2K_QGE2 = [(0xcccfc0cfccc0ff00 >> i) & 1 for i in range(64)]   # table entries of q >= 2
+_Q2K_QEQ3 = [(0x888f80808880f000 >> i) & 1 for i in range(64)]   # ... of q == 3
+# per plane: the code bits kept, and the base index of each 128-bit lane (sub-block 8(m / 2) + 2j + m % 2)
+_Q2K_MASK = (3, 0x0C, 0x30, 3)
+_Q2K_BASES = ((20, 24, 28, 36), (0, 1, 2, 3), (0, 1, 2, 3), (44, 52, 56, 60))
+
+
+def _unpack_q2_k_table(builder, pb):
+    """scales[16] @0 (low nibble scale, high nibble min), qs[64] @16, d @80, dmin @82. The planes
+    are q * sc (<= 45) in the activations' PERM_Q2_K order; no separate scales (None). Needs
+    AVX-512 VBMI (vpermb)."""
+    scales = vload(builder, pb, c64(0), vec(I8, 16))
+    mins16 = builder.zext(builder.lshr(scales, splat(I8, 16, 4)), vec(I16, 16))
+    sc = builder.and_(builder.shuffle_vector(scales, scales, ir.Constant(vec(I32, 64), _Q2K_PERM)),
+                      _bytes(_Q2K_NIB))  # the scale of each entry where q >= 1, else 0
+    doubled = builder.select(ir.Constant(vec(ir.IntType(1), 64), _Q2K_QGE2), builder.add(sc, sc), sc)
+    t = builder.select(ir.Constant(vec(ir.IntType(1), 64), _Q2K_QEQ3), builder.add(doubled, sc), doubled)
+    qs = vload(builder, pb, c64(16), vec(I8, 64))
+    planes = []
+    for j in range(4):
+        codes = builder.lshr(qs, splat(I8, 64, 6)) if j == 3 else qs
+        index = builder.or_(builder.and_(codes, splat(I8, 64, _Q2K_MASK[j])),
+                            _bytes([b for b in _Q2K_BASES[j] for _ in range(16)]))
+        planes.append(call(builder, "llvm.x86.avx512.permvar.qi.512", vec(I8, 64),
+                           [vec(I8, 64), vec(I8, 64)], [t, index]))
+    return planes, None, half_at(builder, pb, c64(80)), mins16, half_at(builder, pb, c64(82)), 0
+
+
 def _unpack_q3_k_simd(builder, pb):
     """hmask[32] @0, qs[64] @32, scales[12] @96, d @108."""
     m1, m2 = ir.Constant(I32, 0x03030303), ir.Constant(I32, 0x0F0F0F0F)
@@ -480,6 +520,11 @@ def _make_kq_rows(unpack, nbytes):
                         s = None
                         for j in range(4):
                             x = vload(builder, px, builder.add(xo, c64(64 * j)), vec(I8, 64))
+                            if scales is None:  # planes already times their scales (Q2_K): vpdpbusd
+                                s = call(builder, "llvm.x86.avx512.vpdpbusd.512", v16i, [v16i, v16i, v16i],
+                                         [s if s is not None else ir.Constant(v16i, [ir.Constant(I32, 0)] * 16),
+                                          builder.bitcast(planes[j], v16i), builder.bitcast(x, v16i)])
+                                continue
                             p = call(builder, "llvm.x86.avx512.pmaddubs.w.512", vec(I16, 32),
                                      [vec(I8, 64), vec(I8, 64)], [planes[j], x])
                             t = call(builder, "llvm.x86.avx512.pmaddw.d.512", v16i,
@@ -510,7 +555,10 @@ def _make_kq_rows(unpack, nbytes):
     return rows_dot
 
 
-_q2_k_rows = _make_kq_rows(_unpack_q2_k_simd, 84)
+# the table lookup where the CPU has vpermb (VBMI: Ice Lake / Sapphire Rapids, Zen 4), else the
+# plain planes and int16 scales (e.g. Cascade Lake: AVX-512 VNNI without VBMI)
+_q2_k_rows = _make_kq_rows(_unpack_q2_k_table if llvm.get_host_cpu_features().get("avx512vbmi", False)
+                           else _unpack_q2_k_simd, 84)
 _q3_k_rows = _make_kq_rows(_unpack_q3_k_simd, 110)
 _q4_k_rows = _make_kq_rows(_unpack_q4_k_simd, 144)
 _q5_k_rows = _make_kq_rows(_unpack_q5_k_simd, 176)

@@ -126,7 +126,7 @@ def call(builder, name, ret, argtys, args):
 # Bytes ahead of the weight block being read that a kernel prefetches (as the Cython kernels'
 # WS_KQ_PREFETCH): one core's hardware prefetcher alone keeps too few lines in flight to stream
 # weights at the memory's rate. Prefetching past the end of an array is harmless (no fault).
-PREFETCH_BYTES = 2048
+PREFETCH_BYTES = 4096
 
 
 def prefetch(builder, base, byte_off, lines=1):
