@@ -15,7 +15,9 @@ Two tiers:
   scales (int16 pairs -> int32); the int32 lanes are turned to float and scaled by ``d * xd``
   into 16 float lanes per activation row, reduced once per row. The codes' offset (Q3_K, Q6_K)
   is taken back exactly in int32 and the mins (Q2_K, Q4_K, Q5_K) in float, both through the
-  activations' bsums. Activation quants are stored permuted per type (``PERM_Q2_K`` = ``PERM_Q3_K``,
+  activations' bsums. Q2_K on CPUs with VBMI skips the int16 scales: its codes come out already
+  times their scales from a vpermb table and one ``vpdpbusd`` per plane does the rest, as the
+  Cython kernel. Activation quants are stored permuted per type (``PERM_Q2_K`` = ``PERM_Q3_K``,
   ``PERM_Q4_K`` = ``PERM_Q5_K``; Q6_K natural order) so that plane j meets them in order and
   every plane is a uniform shift of contiguous bytes. One ``@intrinsic`` per type
   (``_make_kq_rows``): up to ``KQ_ROWS_MAX`` activation rows per call, accumulators in registers.
@@ -366,7 +368,7 @@ def _unpack_q2_k_simd(builder, pb):
 # table T[index] = q * sc[sub-block] made from the 16 scale bytes by one constant byte shuffle,
 # a nibble mask and two masked doublings, looked up with vpermb at index (code bits & mask) | base;
 # then one vpdpbusd per plane, where vpmaddubsw + vpmaddwd with spread int16 scales took two
-# multiplies and four shuffles more (numba/cython on 14336x4096 n = 1: 1.50 -> see bench/RESULTS.md).
+# multiplies and four shuffles more (numba / cython, 14336x4096, n = 1, 1 thread: 1.50 -> 1.31).
 _Q2K_PERM = [0, 0, 0, 0, 2, 3, 10, 11, 2, 3, 10, 11, 2, 3, 10, 11, 4, 5, 12, 13, 0, 0, 0, 0, 0, 1, 1, 1,
              0, 8, 8, 8, 4, 5, 12, 13, 0, 9, 9, 9, 0, 0, 0, 0, 0, 6, 6, 6, 4, 5, 12, 13, 0, 7, 7, 7,
              0, 14, 14, 14, 0, 15, 15, 15]
