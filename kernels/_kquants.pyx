@@ -153,7 +153,8 @@ cdef struct _Arena:
 
 
 cdef int _arena_open(_Arena *a, size_t nbytes) except -1:
-    a.base = <uint8_t *>aligned_alloc(64, (nbytes + 64 * 8 + 63) // 64 * 64)
+    """nbytes: the pieces' sizes summed; room is added for up to 16 pieces' 64-byte rounding."""
+    a.base = <uint8_t *>aligned_alloc(64, (nbytes + 64 * 16 + 63) // 64 * 64)
     a.used = 0
     if a.base == NULL:
         raise MemoryError(f"kernel scratch of {nbytes} bytes")
