@@ -504,13 +504,14 @@ static void lg_stream_chunk(const lg_ctx *c, int r0, int r1, float *scr) {
 }
 #endif
 
-/* dxr / csr for the decode stream: row r's dx and cs tiled (see lg_ctx) */
+/* dxr / csr for the decode stream: row r's dx and cs tiled (see lg_ctx), a row's nb at a time */
 static void lg_tile_scales(const float *dx, const float *cs, size_t fs, int n, int nb, size_t rs,
                            float *dxr, float *csr) {
     for (int r = 0; r < n; r++)
-        for (size_t i = 0; i < rs; i++) {
-            dxr[r * rs + i] = dx[r * fs + i % (size_t)nb];
-            csr[r * rs + i] = cs[r * fs + i % (size_t)nb];
+        for (size_t i = 0; i < rs; i += (size_t)nb) {
+            const size_t m = rs - i < (size_t)nb ? rs - i : (size_t)nb;
+            memcpy(dxr + r * rs + i, dx + r * fs, m * sizeof(float));
+            memcpy(csr + r * rs + i, cs + r * fs, m * sizeof(float));
         }
 }
 
