@@ -149,22 +149,27 @@ cdef struct _Arena:
     # one aligned C allocation a call carves its scratch from (freed at its end): at decode a
     # call's five NumPy scratch arrays and their memoryviews cost ~3 us, ~145 calls a step
     uint8_t *base
-    size_t used
+    size_t used, size
 
 
 cdef int _arena_open(_Arena *a, size_t nbytes) except -1:
     """nbytes: the pieces' sizes summed; room is added for up to 16 pieces' 64-byte rounding."""
-    a.base = <uint8_t *>aligned_alloc(64, (nbytes + 64 * 16 + 63) // 64 * 64)
+    a.size = (nbytes + 64 * 16 + 63) // 64 * 64
+    a.base = <uint8_t *>aligned_alloc(64, a.size)
     a.used = 0
     if a.base == NULL:
         raise MemoryError(f"kernel scratch of {nbytes} bytes")
     return 0
 
 
-cdef inline void *_take(_Arena *a, size_t nbytes) noexcept nogil:
-    """The next nbytes of the arena, 64-byte aligned (its size reserved 64 bytes a piece)."""
+cdef inline void *_take(_Arena *a, size_t nbytes) except NULL:
+    """The next nbytes of the arena, 64-byte aligned; an error (not a write past its end) where
+    the pieces taken outgrow what _arena_open was told."""
+    cdef size_t rounded = (nbytes + 63) // 64 * 64
+    if a.used + rounded > a.size:
+        raise RuntimeError(f"kernel scratch: {a.used} + {rounded} bytes taken from {a.size}")
     cdef void *p = a.base + a.used
-    a.used += (nbytes + 63) // 64 * 64
+    a.used += rounded
     return p
 
 
@@ -390,14 +395,19 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     cdef size_t amx_bytes = ((n + 15) // 16) * nb * WS_AMX_XBLK + threads * nb * WS_AMX_WBLK + threads * 4096
     cdef _Arena a
     _arena_open(&a, act_bytes + (amx_bytes if amx else 4 * threads * _scratch_floats()))
-    cdef int8_t *qs = <int8_t *>_take(&a, n * cols)
-    cdef float *dq = <float *>_take(&a, 4 * n * nb)
-    cdef float *fb = <float *>_take(&a, 64 * n * nb)
-    cdef uint8_t *bad = <uint8_t *>_take(&a, n)
+    cdef int8_t *qs
+    cdef float *dq
+    cdef float *fb
+    cdef uint8_t *bad
     cdef uint8_t *xact
     cdef uint8_t *scratch
     cdef int32_t *cbuf
+    cdef float *acc
     try:
+        qs = <int8_t *>_take(&a, n * cols)
+        dq = <float *>_take(&a, 4 * n * nb)
+        fb = <float *>_take(&a, 64 * n * nb)
+        bad = <uint8_t *>_take(&a, n)
         if amx:
             # packed activations uint8[groups of 16 rows][nb][WS_AMX_XBLK]; per thread: weight
             # scratch uint8[nb][WS_AMX_WBLK] and tile results int32[2][2][16 * 16]
@@ -408,9 +418,10 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
                 _matmul_amx_q2k(&x[0, 0], &w[0, 0], &out[0, 0], n, rows, cols, qs, dq, fb, xact,
                                 scratch, cbuf, bad, threads)
         else:
+            acc = <float *>_take(&a, 4 * threads * _scratch_floats())
             with nogil:
                 _matmul_core(&x[0, 0], &w[0, 0], qtype, &out[0, 0], n, rows, cols, bb, qs, dq, fb,
-                             <float *>_take(&a, 4 * threads * _scratch_floats()), bad, threads)
+                             acc, bad, threads)
     finally:
         free(a.base)
 
@@ -448,7 +459,7 @@ def matvec_many_into(const float[:, ::1] x, list ws, int qtype, float[:, ::1] ou
     cdef _Arena a
     _arena_open(&a, 8 * tasks + tasks * cols + 4 * tasks * nb + 64 * tasks * nb + tasks
                 + 4 * threads * _scratch_floats())
-    cdef const uint8_t **pv = <const uint8_t **>_take(&a, 8 * tasks)
+    cdef const uint8_t **pv
     cdef const uint8_t[:, ::1] wv
     cdef int8_t *qs
     cdef float *dq
@@ -456,6 +467,7 @@ def matvec_many_into(const float[:, ::1] x, list ws, int qtype, float[:, ::1] ou
     cdef float *acc
     cdef uint8_t *bad
     try:
+        pv = <const uint8_t **>_take(&a, 8 * tasks)
         for t in range(tasks):
             wv = ws[t]
             if wv.shape[0] != rows or wv.shape[1] != nb * bb:
@@ -519,7 +531,7 @@ def moe_decode_into(const float[:, ::1] h, list gates, list ups, list downs, int
     cdef _Arena a
     _arena_open(&a, 8 * 3 * k + (E + k * ff) + 4 * nq + 64 * nq + 4 * 3 * k * ff + (1 + k)
                 + 4 * threads * _scratch_floats())
-    cdef const uint8_t **pv = <const uint8_t **>_take(&a, 8 * 3 * k)
+    cdef const uint8_t **pv
     cdef const uint8_t[:, ::1] wv
     cdef int8_t *qs
     cdef float *dq
@@ -531,6 +543,7 @@ def moe_decode_into(const float[:, ::1] h, list gates, list ups, list downs, int
     expected = {"gate": (ff, nbe * BLOCK_BYTES[qtype_gu]), "up": (ff, nbe * BLOCK_BYTES[qtype_gu]),
                 "down": (E, nbf * BLOCK_BYTES[qtype_d])}
     try:
+        pv = <const uint8_t **>_take(&a, 8 * 3 * k)
         for t, (role, w) in enumerate([("gate", g) for g in gates] + [("up", u) for u in ups]
                                       + [("down", d) for d in downs]):
             wv = w

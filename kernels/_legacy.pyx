@@ -238,7 +238,8 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     c.scratch_bytes = 0
     # decode with an even number of blocks per row: the block-stream kernel (lg_stream_rows),
     # activations in natural order
-    c.natural = c.fused and quant and c.nb % 2 == 0 and not (AMX and n >= _AMX_MIN_N)
+    cdef bint amx = AMX and n >= _AMX_MIN_N   # prefill on the tiles (quantized types)
+    c.natural = c.fused and quant and c.nb % 2 == 0 and not amx
     c.dxr = NULL
     c.csr = NULL
     c.rs = 0
@@ -278,7 +279,7 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
                 c.csr = stream + <size_t>n * c.rs
                 c.fscratch = stream + 2 * <size_t>n * c.rs
                 lg_tile_scales(c.dx, c.cs, c.fs, c.n, c.nb, c.rs, stream, stream + <size_t>n * c.rs)
-            if AMX and n >= _AMX_MIN_N:
+            if amx:
                 scratch = <uint8_t *>lg_alloc(<size_t>((n + 15) // 16 + nthreads) * c.nb * LG_AMX_BLK)
                 if scratch == NULL:
                     raise MemoryError()

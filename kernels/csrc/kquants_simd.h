@@ -344,13 +344,9 @@ WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const 
         _mm512_storeu_ps(accbuf + 16 * r, _mm512_sub_ps(acc[r], accm[r]));
 }
 
-/* out[j] = the sum of the 16 floats at v + j * vstride, j < m <= 16 (sum16.h's tree; missing rows
-   are zeros) */
+/* out[j] = the sum of the 16 floats at v + j * vstride, j < m <= 16 (sum16.h's tree) */
 static inline void ws_kq_reduce16(const float *v, int64_t vstride, int m, float *out) {
-    __m512 x[16];
-    for (int j = 0; j < 16; j++)
-        x[j] = j < m ? _mm512_loadu_ps(v + j * vstride) : _mm512_setzero_ps();
-    _mm512_mask_storeu_ps(out, (__mmask16)((1u << m) - 1u), ws_sum16(x));
+    ws_sum16_rows(v, vstride, m, out);
 }
 
 #define WS_KQ_NR_CASES(QT) \

@@ -401,11 +401,8 @@ typedef struct {
 #define LG_NIB_HI 0x1020408000000000ll   /* output bit i <- input bit i + 4 */
 WS_INLINE __m512i lg_unpack_pair_nat(const int t, const uint8_t *p) {
     const int bs = ws_block_bytes(t);
-    if (t == WS_Q8_0) {
-        __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p + 2))),
-                                       _mm256_loadu_si256((const __m256i *)(p + bs + 2)), 1);
-        return _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
-    }
+    if (t == WS_Q8_0)   /* not interleaved: lg_unpack_pair's bytes are already in natural order */
+        return lg_unpack_pair(t, p, 1);
     const int qo = lg_qs_off(t);
     __m512i x = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(p + qo)));
     x = _mm512_mask_broadcast_i32x4(x, (__mmask16)0xFF00, _mm_loadu_si128((const __m128i *)(p + bs + qo)));
@@ -484,12 +481,8 @@ WS_INLINE void lg_stream_rows(const int t, const int R, const lg_ctx *c, int r0,
             }
         }
     }
-    for (int r = 0; r < R; r++) {
-        __m512 x[16];
-        for (int j = 0; j < 16; j++)
-            x[j] = j < nrows ? _mm512_loadu_ps(part + (size_t)(j * R + r) * 16) : _mm512_setzero_ps();
-        _mm512_mask_storeu_ps(c->out + (size_t)r * c->o_stride + r0, (__mmask16)((1u << nrows) - 1u), ws_sum16(x));
-    }
+    for (int r = 0; r < R; r++)
+        ws_sum16_rows(part + 16 * r, 16 * R, nrows, c->out + (size_t)r * c->o_stride + r0);
 }
 
 #define LG_STREAM_R(T) switch (c->n) { case 1: lg_stream_rows(T, 1, c, r0, r1, scr); break; case 2: lg_stream_rows(T, 2, c, r0, r1, scr); break; case 3: lg_stream_rows(T, 3, c, r0, r1, scr); break; default: lg_stream_rows(T, 4, c, r0, r1, scr); break; }

@@ -11,6 +11,7 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#include <stdint.h>
 
 static const int ws_sum16_slot[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
 
@@ -25,6 +26,15 @@ static inline __attribute__((always_inline)) __m512 ws_sum16(const __m512 a[16])
     for (int j = 0; j < 2; j++)
         u[j] = _mm512_add_ps(_mm512_unpacklo_ps(z[j], z[j + 2]), _mm512_unpackhi_ps(z[j], z[j + 2]));
     return _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x44), _mm512_shuffle_ps(u[0], u[1], 0xEE));
+}
+
+/* out[j] = the sum of the 16 floats at v + j * vstride, j < m <= 16 (missing rows are zeros):
+   the tree over rows of 16-lane partial sums (k-quant and legacy decode rows) */
+static inline void ws_sum16_rows(const float *v, int64_t vstride, int m, float *out) {
+    __m512 x[16];
+    for (int j = 0; j < 16; j++)
+        x[j] = j < m ? _mm512_loadu_ps(v + j * vstride) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(out, (__mmask16)((1u << m) - 1u), ws_sum16(x));
 }
 
 #endif
