@@ -46,20 +46,19 @@ cdef extern from "ops_simd.h" nogil:  # kernels/csrc/ops_simd.h: the rows' arith
     void ws_topk_row(const float *p, int64_t n, int64_t k, int64_t *ids)
 
 
-def _check(cond, msg):
-    if not cond:
-        raise ValueError(msg)
-
+# Argument checks raise at once and format their message only when they fail: a decode step
+# makes ~10 calls here per layer, and an f-string built on every call cost microseconds each.
 
 cdef _check_caches(str who, const float[:, :, ::1] k_cache, const float[:, :, ::1] v_cache,
                    Py_ssize_t heads, Py_ssize_t hd):
     """The K and V caches: float32[n_ctx, kv_heads, hd] both, kv_heads dividing the query heads."""
     cdef Py_ssize_t kvh = k_cache.shape[1]
-    _check(kvh > 0 and heads % kvh == 0, f"{who}: {heads} query heads over {kvh} kv heads")
-    _check(k_cache.shape[2] == hd and v_cache.shape[0] == k_cache.shape[0]
-           and v_cache.shape[1] == kvh and v_cache.shape[2] == hd,
-           f"{who}: caches [{k_cache.shape[0]}, {kvh}, {k_cache.shape[2]}] / "
-           f"[{v_cache.shape[0]}, {v_cache.shape[1]}, {v_cache.shape[2]}] for head_dim {hd}")
+    if not (kvh > 0 and heads % kvh == 0):
+        raise ValueError(f"{who}: {heads} query heads over {kvh} kv heads")
+    if not (k_cache.shape[2] == hd and v_cache.shape[0] == k_cache.shape[0]
+            and v_cache.shape[1] == kvh and v_cache.shape[2] == hd):
+        raise ValueError(f"{who}: caches [{k_cache.shape[0]}, {kvh}, {k_cache.shape[2]}] / "
+                         f"[{v_cache.shape[0]}, {v_cache.shape[1]}, {v_cache.shape[2]}] for head_dim {hd}")
 
 
 cdef void _norm_rows(float *x, const float *w, Py_ssize_t rows, Py_ssize_t width, double eps) noexcept nogil:
@@ -100,9 +99,10 @@ cdef void _attend_heads(const float *q, const float *k_cache, const float *v_cac
 def rms_norm_into(const float[:, ::1] x, const float[::1] w, double eps, float[:, ::1] out):
     """out[i] = x[i] * w / sqrt(mean(x[i]^2) + eps) for each row i (out may be x)."""
     cdef Py_ssize_t n = x.shape[0], e = x.shape[1], i, j
-    _check(w.shape[0] == e, f"rms_norm_into: weight has {w.shape[0]} values, rows have {e}")
-    _check(out.shape[0] == n and out.shape[1] == e,
-           f"rms_norm_into: out is [{out.shape[0]}, {out.shape[1]}], x is [{n}, {e}]")
+    if not (w.shape[0] == e):
+        raise ValueError(f"rms_norm_into: weight has {w.shape[0]} values, rows have {e}")
+    if not (out.shape[0] == n and out.shape[1] == e):
+        raise ValueError(f"rms_norm_into: out is [{out.shape[0]}, {out.shape[1]}], x is [{n}, {e}]")
     with nogil:
         for i in range(n):
             ws_rms_norm_row(&x[i, 0], &w[0], e, eps, &out[i, 0])
@@ -140,13 +140,15 @@ def rope_inplace(float[:, :, ::1] x, const int64_t[::1] positions, const float[:
     (d, d + n_rot/2) pairs, else adjacent (2d, 2d + 1) pairs (llama.cpp's NEOX / NORM)."""
     cdef Py_ssize_t n = x.shape[0], heads = x.shape[1], hd = x.shape[2], i
     cdef Py_ssize_t half = n_rot // 2
-    _check(positions.shape[0] == n, f"rope_inplace: {positions.shape[0]} positions for {n} rows")
-    _check(0 < n_rot <= hd and n_rot % 2 == 0, f"rope_inplace: n_rot {n_rot} for head_dim {hd}")
-    _check(cos.shape[1] == half and sin.shape[1] == half and sin.shape[0] == cos.shape[0],
-           f"rope_inplace: tables are [{cos.shape[0]}, {cos.shape[1]}], need [n_ctx, {half}]")
+    if not (positions.shape[0] == n):
+        raise ValueError(f"rope_inplace: {positions.shape[0]} positions for {n} rows")
+    if not (0 < n_rot <= hd and n_rot % 2 == 0):
+        raise ValueError(f"rope_inplace: n_rot {n_rot} for head_dim {hd}")
+    if not (cos.shape[1] == half and sin.shape[1] == half and sin.shape[0] == cos.shape[0]):
+        raise ValueError(f"rope_inplace: tables are [{cos.shape[0]}, {cos.shape[1]}], need [n_ctx, {half}]")
     for i in range(n):
-        _check(0 <= positions[i] < cos.shape[0],
-               f"rope_inplace: position {positions[i]} outside the table's {cos.shape[0]}")
+        if not (0 <= positions[i] < cos.shape[0]):
+            raise ValueError(f"rope_inplace: position {positions[i]} outside the table's {cos.shape[0]}")
     cdef int64_t p
     with nogil:
         for i in range(n):
@@ -158,8 +160,9 @@ def swiglu_into(const float[:, :] gate, const float[:, :] up, float[:, ::1] out)
     """out = gate / (1 + exp(-gate)) * up; gate and up may be strided views (the two halves of a
     fused gate/up product)."""
     cdef Py_ssize_t n = gate.shape[0], m = gate.shape[1], i, j
-    _check(up.shape[0] == n and up.shape[1] == m and out.shape[0] == n and out.shape[1] == m,
-           f"swiglu_into: gate [{n}, {m}], up [{up.shape[0]}, {up.shape[1]}], out [{out.shape[0]}, {out.shape[1]}]")
+    if not (up.shape[0] == n and up.shape[1] == m and out.shape[0] == n and out.shape[1] == m):
+        raise ValueError(f"swiglu_into: gate [{n}, {m}], up [{up.shape[0]}, {up.shape[1]}], "
+                         f"out [{out.shape[0]}, {out.shape[1]}]")
     cdef float g
     if n == 0 or m == 0:
         return
@@ -183,10 +186,12 @@ def attend_one(const float[:, ::1] q, const float[:, :, ::1] k_cache, const floa
     scratch: float32[heads, >= n_kv] for the scores."""
     cdef Py_ssize_t heads = q.shape[0], hd = q.shape[1]
     _check_caches("attend_one", k_cache, v_cache, heads, hd)
-    _check(0 < n_kv <= k_cache.shape[0], f"attend_one: n_kv {n_kv} for a cache of {k_cache.shape[0]}")
-    _check(out.shape[0] == heads and out.shape[1] == hd, "attend_one: out must be [heads, head_dim]")
-    _check(scratch.shape[0] >= heads and scratch.shape[1] >= n_kv,
-           f"attend_one: scratch [{scratch.shape[0]}, {scratch.shape[1]}] < [{heads}, {n_kv}]")
+    if not (0 < n_kv <= k_cache.shape[0]):
+        raise ValueError(f"attend_one: n_kv {n_kv} for a cache of {k_cache.shape[0]}")
+    if not (out.shape[0] == heads and out.shape[1] == hd):
+        raise ValueError("attend_one: out must be [heads, head_dim]")
+    if not (scratch.shape[0] >= heads and scratch.shape[1] >= n_kv):
+        raise ValueError(f"attend_one: scratch [{scratch.shape[0]}, {scratch.shape[1]}] < [{heads}, {n_kv}]")
     with nogil:
         _attend_heads(&q[0, 0], &k_cache[0, 0, 0], &v_cache[0, 0, 0], heads, k_cache.shape[1], hd, n_kv,
                       scale, &scratch[0, 0], scratch.shape[1], &out[0, 0], NULL, 0, threads)
@@ -196,8 +201,8 @@ def softmax_rows_into(const float[:, ::1] x, float[:, ::1] out):
     """out[i] = softmax(x[i]) for each row (out may be x): a router's probabilities, one call
     instead of NumPy's max, subtract, exp, sum and divide (each a temporary) per MoE layer."""
     cdef Py_ssize_t n = x.shape[0], e = x.shape[1], i
-    _check(out.shape[0] == n and out.shape[1] == e,
-           f"softmax_rows_into: out is [{out.shape[0]}, {out.shape[1]}], x is [{n}, {e}]")
+    if not (out.shape[0] == n and out.shape[1] == e):
+        raise ValueError(f"softmax_rows_into: out is [{out.shape[0]}, {out.shape[1]}], x is [{n}, {e}]")
     if e == 0:
         return
     with nogil:
@@ -214,14 +219,16 @@ def topk_weights_into(const float[:, ::1] probs, int64_t[:, ::1] ids, float[:, :
     their sum (in j order) with norm. k * n_expert comparisons a row: no sort."""
     cdef Py_ssize_t n = probs.shape[0], e = probs.shape[1], k = ids.shape[1], i, j
     cdef float total
-    _check(ids.shape[0] == n and weights.shape[0] == n and weights.shape[1] == k,
-           f"topk_weights_into: probs [{n}, {e}], ids [{ids.shape[0]}, {k}], "
-           f"weights [{weights.shape[0]}, {weights.shape[1]}]")
-    _check(1 <= k <= e, f"topk_weights_into: k = {k} experts of {e}")
+    if not (ids.shape[0] == n and weights.shape[0] == n and weights.shape[1] == k):
+        raise ValueError(f"topk_weights_into: probs [{n}, {e}], ids [{ids.shape[0]}, {k}], "
+                         f"weights [{weights.shape[0]}, {weights.shape[1]}]")
+    if not (1 <= k <= e):
+        raise ValueError(f"topk_weights_into: k = {k} experts of {e}")
     if not choose:
         for i in range(n):
             for j in range(k):
-                _check(0 <= ids[i, j] < e, f"topk_weights_into: expert id {ids[i, j]} (row {i}) outside [0, {e})")
+                if not (0 <= ids[i, j] < e):
+                    raise ValueError(f"topk_weights_into: expert id {ids[i, j]} (row {i}) outside [0, {e})")
     with nogil:
         for i in range(n):
             if choose:
@@ -258,29 +265,35 @@ def attention_decode(const float[:, ::1] qkv, Py_ssize_t heads, Py_ssize_t kv_he
     cdef Py_ssize_t qw = (2 if gated else 1) * hd   # a head's rows in qkv
     cdef Py_ssize_t kv0 = heads * qw, kvw = kv_heads * hd, n_kv = pos + 1, half = n_rot // 2
     _check_caches("attention_decode", k_cache, v_cache, heads, hd)
-    _check(k_cache.shape[1] == kv_heads,
-           f"attention_decode: caches hold {k_cache.shape[1]} kv heads, the call says {kv_heads}")
-    _check(qkv.shape[0] == 1 and qkv.shape[1] == kv0 + 2 * kvw,
-           f"attention_decode: qkv is [{qkv.shape[0]}, {qkv.shape[1]}], need [1, {kv0 + 2 * kvw}]")
-    _check(0 <= pos < k_cache.shape[0] and pos < cos.shape[0],
-           f"attention_decode: position {pos} outside the cache ({k_cache.shape[0]}) or rope table ({cos.shape[0]})")
-    _check(0 < n_rot <= hd and n_rot % 2 == 0 and cos.shape[1] == half and sin.shape[1] == half
-           and sin.shape[0] == cos.shape[0], f"attention_decode: n_rot {n_rot}, head_dim {hd}, "
-           f"rope tables [{cos.shape[0]}, {cos.shape[1]}]")
-    _check(q.shape[0] == heads and q.shape[1] == hd and out.shape[0] == heads and out.shape[1] == hd,
-           f"attention_decode: q [{q.shape[0]}, {q.shape[1]}] and out [{out.shape[0]}, {out.shape[1]}] "
-           f"must be [{heads}, {hd}]")
-    _check(scratch.shape[0] >= heads and scratch.shape[1] >= n_kv,
-           f"attention_decode: scratch [{scratch.shape[0]}, {scratch.shape[1]}] < [{heads}, {n_kv}]")
+    if not (k_cache.shape[1] == kv_heads):
+        raise ValueError(f"attention_decode: caches hold {k_cache.shape[1]} kv heads, the call says {kv_heads}")
+    if not (qkv.shape[0] == 1 and qkv.shape[1] == kv0 + 2 * kvw):
+        raise ValueError(f"attention_decode: qkv is [{qkv.shape[0]}, {qkv.shape[1]}], need [1, {kv0 + 2 * kvw}]")
+    if not (0 <= pos < k_cache.shape[0] and pos < cos.shape[0]):
+        raise ValueError(f"attention_decode: position {pos} outside the cache ({k_cache.shape[0]}) "
+                         f"or rope table ({cos.shape[0]})")
+    if not (0 < n_rot <= hd and n_rot % 2 == 0 and cos.shape[1] == half and sin.shape[1] == half
+            and sin.shape[0] == cos.shape[0]):
+        raise ValueError(f"attention_decode: n_rot {n_rot}, head_dim {hd}, "
+                         f"rope tables [{cos.shape[0]}, {cos.shape[1]}]")
+    if not (q.shape[0] == heads and q.shape[1] == hd and out.shape[0] == heads and out.shape[1] == hd):
+        raise ValueError(f"attention_decode: q [{q.shape[0]}, {q.shape[1]}] and out "
+                         f"[{out.shape[0]}, {out.shape[1]}] "
+                         f"must be [{heads}, {hd}]")
+    if not (scratch.shape[0] >= heads and scratch.shape[1] >= n_kv):
+        raise ValueError(f"attention_decode: scratch [{scratch.shape[0]}, {scratch.shape[1]}] "
+                         f"< [{heads}, {n_kv}]")
     cdef const float[::1] qn, kn
     cdef bint has_qn = q_norm is not None, has_kn = k_norm is not None
     cdef Py_ssize_t nw = (heads if norm_full else 1) * hd, kw = (kv_heads if norm_full else 1) * hd
     if has_qn:
         qn = q_norm
-        _check(qn.shape[0] == nw, f"attention_decode: q_norm has {qn.shape[0]} values, need {nw}")
+        if not (qn.shape[0] == nw):
+            raise ValueError(f"attention_decode: q_norm has {qn.shape[0]} values, need {nw}")
     if has_kn:
         kn = k_norm
-        _check(kn.shape[0] == kw, f"attention_decode: k_norm has {kn.shape[0]} values, need {kw}")
+        if not (kn.shape[0] == kw):
+            raise ValueError(f"attention_decode: k_norm has {kn.shape[0]} values, need {kw}")
     cdef float *kt = &k_cache[pos, 0, 0]
     cdef float *qp = &q[0, 0]
     with nogil:
@@ -313,16 +326,18 @@ def attend_causal(const float[:, :, ::1] q, const float[:, :, ::1] k_cache, cons
     cdef Py_ssize_t n = q.shape[0], heads = q.shape[1], hd = q.shape[2], kvh = k_cache.shape[1]
     cdef Py_ssize_t i, h, j, top = -1
     _check_caches("attend_causal", k_cache, v_cache, heads, hd)
-    _check(positions.shape[0] == n and out.shape[0] == n and out.shape[1] == heads and out.shape[2] == hd,
-           f"attend_causal: {positions.shape[0]} positions, out [{out.shape[0]}, {out.shape[1]}, "
-           f"{out.shape[2]}] for q [{n}, {heads}, {hd}]")
-    _check(threads >= 1, f"attend_causal: threads must be >= 1, got {threads}")
+    if not (positions.shape[0] == n and out.shape[0] == n and out.shape[1] == heads and out.shape[2] == hd):
+        raise ValueError(f"attend_causal: {positions.shape[0]} positions, out [{out.shape[0]}, {out.shape[1]}, "
+                         f"{out.shape[2]}] for q [{n}, {heads}, {hd}]")
+    if not (threads >= 1):
+        raise ValueError(f"attend_causal: threads must be >= 1, got {threads}")
     for i in range(n):
-        _check(0 <= positions[i] < k_cache.shape[0],
-               f"attend_causal: position {positions[i]} outside the cache's {k_cache.shape[0]}")
+        if not (0 <= positions[i] < k_cache.shape[0]):
+            raise ValueError(f"attend_causal: position {positions[i]} outside the cache's {k_cache.shape[0]}")
         top = max(top, positions[i])
-    _check(scratch.shape[0] >= threads and scratch.shape[1] > top,
-           f"attend_causal: scratch [{scratch.shape[0]}, {scratch.shape[1]}] < [{threads}, {top + 1}]")
+    if not (scratch.shape[0] >= threads and scratch.shape[1] > top):
+        raise ValueError(f"attend_causal: scratch [{scratch.shape[0]}, {scratch.shape[1]}] "
+                         f"< [{threads}, {top + 1}]")
     cdef Py_ssize_t group = heads // kvh, stride = kvh * hd
     for j in prange(n * heads, nogil=True, num_threads=threads, schedule="static", chunksize=1):
         i = j // heads
