@@ -65,6 +65,8 @@ cdef extern from "kquants_simd.h" nogil:
     bint WS_KQ_PERMUTED(int qtype)
     void ws_kq_rows(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a, int nr,
                     float *accbuf, int first)
+    void ws_kq_stream(int qtype, const uint8_t *w, int64_t nrows, int64_t nbk, const ws_kq_act *a,
+                      float *accbuf, int64_t acc_stride)
     void ws_kq_reduce16(const float *v, int64_t vstride, int m, float *out)
 
 # Q8_K quantization of an activation row (kernels/csrc/q8k_simd.h)
@@ -226,9 +228,12 @@ cdef void _group(int qtype, const uint8_t *w, int64_t i0, int64_t i1, int64_t ro
             act.qx = qs + r0 * cols + QK_K * b0
             act.dx = dq + r0 * nb + b0
             act.fb = fb + r0 * 16 * nb + 16 * b0
-            for i in range(i0, i1):
-                ws_kq_rows(qtype, w + i * row_bytes + b0 * bb, nbk, &act, nr,
-                           accbuf + (i - i0) * 16 * WS_KQ_NRMAX, b0 == 0)
+            if n == 1 and nbk == nb and row_bytes == nb * bb:  # decode, whole rows: one block stream
+                ws_kq_stream(qtype, w + i0 * row_bytes, i1 - i0, nb, &act, accbuf, 16 * WS_KQ_NRMAX)
+            else:
+                for i in range(i0, i1):
+                    ws_kq_rows(qtype, w + i * row_bytes + b0 * bb, nbk, &act, nr,
+                               accbuf + (i - i0) * 16 * WS_KQ_NRMAX, b0 == 0)
             b0 = b0 + nbk
         for r in range(nr):  # out[r0 + r, i0..i1]: contiguous, 16 weight rows per reduction tree
             j0 = i0

@@ -109,6 +109,26 @@ def test_tiling_does_not_change_results():
         _kquants._tuning(*saved)
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("wr", [16, 20])
+def test_decode_stream_equals_the_tile_path(qtype, wr):
+    """One activation row (decode) reads a group's rows as one stream of blocks (ws_kq_stream:
+    scales gathered 8 blocks at a time across row ends); two rows take the per-row tile path.
+    Each output must have the same bits either way: row widths of 1, 3, 8, 9 and 17 blocks (a
+    gather chunk ending inside, at and past a row's end), groups of 1, 5, 16, 17 and 40 rows."""
+    saved = _kquants._tuning()
+    try:
+        _kquants._tuning(wr, saved[1], saved[2])  # wr = 20: a stream longer than 16 rows
+        for nb in (1, 3, 8, 9, 17):
+            for rows in (1, 5, 16, 17, 40):
+                x, raw = _case(qtype, rows, 256 * nb, 2, 4)
+                one = _run(x[:1], raw, qtype, threads=2)
+                two = _run(x, raw, qtype, threads=2)
+                assert np.array_equal(one[0].view(np.uint32), two[0].view(np.uint32)), (nb, rows)
+    finally:
+        _kquants._tuning(*saved)
+
+
 def test_zero_activations_and_zero_blocks():
     x, raw = _case(T.Q2_K, 5, 512, 3, 4)
     x[1] = 0.0                  # an all-zero row: Q8_K d = 0

@@ -276,6 +276,43 @@ static inline void ws_kq_scales(int qtype, const uint8_t *w, int64_t nblocks, co
     }
 }
 
+WS_AI void ws_kq_unpack(const int qtype, const uint8_t *blk, const float *bdm, ws_ublk *u) {
+    switch (qtype) {
+    case WS_Q2_K: ws_unpack_q2k(blk, bdm, u); break;
+    case WS_Q3_K: ws_unpack_q3k(blk, bdm, u); break;
+    case WS_Q4_K: ws_unpack_q4k(blk, bdm, u); break;
+    case WS_Q5_K: ws_unpack_q5k(blk, bdm, u); break;
+    default:      ws_unpack_q6k(blk, bdm, u); break;
+    }
+}
+
+/* software prefetch of the block WS_KQ_PREFETCH bytes ahead: one core's hardware prefetcher
+   keeps too few lines in flight to stream weights at the memory's rate (measured: Q2_K
+   14336x4096 cold 4.0 ms without, see bench/RESULTS.md); a thread's blocks are consecutive, so
+   blk + distance is what it reads next */
+WS_AI void ws_kq_prefetch(const uint8_t *blk, const int bb) {
+    for (int o = 0; o < bb; o += 64)
+        _mm_prefetch((const char *)blk + WS_KQ_PREFETCH + o, _MM_HINT_T0);
+}
+
+/* the unpacked block u times one activation row's 256 int8 x: 16 int32 partial sums, one per
+   128-bit lane's sub-block (Q2_K: u holds q * sc already; others: vpmaddubsw, then the int16
+   sub-block scales by vpdpwssd) */
+WS_AI __m512i ws_kq_block_dot(const int qtype, const ws_ublk *u, const int8_t *x) {
+    __m512i s;
+    if (qtype == WS_Q2_K) {
+        s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u->w[0], _mm512_loadu_si512((const void *)x));
+        s = _mm512_dpbusd_epi32(s, u->w[1], _mm512_loadu_si512((const void *)(x + 64)));
+        s = _mm512_dpbusd_epi32(s, u->w[2], _mm512_loadu_si512((const void *)(x + 128)));
+        return _mm512_dpbusd_epi32(s, u->w[3], _mm512_loadu_si512((const void *)(x + 192)));
+    }
+    s = _mm512_dpwssd_epi32(_mm512_setzero_si512(),
+                            _mm512_maddubs_epi16(u->w[0], _mm512_loadu_si512((const void *)x)), u->s[0]);
+    s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u->w[1], _mm512_loadu_si512((const void *)(x + 64))), u->s[1]);
+    s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u->w[2], _mm512_loadu_si512((const void *)(x + 128))), u->s[2]);
+    return _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u->w[3], _mm512_loadu_si512((const void *)(x + 192))), u->s[3]);
+}
+
 /* nbk blocks of one weight row times nr activation rows: the 16-lane partial sums of row r go to
    accbuf + 16 r, added to what is there unless first. ws_kq_reduce16 sums the lanes once a
    group's rows are done: one reduction
@@ -302,35 +339,12 @@ WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const 
             ws_kq_scales(qtype, blk, nbk - ib < WS_KQ_DM_CHUNK ? nbk - ib : WS_KQ_DM_CHUNK,
                          nr == 1 ? a->dx + ib : NULL, dm);
         const float *bdm = dm + 2 * (ib % WS_KQ_DM_CHUNK);
-        /* software prefetch: one core's hardware prefetcher keeps too few lines in flight to
-           stream weights at the memory's rate (measured: Q2_K 14336x4096 cold 4.0 ms without,
-           see bench/RESULTS.md); the rows of a group are contiguous, so w + distance is what
-           this thread reads next */
-        for (int o = 0; o < bb; o += 64)
-            _mm_prefetch((const char *)blk + WS_KQ_PREFETCH + o, _MM_HINT_T0);
-        switch (qtype) {
-        case WS_Q2_K: ws_unpack_q2k(blk, bdm, &u); break;
-        case WS_Q3_K: ws_unpack_q3k(blk, bdm, &u); break;
-        case WS_Q4_K: ws_unpack_q4k(blk, bdm, &u); break;
-        case WS_Q5_K: ws_unpack_q5k(blk, bdm, &u); break;
-        default:      ws_unpack_q6k(blk, bdm, &u); break;
-        }
+        ws_kq_prefetch(blk, bb);   /* (the rows of a group are contiguous) */
+        ws_kq_unpack(qtype, blk, bdm, &u);
         for (int r = 0; r < nr; r++) {
             const int8_t *x = a->qx + r * a->qx_stride + 256 * ib;
             const float *f = a->fb + r * a->fb_stride + 16 * ib;
-            __m512i s;
-            if (qtype == WS_Q2_K) {
-                s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u.w[0], _mm512_loadu_si512((const void *)x));
-                s = _mm512_dpbusd_epi32(s, u.w[1], _mm512_loadu_si512((const void *)(x + 64)));
-                s = _mm512_dpbusd_epi32(s, u.w[2], _mm512_loadu_si512((const void *)(x + 128)));
-                s = _mm512_dpbusd_epi32(s, u.w[3], _mm512_loadu_si512((const void *)(x + 192)));
-            } else {
-                s = _mm512_dpwssd_epi32(_mm512_setzero_si512(),
-                        _mm512_maddubs_epi16(u.w[0], _mm512_loadu_si512((const void *)x)), u.s[0]);
-                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u.w[1], _mm512_loadu_si512((const void *)(x + 64))), u.s[1]);
-                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u.w[2], _mm512_loadu_si512((const void *)(x + 128))), u.s[2]);
-                s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u.w[3], _mm512_loadu_si512((const void *)(x + 192))), u.s[3]);
-            }
+            const __m512i s = ws_kq_block_dot(qtype, &u, x);
             /* one activation row: d already holds d * dx (ws_kq_scales; the same product) */
             const __m512 dd = nr == 1 ? u.d : _mm512_mul_ps(u.d, _mm512_set1_ps(a->dx[r * a->dx_stride + ib]));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd, acc[r]);
@@ -342,6 +356,49 @@ WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const 
     }
     for (int r = 0; r < nr; r++)
         _mm512_storeu_ps(accbuf + 16 * r, _mm512_sub_ps(acc[r], accm[r]));
+}
+
+/* One activation row (decode) times nrows whole weight rows of nbk blocks each, stored one after
+   another (a row group): the rows read as one stream of nrows * nbk blocks, so the block scales
+   come a gather of 8 blocks at a time across row ends (where a row of 3 blocks, a 768-wide
+   expert's down projection, paid one per row), with no call, switch or accumulator set-up per
+   row. The gather reads only blocks the prefetch has asked for: 64-block chunks (Q6_K: 13 KiB
+   ahead) made a 4096x2048 Q4_K / Q6_K product 23-30% slower. Row r's 16 partial sums go to accbuf + r * acc_stride, with the
+   bits ws_kq_rows_avx(..., nr = 1, first = 1) gives it: the same operations per block in the
+   same order (the dx fold included: d * dx of the block's column). */
+#define WS_KQ_STREAM_CHUNK 8
+WS_AI void ws_kq_stream_avx(const int qtype, const uint8_t *w, int64_t nrows, int64_t nbk,
+                            const ws_kq_act *a, float *accbuf, int64_t acc_stride) {
+    const int bb = ws_block_bytes(qtype);
+    const int64_t total = nrows * nbk;
+    float dm[2 * WS_KQ_STREAM_CHUNK + 16] __attribute__((aligned(64)));
+    float dxt[WS_KQ_STREAM_CHUNK + 8];   /* the chunk's blocks' dx: dx[column block] */
+    __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
+    int64_t j = 0;   /* the block's column within its row */
+    for (int64_t s0 = 0; s0 < total; s0 += WS_KQ_STREAM_CHUNK) {
+        const int64_t cnt = total - s0 < WS_KQ_STREAM_CHUNK ? total - s0 : WS_KQ_STREAM_CHUNK;
+        for (int64_t i = 0, c = j; i < cnt; i++) {
+            dxt[i] = a->dx[c];
+            c = c + 1 == nbk ? 0 : c + 1;
+        }
+        ws_kq_scales(qtype, w + s0 * bb, cnt, dxt, dm);
+        for (int64_t i = 0; i < cnt; i++) {
+            const uint8_t *blk = w + (s0 + i) * bb;
+            ws_ublk u;
+            ws_kq_prefetch(blk, bb);
+            ws_kq_unpack(qtype, blk, dm + 2 * i, &u);
+            const __m512i s = ws_kq_block_dot(qtype, &u, a->qx + 256 * j);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), u.d, acc);
+            accm = _mm512_fmadd_ps(u.g, _mm512_loadu_ps(a->fb + 16 * j), accm);
+            if (++j == nbk) {   /* the row's last block: its sums out, the next row's from zero */
+                _mm512_storeu_ps(accbuf, _mm512_sub_ps(acc, accm));
+                accbuf += acc_stride;
+                acc = _mm512_setzero_ps();
+                accm = _mm512_setzero_ps();
+                j = 0;
+            }
+        }
+    }
 }
 
 /* out[j] = the sum of the 16 floats at v + j * vstride, j < m <= 16 (sum16.h's tree) */
@@ -478,6 +535,25 @@ static void ws_kq_rows(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act
     }
 #else
     ws_kq_rows_scalar(qtype, w, nbk, a, nr, accbuf, first);
+#endif
+}
+
+/* ws_kq_stream_avx's contract on any build: one activation row, rows i < nrows of nbk blocks at
+   w + i * nbk * block bytes, row i's partial sums (ws_kq_reduce16's input) at accbuf + i * acc_stride */
+static void ws_kq_stream(int qtype, const uint8_t *w, int64_t nrows, int64_t nbk, const ws_kq_act *a,
+                         float *accbuf, int64_t acc_stride) {
+#if WS_KQ_AVX512
+    switch (qtype) {
+    case WS_Q2_K: ws_kq_stream_avx(WS_Q2_K, w, nrows, nbk, a, accbuf, acc_stride); break;
+    case WS_Q3_K: ws_kq_stream_avx(WS_Q3_K, w, nrows, nbk, a, accbuf, acc_stride); break;
+    case WS_Q4_K: ws_kq_stream_avx(WS_Q4_K, w, nrows, nbk, a, accbuf, acc_stride); break;
+    case WS_Q5_K: ws_kq_stream_avx(WS_Q5_K, w, nrows, nbk, a, accbuf, acc_stride); break;
+    default:      ws_kq_stream_avx(WS_Q6_K, w, nrows, nbk, a, accbuf, acc_stride); break;
+    }
+#else
+    const int64_t row_bytes = nbk * ws_block_bytes(qtype);
+    for (int64_t i = 0; i < nrows; i++)
+        ws_kq_rows_scalar(qtype, w + i * row_bytes, nbk, a, 1, accbuf + i * acc_stride, 1);
 #endif
 }
 
