@@ -40,7 +40,7 @@ from gguf import GGMLQuantizationType
 from . import traits
 
 cimport openmp
-from libc.stdlib cimport free
+from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 cdef extern from "<stdlib.h>" nogil:
     void *aligned_alloc(size_t alignment, size_t size)
@@ -48,6 +48,7 @@ cdef extern from "<stdlib.h>" nogil:
 # type numbers and block sizes (kernels/csrc/common.h)
 cdef extern from "common.h" nogil:
     enum:
+        WS_F32
         WS_Q2_K
         WS_QK_K
     int ws_block_bytes(int qtype)
@@ -73,8 +74,14 @@ cdef extern from "kquants_simd.h" nogil:
 cdef extern from "q8k_simd.h" nogil:
     int ws_quantize_row_q8k(const float *x, int64_t nb, int8_t *qs, float *d, float *fb, int permuted)
 
-# SwiGLU and the weighted sum of the fused MoE call (kernels/csrc/ops_simd.h, shared with _ops)
+# the router of moe_route_decode_into: _legacy's float row dot (kernels/csrc/fdot.h)
+cdef extern from "fdot.h" nogil:
+    void ws_fdot(int t, int R, const uint8_t *w, int cols, const float *x, size_t xs, float *out, size_t os)
+
+# SwiGLU, softmax, top k and the weighted sum of the fused MoE calls (kernels/csrc/ops_simd.h, shared with _ops)
 cdef extern from "ops_simd.h" nogil:
+    void ws_softmax_row(const float *x, int64_t n, float *out)
+    void ws_topk_row(const float *p, int64_t n, int64_t k, int64_t *ids)
     void ws_swiglu_row(const float *gate, const float *up, int64_t m, float *out)
     void ws_scale_add_row(float *out, float *y, float w, int64_t n)
 
@@ -497,6 +504,55 @@ def moe_decode_supported(int qtype_gu, int qtype_d):
     return matvec_many_supported(qtype_gu) and matvec_many_supported(qtype_d)
 
 
+cdef int _moe_run(const float *h, const uint8_t **pv, int qgu, int qd, const float *weights,
+                  int64_t k, int64_t E, int64_t ff, float *y, float *out, int threads) except -1:
+    """The routed experts' work once the arguments are checked (moe_decode_into's docstring): pv
+    holds the k gate, k up and k down matrices' addresses, in the order the sum takes them. The
+    scratch comes from one arena: h's and the activation rows' Q8_K, gate/up outputs float[2k, ff],
+    SwiGLU float[k, ff], bad flags, each thread's partial sums."""
+    cdef int64_t nbe = E // QK_K, nbf = ff // QK_K
+    cdef int64_t nq = nbe + k * nbf   # Q8_K blocks: h's, then each activation row's
+    cdef _Arena a
+    _arena_open(&a, (E + k * ff) + 4 * nq + 64 * nq + 4 * 3 * k * ff + (1 + k) + 4 * threads * _scratch_floats())
+    cdef int8_t *qs
+    cdef float *dq
+    cdef float *fb
+    cdef float *gu
+    cdef float *act
+    cdef float *acc
+    cdef uint8_t *bad
+    try:
+        qs = <int8_t *>_take(&a, E + k * ff)
+        dq = <float *>_take(&a, 4 * nq)
+        fb = <float *>_take(&a, 64 * nq)
+        gu = <float *>_take(&a, 4 * 2 * k * ff)
+        act = <float *>_take(&a, 4 * k * ff)
+        bad = <uint8_t *>_take(&a, 1 + k)
+        memset(bad, 0, 1 + k)
+        acc = <float *>_take(&a, 4 * threads * _scratch_floats())
+        with nogil:
+            _moe_decode_core(h, pv, qgu, pv + 2 * k, qd, weights, k, E, ff, qs, dq, fb, gu, act, y, out,
+                             acc, bad, threads)
+    finally:
+        free(a.base)
+    return 0
+
+
+cdef _check_moe_call(str who, int qtype_gu, int qtype_d, int64_t E, int64_t k, h, y, out, int threads):
+    """The checks moe_decode_into and moe_route_decode_into share (types, threads, the shapes of
+    h: [1, E], y: [k, E], out: [1, E])."""
+    if not moe_decode_supported(qtype_gu, qtype_d):
+        raise ValueError(f"{who}: types {_TYPE_NAMES.get(qtype_gu, qtype_gu)} / "
+                         f"{_TYPE_NAMES.get(qtype_d, qtype_d)} are not supported")
+    if threads < 1:
+        raise ValueError(f"{who}: threads must be >= 1, got {threads}")
+    if h.shape[0] != 1 or out.shape[0] != 1 or out.shape[1] != E or y.shape[0] != k or y.shape[1] != E:
+        raise ValueError(f"{who}: h [{h.shape[0]}, {E}], out [{out.shape[0]}, {out.shape[1]}], "
+                         f"y [{y.shape[0]}, {y.shape[1]}]: need [1, E], [1, E], [k = {k}, E]")
+    if E % QK_K:
+        raise ValueError(f"{who}: width {E} must be a multiple of {QK_K}")
+
+
 def moe_decode_into(const float[:, ::1] h, list gates, list ups, list downs, int qtype_gu, int qtype_d,
                     const float[::1] weights, float[:, ::1] y, float[:, ::1] out, int threads=1):
     """A decode step's routed experts in one call and one parallel region: for each expert t
@@ -510,45 +566,26 @@ def moe_decode_into(const float[:, ::1] h, list gates, list ups, list downs, int
     uint8[E, row_bytes(ff)] of qtype_d (C-contiguous); weights: float32[k]; y: float32[k, E]
     (scratch: the experts' outputs times their weights on return); out: float32[1, E]."""
     cdef int64_t k = len(gates)
-    if len(ups) != k or len(downs) != k or weights.shape[0] != k or y.shape[0] != k:
+    if len(ups) != k or len(downs) != k or weights.shape[0] != k:
         raise ValueError(f"moe_decode_into: {k} gates, {len(ups)} ups, {len(downs)} downs, "
                          f"{weights.shape[0]} weights, y has {y.shape[0]} rows: all must agree")
-    if not moe_decode_supported(qtype_gu, qtype_d):
-        raise ValueError(f"moe_decode_into: types {_TYPE_NAMES.get(qtype_gu, qtype_gu)} / "
-                         f"{_TYPE_NAMES.get(qtype_d, qtype_d)} are not supported")
-    if threads < 1:
-        raise ValueError(f"moe_decode_into: threads must be >= 1, got {threads}")
     cdef int64_t E = h.shape[1]
-    if h.shape[0] != 1 or out.shape[0] != 1 or out.shape[1] != E or y.shape[1] != E:
-        raise ValueError(f"moe_decode_into: h [{h.shape[0]}, {E}], out [{out.shape[0]}, {out.shape[1]}], "
-                         f"y [{y.shape[0]}, {y.shape[1]}]: need [1, E], [1, E], [k, E]")
+    _check_moe_call("moe_decode_into", qtype_gu, qtype_d, E, k, h, y, out, threads)
     if k == 0:
         out[:, :] = 0
         return
     cdef int64_t ff = gates[0].shape[0]
-    if E % QK_K or ff % QK_K:
-        raise ValueError(f"moe_decode_into: widths {E} and {ff} must be multiples of {QK_K}")
+    if ff % QK_K:
+        raise ValueError(f"moe_decode_into: width {ff} must be a multiple of {QK_K}")
     cdef int64_t nbe = E // QK_K, nbf = ff // QK_K
-    # scratch: the weights' addresses (gates, ups, downs; the lists keep them alive), h's and the
-    # activation rows' Q8_K, gate/up outputs float[2k, ff], SwiGLU float[k, ff], bad flags,
-    # each thread's partial sums
-    cdef int64_t nq = nbe + k * nbf   # Q8_K blocks: h's, then each activation row's
-    cdef _Arena a
-    _arena_open(&a, 8 * 3 * k + (E + k * ff) + 4 * nq + 64 * nq + 4 * 3 * k * ff + (1 + k)
-                + 4 * threads * _scratch_floats())
-    cdef const uint8_t **pv
-    cdef const uint8_t[:, ::1] wv
-    cdef int8_t *qs
-    cdef float *dq
-    cdef float *fb
-    cdef float *gu
-    cdef float *act
-    cdef float *acc
-    cdef uint8_t *bad
     expected = {"gate": (ff, nbe * BLOCK_BYTES[qtype_gu]), "up": (ff, nbe * BLOCK_BYTES[qtype_gu]),
                 "down": (E, nbf * BLOCK_BYTES[qtype_d])}
+    cdef const uint8_t[:, ::1] wv
+    # the weights' addresses (gates, ups, downs; the lists keep them alive)
+    cdef const uint8_t **pv = <const uint8_t **>malloc(8 * 3 * k)
+    if pv == NULL:
+        raise MemoryError("moe_decode_into: the experts' addresses")
     try:
-        pv = <const uint8_t **>_take(&a, 8 * 3 * k)
         for t, (role, w) in enumerate([("gate", g) for g in gates] + [("up", u) for u in ups]
                                       + [("down", d) for d in downs]):
             wv = w
@@ -556,16 +593,69 @@ def moe_decode_into(const float[:, ::1] h, list gates, list ups, list downs, int
                 raise ValueError(f"moe_decode_into: {role} {t % k} is uint8[{wv.shape[0]}, {wv.shape[1]}], "
                                  f"expected {list(expected[role])}")
             pv[t] = &wv[0, 0]
-        qs = <int8_t *>_take(&a, E + k * ff)
-        dq = <float *>_take(&a, 4 * nq)
-        fb = <float *>_take(&a, 64 * nq)
-        gu = <float *>_take(&a, 4 * 2 * k * ff)
-        act = <float *>_take(&a, 4 * k * ff)
-        bad = <uint8_t *>_take(&a, 1 + k)
-        memset(bad, 0, 1 + k)
-        acc = <float *>_take(&a, 4 * threads * _scratch_floats())
-        with nogil:
-            _moe_decode_core(&h[0, 0], pv, qtype_gu, pv + 2 * k, qtype_d, &weights[0], k, E, ff, qs, dq,
-                             fb, gu, act, &y[0, 0], &out[0, 0], acc, bad, threads)
+        _moe_run(&h[0, 0], pv, qtype_gu, qtype_d, &weights[0], k, E, ff, &y[0, 0], &out[0, 0], threads)
     finally:
-        free(a.base)
+        free(pv)
+
+
+def moe_route_decode_into(const float[:, ::1] h, const float[:, ::1] router, const uint8_t[:, ::1] gates,
+                          const uint8_t[:, ::1] ups, const uint8_t[:, ::1] downs, int qtype_gu, int qtype_d,
+                          bint norm_topk, float[:, ::1] probs, int64_t[:, ::1] ids, float[:, ::1] weights,
+                          float[:, ::1] y, float[:, ::1] out, int threads=1):
+    """A decode step's whole routed-expert block for experts held in memory, router included, in
+    one call (no Python between the router and the experts): the router's logits (F32 weights,
+    through the row dot _legacy's float matmul uses: the same bits), softmax, the top k and their
+    weights (the row functions of _ops.softmax_rows_into and topk_weights_into), then
+    moe_decode_into's work on those experts taken in ascending id (the order Model.moe sums in).
+
+    h: float32[1, E]; router: float32[X, E]; gates, ups: uint8[X, ff * row_bytes(E)] of qtype_gu,
+    downs: uint8[X, E * row_bytes(ff)] of qtype_d (a layer's stacked expert tensors, one expert a
+    row); norm_topk: the weights divided by their sum. Out: probs float32[1, X] (the router's
+    probabilities), ids int64[1, k] and weights float32[1, k] (the choice, highest weight first,
+    as Model.route returns it), y float32[k, E] (scratch), out float32[1, E] (the weighted sum)."""
+    cdef int64_t X = router.shape[0], E = h.shape[1], k = ids.shape[1]
+    _check_moe_call("moe_route_decode_into", qtype_gu, qtype_d, E, k, h, y, out, threads)
+    if router.shape[1] != E or probs.shape[0] != 1 or probs.shape[1] != X or ids.shape[0] != 1 \
+            or weights.shape[0] != 1 or weights.shape[1] != k or not 1 <= k <= X:
+        raise ValueError(f"moe_route_decode_into: router [{X}, {router.shape[1]}], probs [{probs.shape[0]}, "
+                         f"{probs.shape[1]}], ids [{ids.shape[0]}, {k}], weights [{weights.shape[0]}, "
+                         f"{weights.shape[1]}] for h [1, {E}]: need [X, E], [1, X], [1, k], [1, k], 1 <= k <= X")
+    cdef int64_t bgu = (E // QK_K) * BLOCK_BYTES[qtype_gu]   # bytes of one gate / up row
+    cdef int64_t ff = gates.shape[1] // bgu
+    if gates.shape[0] != X or ups.shape[0] != X or downs.shape[0] != X or ff == 0 or ff % QK_K \
+            or gates.shape[1] != ff * bgu or ups.shape[1] != gates.shape[1] \
+            or downs.shape[1] != E * (ff // QK_K) * BLOCK_BYTES[qtype_d]:
+        raise ValueError(f"moe_route_decode_into: stacked experts gate uint8[{gates.shape[0]}, {gates.shape[1]}], "
+                         f"up [{ups.shape[0]}, {ups.shape[1]}], down [{downs.shape[0]}, {downs.shape[1]}] do not "
+                         f"hold {X} experts of [ff, {E}] / [{E}, ff] rows ({bgu} bytes a gate row)")
+    cdef int64_t r, j, t
+    cdef float total
+    cdef const uint8_t **pv = <const uint8_t **>malloc(8 * 3 * k + 4 * k)
+    if pv == NULL:
+        raise MemoryError("moe_route_decode_into: the experts' addresses")
+    cdef float *used_w = <float *>(pv + 3 * k)   # the weights in ascending id
+    try:
+        with nogil:
+            for r in prange(X, num_threads=threads, schedule="static"):
+                ws_fdot(WS_F32, 1, <const uint8_t *>&router[r, 0], <int>E, &h[0, 0], E, &probs[0, r], 1)
+            ws_softmax_row(&probs[0, 0], X, &probs[0, 0])
+            ws_topk_row(&probs[0, 0], X, k, &ids[0, 0])
+            total = 0
+            for j in range(k):
+                weights[0, j] = probs[0, ids[0, j]]
+                total = total + weights[0, j]
+            if norm_topk:
+                for j in range(k):
+                    weights[0, j] = weights[0, j] / total
+            for j in range(k):  # slot t of pick j: its rank by id (the ids are distinct; k is small)
+                t = 0
+                for r in range(k):
+                    if ids[0, r] < ids[0, j]:
+                        t = t + 1
+                pv[t] = &gates[ids[0, j], 0]
+                pv[k + t] = &ups[ids[0, j], 0]
+                pv[2 * k + t] = &downs[ids[0, j], 0]
+                used_w[t] = weights[0, j]
+        _moe_run(&h[0, 0], pv, qtype_gu, qtype_d, used_w, k, E, ff, &y[0, 0], &out[0, 0], threads)
+    finally:
+        free(pv)

@@ -10,8 +10,9 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from weightstream.engine import Engine
+from weightstream.engine.model.forward import Model
 from weightstream.engine.tools.synth import Preset, synth_model
-from weightstream.kernels import QTensor, _kquants, _ops, dequantize
+from weightstream.kernels import QTensor, _kquants, _legacy, _ops, dequantize
 from weightstream.kernels.backends import KernelCache
 from weightstream.kernels.quantize_weights import quantize
 
@@ -87,6 +88,66 @@ def test_bad_arguments_are_named():
         _kquants.moe_decode_into(h, gates, ups, downs, int(T.Q8_0), int(T.Q4_K), np.ones(2, np.float32), y, out)
 
 
+def stacked_experts(tg, td, n_expert: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n_expert experts' gate, up, down as a file stacks them: uint8[n_expert, one expert's bytes]."""
+    gates, ups, _ = expert_weights(tg, n_expert, rng)
+    downs = expert_weights(td, n_expert, rng)[2]
+    return tuple(np.stack([w.reshape(-1) for w in part]) for part in (gates, ups, downs))
+
+
+def route_then_fused(h, router, stacked, tg, td, k, norm, threads):
+    """What Model.route and fused_experts do: the F32 router through _legacy's kernel, softmax,
+    top k, the chosen experts in ascending id through moe_decode_into."""
+    probs = np.empty((1, router.shape[0]), np.float32)
+    _legacy.matmul_into(h, router.view(np.uint8), int(T.F32), probs, threads)
+    _ops.softmax_rows_into(probs, probs)
+    ids, weights = np.empty((1, k), np.int64), np.empty((1, k), np.float32)
+    _ops.topk_weights_into(probs, ids, weights, norm)
+    order = np.argsort(ids[0])
+    gates, ups, downs = ([part[e].reshape(rows, -1) for e in ids[0][order]]
+                         for part, rows in zip(stacked, (FF, FF, E)))
+    out, y = np.empty((1, E), np.float32), np.empty((k, E), np.float32)
+    _kquants.moe_decode_into(h, gates, ups, downs, int(tg), int(td), weights[0][order].copy(), y, out, threads)
+    return probs, ids, weights, out
+
+
+@pytest.mark.parametrize("tg,td", [(T.Q2_K, T.Q2_K), (T.Q4_K, T.Q6_K)])
+@pytest.mark.parametrize("k,norm", [(1, False), (4, True), (8, False)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_route_and_experts_in_one_call_give_the_separate_calls_bits(tg, td, k, norm, threads):
+    rng = np.random.default_rng(k * 10 + int(td))
+    n_expert = 24
+    stacked = stacked_experts(tg, td, n_expert, rng)
+    router = rng.standard_normal((n_expert, E)).astype(np.float32) * 0.1
+    h = rng.standard_normal((1, E)).astype(np.float32)
+    probs, ids, weights = np.empty((1, n_expert), np.float32), np.empty((1, k), np.int64), np.empty((1, k), np.float32)
+    out, y = np.empty((1, E), np.float32), np.empty((k, E), np.float32)
+    _kquants.moe_route_decode_into(h, router, *stacked, int(tg), int(td), norm, probs, ids, weights, y, out, threads)
+    want = route_then_fused(h, router, stacked, tg, td, k, norm, threads)
+    for got, expected in zip((probs, ids, weights, out), want):
+        assert np.array_equal(got, expected)
+
+
+def test_route_call_bad_arguments_are_named():
+    rng = np.random.default_rng(7)
+    stacked = stacked_experts(T.Q4_K, T.Q4_K, 6, rng)
+    router, h = np.zeros((6, E), np.float32), np.zeros((1, E), np.float32)
+    probs, ids, weights = np.empty((1, 6), np.float32), np.empty((1, 2), np.int64), np.empty((1, 2), np.float32)
+    out, y = np.empty((1, E), np.float32), np.empty((2, E), np.float32)
+    args = (int(T.Q4_K), int(T.Q4_K), True, probs, ids, weights, y, out)
+    with pytest.raises(ValueError, match=r"router \[5, 512\]"):
+        _kquants.moe_route_decode_into(h, router[:5], *stacked, *args)
+    with pytest.raises(ValueError, match=r"stacked experts gate uint8\[6, .*do not hold 6 experts"):
+        _kquants.moe_route_decode_into(h, router, np.ascontiguousarray(stacked[0][:, :-1]), *stacked[1:], *args)
+    with pytest.raises(ValueError, match=r"stacked experts gate uint8\[5, "):
+        _kquants.moe_route_decode_into(h, router, stacked[0][:5], *stacked[1:], *args)
+    with pytest.raises(ValueError, match="not supported"):
+        _kquants.moe_route_decode_into(h, router, *stacked, int(T.Q8_0), *args[1:])
+    with pytest.raises(ValueError, match=r"ids \[1, 7\]"):
+        _kquants.moe_route_decode_into(h, router, *stacked, *args[:4], np.empty((1, 7), np.int64),
+                                       np.empty((1, 7), np.float32), np.empty((7, E), np.float32), out)
+
+
 # ---- the model: fused == per-expert path, resident and streamed --------------------------------
 SMALL_MOE = Preset("test-moe-fused", "qwen3moe", "Qwen3MoeForCausalLM", n_layer=2, n_embd=E, n_head=4,
                    n_head_kv=2, head_dim=128, n_expert=16, n_expert_used=4, n_ff_exp=FF, n_vocab=49152,
@@ -109,15 +170,46 @@ def decode_logits(path, steps: int = 6, **load) -> np.ndarray:
         return np.concatenate(logits)
 
 
-def test_the_model_takes_the_fused_call_and_keeps_the_bits(small_moe, monkeypatch):
-    calls = []
-    real = _kquants.moe_decode_into
-    monkeypatch.setattr(_kquants, "moe_decode_into", lambda *a: calls.append(1) or real(*a))
-    fused = decode_logits(small_moe)
-    assert len(calls) == 6 * SMALL_MOE.n_layer  # every decode step, every layer
+def test_the_model_takes_the_one_call_paths_and_keeps_the_bits(small_moe, monkeypatch):
+    """Resident decode takes moe_route_decode_into (router and experts in one call); without it
+    (Model.routed_kernel None: experts from a store, another router type) moe_decode_into; without
+    that the per-expert path. The three give the same logits."""
+    calls = {"route": 0, "fused": 0}
+    route, fused = _kquants.moe_route_decode_into, _kquants.moe_decode_into
+
+    def counting(name, real):
+        def call(*a):
+            calls[name] += 1
+            return real(*a)
+        return call
+    monkeypatch.setattr(_kquants, "moe_route_decode_into", counting("route", route))
+    monkeypatch.setattr(_kquants, "moe_decode_into", counting("fused", fused))
+    one_call = decode_logits(small_moe)
+    assert calls == {"route": 6 * SMALL_MOE.n_layer, "fused": 0}  # every decode step, every layer
+    monkeypatch.setattr(Model, "routed_kernel", lambda self, moe: None)
+    fused_experts = decode_logits(small_moe)
+    assert calls == {"route": 6 * SMALL_MOE.n_layer, "fused": 6 * SMALL_MOE.n_layer}
     monkeypatch.setattr(KernelCache, "moe_kernel", lambda self, tg, td: None)
     per_expert = decode_logits(small_moe)
-    assert np.array_equal(fused, per_expert)
+    assert np.array_equal(one_call, fused_experts)
+    assert np.array_equal(one_call, per_expert)
+
+
+def test_the_one_call_path_records_the_routing(small_moe, monkeypatch):
+    """record_routing sees the same experts whichever path chose them."""
+    def routes(**load):
+        with Engine.load(small_moe, n_ctx=64, threads=2, record_routing=True, **load) as eng:
+            eng.model.forward(PROMPT, 0)
+            for j in range(3):
+                eng.model.forward([7 + j], len(PROMPT) + j)
+            return [[p[i].copy() for i in range(SMALL_MOE.n_layer)] for p in eng.model.routing_trace.passes]
+    one_call = routes()
+    monkeypatch.setattr(Model, "routed_kernel", lambda self, moe: None)
+    per_path = routes()
+    assert len(one_call) == len(per_path) == 4
+    for a, b in zip(one_call, per_path):
+        for x, y in zip(a, b):
+            assert np.array_equal(x, y)
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "decay", "page-cache"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from ... import kernels
 from ...kernels import QTensor, _deltanet, _ops
@@ -31,6 +32,7 @@ from .weights import FFN, GatedDeltaNetWeights, LayerWeights, ModelWeights, MoEW
 from ..errors import ContextFullError
 
 
+F32 = GGMLQuantizationType.F32
 PREFILL_BATCH = 256  # prompt tokens per forward call: bounds the attention score buffers
 
 
@@ -86,6 +88,11 @@ class Model:
         # per-step buffers for calls of up to n_batch tokens (longer calls allocate what does not fit)
         self.work = Workspace(cfg, n_batch, n_ctx)
         self.attn_scores = self.work.take("scores", cfg.n_head, n_ctx)  # one-token attention scratch
+        # routed_decode: layer -> its one-call kernel (routed_kernel; None: not applicable), and
+        # the choice it writes, int64 / float32[1, n_expert_used] (record() copies it)
+        self.routed_kernels: dict[int, tuple | None] = {}
+        self.route_ids = np.empty((1, max(cfg.n_expert_used, 1)), dtype=np.int64)
+        self.route_weights = np.empty((1, max(cfg.n_expert_used, 1)), dtype=np.float32)
 
     # ---- one pass -----------------------------------------------------------------------------
     def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
@@ -380,6 +387,61 @@ class Model:
         """Routed experts (+ shared expert) on h. ahead: the residual to guess layer i+1's experts
         from, once this layer's reads are queued (the first step of fetch queues them).
         positions: int64[n], the tokens' positions (a routing source chooses by position)."""
+        out = self.routed_decode(i, moe, h) if len(h) == 1 else None
+        if out is None:
+            out = self.routed_experts(i, moe, h, ahead, positions)
+        if moe.shared is not None:
+            shared = self.dense_ffn(moe.shared, h)
+            if moe.shared_gate is not None:
+                shared = shared * sigmoid(h @ moe.shared_gate)[:, None]
+            out += shared
+        return out
+
+    def routed_decode(self, i: int, moe: MoEWeights, h: np.ndarray) -> np.ndarray | None:
+        """One token's routed experts held in memory: the router, the top k and every chosen
+        expert in one kernel call (moe_route_decode_into: no Python between them), with the bits
+        of route() and fused_experts(); the weighted sum in the workspace's moe_out. None
+        (nothing done) where that call does not apply (see routed_kernel) or a routing source,
+        an observer or a prefetcher is set."""
+        if self.routing is not None or self.observer is not None or self.prefetcher is not None:
+            return None
+        call = self.routed_kernels.get(i, False)
+        if call is False:
+            call = self.routed_kernels[i] = self.routed_kernel(moe)
+        if call is None:
+            return None
+        kernel, qtype_gu, qtype_d = call
+        cfg, k = self.cfg, self.cfg.n_expert_used
+        probs = self.work.take("router_probs", 1, moe.router.shape[0])  # [1, n_expert]
+        out = self.work.take("moe_out", 1, cfg.n_embd)
+        kernel(h, moe.router.dense, *moe.stacked, qtype_gu, qtype_d, cfg.flags.moe_norm_topk, probs,
+               self.route_ids, self.route_weights, self.work.take("experts_out", k, cfg.n_embd), out,
+               self.kernel_threads)
+        if self.routing_trace is not None:
+            self.routing_trace.record(i, self.route_ids)  # (it copies)
+        return out
+
+    def routed_kernel(self, moe: MoEWeights):
+        """(moe_route_decode_into, gate/up type, down type) for a layer whose experts this model
+        holds in memory, or None where that call would not give route() + fused_experts()'s bits:
+        experts from a store, a router that is not F32 through _legacy's float kernel (whose row
+        dot the call shares), expert types the fused kernel lacks, a kernel module without it."""
+        router = moe.router
+        if type(self.experts) is not ResidentExperts or moe.stacked is None or router.qt.qtype != F32 \
+                or router.numpy_product or router.bias is not None or router.observe is not None \
+                or getattr(self.kernel(F32, 1), "__name__", "") != "weightstream.kernels._legacy":
+            return None
+        tg, tu, td = moe.gate_exps[0].qtype, moe.up_exps[0].qtype, moe.down_exps[0].qtype
+        module = self.kernel(tg, 1)
+        kernel = getattr(module, "moe_route_decode_into", None)
+        if tu != tg or kernel is None or self.kernel.moe_kernel(tg, td) is not getattr(module, "moe_decode_into"):
+            return None
+        return kernel, int(tg), int(td)
+
+    def routed_experts(self, i: int, moe: MoEWeights, h: np.ndarray, ahead: np.ndarray | None,
+                       positions: np.ndarray | None) -> np.ndarray:
+        """The routed experts' weighted sum on h (moe's path through route(), the expert source and
+        the per-batch kernels), in the workspace's moe_out."""
         ids, weights = self.route(moe, h, i, positions)
         one = len(h) == 1  # decode: every expert sees the one token; no row selection needed
         if one:  # the token's experts in ascending id (the summing order) and their weights
@@ -418,11 +480,6 @@ class Model:
             for e in used.tolist():  # summed in a fixed order: arrival order must not change the bits
                 rows, slot = np.nonzero(ids == e)
                 out[rows] += weights[rows, slot][:, None] * ys[e]
-        if moe.shared is not None:
-            shared = self.dense_ffn(moe.shared, h)
-            if moe.shared_gate is not None:
-                shared = shared * sigmoid(h @ moe.shared_gate)[:, None]
-            out += shared
         return out
 
 

@@ -127,6 +127,10 @@ class MoEWeights:
     down_exps: list[QTensor]  # per expert [n_embd, n_ff_exp]
     shared: FFN | None = None  # qwen2moe shared expert
     shared_gate: np.ndarray | None = None  # ffn_gate_inp_shexp: float32[n_embd], sigmoid gate
+    # the same experts as the file's stacked tensors, gate / up / down uint8[n_expert, bytes of one
+    # expert] (views of the memory map): a decode step's whole MoE block in one kernel call takes
+    # these and the chosen ids (Model.routed_decode) instead of a list of views per expert
+    stacked: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -408,6 +412,7 @@ def _load_moe(f: GGUFFile, cfg: ModelConfig, p: str, linear) -> MoEWeights:
         gate_exps=f.expert_qtensors(p + "ffn_gate_exps.weight", (X, n_ff_exp, E)),
         up_exps=f.expert_qtensors(p + "ffn_up_exps.weight", (X, n_ff_exp, E)),
         down_exps=f.expert_qtensors(p + "ffn_down_exps.weight", (X, E, n_ff_exp)),
+        stacked=tuple(f.raw(p + f"ffn_{part}_exps.weight").reshape(X, -1) for part in ("gate", "up", "down")),
     )
     if cfg.flags.shared_expert:
         n_sh = f.info(p + "ffn_gate_shexp.weight").shape[0]

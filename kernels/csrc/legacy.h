@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "sum16.h"
+#include "fdot.h"
 #include <stddef.h>
 #include <stdlib.h>
 #include <math.h>
@@ -290,63 +291,6 @@ WS_INLINE void lg_dot_tile(const int t, const int fused, const int R,
 #endif
 
 /* ---------------------------------------------------------------------------------
-   Float weights: out[r * os] = sum_k x[r][k] * w[k] for R activation rows.
-   ---------------------------------------------------------------------------------- */
-#if LG_SIMD
-WS_INLINE __m512 lg_fload(const int t, const uint8_t *w, int k) {
-    if (t == WS_F32) return _mm512_loadu_ps((const float *)w + k);
-    __m256i h = _mm256_loadu_si256((const __m256i *)(w + 2 * (size_t)k));
-    if (t == WS_F16) return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-WS_INLINE __m512 lg_fload_mask(const int t, const uint8_t *w, int k, __mmask16 m) {
-    if (t == WS_F32) return _mm512_maskz_loadu_ps(m, (const float *)w + k);
-    __m256i h = _mm256_maskz_loadu_epi16(m, (const void *)(w + 2 * (size_t)k));
-    if (t == WS_F16) return _mm512_cvtph_ps(h);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-WS_INLINE void lg_fdot_tile(const int t, const int R, const uint8_t *w, int cols,
-                            const float *x, size_t xs, float *out, size_t os) {
-    __m512 acc[4][2];
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    int k = 0;
-    const int esz = t == WS_F32 ? 4 : 2;
-    for (; k + 32 <= cols; k += 32) {
-        for (int o = 0; o < 32 * esz; o += 64)
-            _mm_prefetch((const char *)w + (size_t)k * esz + LG_PREFETCH + o, _MM_HINT_T0);
-        __m512 w0 = lg_fload(t, w, k), w1 = lg_fload(t, w, k + 16);
-        for (int r = 0; r < R; r++) {
-            acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * xs + k), acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * xs + k + 16), acc[r][1]);
-        }
-    }
-    for (; k < cols; k += 16) {
-        int left = cols - k;
-        __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-        __m512 w0 = lg_fload_mask(t, w, k, m);
-        for (int r = 0; r < R; r++)
-            acc[r][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, x + r * xs + k), acc[r][0]);
-    }
-    for (int r = 0; r < R; r++) out[r * os] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
-}
-#else
-WS_INLINE void lg_fdot_tile(const int t, const int R, const uint8_t *w, int cols,
-                            const float *x, size_t xs, float *out, size_t os) {
-    for (int r = 0; r < R; r++) {
-        float acc = 0.0f;
-        for (int k = 0; k < cols; k++) {
-            float wk;
-            if (t == WS_F32) memcpy(&wk, w + 4 * (size_t)k, 4);
-            else if (t == WS_F16) wk = ws_fp16_to_fp32(ws_load_u16(w + 2 * (size_t)k));
-            else { ws_f32 c; c.u = (uint32_t)ws_load_u16(w + 2 * (size_t)k) << 16; wk = c.f; }
-            acc += wk * x[r * xs + k];
-        }
-        out[r * os] = acc;
-    }
-}
-#endif
-
-/* ---------------------------------------------------------------------------------
    Dispatch: constant (type, fused, R) instantiations of the inline kernels.
    ---------------------------------------------------------------------------------- */
 #define LG_DOT_ARGS wrow, ubuf, dwb, cwb, nb, xq, dx, cs, xs, fs, out, os, accum
@@ -365,11 +309,6 @@ static lg_dot_fn lg_dot_for(int t) {
     case WS_Q4_0: return lg_dot_q4_0; case WS_Q4_1: return lg_dot_q4_1; case WS_Q5_0: return lg_dot_q5_0;
     case WS_Q5_1: return lg_dot_q5_1; default: return lg_dot_q8_0;
     }
-}
-
-#define LG_FDOT_R(T) switch (R) { case 1: lg_fdot_tile(T, 1, w, cols, x, xs, out, os); break; case 2: lg_fdot_tile(T, 2, w, cols, x, xs, out, os); break; case 3: lg_fdot_tile(T, 3, w, cols, x, xs, out, os); break; default: lg_fdot_tile(T, 4, w, cols, x, xs, out, os); break; }
-static void lg_fdot(int t, int R, const uint8_t *w, int cols, const float *x, size_t xs, float *out, size_t os) {
-    if (t == WS_F32) { LG_FDOT_R(WS_F32) } else if (t == WS_F16) { LG_FDOT_R(WS_F16) } else { LG_FDOT_R(WS_BF16) }
 }
 
 /* ---------------------------------------------------------------------------------
@@ -517,7 +456,7 @@ static void lg_chunk(const lg_ctx *c, int r0, int r1, int tid) {
         for (int i0 = 0; i0 < c->n; i0 += LG_TILE) {
             int R = c->n - i0 < LG_TILE ? c->n - i0 : LG_TILE;
             for (int row = r0; row < r1; row++)
-                lg_fdot(c->t, R, c->w + (size_t)row * c->w_stride, c->cols, c->x + (size_t)i0 * c->x_stride,
+                ws_fdot(c->t, R, c->w + (size_t)row * c->w_stride, c->cols, c->x + (size_t)i0 * c->x_stride,
                         c->x_stride, c->out + (size_t)i0 * c->o_stride + row, c->o_stride);
         }
         return;
