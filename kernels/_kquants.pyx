@@ -182,6 +182,32 @@ cdef inline void *_take(_Arena *a, size_t nbytes) except NULL:
     return p
 
 
+cdef struct _Q8K:
+    # Q8_K activations carved from an arena (_q8k_take): qs int8[elements], dq float[elements / 256]
+    # (block scales), fb float[16 * elements / 256] (d * bsum per 16), bad uint8[rows] (a row
+    # holds a NaN / Inf: ws_nan_rows)
+    int8_t *qs
+    float *dq
+    float *fb
+    uint8_t *bad
+
+
+cdef inline size_t _q8k_bytes(int64_t elements, int64_t rows) noexcept nogil:
+    """The arena bytes _q8k_take(elements, rows) takes (before its 64-byte rounding)."""
+    return elements + 4 * (elements // QK_K) + 64 * (elements // QK_K) + rows
+
+
+cdef int _q8k_take(_Arena *a, int64_t elements, int64_t rows, _Q8K *q) except -1:
+    """Q8_K room for `rows` activation rows of `elements` values in all (multiples of 256 each),
+    bad flags cleared."""
+    q.qs = <int8_t *>_take(a, elements)
+    q.dq = <float *>_take(a, 4 * (elements // QK_K))
+    q.fb = <float *>_take(a, 64 * (elements // QK_K))
+    q.bad = <uint8_t *>_take(a, rows)
+    memset(q.bad, 0, rows)
+    return 0
+
+
 cdef inline uint8_t _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, float *fb,
                                        bint permuted) noexcept nogil:
     """ggml's quantize_row_q8_K_ref on one row of nb blocks, plus fb = d * bsum per 16
@@ -403,23 +429,17 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     # fb float[n, 16 nb], bad uint8[n] (row holds a NaN / Inf: ws_nan_rows); then either the
     # AMX buffers or each thread's partial sums (_group)
     cdef bint amx = AMX and qtype == Q2_K and n >= _AMX_MIN_N
-    cdef size_t act_bytes = n * cols + 4 * n * nb + 64 * n * nb + n
+    cdef size_t act_bytes = _q8k_bytes(n * cols, n)
     cdef size_t amx_bytes = ((n + 15) // 16) * nb * WS_AMX_XBLK + threads * nb * WS_AMX_WBLK + threads * 4096
     cdef _Arena a
     _arena_open(&a, act_bytes + (amx_bytes if amx else 4 * threads * _scratch_floats()))
-    cdef int8_t *qs
-    cdef float *dq
-    cdef float *fb
-    cdef uint8_t *bad
+    cdef _Q8K q
     cdef uint8_t *xact
     cdef uint8_t *scratch
     cdef int32_t *cbuf
     cdef float *acc
     try:
-        qs = <int8_t *>_take(&a, n * cols)
-        dq = <float *>_take(&a, 4 * n * nb)
-        fb = <float *>_take(&a, 64 * n * nb)
-        bad = <uint8_t *>_take(&a, n)
+        _q8k_take(&a, n * cols, n, &q)
         if amx:
             # packed activations uint8[groups of 16 rows][nb][WS_AMX_XBLK]; per thread: weight
             # scratch uint8[nb][WS_AMX_WBLK] and tile results int32[2][2][16 * 16]
@@ -427,13 +447,13 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
             scratch = <uint8_t *>_take(&a, threads * nb * WS_AMX_WBLK)
             cbuf = <int32_t *>_take(&a, threads * 4096)
             with nogil:
-                _matmul_amx_q2k(&x[0, 0], &w[0, 0], &out[0, 0], n, rows, cols, qs, dq, fb, xact,
-                                scratch, cbuf, bad, threads)
+                _matmul_amx_q2k(&x[0, 0], &w[0, 0], &out[0, 0], n, rows, cols, q.qs, q.dq, q.fb, xact,
+                                scratch, cbuf, q.bad, threads)
         else:
             acc = <float *>_take(&a, 4 * threads * _scratch_floats())
             with nogil:
-                _matmul_core(&x[0, 0], &w[0, 0], qtype, &out[0, 0], n, rows, cols, bb, qs, dq, fb,
-                             acc, bad, threads)
+                _matmul_core(&x[0, 0], &w[0, 0], qtype, &out[0, 0], n, rows, cols, bb, q.qs, q.dq, q.fb,
+                             acc, q.bad, threads)
     finally:
         free(a.base)
 
@@ -469,15 +489,11 @@ def matvec_many_into(const float[:, ::1] x, list ws, int qtype, float[:, ::1] ou
     # scratch: the weights' addresses (ws keeps them alive), each task's Q8_K (qs, dq, fb; bad:
     # row holds a NaN / Inf), each thread's partial sums
     cdef _Arena a
-    _arena_open(&a, 8 * tasks + tasks * cols + 4 * tasks * nb + 64 * tasks * nb + tasks
-                + 4 * threads * _scratch_floats())
+    _arena_open(&a, 8 * tasks + _q8k_bytes(tasks * cols, tasks) + 4 * threads * _scratch_floats())
     cdef const uint8_t **pv
     cdef const uint8_t[:, ::1] wv
-    cdef int8_t *qs
-    cdef float *dq
-    cdef float *fb
+    cdef _Q8K q
     cdef float *acc
-    cdef uint8_t *bad
     try:
         pv = <const uint8_t **>_take(&a, 8 * tasks)
         for t in range(tasks):
@@ -486,14 +502,11 @@ def matvec_many_into(const float[:, ::1] x, list ws, int qtype, float[:, ::1] ou
                 raise ValueError(f"matvec_many_into: weight {t} is uint8[{wv.shape[0]}, {wv.shape[1]}], "
                                  f"expected [{rows}, {nb * bb}]")
             pv[t] = &wv[0, 0]
-        qs = <int8_t *>_take(&a, tasks * cols)
-        dq = <float *>_take(&a, 4 * tasks * nb)
-        fb = <float *>_take(&a, 64 * tasks * nb)
-        bad = <uint8_t *>_take(&a, tasks)
+        _q8k_take(&a, tasks * cols, tasks, &q)
         acc = <float *>_take(&a, 4 * threads * _scratch_floats())
         with nogil:
-            _matvec_many_core(&x[0, 0], pv, qtype, &out[0, 0], tasks, rows, cols, bb, qs, dq, fb, acc,
-                              bad, threads)
+            _matvec_many_core(&x[0, 0], pv, qtype, &out[0, 0], tasks, rows, cols, bb, q.qs, q.dq, q.fb, acc,
+                              q.bad, threads)
     finally:
         free(a.base)
 
@@ -509,30 +522,22 @@ cdef int _moe_run(const float *h, const uint8_t **pv, int qgu, int qd, const flo
     """The routed experts' work once the arguments are checked (moe_decode_into's docstring): pv
     holds the k gate, k up and k down matrices' addresses, in the order the sum takes them. The
     scratch comes from one arena: h's and the activation rows' Q8_K, gate/up outputs float[2k, ff],
-    SwiGLU float[k, ff], bad flags, each thread's partial sums."""
-    cdef int64_t nbe = E // QK_K, nbf = ff // QK_K
-    cdef int64_t nq = nbe + k * nbf   # Q8_K blocks: h's, then each activation row's
+    SwiGLU float[k, ff], each thread's partial sums."""
     cdef _Arena a
-    _arena_open(&a, (E + k * ff) + 4 * nq + 64 * nq + 4 * 3 * k * ff + (1 + k) + 4 * threads * _scratch_floats())
-    cdef int8_t *qs
-    cdef float *dq
-    cdef float *fb
+    # Q8_K of h (E values), then of each expert's activation row (ff each): 1 + k rows
+    _arena_open(&a, _q8k_bytes(E + k * ff, 1 + k) + 4 * 3 * k * ff + 4 * threads * _scratch_floats())
+    cdef _Q8K q
     cdef float *gu
     cdef float *act
     cdef float *acc
-    cdef uint8_t *bad
     try:
-        qs = <int8_t *>_take(&a, E + k * ff)
-        dq = <float *>_take(&a, 4 * nq)
-        fb = <float *>_take(&a, 64 * nq)
+        _q8k_take(&a, E + k * ff, 1 + k, &q)
         gu = <float *>_take(&a, 4 * 2 * k * ff)
         act = <float *>_take(&a, 4 * k * ff)
-        bad = <uint8_t *>_take(&a, 1 + k)
-        memset(bad, 0, 1 + k)
         acc = <float *>_take(&a, 4 * threads * _scratch_floats())
         with nogil:
-            _moe_decode_core(h, pv, qgu, pv + 2 * k, qd, weights, k, E, ff, qs, dq, fb, gu, act, y, out,
-                             acc, bad, threads)
+            _moe_decode_core(h, pv, qgu, pv + 2 * k, qd, weights, k, E, ff, q.qs, q.dq, q.fb, gu, act, y,
+                             out, acc, q.bad, threads)
     finally:
         free(a.base)
     return 0

@@ -245,3 +245,40 @@ def test_out_overlapping_input_raises():
     w = np.zeros((32, 34), np.uint8)
     with pytest.raises(ValueError, match="must not overlap"):
         nk.matmul_into(x, w, T.Q8_0, x, 1)
+
+
+def test_q2_k_lookup_tables_scale_every_code_and_match_the_cython_kernels():
+    """The Numba Q2_K kernel's tables (index = (code bits & mask) | base, T[index] = q * sc of the
+    sub-block) written out by hand from kernels/csrc/kquants_simd.h: for every plane, 128-bit lane
+    and code, the table built from random scale bytes must hold q * (low nibble of the sub-block's
+    scale byte), and each table must equal the header's (LLVM IR cannot include it)."""
+    import re
+    from pathlib import Path
+    from weightstream.kernels.numba import kquants as nq
+
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        sc = rng.integers(0, 256, 16)
+        table = [(int(sc[nq._Q2K_PERM[i]]) & nq._Q2K_NIB[i]) * (1 + nq._Q2K_QGE2[i] + nq._Q2K_QEQ3[i])
+                 for i in range(64)]
+        for plane, lane, q in itertools.product(range(4), range(4), range(4)):
+            code_bits = q << (2 * plane) if plane < 3 else q  # plane 3 is shifted down first
+            index = (code_bits & nq._Q2K_MASK[plane]) | nq._Q2K_BASES[plane][lane]
+            sub_block = 8 * (lane // 2) + 2 * plane + lane % 2
+            assert table[index] == q * (int(sc[sub_block]) & 15), (plane, lane, q)
+
+    header = (Path(kernels.__file__).parent / "csrc" / "kquants_simd.h").read_text()
+    def array(name):
+        body = re.search(name + r"\[64\][^{]*\{([^}]*)\}", header).group(1)
+        return [int(v) for v in body.replace("\n", " ").split(",") if v.strip()]
+    assert array("ws_q2k_perm") == nq._Q2K_PERM
+    assert array("ws_q2k_nib") == nq._Q2K_NIB
+    for name, bits in (("WS_Q2K_QGE2", nq._Q2K_QGE2), ("WS_Q2K_QEQ3", nq._Q2K_QEQ3)):
+        value = int(re.search(r"#define " + name + r" (0x[0-9a-f]+)ull", header).group(1), 16)
+        assert [(value >> i) & 1 for i in range(64)] == bits, name
+    unpack = header[header.index("WS_AI void ws_unpack_q2k"):header.index("WS_AI void ws_unpack_q3k")]
+    bases = [tuple(int(v) for v in m.split(",")) for m in re.findall(r"WS_LANES8\(([\d, ]+)\)", unpack)]
+    assert bases == [tuple(b) for b in nq._Q2K_BASES]
+    masks = [3 if whole == "m3" else int(hex_value, 16)
+             for whole, hex_value in re.findall(r"ternarylogic_epi32\(.*?, (m3|_mm512_set1_epi8\((0x[0-9A-Fa-f]+)\))", unpack)]
+    assert masks == list(nq._Q2K_MASK)
