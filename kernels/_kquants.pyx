@@ -53,6 +53,7 @@ cdef extern from "common.h" nogil:
         WS_QK_K
     int ws_block_bytes(int qtype)
     void ws_nan_rows(const uint8_t *bad, int64_t n, float *out, int64_t rows, int64_t ostride)
+    void ws_omp_barrier()
 
 # per-block math, AVX-512 or portable C (kernels/csrc/kquants_simd.h)
 cdef extern from "kquants_simd.h" nogil:
@@ -363,11 +364,13 @@ cdef void _moe_decode_core(const float *h, const uint8_t **wgu, int qgu, const u
         # h once, in the gate/up type's order: every gate and up row group reads the same copy
         for r in prange(1, schedule="static"):
             bad[0] = _quantize_row_q8_k(h, nbe, qs, dq, fb, WS_KQ_PERMUTED(qgu))
+        ws_omp_barrier()  # every gate / up row reads h's Q8_K
         for j in prange(2 * k * ngu, schedule="static"):  # (gate or up of expert t, row group)
             t = j // ngu
             i0 = (j % ngu) * _WR
             _group(qgu, wgu[t], i0, min(i0 + _WR, ff), nbe * bbgu, bbgu, 1, ff, E, qs, dq, fb,
                    acc, gu + t * ff)
+        ws_omp_barrier()  # SwiGLU reads every gate and up row
         for r in prange(k, schedule="static"):  # SwiGLU, then the row's Q8_K in down's order
             if bad[0]:
                 ws_nan_rows(bad, 1, gu + r * ff, ff, ff)
@@ -375,11 +378,13 @@ cdef void _moe_decode_core(const float *h, const uint8_t **wgu, int qgu, const u
             ws_swiglu_row(gu + r * ff, gu + (k + r) * ff, ff, act + r * ff)
             bad[1 + r] = _quantize_row_q8_k(act + r * ff, nbf, qa + r * ff, da + r * nbf,
                                             fa + 16 * r * nbf, WS_KQ_PERMUTED(qd))
+        ws_omp_barrier()  # the down rows read every SwiGLU row and its Q8_K
         for j in prange(k * nd, schedule="static"):  # (down of expert t, row group)
             t = j // nd
             i0 = (j % nd) * _WR
             _group(qd, wd[t], i0, min(i0 + _WR, E), nbf * bbd, bbd, 1, E, ff, qa + t * ff,
                    da + t * nbf, fa + 16 * t * nbf, acc, y + t * E)
+        ws_omp_barrier()  # the sum reads every expert's output
         for c in prange(nch, schedule="static"):  # out = sum over t in order of w_t * y_t
             c0 = c * 64
             c1 = min(c0 + 64, E)

@@ -168,4 +168,13 @@ static inline void ws_nan_rows(const uint8_t *bad, int64_t n, float *out, int64_
             for (int64_t j = 0; j < rows; j++) out[i * ostride + j] = qnan.f;
 }
 
+/* Every thread of the enclosing OpenMP parallel region waits here for the others (an orphaned
+   barrier; nothing without OpenMP). Cython's prange inside a `with parallel()` block is an `omp
+   for nowait`: a step that reads what the loop before it wrote must wait here. (GCC happens to
+   put a barrier at the start of a loop with firstprivate copies, which Cython's loops have; that
+   is a compiler's choice, not OpenMP's promise.) */
+static inline void ws_omp_barrier(void) {
+    _Pragma("omp barrier")
+}
+
 #endif /* WS_COMMON_H */
