@@ -434,7 +434,7 @@ class Model:
         tg, tu, td = moe.gate_exps[0].qtype, moe.up_exps[0].qtype, moe.down_exps[0].qtype
         module = self.kernel(tg, 1)
         kernel = getattr(module, "moe_route_decode_into", None)
-        if tu != tg or kernel is None or self.kernel.moe_kernel(tg, td) is not getattr(module, "moe_decode_into"):
+        if tu != tg or kernel is None or self.kernel.moe_kernel(tg, td) is not getattr(module, "moe_decode_into", None):
             return None
         return kernel, int(tg), int(td)
 

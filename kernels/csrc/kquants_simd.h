@@ -363,9 +363,10 @@ WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const 
    come a gather of 8 blocks at a time across row ends (where a row of 3 blocks, a 768-wide
    expert's down projection, paid one per row), with no call, switch or accumulator set-up per
    row. The gather reads only blocks the prefetch has asked for: 64-block chunks (Q6_K: 13 KiB
-   ahead) made a 4096x2048 Q4_K / Q6_K product 23-30% slower. Row r's 16 partial sums go to accbuf + r * acc_stride, with the
-   bits ws_kq_rows_avx(..., nr = 1, first = 1) gives it: the same operations per block in the
-   same order (the dx fold included: d * dx of the block's column). */
+   ahead) made a 4096x2048 Q4_K / Q6_K product 23-30% slower. Row r's 16 partial sums go to
+   accbuf + r * acc_stride, with the bits ws_kq_rows_avx(..., nr = 1, first = 1) gives it: the
+   same operations per block in the same order (the dx fold included: d * dx of the block's
+   column). */
 #define WS_KQ_STREAM_CHUNK 8
 WS_AI void ws_kq_stream_avx(const int qtype, const uint8_t *w, int64_t nrows, int64_t nbk,
                             const ws_kq_act *a, float *accbuf, int64_t acc_stride) {
