@@ -463,6 +463,100 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
         free(a.base)
 
 
+def matmul_many_supported(int qtype, int64_t n):
+    """Whether matmul_many_into takes a task of n activation rows of qtype with the bits
+    matmul_into gives it (not where matmul_into would take the AMX path)."""
+    return qtype in SUPPORTED and not (AMX and qtype == Q2_K and n >= _AMX_MIN_N)
+
+
+cdef void _matmul_many_core(const float **xr, const uint8_t **w, float **o, const int64_t *n,
+                            const int64_t *first_row, int qtype, int64_t tasks, int64_t total,
+                            int64_t rows, int64_t cols, int64_t bb, int8_t *qs, float *dq, float *fb,
+                            float *accbuf, uint8_t *bad, int threads) noexcept nogil:
+    """Task t: o[t][n[t], rows] = its n[t] activation rows (xr[first_row[t] + r]) @ W_t.T. Every
+    row's Q8_K, then every (task, row group) pair, each pair made by _group as _matmul_core makes
+    it for that task alone."""
+    cdef int64_t nb = cols // QK_K
+    cdef int64_t ngroups = (rows + _WR - 1) // _WR
+    cdef int64_t r, j, t, i0, f
+    for r in prange(total, num_threads=threads, schedule="static"):
+        bad[r] = _quantize_row_q8_k(xr[r], nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
+                                    WS_KQ_PERMUTED(qtype))
+    for j in prange(tasks * ngroups, num_threads=threads, schedule="static"):
+        t = j // ngroups
+        i0 = (j % ngroups) * _WR
+        f = first_row[t]
+        _group(qtype, w[t], i0, min(i0 + _WR, rows), nb * bb, bb, n[t], rows, cols, qs + f * cols,
+               dq + f * nb, fb + f * 16 * nb, accbuf + openmp.omp_get_thread_num() * _scratch_floats(), o[t])
+    for t in range(tasks):
+        ws_nan_rows(bad + first_row[t], n[t], o[t], rows, rows)
+
+
+def matmul_many_into(list xs, list ws, int qtype, list outs, int threads=1):
+    """``outs[t] = xs[t] @ ws[t].T`` for each task t, in one call: a prompt batch's routed experts,
+    each with the few tokens routed to it, instead of a matmul_into call each (its Python, its
+    arena and its parallel regions: at 16 threads what a prefill's experts cost most). xs[t]:
+    float32[n_t, cols], ws[t]: uint8[rows, row_bytes] of qtype (all one shape), outs[t]:
+    float32[n_t, rows], all C-contiguous. Each output has the bits matmul_into gives that task
+    alone; a task matmul_into would take to AMX (matmul_many_supported) is refused."""
+    cdef int64_t tasks = len(xs)
+    if len(ws) != tasks or len(outs) != tasks:
+        raise ValueError(f"matmul_many_into: {tasks} inputs, {len(ws)} weights, {len(outs)} outputs")
+    if tasks == 0:
+        return
+    if qtype not in SUPPORTED or threads < 1:
+        raise ValueError(f"matmul_many_into: type {_TYPE_NAMES.get(qtype, qtype)}, threads {threads}")
+    cdef const float[:, ::1] xv
+    cdef const uint8_t[:, ::1] wv
+    cdef float[:, ::1] ov
+    xv = xs[0]
+    wv = ws[0]
+    cdef int64_t cols = xv.shape[1], rows = wv.shape[0], bb = BLOCK_BYTES[qtype]
+    if cols % QK_K:
+        raise ValueError(f"matmul_many_into: x has {cols} columns, not a multiple of {QK_K}")
+    cdef int64_t nb = cols // QK_K, total = 0, t, r
+    for t in range(tasks):
+        xv = xs[t]
+        total += xv.shape[0]
+    cdef _Arena a
+    # the tasks' addresses and row counts, each row's address, the rows' Q8_K, each thread's sums
+    _arena_open(&a, 8 * 5 * tasks + 8 * total + _q8k_bytes(total * cols, total) + 4 * threads * _scratch_floats())
+    cdef const uint8_t **wp
+    cdef float **op
+    cdef int64_t *n
+    cdef int64_t *first
+    cdef const float **xr
+    cdef _Q8K q
+    cdef float *acc
+    try:
+        wp = <const uint8_t **>_take(&a, 8 * tasks)
+        op = <float **>_take(&a, 8 * tasks)
+        n = <int64_t *>_take(&a, 8 * tasks)
+        first = <int64_t *>_take(&a, 8 * tasks)
+        xr = <const float **>_take(&a, 8 * total + 8 * tasks)
+        total = 0
+        for t in range(tasks):
+            xv, wv, ov = xs[t], ws[t], outs[t]
+            if xv.shape[1] != cols or wv.shape[0] != rows or wv.shape[1] != nb * bb \
+                    or ov.shape[0] != xv.shape[0] or ov.shape[1] != rows:
+                raise ValueError(f"matmul_many_into: task {t}: x [{xv.shape[0]}, {xv.shape[1]}], w uint8"
+                                 f"[{wv.shape[0]}, {wv.shape[1]}], out [{ov.shape[0]}, {ov.shape[1]}]; "
+                                 f"need x [n, {cols}], w [{rows}, {nb * bb}], out [n, {rows}]")
+            if not matmul_many_supported(qtype, xv.shape[0]):
+                raise ValueError(f"matmul_many_into: task {t} has {xv.shape[0]} rows: matmul_into "
+                                 f"takes {_TYPE_NAMES[qtype]} with that many to AMX")
+            wp[t], op[t], n[t], first[t] = &wv[0, 0], &ov[0, 0], xv.shape[0], total
+            for r in range(xv.shape[0]):
+                xr[total + r] = &xv[r, 0]
+            total += xv.shape[0]
+        _q8k_take(&a, total * cols, total, &q)
+        acc = <float *>_take(&a, 4 * threads * _scratch_floats())
+        with nogil:
+            _matmul_many_core(xr, wp, op, n, first, qtype, tasks, total, rows, cols, bb, q.qs, q.dq, q.fb,
+                              acc, q.bad, threads)
+    finally:
+        free(a.base)
+
 def matvec_many_supported(int qtype):
     """Whether matvec_many_into handles qtype with the bits matmul_into gives one row (not when
     matmul_into itself would take the AMX path at n = 1)."""

@@ -212,6 +212,19 @@ def test_the_one_call_path_records_the_routing(small_moe, monkeypatch):
             assert np.array_equal(x, y)
 
 
+def test_prefill_experts_in_two_calls_keep_the_bits(small_moe, monkeypatch):
+    """A prompt's experts go through matmul_many_into (gate/up of all, then down of all); without
+    it, expert_ffn one by one: the same logits."""
+    calls = []
+    real = _kquants.matmul_many_into
+    monkeypatch.setattr(_kquants, "matmul_many_into", lambda *a: calls.append(1) or real(*a))
+    batched = decode_logits(small_moe, steps=0)
+    assert len(calls) == 2 * SMALL_MOE.n_layer  # one gate/up and one down call a layer
+    monkeypatch.setattr(Model, "many_rows_kernel", lambda self, qtype, n: None)
+    one_by_one = decode_logits(small_moe, steps=0)
+    assert np.array_equal(batched, one_by_one)
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu", "decay", "page-cache"])
 @pytest.mark.parametrize("prefetch,mult", [("none", 1), ("lookahead", 3)])
 def test_streamed_equals_resident_with_the_fused_call(small_moe, policy, prefetch, mult):

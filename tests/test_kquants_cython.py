@@ -224,3 +224,36 @@ def test_the_kernels_q8_k_is_ggmls_bit_for_bit(permuted):
     assert not bad.any()
     x[0, 5], x[3, 700] = np.nan, -np.inf
     assert _kquants.quantize_q8_k_into(x, permuted)[3].tolist() == [1, 0, 0, 1, 0, 0]
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_matmul_many_equals_one_call_per_task(qtype, threads):
+    """A prompt batch's experts in one call: each task (its own rows, its own matrix) gets the
+    bits matmul_into gives it alone, a NaN row included; row counts of 1 to 7 (under AMX's 8)."""
+    rng = np.random.default_rng(int(qtype) + threads)
+    ns = [1, 3, 7, 2, 5, 1]
+    xs = [rng.standard_normal((n, 768)).astype(np.float32) for n in ns]
+    xs[2][1, 5] = np.nan
+    ws = [reference.random_raw(qtype, 40, 768, rng) for _ in ns]
+    outs = [np.full((n, 40), 7.0, np.float32) for n in ns]
+    _kquants.matmul_many_into(xs, ws, int(qtype), outs, threads)
+    for x, w, got in zip(xs, ws, outs):
+        assert np.array_equal(got, _run(x, w, qtype), equal_nan=True)
+    assert np.isnan(outs[2][1]).all() and np.isfinite(outs[2][0]).all()
+
+
+def test_matmul_many_bad_inputs():
+    rng = np.random.default_rng(9)
+    w = reference.random_raw(T.Q4_K, 16, 512, rng)
+    x, out = np.zeros((2, 512), np.float32), np.zeros((2, 16), np.float32)
+    with pytest.raises(ValueError, match="2 inputs, 1 weights"):
+        _kquants.matmul_many_into([x, x], [w], int(T.Q4_K), [out, out])
+    with pytest.raises(ValueError, match=r"task 1: .*out \[2, 15\]"):
+        _kquants.matmul_many_into([x, x], [w, w], int(T.Q4_K), [out, np.zeros((2, 15), np.float32)])
+    if _kquants.AMX:  # what matmul_into would take to AMX tiles is refused, not computed otherwise
+        w2 = reference.random_raw(T.Q2_K, 16, 512, rng)
+        assert not _kquants.matmul_many_supported(int(T.Q2_K), 8)
+        with pytest.raises(ValueError, match="task 0 has 8 rows"):
+            _kquants.matmul_many_into([np.zeros((8, 512), np.float32)], [w2], int(T.Q2_K),
+                                      [np.zeros((8, 16), np.float32)])
