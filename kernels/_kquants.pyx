@@ -82,7 +82,8 @@ cdef extern from "fdot.h" nogil:
 # SwiGLU, softmax, top k and the weighted sum of the fused MoE calls (kernels/csrc/ops_simd.h, shared with _ops)
 cdef extern from "ops_simd.h" nogil:
     void ws_softmax_row(const float *x, int64_t n, float *out)
-    void ws_topk_row(const float *p, int64_t n, int64_t k, int64_t *ids)
+    void ws_topk_weights_row(const float *p, int64_t n, int64_t k, int choose, int norm, int64_t *ids,
+                             float *w)
     void ws_swiglu_row(const float *gate, const float *up, int64_t m, float *out)
     void ws_scale_add_row(float *out, float *y, float w, int64_t n)
 
@@ -321,26 +322,6 @@ cdef void _matmul_amx_q2k(const float *x, const uint8_t *w, float *out, int64_t 
             ws_amx_q2k_group(w, nb * 84, nb, 16 * g, <int>min(<int64_t>16, rows - 16 * g), xact,
                              g0, g1, n, out, rows, scratch + t * nb * WS_AMX_WBLK, cbuf + t * 1024)
     ws_nan_rows(bad, n, out, rows, rows)
-
-
-cdef void _matvec_many_core(const float *x, const uint8_t **w, int qtype, float *out, int64_t tasks,
-                            int64_t rows, int64_t cols, int64_t bb, int8_t *qs, float *dq, float *fb,
-                            float *accbuf, uint8_t *bad, int threads) noexcept nogil:
-    """Task t: out[t, :] = x[t, :] @ W_t.T. One parallel region over (task, row group) pairs,
-    each group made by _group exactly as _matmul_core makes it for one activation row."""
-    cdef int64_t nb = cols // QK_K
-    cdef int64_t ngroups = (rows + _WR - 1) // _WR
-    cdef int64_t r, k, t, i0
-    for r in prange(tasks, num_threads=threads, schedule="static"):
-        bad[r] = _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
-                           WS_KQ_PERMUTED(qtype))
-    for k in prange(tasks * ngroups, num_threads=threads, schedule="static"):
-        t = k // ngroups
-        i0 = (k % ngroups) * _WR
-        _group(qtype, w[t], i0, min(i0 + _WR, rows), nb * bb, bb, 1, rows, cols, qs + t * cols,
-               dq + t * nb, fb + t * 16 * nb, accbuf + openmp.omp_get_thread_num() * _scratch_floats(),
-               out + t * rows)
-    ws_nan_rows(bad, tasks, out, rows, rows)
 
 
 cdef void _moe_decode_core(const float *h, const uint8_t **wgu, int qgu, const uint8_t **wd, int qd,
@@ -585,27 +566,35 @@ def matvec_many_into(const float[:, ::1] x, list ws, int qtype, float[:, ::1] ou
     cdef int64_t rows = first.shape[0]
     if out.shape[1] != rows:
         raise ValueError(f"matvec_many_into: out must be float32[{tasks}, {rows}], got [{out.shape[0]}, {out.shape[1]}]")
-    # scratch: the weights' addresses (ws keeps them alive), each task's Q8_K (qs, dq, fb; bad:
-    # row holds a NaN / Inf), each thread's partial sums
+    # scratch: the tasks' weight, row and output addresses (ws keeps the weights alive), their
+    # row counts (1) and first rows (t), each task's Q8_K, each thread's partial sums
     cdef _Arena a
-    _arena_open(&a, 8 * tasks + _q8k_bytes(tasks * cols, tasks) + 4 * threads * _scratch_floats())
+    _arena_open(&a, 8 * 5 * tasks + _q8k_bytes(tasks * cols, tasks) + 4 * threads * _scratch_floats())
     cdef const uint8_t **pv
+    cdef const float **xr
+    cdef float **op
+    cdef int64_t *n
+    cdef int64_t *first_row
     cdef const uint8_t[:, ::1] wv
     cdef _Q8K q
     cdef float *acc
     try:
         pv = <const uint8_t **>_take(&a, 8 * tasks)
+        xr = <const float **>_take(&a, 8 * tasks)
+        op = <float **>_take(&a, 8 * tasks)
+        n = <int64_t *>_take(&a, 8 * tasks)
+        first_row = <int64_t *>_take(&a, 8 * tasks)
         for t in range(tasks):
             wv = ws[t]
             if wv.shape[0] != rows or wv.shape[1] != nb * bb:
                 raise ValueError(f"matvec_many_into: weight {t} is uint8[{wv.shape[0]}, {wv.shape[1]}], "
                                  f"expected [{rows}, {nb * bb}]")
-            pv[t] = &wv[0, 0]
+            pv[t], xr[t], op[t], n[t], first_row[t] = &wv[0, 0], &x[t, 0], &out[t, 0], 1, t
         _q8k_take(&a, tasks * cols, tasks, &q)
         acc = <float *>_take(&a, 4 * threads * _scratch_floats())
         with nogil:
-            _matvec_many_core(&x[0, 0], pv, qtype, &out[0, 0], tasks, rows, cols, bb, q.qs, q.dq, q.fb, acc,
-                              q.bad, threads)
+            _matmul_many_core(xr, pv, op, n, first_row, qtype, tasks, tasks, rows, cols, bb, q.qs, q.dq,
+                              q.fb, acc, q.bad, threads)
     finally:
         free(a.base)
 
@@ -672,7 +661,7 @@ def moe_decode_into(const float[:, ::1] h, list gates, list ups, list downs, int
     cdef int64_t k = len(gates)
     if len(ups) != k or len(downs) != k or weights.shape[0] != k:
         raise ValueError(f"moe_decode_into: {k} gates, {len(ups)} ups, {len(downs)} downs, "
-                         f"{weights.shape[0]} weights, y has {y.shape[0]} rows: all must agree")
+                         f"{weights.shape[0]} weights: all must agree")
     cdef int64_t E = h.shape[1]
     _check_moe_call("moe_decode_into", qtype_gu, qtype_d, E, k, h, y, out, threads)
     if k == 0:
@@ -733,7 +722,6 @@ def moe_route_decode_into(const float[:, ::1] h, const float[:, ::1] router, con
                          f"up [{ups.shape[0]}, {ups.shape[1]}], down [{downs.shape[0]}, {downs.shape[1]}] do not "
                          f"hold {X} experts of [ff, {E}] / [{E}, ff] rows ({bgu} bytes a gate row)")
     cdef int64_t r, j, t
-    cdef float total
     cdef const uint8_t **pv = <const uint8_t **>malloc(8 * 3 * k + 4 * k)
     if pv == NULL:
         raise MemoryError("moe_route_decode_into: the experts' addresses")
@@ -743,14 +731,7 @@ def moe_route_decode_into(const float[:, ::1] h, const float[:, ::1] router, con
             for r in prange(X, num_threads=threads, schedule="static"):
                 ws_fdot(WS_F32, 1, <const uint8_t *>&router[r, 0], <int>E, &h[0, 0], E, &probs[0, r], 1)
             ws_softmax_row(&probs[0, 0], X, &probs[0, 0])
-            ws_topk_row(&probs[0, 0], X, k, &ids[0, 0])
-            total = 0
-            for j in range(k):
-                weights[0, j] = probs[0, ids[0, j]]
-                total = total + weights[0, j]
-            if norm_topk:
-                for j in range(k):
-                    weights[0, j] = weights[0, j] / total
+            ws_topk_weights_row(&probs[0, 0], X, k, True, norm_topk, &ids[0, 0], &weights[0, 0])
             for j in range(k):  # slot t of pick j: its rank by id (the ids are distinct; k is small)
                 t = 0
                 for r in range(k):

@@ -43,7 +43,8 @@ cdef extern from "ops_simd.h" nogil:  # kernels/csrc/ops_simd.h: the rows' arith
                         int64_t row_stride, int64_t hd, float scale, float *scores, float *out)
     void ws_softmax_row(const float *x, int64_t n, float *out)
     void ws_sigmoid_gate_row(float *out, const float *gate, int64_t n)
-    void ws_topk_row(const float *p, int64_t n, int64_t k, int64_t *ids)
+    void ws_topk_weights_row(const float *p, int64_t n, int64_t k, int choose, int norm, int64_t *ids,
+                             float *w)
 
 
 # Argument checks raise at once and format their message only when they fail: a decode step
@@ -218,7 +219,6 @@ def topk_weights_into(const float[:, ::1] probs, int64_t[:, ::1] ids, float[:, :
     (a routing source's) and is only checked. weights[i, j] = probs[i, ids[i, j]], divided by
     their sum (in j order) with norm. k * n_expert comparisons a row: no sort."""
     cdef Py_ssize_t n = probs.shape[0], e = probs.shape[1], k = ids.shape[1], i, j
-    cdef float total
     if not (ids.shape[0] == n and weights.shape[0] == n and weights.shape[1] == k):
         raise ValueError(f"topk_weights_into: probs [{n}, {e}], ids [{ids.shape[0]}, {k}], "
                          f"weights [{weights.shape[0]}, {weights.shape[1]}]")
@@ -231,15 +231,7 @@ def topk_weights_into(const float[:, ::1] probs, int64_t[:, ::1] ids, float[:, :
                     raise ValueError(f"topk_weights_into: expert id {ids[i, j]} (row {i}) outside [0, {e})")
     with nogil:
         for i in range(n):
-            if choose:
-                ws_topk_row(&probs[i, 0], e, k, &ids[i, 0])
-            total = 0
-            for j in range(k):
-                weights[i, j] = probs[i, ids[i, j]]
-                total = total + weights[i, j]
-            if norm:
-                for j in range(k):
-                    weights[i, j] = weights[i, j] / total
+            ws_topk_weights_row(&probs[i, 0], e, k, choose, norm, &ids[i, 0], &weights[i, 0])
 
 
 def attention_decode(const float[:, ::1] qkv, Py_ssize_t heads, Py_ssize_t kv_heads, bint gated,

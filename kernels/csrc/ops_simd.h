@@ -236,6 +236,23 @@ static inline void ws_topk_row(const float *p, int64_t n, int64_t k, int64_t *id
     }
 }
 
+/* A router's choice for one row of probabilities p[0..n): with choose, ids[0..k) = ws_topk_row's
+   picks (else the caller's ids are kept); w[j] = p[ids[j]], divided by their sum (in j order)
+   with norm (_ops.topk_weights_into, and the fused MoE decode call's router) */
+static inline void ws_topk_weights_row(const float *p, int64_t n, int64_t k, int choose, int norm,
+                                       int64_t *ids, float *w) {
+    if (choose)
+        ws_topk_row(p, n, k, ids);
+    float total = 0.0f;
+    for (int64_t j = 0; j < k; j++) {
+        w[j] = p[ids[j]];
+        total = total + w[j];
+    }
+    if (norm)
+        for (int64_t j = 0; j < k; j++)
+            w[j] = w[j] / total;
+}
+
 /* y = y * w, then out = out + y, over n floats: two roundings, as NumPy's `np.multiply(y, w,
  * out=y); out += y` does, never one fused multiply-add (GCC contracts a * b + c into an FMA at
  * -O3 unless told not to), so the fused MoE call gives the per-expert path's bits */
