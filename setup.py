@@ -43,7 +43,8 @@ def kernel_extension(name: str) -> Extension:
 # _dequant: block -> float32 (common.h); _kquants: fused Q2_K..Q6_K matmul (kquants_simd.h,
 # kquants_amx.h); _legacy: Q4_0..Q8_0 and floats (legacy.h, legacy_amx.h); _ops: the small
 # per-token operations (norm, rope, SwiGLU, one-token attention); _deltanet: Gated DeltaNet's
-# conv1d + SiLU, gated delta rule recurrence and gated RMSNorm (Qwen3.5 / Qwen3-Next)
-extensions = [kernel_extension(name) for name in ("_dequant", "_kquants", "_legacy", "_ops", "_deltanet")]
+# conv1d + SiLU, gated delta rule recurrence and gated RMSNorm (Qwen3.5 / Qwen3-Next); _amx:
+# k-quant prefill products on AMX-BF16 tiles (amx_bf16.h)
+extensions = [kernel_extension(name) for name in ("_dequant", "_kquants", "_legacy", "_ops", "_deltanet", "_amx")]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives))

@@ -99,6 +99,8 @@ cdef extern from "kquants_amx.h" nogil:
                           const uint8_t *xact, int64_t g0, int64_t g1, int64_t n, float *out,
                           int64_t ostride, uint8_t *scratch, int32_t *cbuf)
 
+include "matmul_args.pxi"
+
 cdef enum:
     QK_K = WS_QK_K
     Q2_K = WS_Q2_K
@@ -397,15 +399,8 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     cdef int64_t n = x.shape[0], cols = x.shape[1], rows = w.shape[0]
     name = _TYPE_NAMES[qtype]  # a dict lookup: an enum construction per call costs ~1 us at decode
     cdef int64_t bb = BLOCK_BYTES[qtype]
-    if cols % QK_K:
-        raise ValueError(f"matmul_into: x has {cols} columns, not a multiple of {QK_K} ({name} blocks)")
+    _check_matmul_args("matmul_into", name, n, cols, rows, w.shape[1], bb, out.shape[0], out.shape[1])
     cdef int64_t nb = cols // QK_K
-    if w.shape[1] != nb * bb:
-        raise ValueError(f"matmul_into: {name} rows of {cols} elements need {nb * bb} bytes, "
-                         f"w has {w.shape[1]} bytes per row")
-    if out.shape[0] != n or out.shape[1] != rows:
-        raise ValueError(f"matmul_into: out must be float32[{n}, {rows}], got shape "
-                         f"[{out.shape[0]}, {out.shape[1]}]")
     if n == 0 or rows == 0:
         return
     if cols == 0:

@@ -33,6 +33,7 @@ rounding, not bit for bit.
 from cython.parallel cimport prange, threadid
 from libc.math cimport expf
 from libc.stdint cimport int64_t, uint32_t
+from libc.string cimport memset
 
 cdef extern from "ops_simd.h" nogil:  # kernels/csrc/ops_simd.h: the rows' arithmetic, vectorised
     void ws_rms_norm_row(const float *x, const float *w, int64_t n, double eps, float *out)
@@ -45,6 +46,7 @@ cdef extern from "ops_simd.h" nogil:  # kernels/csrc/ops_simd.h: the rows' arith
     void ws_sigmoid_gate_row(float *out, const float *gate, int64_t n)
     void ws_topk_weights_row(const float *p, int64_t n, int64_t k, int choose, int norm, int64_t *ids,
                              float *w)
+    void ws_scale_add_row(float *out, float *y, float w, int64_t n)
 
 
 # Argument checks raise at once and format their message only when they fail: a decode step
@@ -177,6 +179,35 @@ def swiglu_into(const float[:, :] gate, const float[:, :] up, float[:, ::1] out)
             for j in range(m):
                 g = gate[i, j]
                 out[i, j] = g / (1.0 + expf(-g)) * up[i, j]
+
+
+def moe_combine_into(float[:, ::1] y, const int64_t[:, ::1] rows, const float[:, ::1] weights,
+                     float[:, ::1] out, int threads=1):
+    """A prompt batch's routed experts summed: out[t] = sum over j of weights[t, j] * y[rows[t, j]]
+    (out: float32[n, e], rows / weights: [n, k], y: float32[m, e]), j from 0 up, each product
+    rounded before it is added to the sum, which starts at zero: the bits of NumPy's
+    `out[t] += w * y` term by term. Rows are threaded; y's rows are scaled in place, so each may
+    be one term's only (checked)."""
+    cdef Py_ssize_t n = out.shape[0], e = out.shape[1], k = rows.shape[1], m = y.shape[0], t, j
+    if not (rows.shape[0] == n and weights.shape[0] == n and weights.shape[1] == k and y.shape[1] == e):
+        raise ValueError(f"moe_combine_into: y [{m}, {y.shape[1]}], rows [{rows.shape[0]}, {k}], "
+                         f"weights [{weights.shape[0]}, {weights.shape[1]}], out [{n}, {e}]")
+    if threads < 1:
+        raise ValueError(f"moe_combine_into: threads must be >= 1, got {threads}")
+    seen = bytearray(m)
+    for t in range(n):
+        for j in range(k):
+            if not (0 <= rows[t, j] < m) or seen[rows[t, j]]:
+                raise ValueError(f"moe_combine_into: row {rows[t, j]} (token {t}, term {j}) outside "
+                                 f"[0, {m}) or a second term's")
+            seen[rows[t, j]] = 1
+    if e == 0:
+        return
+    with nogil:
+        for t in prange(n, num_threads=threads, schedule="static"):
+            memset(&out[t, 0], 0, e * sizeof(float))
+            for j in range(k):
+                ws_scale_add_row(&out[t, 0], &y[rows[t, j], 0], weights[t, j], e)
 
 
 def attend_one(const float[:, ::1] q, const float[:, :, ::1] k_cache, const float[:, :, ::1] v_cache,

@@ -5,14 +5,17 @@ A backend (``Backend``) multiplies x float32[n, cols] by W.T, W being uint8[rows
 GGUF blocks, for the types it ``supports``; ``many_kernel(qtype)`` is its optional batched-decode
 capability (``matvec_many_into``: one activation row through each of several weights in one
 call), None where it has none. "cython" is two compiled modules (k-quants, legacy block types);
-"numba" is JIT-compiled on first use; "numpy" dequantizes and calls BLAS (always available, the
-fallback; kernels.matmul runs it, so it is not in REGISTRY).
+"numba" is JIT-compiled on first use; "amx" is the k-quants on AMX-BF16 tiles for many activation
+rows (prefill; bf16 products, not the Q8_K path; no types on CPUs without AMX-BF16); "numpy"
+dequantizes and calls BLAS (always available, the fallback; kernels.matmul runs it, so it is not
+in REGISTRY).
 
 "auto" picks, per weight type and batch size, the backend that measured fastest: `weightstream
 bench kernels --write-table` writes the table for this CPU model to the user's cache
 (``$WEIGHTSTREAM_CACHE`` or ``~/.cache/weightstream``, ``backend_table-<cpu model>.json``);
-without one, the table shipped beside this file (read-only) applies. Without a measurement for a
-case it prefers cython, then numba, then numpy.
+without one, the table shipped beside this file (read-only) applies; its entries may name
+backends in order of preference ("amx,numpy": AMX where the CPU has it, else NumPy). Without a
+measurement for a case it prefers cython, then numba, then amx, then numpy.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from gguf import GGMLQuantizationType
 
 from .expand import dequantize
 
-BACKENDS = ("auto", "numpy", "cython", "numba")
+BACKENDS = ("auto", "numpy", "cython", "numba", "amx")
 SHIPPED_TABLE = Path(__file__).with_name("backend_table.json")  # the default; never written
 N_BUCKETS = (1, 8, 64, 512)  # a batch of n rows is looked up under the smallest bucket >= n
 
@@ -93,6 +96,9 @@ class ModuleBackend:
 REGISTRY: dict[str, Backend] = {
     "cython": ModuleBackend("cython", ("._kquants", "._legacy")),
     "numba": ModuleBackend("numba", (".numba.matmul",)),
+    # k-quant prefill on AMX-BF16 tiles (Cython too, not the Q8_K path): no types where the CPU
+    # or the build lacks AMX-BF16
+    "amx": ModuleBackend("amx", ("._amx",)),
 }
 
 
@@ -176,11 +182,14 @@ def _measured() -> dict[str, dict[str, str]]:
 
 
 def choose(qtype: GGMLQuantizationType, n: int) -> str:
-    """The backend "auto" uses for qtype at batch size n."""
+    """The backend "auto" uses for qtype at batch size n: the table's entry for (type, n's bucket),
+    a name or names in order of preference ("amx,numpy": the first this machine has), else the
+    first backend available."""
     qtype = GGMLQuantizationType(qtype)
-    best = _measured().get(qtype.name, {}).get(str(bucket(n)))
-    if best == "numpy" or (best is not None and kernel_for(best, qtype) is not None):
-        return best
+    entry = _measured().get(qtype.name, {}).get(str(bucket(n)))
+    for best in (entry.split(",") if entry else ()):
+        if best == "numpy" or kernel_for(best, qtype) is not None:
+            return best
     return available(qtype)[0]
 
 

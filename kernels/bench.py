@@ -39,7 +39,7 @@ SHAPES = ((14336, 4096), (4096, 14336),
 TYPES = ("Q2_K", "Q4_K", "Q6_K", "Q3_K", "Q8_0", "Q4_1", "Q4_0")  # Q2_K: the expert type we stream
 NS = (1, 8, 64, 512)  # 1: decode; 8 / 64: a few tokens through one expert; 512: a prefill batch
 THREADS = (1, 2)
-BACKENDS = ("cython", "numba", "numpy")
+BACKENDS = ("cython", "numba", "numpy", "amx")
 
 # --quick: the headline figures (the dense Q2_K shapes of DESIGN.md's "Figures to beat", plus one
 # expert shape) in about a minute on the NumPy path.

@@ -84,7 +84,7 @@ def run_path(path: str, x: np.ndarray, raw: np.ndarray, qtype) -> np.ndarray:
     """x @ W.T through one matmul path (see PATHS)."""
     shape = (raw.shape[0], x.shape[1])
     out = np.empty((x.shape[0], shape[0]), np.float32)
-    if path in ("numpy", "cython", "numba"):
+    if path in ("numpy", "cython", "numba", "amx"):
         return kernels.matmul(x, kernels.QTensor(qtype, shape, raw), threads=1, backend=path, out=out)
     if path == "cython-no-amx":
         with _amx_off(_cython_module(qtype)):
@@ -111,13 +111,16 @@ def _has_path(path: str, qtype) -> bool:
         if path == "cython-many":
             return hasattr(module, "matvec_many_into") and module.matvec_many_supported(int(qtype))
         return True
+    if path == "amx":
+        return backends.kernel_for("amx", qtype) is not None
     return backends.kernel_for("numba", qtype) is not None
 
 
 # every path a matmul can take: each backend, Cython with and without its AMX prefill, the batched
-# decode kernel, Numba's portable tier beside its SIMD one. n = 1 is the decode path; n = 9 is
-# prefill (Cython legacy and Q2_K take AMX tiles there where built).
-PATHS = ("numpy", "cython", "cython-no-amx", "cython-many", "numba", "numba-portable")
+# decode kernel, Numba's portable tier beside its SIMD one, the k-quants on AMX-BF16 tiles (where
+# the CPU has them). n = 1 is the decode path; n = 9 is prefill (Cython legacy and Q2_K take AMX
+# tiles there where built).
+PATHS = ("numpy", "cython", "cython-no-amx", "cython-many", "numba", "numba-portable", "amx")
 CASES = [pytest.param(p, q, n, id=f"{p}-{q.name}-n{n}")
          for q in ALL_TYPES for p in PATHS for n in (1, 9) if _has_path(p, q)]
 

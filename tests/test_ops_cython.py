@@ -216,3 +216,31 @@ def test_attend_causal_names_bad_input():
         _ops.attend_causal(q, kc, kc.copy(), np.array([3, 4]), 1.0, q.copy(), np.zeros((1, 8), np.float32))
     with pytest.raises(ValueError, match=r"scratch \[1, 2\] < \[2, 4\]"):
         _ops.attend_causal(q, kc, kc.copy(), np.array([2, 3]), 1.0, q.copy(), np.zeros((1, 2), np.float32), 2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_moe_combine_is_numpys_sum_term_by_term(threads):
+    """out[t] = sum_j w[t, j] * y[rows[t, j]], each product rounded before it is added, j in
+    order: NumPy's `out[t] += w * y` bits (the prefill MoE sum), with rows from a permutation."""
+    rng = np.random.default_rng(11)
+    n, k, e = 37, 4, 96
+    y = rng.standard_normal((n * k, e)).astype(np.float32)
+    rows = rng.permutation(n * k).reshape(n, k)
+    w = rng.random((n, k)).astype(np.float32)
+    expected = np.zeros((n, e), np.float32)
+    for j in range(k):
+        expected += w[:, j:j + 1] * y[rows[:, j]]
+    out = np.full((n, e), np.nan, np.float32)
+    _ops.moe_combine_into(y.copy(), rows, w, out, threads)
+    assert np.array_equal(out, expected)
+
+
+def test_moe_combine_names_bad_rows():
+    y, out = np.zeros((6, 8), np.float32), np.zeros((3, 8), np.float32)
+    w = np.ones((3, 2), np.float32)
+    with pytest.raises(ValueError, match="row 6"):
+        _ops.moe_combine_into(y, np.array([[0, 1], [2, 3], [4, 6]]), w, out)
+    with pytest.raises(ValueError, match="second term"):
+        _ops.moe_combine_into(y, np.array([[0, 1], [2, 3], [4, 1]]), w, out)
+    with pytest.raises(ValueError, match="out"):
+        _ops.moe_combine_into(y, np.array([[0, 1], [2, 3], [4, 5]]), w, np.zeros((3, 9), np.float32))

@@ -118,7 +118,7 @@ def test_wheel_installs_into_a_fresh_venv(tiny_model, tmp_path):
     installed = {p.name for p in Path(site).iterdir()}
     assert "weightstream" in installed and not {"engine", "kernels"} & installed, sorted(installed)
     compiled = sorted(p.name.split(".")[0] for p in (Path(site) / "weightstream" / "kernels").glob("_*.so"))
-    assert compiled == ["_deltanet", "_dequant", "_kquants", "_legacy", "_ops"]
+    assert compiled == ["_amx", "_deltanet", "_dequant", "_kquants", "_legacy", "_ops"]
 
     work = tmp_path / "elsewhere"
     work.mkdir()

@@ -328,26 +328,26 @@ class Model:
             ys[e] = y[j:j + 1]
         return True
 
-    def experts_prefill(self, batch, h: np.ndarray, ids: np.ndarray, ys: dict) -> list:
-        """Prefill: the batch's experts, each on the tokens routed to it (ids: int64[n, k]), in two
-        calls of the kernels' matmul_many_into (gate and up of all, then down of all) with a
-        SwiGLU each between, instead of three kernel calls each (at 16 threads a 64-token prompt
-        of a 256-expert model spent more in those calls' set-up than in their rows). Each output
+    def experts_prefill(self, batch, h: np.ndarray, groups: "ExpertGroups", y: np.ndarray) -> list:
+        """Prefill: the batch's experts, each on the tokens routed to it, in two calls of the
+        kernels' matmul_many_into (gate and up of all, then down of all) with a SwiGLU each
+        between, instead of three kernel calls each (at 16 threads a 64-token prompt of a
+        256-expert model spent more in those calls' set-up than in their rows). Each output
         has expert_ffn's bits: the same kernel module KernelCache picks for its row count, the
-        same row kernels, the same SwiGLU. Fills ys[e] (float32[n_e, n_embd]); returns the
-        batch's experts it left to expert_ffn (other types, or a row count the kernel refuses)."""
-        rows = {e: h[np.any(ids == e, axis=1)] for e, _ in batch}  # [n_e, n_embd], copies
+        same row kernels, the same SwiGLU. Expert e's outputs go to y[groups.rows(e)] (y:
+        float32[n k, n_embd], ExpertGroups' order); returns the batch's experts it left to
+        expert_ffn (other types, or a row count the kernel refuses)."""
         calls, rest = {}, []  # (gate/up type, kernel, down type, kernel) -> its experts
         for item in batch:
             e, (gate, up, down) = item
-            n = len(rows[e])
+            n = groups.count(e)
             fn_gu, fn_d = self.many_rows_kernel(gate.qtype, n), self.many_rows_kernel(down.qtype, n)
             if up.qtype == gate.qtype and fn_gu is not None and fn_d is not None:
                 calls.setdefault((int(gate.qtype), fn_gu, int(down.qtype), fn_d), []).append(item)
             else:
                 rest.append(item)
         for (tg, fn_gu, td, fn_d), group in calls.items():
-            xs = [rows[e] for e, _ in group]
+            xs = [h[groups.tokens(e)] for e, _ in group]  # [n_e, n_embd], copies
             ff = group[0][1][0].shape[0]
             gu = [np.empty((2 * len(x), ff), dtype=np.float32) for x in xs]  # gate rows, then up rows
             fn_gu(xs + xs, [p[0].data for _, p in group] + [p[1].data for _, p in group], tg,
@@ -357,10 +357,7 @@ class Model:
                 act = np.empty((len(x), ff), dtype=np.float32)
                 _ops.swiglu_into(b[:len(x)], b[len(x):], act)
                 acts.append(act)
-            outs = [np.empty((len(x), self.cfg.n_embd), dtype=np.float32) for x in xs]
-            fn_d(acts, [p[2].data for _, p in group], td, outs, self.kernel_threads)
-            for (e, _), y in zip(group, outs):
-                ys[e] = y
+            fn_d(acts, [p[2].data for _, p in group], td, [y[groups.rows(e)] for e, _ in group], self.kernel_threads)
         return rest
 
     def many_rows_kernel(self, qtype, n: int):
@@ -485,46 +482,91 @@ class Model:
         """The routed experts' weighted sum on h (moe's path through route(), the expert source and
         the per-batch kernels), in the workspace's moe_out."""
         ids, weights = self.route(moe, h, i, positions)
-        one = len(h) == 1  # decode: every expert sees the one token; no row selection needed
-        if one:  # the token's experts in ascending id (the summing order) and their weights
-            order = np.argsort(ids[0])
-            used, used_weights = ids[0][order], weights[0][order]
-        else:
-            used = np.unique(ids)
-        ys = {}  # expert -> its output on the tokens routed to it, computed as the experts arrive
-        # decode: the outputs go to the workspace, one row each in arrival order; prefill: each
-        # expert's rows are new arrays (n_batch * k rows held would be mostly idle)
-        slots = self.work.take("experts_out", len(used), self.cfg.n_embd) if one else None
+        if len(h) > 1:
+            return self.routed_prefill(i, h, ids, weights, ahead)
+        # decode: every expert sees the one token; the token's experts in ascending id (the
+        # summing order) and their weights
+        order = np.argsort(ids[0])
+        used, used_weights = ids[0][order], weights[0][order]
+        ys = {}  # expert -> its output on the token, computed as the experts arrive
+        slots = self.work.take("experts_out", len(used), self.cfg.n_embd)  # one row each, in arrival order
         out = self.work.take("moe_out", *h.shape)
         summed = False  # out already holds the weighted sum (the fused call made it)
-        for batch in self.experts.fetch(i, used):
+        for batch in self.experts.fetch(i, used):  # (run to its end: the store's bookkeeping)
             if ahead is not None:
                 self.prefetcher.on_residual(i, ahead)
                 ahead = None
-            if one and len(batch) == len(used) and self.observer is None and self.fused_experts(
+            if len(batch) == len(used) and self.observer is None and self.fused_experts(
                     batch, h, used_weights, slots, out):
                 summed = True
                 continue
-            if one and len(batch) > 1 and self.observer is None and self.expert_batch(batch, h, ys, slots):
+            if len(batch) > 1 and self.observer is None and self.expert_batch(batch, h, ys, slots):
                 continue
-            if not one and self.observer is None:
-                batch = self.experts_prefill(batch, h, ids, ys)  # what it leaves goes one by one
             for e, parts in batch:
-                if one:
-                    ys[e] = self.expert_ffn(*parts, h, (i, e), slots[len(ys):len(ys) + 1])
-                else:
-                    ys[e] = self.expert_ffn(*parts, h[np.any(ids == e, axis=1)], (i, e))
-        if one and not summed:  # the same sums as below, in the same order, without the index arithmetic
+                ys[e] = self.expert_ffn(*parts, h, (i, e), slots[len(ys):len(ys) + 1])
+        if not summed:  # the same sums as moe_combine_into's, in the same order
             out.fill(0)
             for e, w in zip(used.tolist(), used_weights):
                 y = ys[e]  # its slot: scaled in place, it is not used again
                 out += np.multiply(y, w, out=y)
-        elif not one:
-            out.fill(0)
-            for e in used.tolist():  # summed in a fixed order: arrival order must not change the bits
-                rows, slot = np.nonzero(ids == e)
-                out[rows] += weights[rows, slot][:, None] * ys[e]
         return out
+
+    def routed_prefill(self, i: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+                       ahead: np.ndarray | None) -> np.ndarray:
+        """The routed experts of a prompt batch h: float32[n, n_embd] (ids, weights: [n, k] from
+        route()): each expert on its tokens' rows, the outputs in one array grouped by expert
+        (ExpertGroups), then each token's k outputs weighted and summed in ascending expert id
+        in one native call (fixed order: arrival order must not change the bits)."""
+        groups = ExpertGroups(ids)
+        y = np.empty((ids.size, self.cfg.n_embd), dtype=np.float32)  # work_buffers' experts_rows
+        for batch in self.experts.fetch(i, groups.used):
+            if ahead is not None:
+                self.prefetcher.on_residual(i, ahead)
+                ahead = None
+            if self.observer is None:
+                batch = self.experts_prefill(batch, h, groups, y)  # what it leaves goes one by one
+            for e, parts in batch:
+                self.expert_ffn(*parts, h[groups.tokens(e)], (i, e), y[groups.rows(e)])
+        out = self.work.take("moe_out", *h.shape)
+        rows, w = groups.by_expert_id(weights)
+        _ops.moe_combine_into(y, rows, w, out, self.kernel_threads)
+        return out
+
+
+class ExpertGroups:
+    """A prompt batch's (token, slot) pairs grouped by expert: from ids int64[n, k] (route()'s),
+    pair (t, j) at row rows_of[t, j] of a [n k, ...] array, expert e's rows contiguous
+    (rows(e)) and its tokens ascending (tokens(e)): one stable argsort instead of a scan of ids
+    per expert (256 a layer)."""
+
+    def __init__(self, ids: np.ndarray):
+        n, k = ids.shape
+        flat = ids.ravel()
+        order = np.argsort(flat, kind="stable")  # the pairs by expert, tokens ascending within one
+        self.ids = ids
+        self.token_of = order // k  # int64[n k]: the token of each row
+        self.used, starts, counts = np.unique(flat[order], return_index=True, return_counts=True)
+        self.span = {e: (s, s + c) for e, s, c in zip(self.used.tolist(), starts.tolist(), counts.tolist())}
+        rows_of = np.empty(n * k, dtype=np.int64)
+        rows_of[order] = np.arange(n * k)
+        self.rows_of = rows_of.reshape(n, k)
+
+    def rows(self, e: int) -> slice:
+        start, end = self.span[e]
+        return slice(start, end)
+
+    def count(self, e: int) -> int:
+        start, end = self.span[e]
+        return end - start
+
+    def tokens(self, e: int) -> np.ndarray:
+        return self.token_of[self.rows(e)]
+
+    def by_expert_id(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows int64[n, k], weights float32[n, k]) with each token's slots in ascending expert id."""
+        order = np.argsort(self.ids, axis=1, kind="stable")
+        return (np.ascontiguousarray(np.take_along_axis(self.rows_of, order, axis=1)),
+                np.ascontiguousarray(np.take_along_axis(weights, order, axis=1), dtype=np.float32))
 
 
 def nonfinite_error(at: tuple[int, int] | None, logits: np.ndarray, positions: np.ndarray) -> Exception:
