@@ -110,6 +110,7 @@ BLOCK_BYTES = {q: ws_block_bytes(q) for q in SUPPORTED}
 SIMD = bool(WS_KQ_AVX512)
 # AMX tiles usable: compiled for AMX-INT8 and the tile state granted by the kernel (once per process)
 AMX = bool(WS_KQ_AMX) and bool(ws_amx_request())
+cdef bint AMX_ON = AMX   # (the same, readable without the GIL)
 
 # weight rows per work item: enough that a tile of activations is reused across them from cache
 cdef int _WR = 16
@@ -441,29 +442,56 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
 
 def matmul_many_supported(int qtype, int64_t n):
     """Whether matmul_many_into takes a task of n activation rows of qtype with the bits
-    matmul_into gives it (not where matmul_into would take the AMX path)."""
-    return qtype in SUPPORTED and not (AMX and qtype == Q2_K and n >= _AMX_MIN_N)
+    matmul_into gives it (every k-quant and row count: tasks matmul_into would take to AMX tiles
+    go to them here too)."""
+    return qtype in SUPPORTED
+
+
+cdef inline bint _amx_task(int qtype, int64_t n) noexcept nogil:
+    """Whether matmul_into takes n rows of qtype to the AMX tiles."""
+    return AMX_ON and qtype == Q2_K and n >= _AMX_MIN_N
 
 
 cdef void _matmul_many_core(const float **xr, const uint8_t **w, float **o, const int64_t *n,
                             const int64_t *first_row, int qtype, int64_t tasks, int64_t total,
                             int64_t rows, int64_t cols, int64_t bb, int8_t *qs, float *dq, float *fb,
-                            float *accbuf, uint8_t *bad, int threads) noexcept nogil:
+                            float *accbuf, uint8_t *bad, const int64_t *vec_ids, int64_t nvec,
+                            const int64_t *amx_ids, int64_t namx, const int64_t *xgroup,
+                            uint8_t *xact, uint8_t *scratch, int32_t *cbuf, int threads) noexcept nogil:
     """Task t: o[t][n[t], rows] = its n[t] activation rows (xr[first_row[t] + r]) @ W_t.T. Every
-    row's Q8_K, then every (task, row group) pair, each pair made by _group as _matmul_core makes
-    it for that task alone."""
+    row's Q8_K; then every (task, row group) pair of the tasks vec_ids[0..nvec) (AVX-512), each
+    made by _group as _matmul_core makes it for that task alone; then the tasks amx_ids[0..namx)
+    on AMX tiles as _matmul_amx_q2k makes each: task amx_ids[i]'s activation groups packed at
+    xact + xgroup[i] * nb * WS_AMX_XBLK (xgroup[namx]: all of them), then every (task, 16-row
+    weight group) pair, each thread with its own scratch and cbuf."""
     cdef int64_t nb = cols // QK_K
-    cdef int64_t ngroups = (rows + _WR - 1) // _WR
-    cdef int64_t r, j, t, i0, f
+    cdef int64_t ngroups = (rows + _WR - 1) // _WR, ngw = (rows + 15) // 16
+    cdef int64_t r, j, t, i0, f, i, g
     for r in prange(total, num_threads=threads, schedule="static"):
         bad[r] = _quantize_row_q8_k(xr[r], nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
                                     WS_KQ_PERMUTED(qtype))
-    for j in prange(tasks * ngroups, num_threads=threads, schedule="static"):
-        t = j // ngroups
+    for j in prange(nvec * ngroups, num_threads=threads, schedule="static"):
+        t = vec_ids[j // ngroups]
         i0 = (j % ngroups) * _WR
         f = first_row[t]
         _group(qtype, w[t], i0, min(i0 + _WR, rows), nb * bb, bb, n[t], rows, cols, qs + f * cols,
                dq + f * nb, fb + f * 16 * nb, accbuf + openmp.omp_get_thread_num() * _scratch_floats(), o[t])
+    if namx > 0:
+        for g in prange(xgroup[namx], num_threads=threads, schedule="static"):
+            i = 0
+            while xgroup[i + 1] <= g:
+                i = i + 1
+            t = amx_ids[i]
+            f = first_row[t]
+            ws_amx_pack_act(qs + f * cols, dq + f * nb, n[t], nb, 16 * (g - xgroup[i]),
+                            xact + g * nb * WS_AMX_XBLK)
+        for j in prange(namx * ngw, num_threads=threads, schedule="static"):
+            i = j // ngw
+            t = amx_ids[i]
+            r = openmp.omp_get_thread_num()
+            ws_amx_q2k_group(w[t], nb * 84, nb, 16 * (j % ngw), <int>min(<int64_t>16, rows - 16 * (j % ngw)),
+                             xact + xgroup[i] * nb * WS_AMX_XBLK, 0, xgroup[i + 1] - xgroup[i], n[t], o[t],
+                             rows, scratch + r * nb * WS_AMX_WBLK, cbuf + r * 1024)
     for t in range(tasks):
         ws_nan_rows(bad + first_row[t], n[t], o[t], rows, rows)
 
@@ -474,7 +502,9 @@ def matmul_many_into(list xs, list ws, int qtype, list outs, int threads=1):
     arena and its parallel regions: at 16 threads what a prefill's experts cost most). xs[t]:
     float32[n_t, cols], ws[t]: uint8[rows, row_bytes] of qtype (all one shape), outs[t]:
     float32[n_t, rows], all C-contiguous. Each output has the bits matmul_into gives that task
-    alone; a task matmul_into would take to AMX (matmul_many_supported) is refused."""
+    alone: tasks matmul_into would take to AMX tiles (Q2_K, n_t >= the cut-off) go to them, with
+    their activations packed once for all of them and every (task, 16-row weight group) pair in
+    one parallel region (each was three calls of its own, whose packing ran on one thread)."""
     cdef int64_t tasks = len(xs)
     if len(ws) != tasks or len(outs) != tasks:
         raise ValueError(f"matmul_many_into: {tasks} inputs, {len(ws)} weights, {len(outs)} outputs")
@@ -490,25 +520,41 @@ def matmul_many_into(list xs, list ws, int qtype, list outs, int threads=1):
     cdef int64_t cols = xv.shape[1], rows = wv.shape[0], bb = BLOCK_BYTES[qtype]
     if cols % QK_K:
         raise ValueError(f"matmul_many_into: x has {cols} columns, not a multiple of {QK_K}")
-    cdef int64_t nb = cols // QK_K, total = 0, t, r
+    cdef int64_t nb = cols // QK_K, total = 0, groups = 0, t, r, nvec = 0, namx = 0
     for t in range(tasks):
         xv = xs[t]
         total += xv.shape[0]
+        if _amx_task(qtype, xv.shape[0]):
+            groups += (xv.shape[0] + 15) // 16
     cdef _Arena a
-    # the tasks' addresses and row counts, each row's address, the rows' Q8_K, each thread's sums
-    _arena_open(&a, 8 * 5 * tasks + 8 * total + _q8k_bytes(total * cols, total) + 4 * threads * _scratch_floats())
+    # the tasks' addresses and row counts, the AVX-512 / AMX task lists and the AMX tasks' first
+    # groups, each row's address, the rows' Q8_K, each thread's sums; the AMX tasks' packed
+    # activations, each thread's weight scratch and tile results
+    cdef size_t amx_bytes = groups * nb * WS_AMX_XBLK + threads * nb * WS_AMX_WBLK + threads * 4096 if groups else 0
+    _arena_open(&a, 8 * 8 * tasks + 8 + 8 * total + _q8k_bytes(total * cols, total)
+                + 4 * threads * _scratch_floats() + amx_bytes)
     cdef const uint8_t **wp
     cdef float **op
     cdef int64_t *n
     cdef int64_t *first
+    cdef int64_t *vec_ids
+    cdef int64_t *amx_ids
+    cdef int64_t *xgroup
     cdef const float **xr
     cdef _Q8K q
     cdef float *acc
+    cdef uint8_t *xact = NULL
+    cdef uint8_t *scratch = NULL
+    cdef int32_t *cbuf = NULL
     try:
         wp = <const uint8_t **>_take(&a, 8 * tasks)
         op = <float **>_take(&a, 8 * tasks)
         n = <int64_t *>_take(&a, 8 * tasks)
         first = <int64_t *>_take(&a, 8 * tasks)
+        vec_ids = <int64_t *>_take(&a, 8 * tasks)
+        amx_ids = <int64_t *>_take(&a, 8 * tasks)
+        xgroup = <int64_t *>_take(&a, 8 * tasks + 8)
+        xgroup[0] = 0
         xr = <const float **>_take(&a, 8 * total + 8 * tasks)
         total = 0
         for t in range(tasks):
@@ -518,18 +564,26 @@ def matmul_many_into(list xs, list ws, int qtype, list outs, int threads=1):
                 raise ValueError(f"matmul_many_into: task {t}: x [{xv.shape[0]}, {xv.shape[1]}], w uint8"
                                  f"[{wv.shape[0]}, {wv.shape[1]}], out [{ov.shape[0]}, {ov.shape[1]}]; "
                                  f"need x [n, {cols}], w [{rows}, {nb * bb}], out [n, {rows}]")
-            if not matmul_many_supported(qtype, xv.shape[0]):
-                raise ValueError(f"matmul_many_into: task {t} has {xv.shape[0]} rows: matmul_into "
-                                 f"takes {_TYPE_NAMES[qtype]} with that many to AMX")
             wp[t], op[t], n[t], first[t] = &wv[0, 0], &ov[0, 0], xv.shape[0], total
             for r in range(xv.shape[0]):
                 xr[total + r] = &xv[r, 0]
             total += xv.shape[0]
+            if _amx_task(qtype, n[t]):
+                amx_ids[namx] = t
+                xgroup[namx + 1] = xgroup[namx] + (n[t] + 15) // 16
+                namx += 1
+            else:
+                vec_ids[nvec] = t
+                nvec += 1
         _q8k_take(&a, total * cols, total, &q)
         acc = <float *>_take(&a, 4 * threads * _scratch_floats())
+        if namx:
+            xact = <uint8_t *>_take(&a, groups * nb * WS_AMX_XBLK)
+            scratch = <uint8_t *>_take(&a, threads * nb * WS_AMX_WBLK)
+            cbuf = <int32_t *>_take(&a, threads * 4096)
         with nogil:
             _matmul_many_core(xr, wp, op, n, first, qtype, tasks, total, rows, cols, bb, q.qs, q.dq, q.fb,
-                              acc, q.bad, threads)
+                              acc, q.bad, vec_ids, nvec, amx_ids, namx, xgroup, xact, scratch, cbuf, threads)
     finally:
         free(a.base)
 
@@ -564,12 +618,13 @@ def matvec_many_into(const float[:, ::1] x, list ws, int qtype, float[:, ::1] ou
     # scratch: the tasks' weight, row and output addresses (ws keeps the weights alive), their
     # row counts (1) and first rows (t), each task's Q8_K, each thread's partial sums
     cdef _Arena a
-    _arena_open(&a, 8 * 5 * tasks + _q8k_bytes(tasks * cols, tasks) + 4 * threads * _scratch_floats())
+    _arena_open(&a, 8 * 6 * tasks + _q8k_bytes(tasks * cols, tasks) + 4 * threads * _scratch_floats())
     cdef const uint8_t **pv
     cdef const float **xr
     cdef float **op
     cdef int64_t *n
     cdef int64_t *first_row
+    cdef int64_t *vec_ids
     cdef const uint8_t[:, ::1] wv
     cdef _Q8K q
     cdef float *acc
@@ -579,17 +634,18 @@ def matvec_many_into(const float[:, ::1] x, list ws, int qtype, float[:, ::1] ou
         op = <float **>_take(&a, 8 * tasks)
         n = <int64_t *>_take(&a, 8 * tasks)
         first_row = <int64_t *>_take(&a, 8 * tasks)
+        vec_ids = <int64_t *>_take(&a, 8 * tasks)
         for t in range(tasks):
             wv = ws[t]
             if wv.shape[0] != rows or wv.shape[1] != nb * bb:
                 raise ValueError(f"matvec_many_into: weight {t} is uint8[{wv.shape[0]}, {wv.shape[1]}], "
                                  f"expected [{rows}, {nb * bb}]")
-            pv[t], xr[t], op[t], n[t], first_row[t] = &wv[0, 0], &x[t, 0], &out[t, 0], 1, t
+            pv[t], xr[t], op[t], n[t], first_row[t], vec_ids[t] = &wv[0, 0], &x[t, 0], &out[t, 0], 1, t, t
         _q8k_take(&a, tasks * cols, tasks, &q)
         acc = <float *>_take(&a, 4 * threads * _scratch_floats())
-        with nogil:
+        with nogil:  # (one row a task: never the AMX tiles, matvec_many_supported)
             _matmul_many_core(xr, pv, op, n, first_row, qtype, tasks, tasks, rows, cols, bb, q.qs, q.dq,
-                              q.fb, acc, q.bad, threads)
+                              q.fb, acc, q.bad, vec_ids, tasks, NULL, 0, NULL, NULL, NULL, NULL, threads)
     finally:
         free(a.base)
 

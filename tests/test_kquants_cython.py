@@ -230,9 +230,10 @@ def test_the_kernels_q8_k_is_ggmls_bit_for_bit(permuted):
 @pytest.mark.parametrize("threads", [1, 3])
 def test_matmul_many_equals_one_call_per_task(qtype, threads):
     """A prompt batch's experts in one call: each task (its own rows, its own matrix) gets the
-    bits matmul_into gives it alone, a NaN row included; row counts of 1 to 7 (under AMX's 8)."""
+    bits matmul_into gives it alone, a NaN row included; row counts of 1 to 7 (under AMX's 8)
+    and 8 to 40 (Q2_K: AMX tiles where built, in the same call)."""
     rng = np.random.default_rng(int(qtype) + threads)
-    ns = [1, 3, 7, 2, 5, 1]
+    ns = [1, 3, 7, 2, 17, 5, 1, 8, 40]
     xs = [rng.standard_normal((n, 768)).astype(np.float32) for n in ns]
     xs[2][1, 5] = np.nan
     ws = [reference.random_raw(qtype, 40, 768, rng) for _ in ns]
@@ -251,9 +252,5 @@ def test_matmul_many_bad_inputs():
         _kquants.matmul_many_into([x, x], [w], int(T.Q4_K), [out, out])
     with pytest.raises(ValueError, match=r"task 1: .*out \[2, 15\]"):
         _kquants.matmul_many_into([x, x], [w, w], int(T.Q4_K), [out, np.zeros((2, 15), np.float32)])
-    if _kquants.AMX:  # what matmul_into would take to AMX tiles is refused, not computed otherwise
-        w2 = reference.random_raw(T.Q2_K, 16, 512, rng)
-        assert not _kquants.matmul_many_supported(int(T.Q2_K), 8)
-        with pytest.raises(ValueError, match="task 0 has 8 rows"):
-            _kquants.matmul_many_into([np.zeros((8, 512), np.float32)], [w2], int(T.Q2_K),
-                                      [np.zeros((8, 16), np.float32)])
+    assert _kquants.matmul_many_supported(int(T.Q2_K), 8)  # AMX-sized tasks too
+    assert not _kquants.matmul_many_supported(int(T.Q8_0), 1)
