@@ -50,31 +50,58 @@ static int ws_ab_request(void) {   /* Linux grants the tile state on request (on
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
 }
 
+/* v[m][r] -> v[r][m] for a 16 x 16 block of 32-bit lanes: the activations' pairs into the
+   tiles' layout, and a result tile written out as 16 vector stores into the output rows (1024
+   scalar stores a pair of tile groups filled the store buffer, each missing cache on an output
+   row: half the tile time of a 12352-row projection). */
+WS_AI void ws_ab_transpose16(__m512 v[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {   /* lane L: rows 2i, 2i+1 interleaved, columns 4L+0,1 / 4L+2,3 */
+        t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {   /* v[4i + j], lane L: rows 4i..4i+3 of column 4L + j */
+        v[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 2])));
+        v[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 2])));
+        v[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i + 1]), _mm512_castps_pd(t[4 * i + 3])));
+        v[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i + 1]), _mm512_castps_pd(t[4 * i + 3])));
+    }
+    for (int j = 0; j < 4; j++) {   /* column 4L + j: lane L of v[j], v[4 + j], v[8 + j], v[12 + j] */
+        const __m512 u0 = _mm512_shuffle_f32x4(v[j], v[4 + j], 0x44), u1 = _mm512_shuffle_f32x4(v[8 + j], v[12 + j], 0x44);
+        const __m512 w0 = _mm512_shuffle_f32x4(v[j], v[4 + j], 0xEE), w1 = _mm512_shuffle_f32x4(v[8 + j], v[12 + j], 0xEE);
+        t[j] = _mm512_shuffle_f32x4(u0, u1, 0x88);
+        t[4 + j] = _mm512_shuffle_f32x4(u0, u1, 0xDD);
+        t[8 + j] = _mm512_shuffle_f32x4(w0, w1, 0x88);
+        t[12 + j] = _mm512_shuffle_f32x4(w0, w1, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) v[i] = t[i];
+}
+
 /* Activation rows 16 g .. 16 g + 15 (those < n) of x (float[n][cols]) -> group g's cols / 32
    tiles at dst. permuted: Q2_K's order (step s of a block takes elements 128 h + 32 j .. + 31,
-   s = 2 j + h: position 64 j + 32 h + l holds element 128 h + 32 j + l). */
+   s = 2 j + h: position 64 j + 32 h + l holds element 128 h + 32 j + l). Each step's 16 rows of
+   16 bf16 pairs are transposed in registers into the tile's 16 rows of 16 pairs. */
 static void ws_ab_pack_act(const float *x, int64_t n, int64_t cols, int64_t g, int permuted,
                            uint8_t *dst) {
     const int64_t steps = cols / 32;
-    uint32_t row[16] __attribute__((aligned(64)));
     for (int64_t s = 0; s < steps; s++) {
-        uint32_t *tile = (uint32_t *)(dst + s * 1024);
         int64_t src = 32 * s;
         if (permuted) {
             const int64_t b = s / 8, j = (s % 8) / 2, h = s % 2;
             src = 256 * b + 128 * h + 32 * j;
         }
+        __m512 v[16];   /* row r: its 16 pairs (2 bf16 each) of the step, as 32-bit lanes */
         for (int r = 0; r < 16; r++) {
             const int64_t i = 16 * g + r;
             if (i < n) {
                 const float *p = x + i * cols + src;
-                const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(p));
-                _mm512_store_si512((void *)row, (__m512i)v);
-                for (int q = 0; q < 16; q++) tile[16 * q + r] = row[q];
+                v[r] = (__m512)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(p));
             } else {
-                for (int q = 0; q < 16; q++) tile[16 * q + r] = 0;
+                v[r] = _mm512_setzero_ps();
             }
         }
+        ws_ab_transpose16(v);   /* v[q]: pair q of rows 0..15 */
+        for (int q = 0; q < 16; q++) _mm512_store_ps((float *)(dst + s * 1024 + 64 * q), v[q]);
     }
 }
 
@@ -154,32 +181,6 @@ static void ws_ab_config(void) {
     c.palette = 1;
     for (int t = 0; t < 8; t++) { c.rows[t] = 16; c.colsb[t] = 64; }
     _tile_loadconfig(&c);
-}
-
-/* v[m][r] -> v[r][m] for a 16 x 16 block of floats: a result tile written out as 16 vector
-   stores into the output rows (1024 scalar stores a pair of tile groups filled the store buffer,
-   each missing cache on an output row: half the tile time of a 12352-row projection). */
-WS_AI void ws_ab_transpose16(__m512 v[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 8; i++) {   /* lane L: rows 2i, 2i+1 interleaved, columns 4L+0,1 / 4L+2,3 */
-        t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) {   /* v[4i + j], lane L: rows 4i..4i+3 of column 4L + j */
-        v[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 2])));
-        v[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 2])));
-        v[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i + 1]), _mm512_castps_pd(t[4 * i + 3])));
-        v[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i + 1]), _mm512_castps_pd(t[4 * i + 3])));
-    }
-    for (int j = 0; j < 4; j++) {   /* column 4L + j: lane L of v[j], v[4 + j], v[8 + j], v[12 + j] */
-        const __m512 u0 = _mm512_shuffle_f32x4(v[j], v[4 + j], 0x44), u1 = _mm512_shuffle_f32x4(v[8 + j], v[12 + j], 0x44);
-        const __m512 w0 = _mm512_shuffle_f32x4(v[j], v[4 + j], 0xEE), w1 = _mm512_shuffle_f32x4(v[8 + j], v[12 + j], 0xEE);
-        t[j] = _mm512_shuffle_f32x4(u0, u1, 0x88);
-        t[4 + j] = _mm512_shuffle_f32x4(u0, u1, 0xDD);
-        t[8 + j] = _mm512_shuffle_f32x4(w0, w1, 0x88);
-        t[12 + j] = _mm512_shuffle_f32x4(w0, w1, 0xDD);
-    }
-    for (int i = 0; i < 16; i++) v[i] = t[i];
 }
 
 /* One task: the expanded rows a (32, tile-major) times activation groups g0 .. g1 - 1 (an
