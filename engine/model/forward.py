@@ -488,7 +488,7 @@ class Model:
         # summing order) and their weights
         order = np.argsort(ids[0])
         used, used_weights = ids[0][order], weights[0][order]
-        ys = {}  # expert -> its output on the token, computed as the experts arrive
+        ys = {}  # expert -> its output row, a view of its slot (slots fill in arrival order)
         slots = self.work.take("experts_out", len(used), self.cfg.n_embd)  # one row each, in arrival order
         out = self.work.take("moe_out", *h.shape)
         summed = False  # out already holds the weighted sum (the fused call made it)
@@ -504,11 +504,10 @@ class Model:
                 continue
             for e, parts in batch:
                 ys[e] = self.expert_ffn(*parts, h, (i, e), slots[len(ys):len(ys) + 1])
-        if not summed:  # the same sums as moe_combine_into's, in the same order
-            out.fill(0)
-            for e, w in zip(used.tolist(), used_weights):
-                y = ys[e]  # its slot: scaled in place, it is not used again
-                out += np.multiply(y, w, out=y)
+        if not summed:  # each expert's slot (filled in arrival order), summed in ascending id
+            slot = {e: j for j, e in enumerate(ys)}
+            rows = np.array([[slot[e] for e in used.tolist()]], dtype=np.int64)  # [1, k]
+            _ops.moe_combine_into(slots[:len(ys)], rows, used_weights[None], out, self.kernel_threads)
         return out
 
     def routed_prefill(self, i: int, h: np.ndarray, ids: np.ndarray, weights: np.ndarray,
