@@ -129,6 +129,24 @@ def test_decode_stream_equals_the_tile_path(qtype, wr):
         _kquants._tuning(*saved)
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_decode_stream_of_wide_rows_equals_the_tile_path(qtype):
+    """Rows of 511-513 blocks read whole (the L1 cut lifted): the stream's copy of the row's
+    block scales holds 512 blocks; a wider row goes through the tile path one row at a time.
+    Both must give the two-row tile path's bits."""
+    saved = _kquants._tuning()
+    try:
+        _kquants._tuning(saved[0], saved[1], 1 << 30)
+        for nb in (511, 512, 513):
+            x, raw = _case(qtype, 3, 256 * nb, 2, 5)
+            one = _run(x[:1], raw, qtype, threads=2)
+            two = _run(x, raw, qtype, threads=2)
+            assert np.array_equal(one[0].view(np.uint32), two[0].view(np.uint32)), nb
+            assert nmse(one[0], matmul_q8_ref(x[:1], raw, qtype, (3, 256 * nb))[0]) < Q8_NMSE
+    finally:
+        _kquants._tuning(*saved)
+
+
 def test_zero_activations_and_zero_blocks():
     x, raw = _case(T.Q2_K, 5, 512, 3, 4)
     x[1] = 0.0                  # an all-zero row: Q8_K d = 0

@@ -110,6 +110,13 @@ WS_AI __m512i ws_bcast256(const uint8_t *p) {
     return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
 }
 
+/* four 32-bit words just computed in registers, as one xmm by vmovd / vpinsrd, never a store
+   and a vector load of it (two stores read back as one load stall on store forwarding, ~15
+   cycles: measured at 28% of a Q3_K block's samples) */
+WS_AI __m128i ws_u32x4(const uint32_t v[4]) {
+    return _mm_setr_epi32((int)v[0], (int)v[1], (int)v[2], (int)v[3]);
+}
+
 /* int16 scales (in the low 16 words of sw) spread so 128-bit lane m of zmm p is sub-block 4p+m */
 WS_AI void ws_spread16(__m512i sw, __m512i s[4]) {
     s[0] = _mm512_permutexvar_epi16(WS_LANES16(0, 1, 2, 3), sw);
@@ -162,7 +169,7 @@ WS_AI void ws_unpack_q2k(const uint8_t *b, const float *dm, ws_ublk *u) {
 WS_AI void ws_unpack_q3k(const uint8_t *b, const float *dm, ws_ublk *u) {
     uint32_t aux[4];
     ws_kq_q3_scales(b + 96, aux);
-    const __m128i sc = _mm_sub_epi8(_mm_loadu_si128((const __m128i *)aux), _mm_set1_epi8(32));
+    const __m128i sc = _mm_sub_epi8(ws_u32x4(aux), _mm_set1_epi8(32));
     ws_spread16(_mm512_castsi256_si512(_mm256_cvtepi8_epi16(sc)), u->s);
     const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
     const __m512i sh0 = WS_HALVES32(0, 0x00020002), sh1 = WS_HALVES32(0x00040004, 0x00060006);
@@ -186,7 +193,7 @@ WS_AI void ws_unpack_q3k(const uint8_t *b, const float *dm, ws_ublk *u) {
 WS_AI void ws_k4_common(const uint8_t *b, const float *dm, ws_ublk *u) {
     uint32_t sm[4];
     ws_kq_k4_scales(b + 4, sm);
-    const __m128i v = _mm_loadu_si128((const __m128i *)sm);
+    const __m128i v = ws_u32x4(sm);
     const __m512i sw = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(v));
     u->s[0] = _mm512_permutexvar_epi16(WS_HALVES32(0x00000000, 0x00010001), sw);
     u->s[1] = _mm512_permutexvar_epi16(WS_HALVES32(0x00020002, 0x00030003), sw);
@@ -366,23 +373,32 @@ WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const 
    ahead) made a 4096x2048 Q4_K / Q6_K product 23-30% slower. Row r's 16 partial sums go to
    accbuf + r * acc_stride, with the bits ws_kq_rows_avx(..., nr = 1, first = 1) gives it: the
    same operations per block in the same order (the dx fold included: d * dx of the block's
-   column). */
+   column). The chunk's dx come from a copy of the row's dx with its first 8 repeated past its
+   end (dxrep[c] = dx[c mod nbk]): one vector load where a chunk crosses a row end, where eight
+   scalar copies read back as one vector had stalled on store forwarding every chunk (~15% of a
+   Q2_K expert's samples). Rows wider than WS_KQ_STREAM_MAXBK blocks go through ws_kq_rows_avx
+   one row at a time (its bits, by the contract above). */
 #define WS_KQ_STREAM_CHUNK 8
+#define WS_KQ_STREAM_MAXBK 512
 WS_AI void ws_kq_stream_avx(const int qtype, const uint8_t *w, int64_t nrows, int64_t nbk,
                             const ws_kq_act *a, float *accbuf, int64_t acc_stride) {
     const int bb = ws_block_bytes(qtype);
+    if (nbk > WS_KQ_STREAM_MAXBK) {
+        for (int64_t i = 0; i < nrows; i++)
+            ws_kq_rows_avx(qtype, w + i * nbk * bb, nbk, a, 1, accbuf + i * acc_stride, 1);
+        return;
+    }
     const int64_t total = nrows * nbk;
     float dm[2 * WS_KQ_STREAM_CHUNK + 16] __attribute__((aligned(64)));
-    float dxt[WS_KQ_STREAM_CHUNK + 8];   /* the chunk's blocks' dx: dx[column block] */
+    float dxrep[WS_KQ_STREAM_MAXBK + WS_KQ_STREAM_CHUNK];   /* [nbk + 8]: dx[c mod nbk] */
+    memcpy(dxrep, a->dx, (size_t)nbk * sizeof(float));
+    for (int64_t c = nbk; c < nbk + WS_KQ_STREAM_CHUNK; c++)
+        dxrep[c] = dxrep[c - nbk];
     __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
     int64_t j = 0;   /* the block's column within its row */
     for (int64_t s0 = 0; s0 < total; s0 += WS_KQ_STREAM_CHUNK) {
         const int64_t cnt = total - s0 < WS_KQ_STREAM_CHUNK ? total - s0 : WS_KQ_STREAM_CHUNK;
-        for (int64_t i = 0, c = j; i < cnt; i++) {
-            dxt[i] = a->dx[c];
-            c = c + 1 == nbk ? 0 : c + 1;
-        }
-        ws_kq_scales(qtype, w + s0 * bb, cnt, dxt, dm);
+        ws_kq_scales(qtype, w + s0 * bb, cnt, dxrep + j, dm);
         for (int64_t i = 0; i < cnt; i++) {
             const uint8_t *blk = w + (s0 + i) * bb;
             ws_ublk u;
