@@ -167,8 +167,8 @@ cdef struct _Arena:
 
 
 cdef int _arena_open(_Arena *a, size_t nbytes) except -1:
-    """nbytes: the pieces' sizes summed; room is added for up to 16 pieces' 64-byte rounding."""
-    a.size = (nbytes + 64 * 16 + 63) // 64 * 64
+    """nbytes: the pieces' sizes summed; room is added for up to 32 pieces' 64-byte rounding."""
+    a.size = (nbytes + 64 * 32 + 63) // 64 * 64
     a.base = <uint8_t *>aligned_alloc(64, a.size)
     a.used = 0
     if a.base == NULL:
@@ -301,30 +301,12 @@ cdef void _matmul_core(const float *x, const uint8_t *w, int qtype, float *out, 
     ws_nan_rows(bad, n, out, rows, rows)
 
 
-cdef void _matmul_amx_q2k(const float *x, const uint8_t *w, float *out, int64_t n, int64_t rows,
-                          int64_t cols, int8_t *qs, float *dq, float *fb, uint8_t *xact,
-                          uint8_t *scratch, int32_t *cbuf, uint8_t *bad, int threads) noexcept nogil:
-    """Q2_K on AMX tiles: quantize and repack the activations (groups of 16 rows, VNNI), then per
-    chunk of groups whose packed activations fit _AMX_ACT_L2, the 16-row weight groups over the
-    threads. Each output is made by one thread in a fixed order: threads do not change results."""
-    cdef int64_t nb = cols // QK_K
-    cdef int64_t ngx = (n + 15) // 16, ngw = (rows + 15) // 16
+cdef inline int64_t _amx_chunks(int64_t groups, int64_t nb) noexcept nogil:
+    """Chunks an AMX task's `groups` packed 16-row activation groups are cut into (balanced, none
+    empty) so that one chunk's fit _AMX_ACT_L2: each weight group's unpack then serves a chunk
+    read from L2 (the whole of a 512-token prompt's would not fit)."""
     cdef int64_t per = max(<int64_t>1, _AMX_ACT_L2 // (nb * WS_AMX_XBLK))
-    cdef int64_t nch = (ngx + per - 1) // per
-    cdef int64_t r, g, c, g0, g1, t
-    per = (ngx + nch - 1) // nch       # balanced chunks
-    for r in prange(n, num_threads=threads, schedule="static"):
-        bad[r] = _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb, True)
-    for g in prange(ngx, num_threads=threads, schedule="static"):
-        ws_amx_pack_act(qs, dq, n, nb, 16 * g, xact + g * nb * WS_AMX_XBLK)
-    for c in range(nch):
-        g0 = c * per
-        g1 = min(g0 + per, ngx)
-        for g in prange(ngw, num_threads=threads, schedule="static"):
-            t = openmp.omp_get_thread_num()
-            ws_amx_q2k_group(w, nb * 84, nb, 16 * g, <int>min(<int64_t>16, rows - 16 * g), xact,
-                             g0, g1, n, out, rows, scratch + t * nb * WS_AMX_WBLK, cbuf + t * 1024)
-    ws_nan_rows(bad, n, out, rows, rows)
+    return (groups + per - 1) // per
 
 
 cdef void _moe_decode_core(const float *h, const uint8_t **wgu, int qgu, const uint8_t **wd, int qd,
@@ -410,12 +392,19 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     # Q8_K scratch for all activation rows, once per call: qs int8[n, cols], dq float[n, nb],
     # fb float[n, 16 nb], bad uint8[n] (row holds a NaN / Inf: ws_nan_rows); then either the
     # AMX buffers or each thread's partial sums (_group)
-    cdef bint amx = AMX and qtype == Q2_K and n >= _AMX_MIN_N
+    cdef bint amx = _amx_task(qtype, n)
+    cdef int64_t ngx = (n + 15) // 16
     cdef size_t act_bytes = _q8k_bytes(n * cols, n)
-    cdef size_t amx_bytes = ((n + 15) // 16) * nb * WS_AMX_XBLK + threads * nb * WS_AMX_WBLK + threads * 4096
+    # one AMX task of _matmul_many_core: its rows' addresses, the task's arrays (8 int64 each)
+    cdef size_t amx_bytes = 8 * n + 8 * 8 + ngx * nb * WS_AMX_XBLK + threads * nb * WS_AMX_WBLK + threads * 4096
     cdef _Arena a
     _arena_open(&a, act_bytes + (amx_bytes if amx else 4 * threads * _scratch_floats()))
     cdef _Q8K q
+    cdef const float **xr
+    cdef int64_t *task
+    cdef const uint8_t *wp
+    cdef float *op
+    cdef int64_t r
     cdef uint8_t *xact
     cdef uint8_t *scratch
     cdef int32_t *cbuf
@@ -423,14 +412,23 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     try:
         _q8k_take(&a, n * cols, n, &q)
         if amx:
-            # packed activations uint8[groups of 16 rows][nb][WS_AMX_XBLK]; per thread: weight
-            # scratch uint8[nb][WS_AMX_WBLK] and tile results int32[2][2][16 * 16]
-            xact = <uint8_t *>_take(&a, ((n + 15) // 16) * nb * WS_AMX_XBLK)
+            # task 0 = all n rows: xr[n] row addresses; w, out, n, first row, amx id, first group
+            # (and the end), first chunk (and the end); packed activations uint8[ngx][nb][WS_AMX_XBLK];
+            # per thread: weight scratch uint8[nb][WS_AMX_WBLK] and tile results int32[2][2][16 * 16]
+            xr = <const float **>_take(&a, 8 * n)
+            task = <int64_t *>_take(&a, 8 * 8)
+            for r in range(n):
+                xr[r] = &x[r, 0]
+            wp, op = &w[0, 0], &out[0, 0]
+            task[0], task[1], task[2], task[3], task[4] = n, 0, 0, 0, ngx   # n, first, amx id, xgroup[0..1]
+            task[5], task[6] = 0, _amx_chunks(ngx, nb)                    # xchunk[0..1]
+            xact = <uint8_t *>_take(&a, ngx * nb * WS_AMX_XBLK)
             scratch = <uint8_t *>_take(&a, threads * nb * WS_AMX_WBLK)
             cbuf = <int32_t *>_take(&a, threads * 4096)
             with nogil:
-                _matmul_amx_q2k(&x[0, 0], &w[0, 0], &out[0, 0], n, rows, cols, q.qs, q.dq, q.fb, xact,
-                                scratch, cbuf, q.bad, threads)
+                _matmul_many_core(xr, &wp, &op, task, task + 1, qtype, 1, n, rows, cols, bb, q.qs, q.dq,
+                                  q.fb, NULL, q.bad, NULL, 0, task + 2, 1, task + 3, task + 5, xact,
+                                  scratch, cbuf, threads)
         else:
             acc = <float *>_take(&a, 4 * threads * _scratch_floats())
             with nogil:
@@ -457,16 +455,19 @@ cdef void _matmul_many_core(const float **xr, const uint8_t **w, float **o, cons
                             int64_t rows, int64_t cols, int64_t bb, int8_t *qs, float *dq, float *fb,
                             float *accbuf, uint8_t *bad, const int64_t *vec_ids, int64_t nvec,
                             const int64_t *amx_ids, int64_t namx, const int64_t *xgroup,
-                            uint8_t *xact, uint8_t *scratch, int32_t *cbuf, int threads) noexcept nogil:
+                            const int64_t *xchunk, uint8_t *xact, uint8_t *scratch, int32_t *cbuf,
+                            int threads) noexcept nogil:
     """Task t: o[t][n[t], rows] = its n[t] activation rows (xr[first_row[t] + r]) @ W_t.T. Every
     row's Q8_K; then every (task, row group) pair of the tasks vec_ids[0..nvec) (AVX-512), each
     made by _group as _matmul_core makes it for that task alone; then the tasks amx_ids[0..namx)
-    on AMX tiles as _matmul_amx_q2k makes each: task amx_ids[i]'s activation groups packed at
-    xact + xgroup[i] * nb * WS_AMX_XBLK (xgroup[namx]: all of them), then every (task, 16-row
-    weight group) pair, each thread with its own scratch and cbuf."""
+    on AMX tiles (matmul_into's AMX path is this with one task): task amx_ids[i]'s activation
+    groups packed at xact + xgroup[i] * nb * WS_AMX_XBLK (xgroup[namx]: all of them) and cut into
+    the chunks xchunk[i]..xchunk[i + 1] (_amx_chunks), then every (chunk, 16-row weight group)
+    pair, each thread with its own scratch and cbuf. Each output is made by one thread in a fixed
+    order: threads do not change results."""
     cdef int64_t nb = cols // QK_K
     cdef int64_t ngroups = (rows + _WR - 1) // _WR, ngw = (rows + 15) // 16
-    cdef int64_t r, j, t, i0, f, i, g
+    cdef int64_t r, j, t, i0, f, i, g, c, per, g0
     for r in prange(total, num_threads=threads, schedule="static"):
         bad[r] = _quantize_row_q8_k(xr[r], nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
                                     WS_KQ_PERMUTED(qtype))
@@ -485,12 +486,18 @@ cdef void _matmul_many_core(const float **xr, const uint8_t **w, float **o, cons
             f = first_row[t]
             ws_amx_pack_act(qs + f * cols, dq + f * nb, n[t], nb, 16 * (g - xgroup[i]),
                             xact + g * nb * WS_AMX_XBLK)
-        for j in prange(namx * ngw, num_threads=threads, schedule="static"):
-            i = j // ngw
+        for j in prange(xchunk[namx] * ngw, num_threads=threads, schedule="static"):
+            c = j // ngw   # the chunk: c - xchunk[i] of task amx_ids[i]'s, `per` groups each
+            i = 0
+            while xchunk[i + 1] <= c:
+                i = i + 1
             t = amx_ids[i]
+            g = xgroup[i + 1] - xgroup[i]
+            per = (g + xchunk[i + 1] - xchunk[i] - 1) // (xchunk[i + 1] - xchunk[i])
+            g0 = (c - xchunk[i]) * per
             r = openmp.omp_get_thread_num()
             ws_amx_q2k_group(w[t], nb * 84, nb, 16 * (j % ngw), <int>min(<int64_t>16, rows - 16 * (j % ngw)),
-                             xact + xgroup[i] * nb * WS_AMX_XBLK, 0, xgroup[i + 1] - xgroup[i], n[t], o[t],
+                             xact + xgroup[i] * nb * WS_AMX_XBLK, g0, min(g0 + per, g), n[t], o[t],
                              rows, scratch + r * nb * WS_AMX_WBLK, cbuf + r * 1024)
     for t in range(tasks):
         ws_nan_rows(bad + first_row[t], n[t], o[t], rows, rows)
@@ -527,11 +534,11 @@ def matmul_many_into(list xs, list ws, int qtype, list outs, int threads=1):
         if _amx_task(qtype, xv.shape[0]):
             groups += (xv.shape[0] + 15) // 16
     cdef _Arena a
-    # the tasks' addresses and row counts, the AVX-512 / AMX task lists and the AMX tasks' first
-    # groups, each row's address, the rows' Q8_K, each thread's sums; the AMX tasks' packed
-    # activations, each thread's weight scratch and tile results
+    # the tasks' addresses and row counts, the AVX-512 / AMX task lists, the AMX tasks' first
+    # groups and chunks, each row's address, the rows' Q8_K, each thread's sums; the AMX tasks'
+    # packed activations, each thread's weight scratch and tile results
     cdef size_t amx_bytes = groups * nb * WS_AMX_XBLK + threads * nb * WS_AMX_WBLK + threads * 4096 if groups else 0
-    _arena_open(&a, 8 * 8 * tasks + 8 + 8 * total + _q8k_bytes(total * cols, total)
+    _arena_open(&a, 8 * 9 * tasks + 16 + 8 * total + _q8k_bytes(total * cols, total)
                 + 4 * threads * _scratch_floats() + amx_bytes)
     cdef const uint8_t **wp
     cdef float **op
@@ -540,6 +547,7 @@ def matmul_many_into(list xs, list ws, int qtype, list outs, int threads=1):
     cdef int64_t *vec_ids
     cdef int64_t *amx_ids
     cdef int64_t *xgroup
+    cdef int64_t *xchunk
     cdef const float **xr
     cdef _Q8K q
     cdef float *acc
@@ -554,7 +562,8 @@ def matmul_many_into(list xs, list ws, int qtype, list outs, int threads=1):
         vec_ids = <int64_t *>_take(&a, 8 * tasks)
         amx_ids = <int64_t *>_take(&a, 8 * tasks)
         xgroup = <int64_t *>_take(&a, 8 * tasks + 8)
-        xgroup[0] = 0
+        xchunk = <int64_t *>_take(&a, 8 * tasks + 8)
+        xgroup[0] = xchunk[0] = 0
         xr = <const float **>_take(&a, 8 * total + 8 * tasks)
         total = 0
         for t in range(tasks):
@@ -571,6 +580,7 @@ def matmul_many_into(list xs, list ws, int qtype, list outs, int threads=1):
             if _amx_task(qtype, n[t]):
                 amx_ids[namx] = t
                 xgroup[namx + 1] = xgroup[namx] + (n[t] + 15) // 16
+                xchunk[namx + 1] = xchunk[namx] + _amx_chunks((n[t] + 15) // 16, nb)
                 namx += 1
             else:
                 vec_ids[nvec] = t
@@ -583,7 +593,8 @@ def matmul_many_into(list xs, list ws, int qtype, list outs, int threads=1):
             cbuf = <int32_t *>_take(&a, threads * 4096)
         with nogil:
             _matmul_many_core(xr, wp, op, n, first, qtype, tasks, total, rows, cols, bb, q.qs, q.dq, q.fb,
-                              acc, q.bad, vec_ids, nvec, amx_ids, namx, xgroup, xact, scratch, cbuf, threads)
+                              acc, q.bad, vec_ids, nvec, amx_ids, namx, xgroup, xchunk, xact, scratch, cbuf,
+                              threads)
     finally:
         free(a.base)
 
@@ -645,7 +656,7 @@ def matvec_many_into(const float[:, ::1] x, list ws, int qtype, float[:, ::1] ou
         acc = <float *>_take(&a, 4 * threads * _scratch_floats())
         with nogil:  # (one row a task: never the AMX tiles, matvec_many_supported)
             _matmul_many_core(xr, pv, op, n, first_row, qtype, tasks, tasks, rows, cols, bb, q.qs, q.dq,
-                              q.fb, acc, q.bad, vec_ids, tasks, NULL, 0, NULL, NULL, NULL, NULL, threads)
+                              q.fb, acc, q.bad, vec_ids, tasks, NULL, 0, NULL, NULL, NULL, NULL, NULL, threads)
     finally:
         free(a.base)
 

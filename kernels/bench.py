@@ -287,23 +287,29 @@ def save_results(results: dict, path_json) -> Path:
 
 # ---- the measured choice for backend="auto" ----------------------------------------------------
 def best_backends(results: dict) -> dict[str, dict[str, str]]:
-    """{type: {n: backend}}: per type and batch size, the backend with the least total time over
-    the shapes measured, at the largest thread count measured (the engine's default: every core).
-    Only backends that ran every shape of that (type, n) compete."""
+    """{type: {n: backend}}: per type and batch size, the backend with the least geometric mean
+    time over the shapes measured, at the largest thread count measured (the engine's default:
+    every core). Only backends that ran every shape of that (type, n) compete. The geometric mean
+    weighs every shape alike: a sum of seconds is the largest shape's verdict, and a MoE decode
+    step is mostly small expert matrices, where a backend's per-call cost shows (the 2026-12-02
+    table gave Q4_0 decode to Numba by 4-10% on 14336x4096, where it was 1.6x slower on 768x2048
+    and a small model ran 25% slower for it)."""
     rows = [r for r in results["results"] if not r["backend"].startswith("auto")]
     if not rows:
         return {}
     threads = max(r["threads"] for r in rows)
-    totals: dict[tuple[str, int, str], list] = {}
+    log_secs: dict[tuple[str, int, str], list] = {}
     for r in rows:
         if r["threads"] == threads:
-            totals.setdefault((r["qtype"], r["n"], r["backend"]), []).append(r["seconds"])
+            secs = r["seconds"]
+            log_secs.setdefault((r["qtype"], r["n"], r["backend"]), []).append(
+                None if secs is None else math.log(max(secs, 1e-12)))
     best: dict[str, dict[str, str]] = {}
-    for (qtype, n, backend), secs in sorted(totals.items()):
-        if None in secs:
+    for (qtype, n, backend), logs in sorted(log_secs.items()):
+        if None in logs:
             continue
         current = best.setdefault(qtype, {}).get(str(n))
-        if current is None or sum(secs) < sum(totals[qtype, n, current]):
+        if current is None or sum(logs) < sum(log_secs[qtype, n, current]):
             best[qtype][str(n)] = backend
     return best
 

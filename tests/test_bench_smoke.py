@@ -57,6 +57,20 @@ def test_suite_table_and_json(tmp_path):
     assert json.loads(path.read_text())["results"][0]["qtype"] == "Q4_1"
 
 
+def test_best_backend_weighs_every_shape_alike():
+    """The choice is the least geometric mean time over the shapes, not the least sum: a backend
+    4% faster on one big matrix and 1.6x slower on a small one loses."""
+    def row(backend, shape, secs):
+        return {"qtype": "Q4_0", "n": 1, "threads": 2, "backend": backend, "shape": shape, "seconds": secs}
+    res = {"results": [row("numba", [14336, 4096], 2.00e-3), row("cython", [14336, 4096], 2.08e-3),
+                       row("numba", [768, 2048], 84e-6), row("cython", [768, 2048], 53e-6),
+                       row("numpy", [14336, 4096], 80e-3), row("numpy", [768, 2048], None),
+                       row("cython", [768, 2048], 1.0) | {"threads": 1}]}
+    assert bench.best_backends(res) == {"Q4_0": {"1": "cython"}}
+    res["results"][3]["seconds"] = 82e-6  # a close second on the small one: the big one decides
+    assert bench.best_backends(res) == {"Q4_0": {"1": "numba"}}
+
+
 def test_bench_decode_on_a_tiny_model(tmp_path):
     from weightstream.engine.tools.bench_decode import bench_decode, format_decode
 

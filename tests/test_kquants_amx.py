@@ -101,17 +101,29 @@ def test_small_n_either_path(amx_from, n):
 
 
 def test_activation_chunks_do_not_change_results():
-    """Packed activations cut into chunks (one 16-row group each, or all at once): same bits."""
+    """Packed activations cut into chunks (one 16-row group each, two groups and a rest of one,
+    or all at once; 1 to 3 threads): same bits, through matmul_into and through matmul_many_into
+    with tasks of several chunks beside one-chunk tasks."""
     x, raw = _case(33, 1024, 80, 4)
+    rng = np.random.default_rng(11)
+    xs = [x, x[:8], rng.standard_normal((40, 1024)).astype(np.float32)]
+    ws = [raw, raw, reference.random_raw(T.Q2_K, 33, 1024, rng)]
     saved = _kquants._amx_tuning()
     try:
-        outs = []
-        for act_l2 in (1, 1 << 30):
+        outs, many = [], []
+        for act_l2 in (1, 2 * 4 * (4096 + 512 + 64), 1 << 30):   # per chunk: 1, 2 groups of 4 blocks, all
             _kquants._amx_tuning(act_l2=act_l2)
-            outs.append(_run(x, raw))
+            for threads in (1, 2, 3):
+                outs.append(_run(x, raw, threads))
+                got = [np.full((len(xi), 33), np.nan, np.float32) for xi in xs]
+                _kquants.matmul_many_into(xs, ws, int(T.Q2_K), got, threads)
+                many.append(got)
     finally:
         _kquants._amx_tuning(*saved)
-    assert np.array_equal(outs[0], outs[1])
+    for out, got in zip(outs, many):
+        assert np.array_equal(out, outs[0])
+        assert np.array_equal(got[0], outs[0]) and np.array_equal(got[1], outs[0][:8])
+        assert np.array_equal(got[2], many[0][2])
 
 
 def test_zero_rows_and_blocks():
