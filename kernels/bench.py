@@ -286,31 +286,40 @@ def save_results(results: dict, path_json) -> Path:
 
 
 # ---- the measured choice for backend="auto" ----------------------------------------------------
+# "auto" keeps the Cython kernels unless another backend's geometric mean time is below theirs by
+# more than this factor: Numba's kernels compile on their first call (seconds, once per process)
+# and pay a dispatch per call, so a win within the noise of one table run is not worth them.
+_PREFERRED, _PREFERRED_MARGIN = "cython", 1.15
+
+
 def best_backends(results: dict) -> dict[str, dict[str, str]]:
     """{type: {n: backend}}: per type and batch size, the backend with the least geometric mean
     time over the shapes measured, at the largest thread count measured (the engine's default:
-    every core). Only backends that ran every shape of that (type, n) compete. The geometric mean
-    weighs every shape alike: a sum of seconds is the largest shape's verdict, and a MoE decode
-    step is mostly small expert matrices, where a backend's per-call cost shows (the 2026-12-02
-    table gave Q4_0 decode to Numba by 4-10% on 14336x4096, where it was 1.6x slower on 768x2048
-    and a small model ran 25% slower for it)."""
+    every core); Cython unless the best beats it by more than _PREFERRED_MARGIN (15%). Only
+    backends that ran every shape of that (type, n) compete. The geometric mean weighs every
+    shape alike: a sum of seconds is the largest shape's verdict, and a MoE decode step is mostly
+    small expert matrices, where a backend's per-call cost shows (the 2026-12-02 table gave Q4_0
+    decode to Numba by 4-10% on 14336x4096, where it was 1.6x slower on 768x2048 and a small
+    model ran 25% slower for it)."""
     rows = [r for r in results["results"] if not r["backend"].startswith("auto")]
     if not rows:
         return {}
     threads = max(r["threads"] for r in rows)
-    log_secs: dict[tuple[str, int, str], list] = {}
+    log_secs: dict[tuple[str, int], dict[str, list]] = {}
     for r in rows:
         if r["threads"] == threads:
             secs = r["seconds"]
-            log_secs.setdefault((r["qtype"], r["n"], r["backend"]), []).append(
+            log_secs.setdefault((r["qtype"], r["n"]), {}).setdefault(r["backend"], []).append(
                 None if secs is None else math.log(max(secs, 1e-12)))
     best: dict[str, dict[str, str]] = {}
-    for (qtype, n, backend), logs in sorted(log_secs.items()):
-        if None in logs:
+    for (qtype, n), by_backend in sorted(log_secs.items()):
+        mean_log = {b: sum(logs) / len(logs) for b, logs in sorted(by_backend.items()) if None not in logs}
+        if not mean_log:
             continue
-        current = best.setdefault(qtype, {}).get(str(n))
-        if current is None or sum(logs) < sum(log_secs[qtype, n, current]):
-            best[qtype][str(n)] = backend
+        choice = min(mean_log, key=mean_log.get)
+        if _PREFERRED in mean_log and mean_log[_PREFERRED] - mean_log[choice] <= math.log(_PREFERRED_MARGIN):
+            choice = _PREFERRED
+        best.setdefault(qtype, {})[str(n)] = choice
     return best
 
 
