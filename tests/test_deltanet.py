@@ -47,9 +47,10 @@ def run_ref(fn, q, k, v, g, beta, state, tiled, **kw):
 
 
 # (n, Hk, Hv, Dk, Dv): decode and prefill; Hk == Hv and Hk != Hv; Dv a multiple of the kernel's
-# 64-column blocks, below one block, and with a tail (96); the two real Qwen3.5 head layouts at n = 1
+# 64-column blocks, below one block, and with a tail (96); Dk past the 128 rows a prefill's block
+# copies (160); the two real Qwen3.5 head layouts at n = 1
 SHAPES = [(1, 2, 4, 16, 16), (200, 2, 4, 16, 16), (200, 2, 6, 32, 32), (200, 3, 3, 32, 16),
-          (1, 4, 4, 128, 128), (200, 2, 4, 128, 128), (37, 2, 4, 64, 96),
+          (1, 4, 4, 128, 128), (200, 2, 4, 128, 128), (37, 2, 4, 64, 96), (30, 1, 2, 160, 128),
           (1, 16, 32, 128, 128), (1, 16, 64, 128, 128)]
 
 
@@ -90,6 +91,21 @@ def test_head_mapping(tiled):
         close(kout[:, h], one[:, 0])
         close(kfinal[h], s1[0])
     assert not np.allclose(out, run_ref(ref.gated_delta_rule, q, k, v, g, beta, state, not tiled)[0])
+
+
+@pytest.mark.parametrize("dk,dv", [(128, 128), (64, 96), (160, 64)])
+def test_prefill_equals_token_by_token_decode(dk, dv):
+    """A prompt in one call (each 64-column block on a contiguous copy of the state, the sweep
+    fused with the next token's reads) gives the bits of one call per token (in place, read then
+    write): the same operations per element in the same order."""
+    q, k, v, g, beta, state = inputs(21, 24, 2, 4, dk, dv)
+    want, want_state = run_kernel(q, k, v, g, beta, state, True, 2)
+    s = state.copy()
+    got = np.empty_like(want)
+    for t in range(24):
+        _deltanet.gated_delta_rule_into(q[t:t + 1], k[t:t + 1], v[t:t + 1], g[t:t + 1], beta[t:t + 1], s,
+                                        got[t:t + 1], 1e-6, True, 1)
+    assert np.array_equal(got, want) and np.array_equal(s, want_state)
 
 
 @pytest.mark.parametrize("split", [1, 77, 199])
