@@ -176,6 +176,12 @@ static inline void ws_attend_head(const float *q, const float *k, const float *v
         ws_weighted_sum_regs(scores, inv, v, n_kv, row_stride, hd / 16, out);
         return;
     }
+    if (hd % 128 == 0) {   /* 256 (Qwen3.5, Qwen3-Next): 128 dimensions a pass, the same sums per
+                              lane; stored per key, a 512-token prompt's attention took 3x 128's */
+        for (int64_t c = 0; c < hd; c += 128)
+            ws_weighted_sum_regs(scores, inv, v + c, n_kv, row_stride, 8, out + c);
+        return;
+    }
 #endif
     for (int64_t d = 0; d < hd; d++)
         out[d] = 0.0f;
