@@ -159,6 +159,22 @@ def rope_inplace(float[:, :, ::1] x, const int64_t[::1] positions, const float[:
             _rope_heads(&x[i, 0, 0], heads, hd, &cos[p, 0], &sin[p, 0], half, neox)
 
 
+def sigmoid_gate_into(float[:, ::1] out, const float[:, :] gate):
+    """out *= sigmoid(gate), row by row (gated attention's output gate over a prompt's rows): the
+    row function the decode call uses (_attend_heads), so a prompt's token gets its bits, with
+    this module's exp (NumPy's differs by an ulp) and no temporaries. gate's rows may be strided."""
+    cdef Py_ssize_t n = out.shape[0], m = out.shape[1], i
+    if not (gate.shape[0] == n and gate.shape[1] == m):
+        raise ValueError(f"sigmoid_gate_into: out [{n}, {m}], gate [{gate.shape[0]}, {gate.shape[1]}]")
+    if n == 0 or m == 0:
+        return
+    if gate.strides[1] != 4:
+        raise ValueError("sigmoid_gate_into: gate's rows must be contiguous")
+    with nogil:
+        for i in range(n):
+            ws_sigmoid_gate_row(&out[i, 0], &gate[i, 0], m)
+
+
 def swiglu_into(const float[:, :] gate, const float[:, :] up, float[:, ::1] out):
     """out = gate / (1 + exp(-gate)) * up; gate and up may be strided views (the two halves of a
     fused gate/up product)."""

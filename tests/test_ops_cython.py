@@ -244,3 +244,18 @@ def test_moe_combine_names_bad_rows():
         _ops.moe_combine_into(y, np.array([[0, 1], [2, 3], [4, 1]]), w, out)
     with pytest.raises(ValueError, match="out"):
         _ops.moe_combine_into(y, np.array([[0, 1], [2, 3], [4, 5]]), w, np.zeros((3, 9), np.float32))
+
+
+def test_sigmoid_gate_rows_match_numpy_and_take_strided_gates():
+    """out *= sigmoid(gate) per row, the gate a strided view (each head's half of [q; gate]):
+    within float rounding of NumPy's sigmoid (this module's exp), NaN kept; shapes checked."""
+    rng = np.random.default_rng(5)
+    qg = rng.standard_normal((6, 3, 2 * 32)).astype(np.float32) * 8
+    qg[2, 1, 40] = np.nan
+    gate = qg[:, :, 32:].reshape(18, 32)
+    out = rng.standard_normal((18, 32)).astype(np.float32)
+    want = out * (np.float32(1) / (np.float32(1) + np.exp(-gate)))
+    _ops.sigmoid_gate_into(out, qg.reshape(18, 64)[:, 32:])
+    assert np.allclose(out, want, rtol=1e-6, atol=1e-30, equal_nan=True) and np.isnan(out[7, 8])
+    with pytest.raises(ValueError, match=r"out \[18, 32\], gate \[18, 31\]"):
+        _ops.sigmoid_gate_into(out, gate[:, :31])

@@ -203,7 +203,7 @@ class Model:
             qg = q.reshape(n, H, 2 * D)  # a view: q's rows are contiguous within each token
             q = self.work.take("q", n, H * D)
             q.reshape(n, H, D)[:] = qg[:, :, :D]
-            gate = qg[:, :, D:].reshape(n, H * D)  # [n, H*D], a copy when strided
+            gate = qg[:, :, D:]  # [n, H, D]: each head's gate, a strided view
         q, k = np.ascontiguousarray(q), np.ascontiguousarray(k)  # (a copy only when n > 1)
         if cfg.flags.qk_norm == "full":  # olmoe: norm over the whole projection, before splitting heads
             q, k = self.norm(q, L.q_norm, q), self.norm(k, L.k_norm, k)
@@ -223,8 +223,8 @@ class Model:
         t = self.kernel_threads
         scores = self.attn_scores if t <= H else np.empty((t, self.n_ctx), dtype=np.float32)
         _ops.attend_causal(q, cache.k, cache.v, positions, self.scale, out.reshape(n, H, D), scores, t)
-        if gate is not None:
-            out *= sigmoid(gate)
+        if gate is not None:  # per head: the decode call's row function, its bits
+            _ops.sigmoid_gate_into(out.reshape(n * H, D), gate.reshape(n * H, D))
         return L.wo(out, self.work.take("attn_proj", n, cfg.n_embd))
 
     def attention_decode(self, i: int, L: LayerWeights, qkv: np.ndarray, pos: int) -> np.ndarray:
