@@ -98,7 +98,17 @@ static void ws_amx_config(void) {
 /* 16 weight rows (nrw valid, w row stride row_bytes) x nb blocks -> scratch (WS_AMX_WBLK each). */
 static void ws_amx_unpack_q2k(const uint8_t *w, int64_t row_bytes, int64_t nb, int nrw,
                               uint8_t *scratch) {
-    for (int64_t b = 0; b < nb; b++) memset(scratch + b * WS_AMX_WBLK, 0, WS_AMX_WBLK);
+    /* rows nrw..15 (a matrix's last group only) zeroed: their products are never stored. Every
+       block's whole scratch zeroed for every group had been a third of the unpack (n = 16). */
+    for (int64_t b = 0; b < nb && nrw < 16; b++) {
+        uint8_t *s = scratch + b * WS_AMX_WBLK;
+        float *dd = (float *)(s + 4096 + 512);
+        for (int m = nrw; m < 16; m++) {
+            memset(s + 256 * m, 0, 256);
+            memset(s + 4096 + 32 * m, 0, 32);
+            dd[m] = dd[16 + m] = 0.0f;
+        }
+    }
     for (int m = 0; m < nrw; m++) {
         const uint8_t *row = w + m * row_bytes;
         for (int64_t b = 0; b < nb; b++) {
