@@ -395,7 +395,7 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     cdef bint amx = _amx_task(qtype, n)
     cdef int64_t ngx = (n + 15) // 16
     cdef size_t act_bytes = _q8k_bytes(n * cols, n)
-    # one AMX task of _matmul_many_core: its rows' addresses, the task's arrays (8 int64 each)
+    # one AMX task of _matmul_many_core: its rows' addresses, the task's fields (int64[8])
     cdef size_t amx_bytes = 8 * n + 8 * 8 + ngx * nb * WS_AMX_XBLK + threads * nb * WS_AMX_WBLK + threads * 4096
     cdef _Arena a
     _arena_open(&a, act_bytes + (amx_bytes if amx else 4 * threads * _scratch_floats()))

@@ -172,12 +172,13 @@ static inline void ws_attend_head(const float *q, const float *k, const float *v
         m = scores[t] > m ? scores[t] : m;
     float inv = (float)(1.0 / ws_exp_sum(scores, n_kv, m, scores));
 #if defined(__AVX512F__)
-    if (hd == 64 || hd == 128) {   /* the output in registers across the keys, not stored per key */
-        ws_weighted_sum_regs(scores, inv, v, n_kv, row_stride, hd / 16, out);
+    /* the output in registers across the keys, not stored per key: 64, or 128 dimensions a pass
+       (256 for Qwen3.5 / Qwen3-Next: stored per key, a 512-token prompt's attention took 3x 128's) */
+    if (hd == 64) {
+        ws_weighted_sum_regs(scores, inv, v, n_kv, row_stride, 4, out);
         return;
     }
-    if (hd % 128 == 0) {   /* 256 (Qwen3.5, Qwen3-Next): 128 dimensions a pass, the same sums per
-                              lane; stored per key, a 512-token prompt's attention took 3x 128's */
+    if (hd % 128 == 0) {
         for (int64_t c = 0; c < hd; c += 128)
             ws_weighted_sum_regs(scores, inv, v + c, n_kv, row_stride, 8, out + c);
         return;
