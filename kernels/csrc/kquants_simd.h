@@ -32,9 +32,17 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__F16C__)
 #define WS_KQ_AVX512 1
+#define WS_KQ_AVX2 0
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* AVX2 machines (seen: AMD EPYC Zen 3): 256-bit vectors, no VNNI; the scalar path there ran a
+   Q2_K 4096x4096 product at 1% of one core's bandwidth */
+#define WS_KQ_AVX512 0
+#define WS_KQ_AVX2 1
 #include <immintrin.h>
 #else
 #define WS_KQ_AVX512 0
+#define WS_KQ_AVX2 0
 #endif
 
 #ifndef WS_KQ_PREFETCH
@@ -78,9 +86,19 @@ static inline void ws_kq_k4_scales(const uint8_t *s, uint32_t u[4]) {
     u[3] = ((c >> 4) & k2) | (((b >> 6) & k3) << 4);
 }
 
-#if WS_KQ_AVX512
-
+#if WS_KQ_AVX512 || WS_KQ_AVX2
 #define WS_AI static inline __attribute__((always_inline))
+
+/* four 32-bit words just computed in registers, as one xmm by vmovd / vpinsrd, never a store
+   and a vector load of it (two stores read back as one load stall on store forwarding, ~15
+   cycles: measured at 28% of a Q3_K block's samples) */
+WS_AI __m128i ws_u32x4(const uint32_t v[4]) {
+    return _mm_setr_epi32((int)v[0], (int)v[1], (int)v[2], (int)v[3]);
+}
+
+#endif
+
+#if WS_KQ_AVX512
 
 /* a zmm whose 128-bit lane m holds byte b_m (16 times) */
 #define WS_LANES8(b0, b1, b2, b3) _mm512_set_epi32( \
@@ -108,13 +126,6 @@ typedef struct {
 
 WS_AI __m512i ws_bcast256(const uint8_t *p) {
     return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
-}
-
-/* four 32-bit words just computed in registers, as one xmm by vmovd / vpinsrd, never a store
-   and a vector load of it (two stores read back as one load stall on store forwarding, ~15
-   cycles: measured at 28% of a Q3_K block's samples) */
-WS_AI __m128i ws_u32x4(const uint32_t v[4]) {
-    return _mm_setr_epi32((int)v[0], (int)v[1], (int)v[2], (int)v[3]);
 }
 
 /* int16 scales (in the low 16 words of sw) spread so 128-bit lane m of zmm p is sub-block 4p+m */
@@ -433,6 +444,211 @@ static inline void ws_kq_reduce16(const float *v, int64_t vstride, int m, float 
     default: ws_kq_rows_avx(QT, w, nbk, a, 6, accbuf, first); break; \
     }
 
+#elif WS_KQ_AVX2
+
+/* AVX2: the same sums per block as the AVX-512 path, 32 elements (two sub-blocks) per ymm:
+ * chunk c = elements 32c..32c+31 in natural order (the activations' Q8_K order), vpmaddubsw
+ * (u8 codes x s8 activations -> s16 pairs; at most 63 * 127 * 2, no saturation) then vpmaddwd
+ * with the two sub-blocks' int16 scales (128-bit lane m of chunk c: sub-block 2c + m). A row's
+ * partial sums are 8 floats: lanes 0..7 of its 16-float slot in accbuf (ws_kq_reduce16 sums
+ * those 8), d * dx times the block's int32 sum in one accumulator, the min / constant term
+ * g . fb in a second (two short dependency chains). Every activation-row count gives each row
+ * the same bits: the same operations per row in the same order. */
+
+typedef struct {
+    __m256i w[8];   /* unsigned codes q', chunk c */
+    __m256i s[8];   /* int16 sub-block scales: lane m of chunk c holds sub-block 2c + m's */
+    __m256 g[2];    /* the 16 constant-term factors g_k */
+    float d;
+} ws_ublk2;
+
+/* shuffle controls: within each 128-bit lane, broadcast one int16 of the source lane:
+   chunk c's scales are words 2c and 2c + 1 of the 16 (c < 4: the low half of the words, else
+   the high half), lane 0 takes word 2(c % 4), lane 1 word 2(c % 4) + 1 */
+static const uint8_t ws_kq2_sc_ctl[4][32] __attribute__((aligned(32))) = {
+#define WS_KQ2_W(a) (a), (a) + 1, (a), (a) + 1, (a), (a) + 1, (a), (a) + 1, (a), (a) + 1, (a), (a) + 1, (a), (a) + 1, (a), (a) + 1
+    {WS_KQ2_W(0), WS_KQ2_W(2)}, {WS_KQ2_W(4), WS_KQ2_W(6)}, {WS_KQ2_W(8), WS_KQ2_W(10)}, {WS_KQ2_W(12), WS_KQ2_W(14)},
+#undef WS_KQ2_W
+};
+
+WS_AI __m256i ws_ld256(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+/* the 16 sub-block scales (int16, in the low and high halves of sw) spread to the 8 chunks */
+WS_AI void ws_kq2_spread(__m256i sw, __m256i s[8]) {
+    const __m256i lo = _mm256_permute2x128_si256(sw, sw, 0x00), hi = _mm256_permute2x128_si256(sw, sw, 0x11);
+    for (int c = 0; c < 4; c++) {
+        const __m256i ctl = _mm256_load_si256((const __m256i *)ws_kq2_sc_ctl[c]);
+        s[c] = _mm256_shuffle_epi8(lo, ctl);
+        s[c + 4] = _mm256_shuffle_epi8(hi, ctl);
+    }
+}
+
+/* g_k = factor * (byte k of gb, unsigned or signed) */
+WS_AI void ws_kq2_g(__m128i gb, int is_signed, float factor, __m256 g[2]) {
+    const __m256 f = _mm256_set1_ps(factor);
+    const __m128i hi = _mm_unpackhi_epi64(gb, gb);
+    g[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(gb) : _mm256_cvtepu8_epi32(gb)), f);
+    g[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(hi) : _mm256_cvtepu8_epi32(hi)), f);
+}
+
+WS_AI float ws_kq2_half(const uint8_t *p) {   /* fp16 -> float, Inf made NaN (ws_inf_to_nan) */
+    return ws_inf_to_nan(_cvtsh_ss(ws_load_u16(p)));
+}
+
+/* 2-bit planes (Q2_K, Q3_K's low bits): chunk c = plane c % 4 of the 32 bytes at qs + 32 (c / 4) */
+WS_AI void ws_kq2_planes(const uint8_t *qs, __m256i w[8]) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    for (int h = 0; h < 2; h++) {
+        const __m256i v = ws_ld256(qs + 32 * h);
+        for (int j = 0; j < 4; j++)
+            w[4 * h + j] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * j), m3);
+    }
+}
+
+/* bit c of each of the 32 bytes at hb, as the value `add` (0 or add) in byte lanes, for chunk c */
+WS_AI __m256i ws_kq2_hbit(__m256i hb, int c, int shift) {
+    return _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, c), _mm256_set1_epi8(1)), shift);
+}
+
+WS_AI void ws_unpack2_q2k(const uint8_t *b, ws_ublk2 *u) {
+    const __m128i sc = _mm_loadu_si128((const __m128i *)b);
+    ws_kq2_spread(_mm256_cvtepu8_epi16(_mm_and_si128(sc, _mm_set1_epi8(15))), u->s);
+    ws_kq2_g(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15)), 0, ws_kq2_half(b + 82), u->g);
+    ws_kq2_planes(b + 16, u->w);
+    u->d = ws_kq2_half(b + 80);
+}
+
+WS_AI void ws_unpack2_q3k(const uint8_t *b, ws_ublk2 *u) {
+    uint32_t aux[4];
+    ws_kq_q3_scales(b + 96, aux);
+    const __m128i sc = _mm_sub_epi8(ws_u32x4(aux), _mm_set1_epi8(32));
+    ws_kq2_spread(_mm256_cvtepi8_epi16(sc), u->s);
+    u->d = ws_kq2_half(b + 108);
+    ws_kq2_g(sc, 1, 4.0f * u->d, u->g);
+    ws_kq2_planes(b + 32, u->w);
+    const __m256i hm = ws_ld256(b);
+    for (int c = 0; c < 8; c++)
+        u->w[c] = _mm256_add_epi8(u->w[c], ws_kq2_hbit(hm, c, 2));
+}
+
+/* Q4_K / Q5_K: 8 scales and 8 mins, each for a 32-element chunk (two sub-blocks) */
+WS_AI void ws_kq2_k4_common(const uint8_t *b, ws_ublk2 *u) {
+    uint32_t sm[4];
+    ws_kq_k4_scales(b + 4, sm);
+    const __m128i v = ws_u32x4(sm);
+    /* bytes 0..7 scales, 8..15 mins: each repeated for its chunk's two sub-blocks */
+    const __m128i sc = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7));
+    const __m128i mins = _mm_shuffle_epi8(v, _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15));
+    ws_kq2_spread(_mm256_cvtepu8_epi16(sc), u->s);
+    ws_kq2_g(mins, 0, ws_kq2_half(b + 2), u->g);
+    u->d = ws_kq2_half(b);
+}
+
+WS_AI void ws_unpack2_q4k(const uint8_t *b, ws_ublk2 *u) {
+    ws_kq2_k4_common(b, u);
+    const __m256i m4 = _mm256_set1_epi8(15);
+    for (int h = 0; h < 4; h++) {
+        const __m256i v = ws_ld256(b + 16 + 32 * h);
+        u->w[2 * h] = _mm256_and_si256(v, m4);
+        u->w[2 * h + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    }
+}
+
+WS_AI void ws_unpack2_q5k(const uint8_t *b, ws_ublk2 *u) {
+    ws_kq2_k4_common(b, u);
+    const __m256i m4 = _mm256_set1_epi8(15), qh = ws_ld256(b + 16);
+    for (int h = 0; h < 4; h++) {
+        const __m256i v = ws_ld256(b + 48 + 32 * h);
+        u->w[2 * h] = _mm256_add_epi8(_mm256_and_si256(v, m4), ws_kq2_hbit(qh, 2 * h, 4));
+        u->w[2 * h + 1] = _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), ws_kq2_hbit(qh, 2 * h + 1, 4));
+    }
+}
+
+WS_AI void ws_unpack2_q6k(const uint8_t *b, ws_ublk2 *u) {
+    const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
+    ws_kq2_spread(_mm256_cvtepi8_epi16(sc), u->s);
+    u->d = ws_kq2_half(b + 208);
+    ws_kq2_g(sc, 1, 32.0f * u->d, u->g);
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+    for (int h = 0; h < 2; h++) {   /* chunk 4h + kk: nibble kk / 2 of ql[64h + 32 (kk % 2)..], bits 2kk of qh[32h..] */
+        const __m256i ql0 = ws_ld256(b + 64 * h), ql1 = ws_ld256(b + 64 * h + 32), qh = ws_ld256(b + 128 + 32 * h);
+        for (int kk = 0; kk < 4; kk++) {
+            const __m256i ql = kk % 2 ? ql1 : ql0;
+            const __m256i lo = _mm256_and_si256(kk / 2 ? _mm256_srli_epi16(ql, 4) : ql, m4);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * kk), m3);
+            u->w[4 * h + kk] = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+        }
+    }
+}
+
+WS_AI void ws_kq2_unpack(const int qtype, const uint8_t *blk, ws_ublk2 *u) {
+    switch (qtype) {
+    case WS_Q2_K: ws_unpack2_q2k(blk, u); break;
+    case WS_Q3_K: ws_unpack2_q3k(blk, u); break;
+    case WS_Q4_K: ws_unpack2_q4k(blk, u); break;
+    case WS_Q5_K: ws_unpack2_q5k(blk, u); break;
+    default:      ws_unpack2_q6k(blk, u); break;
+    }
+}
+
+/* the unpacked block times one activation row's 256 int8: 8 int32 partial sums (a pairwise
+   tree over the chunks: short dependency chains) */
+WS_AI __m256i ws_kq2_block_dot(const ws_ublk2 *u, const int8_t *x) {
+    __m256i p[8];
+    for (int c = 0; c < 8; c++)
+        p[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(u->w[c], _mm256_loadu_si256((const __m256i *)(x + 32 * c))), u->s[c]);
+    for (int c = 0; c < 4; c++)
+        p[c] = _mm256_add_epi32(p[c], p[c + 4]);
+    return _mm256_add_epi32(_mm256_add_epi32(p[0], p[2]), _mm256_add_epi32(p[1], p[3]));
+}
+
+/* nbk blocks of one weight row times nr activation rows (ws_kq_rows_avx's contract, 8 lanes) */
+WS_AI void ws_kq_rows_avx2(const int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a,
+                           const int nr, float *accbuf, int first) {
+    const int bb = ws_block_bytes(qtype);
+    __m256 acc[WS_KQ_NRMAX], accm[WS_KQ_NRMAX];
+    for (int r = 0; r < nr; r++) {
+        acc[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(accbuf + 16 * r);
+        accm[r] = _mm256_setzero_ps();
+    }
+    for (int64_t ib = 0; ib < nbk; ib++) {
+        const uint8_t *blk = w + ib * bb;
+        for (int o = 0; o < bb; o += 64)   /* see WS_KQ_PREFETCH */
+            _mm_prefetch((const char *)blk + WS_KQ_PREFETCH + o, _MM_HINT_T0);
+        ws_ublk2 u;
+        ws_kq2_unpack(qtype, blk, &u);
+        for (int r = 0; r < nr; r++) {
+            const __m256i s = ws_kq2_block_dot(&u, a->qx + r * a->qx_stride + 256 * ib);
+            const float *f = a->fb + r * a->fb_stride + 16 * ib;
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(u.d * a->dx[r * a->dx_stride + ib]), acc[r]);
+            accm[r] = _mm256_fmadd_ps(u.g[0], _mm256_loadu_ps(f), accm[r]);
+            accm[r] = _mm256_fmadd_ps(u.g[1], _mm256_loadu_ps(f + 8), accm[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        _mm256_storeu_ps(accbuf + 16 * r, _mm256_sub_ps(acc[r], accm[r]));
+}
+
+/* out[j] = the sum of the 8 partial sums at v + j * vstride, j < m (one fixed order) */
+static inline void ws_kq_reduce16(const float *v, int64_t vstride, int m, float *out) {
+    for (int j = 0; j < m; j++) {
+        const __m256 x = _mm256_loadu_ps(v + j * vstride);
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        out[j] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    }
+}
+
+#define WS_KQ2_NR_CASES(QT) \
+    switch (nr) { \
+    case 1: ws_kq_rows_avx2(QT, w, nbk, a, 1, accbuf, first); break; \
+    case 2: ws_kq_rows_avx2(QT, w, nbk, a, 2, accbuf, first); break; \
+    case 3: ws_kq_rows_avx2(QT, w, nbk, a, 3, accbuf, first); break; \
+    case 4: ws_kq_rows_avx2(QT, w, nbk, a, 4, accbuf, first); break; \
+    case 5: ws_kq_rows_avx2(QT, w, nbk, a, 5, accbuf, first); break; \
+    default: ws_kq_rows_avx2(QT, w, nbk, a, 6, accbuf, first); break; \
+    }
+
 #else  /* portable scalar path */
 
 typedef struct {
@@ -550,6 +766,14 @@ static void ws_kq_rows(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act
     case WS_Q5_K: WS_KQ_NR_CASES(WS_Q5_K); break;
     default:      WS_KQ_NR_CASES(WS_Q6_K); break;
     }
+#elif WS_KQ_AVX2
+    switch (qtype) {
+    case WS_Q2_K: WS_KQ2_NR_CASES(WS_Q2_K); break;
+    case WS_Q3_K: WS_KQ2_NR_CASES(WS_Q3_K); break;
+    case WS_Q4_K: WS_KQ2_NR_CASES(WS_Q4_K); break;
+    case WS_Q5_K: WS_KQ2_NR_CASES(WS_Q5_K); break;
+    default:      WS_KQ2_NR_CASES(WS_Q6_K); break;
+    }
 #else
     ws_kq_rows_scalar(qtype, w, nbk, a, nr, accbuf, first);
 #endif
@@ -567,10 +791,10 @@ static void ws_kq_stream(int qtype, const uint8_t *w, int64_t nrows, int64_t nbk
     case WS_Q5_K: ws_kq_stream_avx(WS_Q5_K, w, nrows, nbk, a, accbuf, acc_stride); break;
     default:      ws_kq_stream_avx(WS_Q6_K, w, nrows, nbk, a, accbuf, acc_stride); break;
     }
-#else
+#else   /* AVX2 / scalar: row by row (the same bits as ws_kq_rows with one activation row) */
     const int64_t row_bytes = nbk * ws_block_bytes(qtype);
     for (int64_t i = 0; i < nrows; i++)
-        ws_kq_rows_scalar(qtype, w + i * row_bytes, nbk, a, 1, accbuf + i * acc_stride, 1);
+        ws_kq_rows(qtype, w + i * row_bytes, nbk, a, 1, accbuf + i * acc_stride, 1);
 #endif
 }
 
