@@ -1,9 +1,9 @@
-/* Q8_K quantization of one activation row (kernels/_kquants.pyx), AVX-512 or portable C.
+/* Q8_K quantization of one activation row (kernels/_kquants.pyx), AVX-512, AVX2 or portable C.
  *
  * ggml's quantize_row_q8_K_ref per 256 values: the value of largest magnitude (the first on ties)
  * maps to -127, q = nearest_int(iscale * x) (round half to even), capped at 127, d = 1 / iscale;
  * here also fb[k] = d * (sum of the 16 quants of sub-block k) as float, the k-quant kernels' min
- * term. Both paths give the same bits (tests/test_kquants_cython.py against
+ * term. Every path gives the same bits (tests/test_kquants_cython.py against
  * weightstream.kernels.quantize.quantize_q8_k): the products iscale * x are the same float
  * multiplications, vcvtps2dq rounds half to even as rintf does under the default rounding mode,
  * and the sums are exact integers.
@@ -19,7 +19,7 @@
 #define WS_Q8K_SIMD_H
 
 #include "common.h"
-#include "kquants_simd.h"   /* WS_KQ_AVX512 and its intrinsics */
+#include "kquants_simd.h"   /* WS_KQ_AVX512 / WS_KQ_AVX2 and their intrinsics */
 #include <math.h>
 
 #if WS_KQ_AVX512
@@ -72,6 +72,71 @@ static inline int ws_quantize_row_q8k(const float *x, int64_t nb, int8_t *qs, fl
         }
     }
     return bad != 0;
+}
+
+#elif WS_KQ_AVX2
+
+/* 16 int32 (a: elements 0..7, b: 8..15) -> their low bytes, in order: C's (int8_t) conversion
+   (a NaN's integer indefinite becomes 0, as in the scalar path; a saturating pack would give -128) */
+static inline __m128i ws_q8k_low_bytes(__m256i a, __m256i b) {
+    const __m256i lo = _mm256_set1_epi32(0xFF);
+    const __m256i t = _mm256_packus_epi32(_mm256_and_si256(a, lo), _mm256_and_si256(b, lo));   /* a0-3 b0-3 | a4-7 b4-7 */
+    const __m256i u = _mm256_packus_epi16(t, t);
+    return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(u, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0)));
+}
+
+static inline int ws_quantize_row_q8k(const float *x, int64_t nb, int8_t *qs, float *d, float *fb,
+                                      int permuted) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i expmask = _mm256_set1_epi32(0x7F800000);
+    __m256i bad = _mm256_setzero_si256();
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + 256 * b;
+        int8_t *qb = qs + 256 * b;
+        /* the largest magnitude (NaN skipped: max_ps returns its second operand on a NaN) */
+        __m256 amax8 = _mm256_setzero_ps();
+        for (int j = 0; j < 256; j += 8) {
+            const __m256 v = _mm256_loadu_ps(xb + j);
+            bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), expmask), expmask));
+            amax8 = _mm256_max_ps(_mm256_and_ps(v, absmask), amax8);
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        if (amax == 0.0f) {
+            d[b] = 0.0f;
+            memset(qb, 0, 256);
+            memset(fb + 16 * b, 0, 16 * sizeof(float));
+            continue;
+        }
+        /* the first value of that magnitude, with its sign */
+        float vmax = 0.0f;
+        const __m256 am = _mm256_set1_ps(amax);
+        for (int j = 0; j < 256; j += 8) {
+            const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(_mm256_loadu_ps(xb + j), absmask), am, _CMP_EQ_OQ));
+            if (hit) {
+                vmax = xb[j + __builtin_ctz((unsigned)hit)];
+                break;
+            }
+        }
+        const float iscale = -127.0f / vmax;
+        const float db = 1.0f / iscale;
+        const __m256 is = _mm256_set1_ps(iscale);
+        const __m256i cap = _mm256_set1_epi32(127);
+        d[b] = db;
+        for (int k = 0; k < 16; k++) {   /* sub-block k: 16 quants, their sum */
+            const __m256i q0 = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(is, _mm256_loadu_ps(xb + 16 * k))), cap);
+            const __m256i q1 = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(is, _mm256_loadu_ps(xb + 16 * k + 8))), cap);
+            const __m128i q8 = ws_q8k_low_bytes(q0, q1);
+            const int pos = permuted ? 64 * (k % 8 / 2) + 32 * (k / 8) + 16 * (k % 2) : 16 * k;
+            _mm_storeu_si128((__m128i *)(qb + pos), q8);
+            /* the sum of the stored int8s: psadbw of the bytes biased to unsigned, less 16 * 128 */
+            const __m128i sad = _mm_sad_epu8(_mm_xor_si128(q8, _mm_set1_epi8((char)0x80)), _mm_setzero_si128());
+            const int sum = _mm_cvtsi128_si32(sad) + _mm_extract_epi16(sad, 4) - 16 * 128;
+            fb[16 * b + k] = db * (float)sum;
+        }
+    }
+    return !_mm256_testz_si256(bad, bad);
 }
 
 #else
