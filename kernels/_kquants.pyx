@@ -17,8 +17,10 @@ Layout of the work:
   unpacked block serves up to 6 activation rows from registers, while the group's weight bytes
   and the tile's activations stay in L1/L2.
 * The per-block math lives in ``kquants_simd.h``: AVX-512 VNNI/VBMI intrinsics when the compiler
-  targets them (-march=native on Zen 4 / Ice Lake and later), portable scalar C otherwise
-  (WEIGHTSTREAM_PORTABLE=1). ``SIMD`` says which one this build has.
+  targets them (-march=native on Zen 4 / Ice Lake and later), AVX2 + FMA + F16C intrinsics
+  (256-bit: vpmaddubsw then vpmaddwd with the sub-block scales) on CPUs without AVX-512 (Zen 2 /
+  Zen 3, Haswell to Comet Lake), portable scalar C otherwise (WEIGHTSTREAM_PORTABLE=1). ``ISA``
+  names the one this build has (``SIMD``: the AVX-512 one).
 * Q2_K with n >= ``_AMX_MIN_N`` activation rows (prefill, batched experts) goes to AMX-INT8 tiles
   instead (``kquants_amx.h``) when the build targets AMX and Linux grants the tile state
   (``AMX``): the Q8_K activations are repacked into the tiles' VNNI layout per 16 rows, and each
@@ -58,6 +60,7 @@ cdef extern from "common.h" nogil:
 # per-block math, AVX-512 or portable C (kernels/csrc/kquants_simd.h)
 cdef extern from "kquants_simd.h" nogil:
     int WS_KQ_AVX512
+    int WS_KQ_AVX2
     int WS_KQ_NRMAX
     ctypedef struct ws_kq_act:
         const int8_t *qx
@@ -108,6 +111,7 @@ cdef enum:
 SUPPORTED = frozenset(int(q) for q in traits.types_on("cython", traits.K_QUANT))
 BLOCK_BYTES = {q: ws_block_bytes(q) for q in SUPPORTED}
 SIMD = bool(WS_KQ_AVX512)
+ISA = "avx512" if WS_KQ_AVX512 else "avx2" if WS_KQ_AVX2 else "scalar"  # the block kernels built
 # AMX tiles usable: compiled for AMX-INT8 and the tile state granted by the kernel (once per process)
 AMX = bool(WS_KQ_AMX) and bool(ws_amx_request())
 cdef bint AMX_ON = AMX   # (the same, readable without the GIL)

@@ -13,6 +13,8 @@ Two references, two tolerances (NMSE, as llama.cpp's test-backend-ops):
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -45,6 +47,29 @@ def test_module_tables():
     for qtype in TYPES:
         assert _kquants.BLOCK_BYTES[int(qtype)] == formats.block_size(qtype)[1]
     assert isinstance(_kquants.SIMD, bool)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif(os.environ.get("WEIGHTSTREAM_PORTABLE", "0") not in ("", "0"), reason="a portable build: scalar C")
+def test_the_native_build_uses_the_cpus_vector_units():
+    """A -march=native build on an AVX2 CPU without AVX-512 (seen: AMD EPYC Zen 3) must not fall
+    back to the scalar block loop (measured 40x slower there): each ISA the CPU has selects its path."""
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi", "f16c"} <= flags:
+        assert _kquants.ISA == "avx512"
+    elif {"avx2", "fma", "f16c"} <= flags:
+        assert _kquants.ISA == "avx2"
+    else:
+        assert _kquants.ISA == "scalar"
 
 
 # rows x cols x n: awkward row counts (1, 3, 17, 129), cols from one block to 14336, n across
