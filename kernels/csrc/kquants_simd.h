@@ -484,8 +484,7 @@ WS_AI void ws_kq2_spread(__m256i sw, __m256i s[8]) {
 }
 
 /* g_k = factor * (byte k of gb, unsigned or signed) */
-WS_AI void ws_kq2_g(__m128i gb, int is_signed, float factor, __m256 g[2]) {
-    const __m256 f = _mm256_set1_ps(factor);
+WS_AI void ws_kq2_g(__m128i gb, int is_signed, __m256 f, __m256 g[2]) {
     const __m128i hi = _mm_unpackhi_epi64(gb, gb);
     g[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(gb) : _mm256_cvtepu8_epi32(gb)), f);
     g[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(hi) : _mm256_cvtepu8_epi32(hi)), f);
@@ -493,6 +492,13 @@ WS_AI void ws_kq2_g(__m128i gb, int is_signed, float factor, __m256 g[2]) {
 
 WS_AI float ws_kq2_half(const uint8_t *p) {   /* fp16 -> float, Inf made NaN (ws_inf_to_nan) */
     return ws_inf_to_nan(_cvtsh_ss(ws_load_u16(p)));
+}
+
+/* the fp16 pair (d, dmin) at p as floats in lanes 0 and 1, Infs made NaN: one load and one
+   conversion for both (llvm-mca, znver3: a Q2_K block 26 -> 23 cycles) */
+WS_AI __m128 ws_kq2_half_pair(const uint8_t *p) {
+    const __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128((int)ws_load_u32(p)));
+    return _mm_add_ps(_mm_sub_ps(v, v), v);
 }
 
 /* 2-bit planes (Q2_K, Q3_K's low bits): chunk c = plane c % 4 of the 32 bytes at qs + 32 (c / 4) */
@@ -505,17 +511,21 @@ WS_AI void ws_kq2_planes(const uint8_t *qs, __m256i w[8]) {
     }
 }
 
-/* bit c of each of the 32 bytes at hb, as the value `add` (0 or add) in byte lanes, for chunk c */
-WS_AI __m256i ws_kq2_hbit(__m256i hb, int c, int shift) {
-    return _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, c), _mm256_set1_epi8(1)), shift);
+/* bits [from, from + width) of each byte of v moved to bits [to, to + width), the rest zero: a
+   mask, then one 16-bit shift (none when from == to); masking first keeps each byte's bits from
+   crossing into its neighbour */
+WS_AI __m256i ws_kq2_bits(__m256i v, int from, int width, int to) {
+    const __m256i m = _mm256_and_si256(v, _mm256_set1_epi8((char)(((1 << width) - 1) << from)));
+    return from == to ? m : from > to ? _mm256_srli_epi16(m, from - to) : _mm256_slli_epi16(m, to - from);
 }
 
 WS_AI void ws_unpack2_q2k(const uint8_t *b, ws_ublk2 *u) {
     const __m128i sc = _mm_loadu_si128((const __m128i *)b);
     ws_kq2_spread(_mm256_cvtepu8_epi16(_mm_and_si128(sc, _mm_set1_epi8(15))), u->s);
-    ws_kq2_g(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15)), 0, ws_kq2_half(b + 82), u->g);
+    const __m128 dm = ws_kq2_half_pair(b + 80);
+    ws_kq2_g(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15)), 0, _mm256_broadcastss_ps(_mm_movehdup_ps(dm)), u->g);
     ws_kq2_planes(b + 16, u->w);
-    u->d = ws_kq2_half(b + 80);
+    u->d = _mm_cvtss_f32(dm);
 }
 
 WS_AI void ws_unpack2_q3k(const uint8_t *b, ws_ublk2 *u) {
@@ -524,11 +534,11 @@ WS_AI void ws_unpack2_q3k(const uint8_t *b, ws_ublk2 *u) {
     const __m128i sc = _mm_sub_epi8(ws_u32x4(aux), _mm_set1_epi8(32));
     ws_kq2_spread(_mm256_cvtepi8_epi16(sc), u->s);
     u->d = ws_kq2_half(b + 108);
-    ws_kq2_g(sc, 1, 4.0f * u->d, u->g);
+    ws_kq2_g(sc, 1, _mm256_set1_ps(4.0f * u->d), u->g);
     ws_kq2_planes(b + 32, u->w);
     const __m256i hm = ws_ld256(b);
     for (int c = 0; c < 8; c++)
-        u->w[c] = _mm256_add_epi8(u->w[c], ws_kq2_hbit(hm, c, 2));
+        u->w[c] = _mm256_or_si256(u->w[c], ws_kq2_bits(hm, c, 1, 2));
 }
 
 /* Q4_K / Q5_K: 8 scales and 8 mins, each for a 32-element chunk (two sub-blocks) */
@@ -540,8 +550,9 @@ WS_AI void ws_kq2_k4_common(const uint8_t *b, ws_ublk2 *u) {
     const __m128i sc = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7));
     const __m128i mins = _mm_shuffle_epi8(v, _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15));
     ws_kq2_spread(_mm256_cvtepu8_epi16(sc), u->s);
-    ws_kq2_g(mins, 0, ws_kq2_half(b + 2), u->g);
-    u->d = ws_kq2_half(b);
+    const __m128 dm = ws_kq2_half_pair(b);
+    ws_kq2_g(mins, 0, _mm256_broadcastss_ps(_mm_movehdup_ps(dm)), u->g);
+    u->d = _mm_cvtss_f32(dm);
 }
 
 WS_AI void ws_unpack2_q4k(const uint8_t *b, ws_ublk2 *u) {
@@ -559,8 +570,8 @@ WS_AI void ws_unpack2_q5k(const uint8_t *b, ws_ublk2 *u) {
     const __m256i m4 = _mm256_set1_epi8(15), qh = ws_ld256(b + 16);
     for (int h = 0; h < 4; h++) {
         const __m256i v = ws_ld256(b + 48 + 32 * h);
-        u->w[2 * h] = _mm256_add_epi8(_mm256_and_si256(v, m4), ws_kq2_hbit(qh, 2 * h, 4));
-        u->w[2 * h + 1] = _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), ws_kq2_hbit(qh, 2 * h + 1, 4));
+        u->w[2 * h] = _mm256_or_si256(_mm256_and_si256(v, m4), ws_kq2_bits(qh, 2 * h, 1, 4));
+        u->w[2 * h + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), ws_kq2_bits(qh, 2 * h + 1, 1, 4));
     }
 }
 
@@ -568,16 +579,11 @@ WS_AI void ws_unpack2_q6k(const uint8_t *b, ws_ublk2 *u) {
     const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
     ws_kq2_spread(_mm256_cvtepi8_epi16(sc), u->s);
     u->d = ws_kq2_half(b + 208);
-    ws_kq2_g(sc, 1, 32.0f * u->d, u->g);
-    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+    ws_kq2_g(sc, 1, _mm256_set1_ps(32.0f * u->d), u->g);
     for (int h = 0; h < 2; h++) {   /* chunk 4h + kk: nibble kk / 2 of ql[64h + 32 (kk % 2)..], bits 2kk of qh[32h..] */
         const __m256i ql0 = ws_ld256(b + 64 * h), ql1 = ws_ld256(b + 64 * h + 32), qh = ws_ld256(b + 128 + 32 * h);
-        for (int kk = 0; kk < 4; kk++) {
-            const __m256i ql = kk % 2 ? ql1 : ql0;
-            const __m256i lo = _mm256_and_si256(kk / 2 ? _mm256_srli_epi16(ql, 4) : ql, m4);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * kk), m3);
-            u->w[4 * h + kk] = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
-        }
+        for (int kk = 0; kk < 4; kk++)
+            u->w[4 * h + kk] = _mm256_or_si256(ws_kq2_bits(kk % 2 ? ql1 : ql0, 4 * (kk / 2), 4, 0), ws_kq2_bits(qh, 2 * kk, 2, 4));
     }
 }
 
