@@ -40,7 +40,7 @@ from libc.string cimport memcpy
 
 
 cdef extern from "deltanet_simd.h" nogil:  # kernels/csrc/deltanet_simd.h: the per-token sweep, vectorised
-    int WS_DN_AVX512
+    int WS_DN_SWEEP
     void ws_dn_write_read64(float *S, Py_ssize_t ld, Py_ssize_t dk, float decay, const float *kn,
                             const float *delta, const float *kn2, const float *qn2, float *kv, float *sq)
 
@@ -336,12 +336,12 @@ cdef inline void _write_read(float *S, Py_ssize_t ld, Py_ssize_t dk, Py_ssize_t 
                              float *kv, float *sq) noexcept nogil:
     """_write, then _read with the next token's kn2 / qn2, in one sweep: each new row is used
     while still in registers. With w the constant COLS the accumulators and delta stay in
-    vector registers across the dk rows (1 load + 1 store of S per element): with AVX-512,
+    vector registers across the dk rows (1 load + 1 store of S per element): with AVX-512 or AVX2,
     csrc/deltanet_simd.h's intrinsics, since GCC keeps this loop's kv / sq on the stack."""
     cdef Py_ssize_t i, j
     cdef float *row
     cdef float ki, k2, q2, r
-    if WS_DN_AVX512 and w == COLS:
+    if WS_DN_SWEEP and w == COLS:
         ws_dn_write_read64(S, ld, dk, decay, kn, delta, kn2, qn2, kv, sq)
         return
     for j in range(w):
