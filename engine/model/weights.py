@@ -85,14 +85,19 @@ class LinearGroup:
         ends = np.cumsum(self.sizes).tolist()
         self.slices = [slice(a, b) for a, b in zip([0] + ends[:-1], ends)]  # columns of each output
         first = parts[0]
-        if len({(p.qt.qtype, p.shape[1], p.dense is None) for p in parts}) == 1 and len(parts) > 1:
+        # parts that multiply alike (same type, width, and NumPy product or kernel) concatenate; the
+        # group keeps their way: an F32 part always holds a dense view, but multiplies through the
+        # float kernel, and a NumPy product of the concatenation would be another sum (OpenBLAS
+        # sums a row differently for another number of rows: a prompt split in two calls gave
+        # other logits, seen on Zen 3)
+        if len({(p.qt.qtype, p.shape[1], p.numpy_product) for p in parts}) == 1 and len(parts) > 1:
             qt = QTensor(first.qt.qtype, (sum(self.sizes), first.shape[1]),
                          np.concatenate([p.qt.data for p in parts]))
             bias = None
             if any(p.bias is not None for p in parts):
                 bias = np.concatenate([p.bias if p.bias is not None else np.zeros(p.shape[0], np.float32)
                                        for p in parts])
-            self.parts = [Linear(qt, bias, first.dense is not None, first.threads, first.backend,
+            self.parts = [Linear(qt, bias, first.numpy_product, first.threads, first.backend,
                                  tuple(name for p in parts for name in p.names), first._kernel)]
         else:
             self.parts = parts
