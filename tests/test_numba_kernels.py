@@ -1,6 +1,6 @@
 """Numba fused matmul kernels (kernels/numba/) against the NumPy references.
 
-Every type, both tiers (the AVX-512 int8 kernels where the CPU has them, and the portable
+Every type, both tiers (the AVX-512 or AVX2 int8 kernels where the CPU has them, and the portable
 plain-loop kernels), over seeded random blocks and awkward sizes. Kernels that quantize their
 activations are held to weightstream.kernels.quantize.matmul_q8_ref (only float summation order differs:
 NMSE < 1e-8) and, loosely, to weightstream.kernels.reference.matmul_ref; float kernels to matmul_ref.
@@ -86,8 +86,11 @@ def test_strategy():
     assert nk.strategy(T.Q2_K, simd=False) == "int16"
     assert nk.strategy(T.Q8_0, simd=False) == "float"
     if nk.HAVE_SIMD:
-        assert nk.strategy(T.Q2_K) == nk.strategy(T.Q4_1) == nk.strategy(T.Q8_0) == "simd-int8"
-        assert all(nk.strategy(t) == "simd-int8" for t in K_TYPES)
+        tier = f"{nk.SIMD_TIER}-int8"
+        assert nk.strategy(T.Q2_K) == nk.strategy(T.Q4_1) == nk.strategy(T.Q8_0) == tier
+        assert all(nk.strategy(t) == tier for t in K_TYPES)
+    else:
+        assert nk.strategy(T.Q2_K, simd=True) == "int16"
     assert {T.Q2_K, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K, T.F16} <= nk.SUPPORTED
 
 
@@ -124,7 +127,7 @@ def extreme_weights(qtype, rows, cols, rng):
 SIMD_K_TYPES = K_TYPES
 
 
-@pytest.mark.skipif(not nk.HAVE_SIMD, reason="no AVX-512 BW/VNNI: the SIMD tier is not used")
+@pytest.mark.skipif(not nk.HAVE_SIMD, reason="no AVX-512 BW/VNNI nor AVX2: the SIMD tier is not used")
 @pytest.mark.parametrize("n", (1, 3, 8, 64))
 @pytest.mark.parametrize("qtype", SIMD_K_TYPES, ids=lambda t: t.name)
 def test_k_simd_matches_portable_and_cython(qtype, n):
@@ -139,7 +142,7 @@ def test_k_simd_matches_portable_and_cython(qtype, n):
         x[1, 256:512] = 1.0           # ...and at +127 (Q8_K's d is negative there)
     x[-1, 512:768] *= 1000.0
     simd, portable = run(x, raw, qtype, 1), run(x, raw, qtype, 1, simd=False)
-    assert nk.strategy(qtype) == "simd-int8"
+    assert nk.strategy(qtype) == f"{nk.SIMD_TIER}-int8"
     np.testing.assert_array_equal(simd, run(x, raw, qtype, 2))  # threads: same bits
     assert quantize.nmse(simd, portable) < Q8_NMSE
     assert quantize.nmse(simd, quantize.matmul_q8_ref(x, raw, qtype, (rows, cols))) < Q8_NMSE
@@ -149,6 +152,25 @@ def test_k_simd_matches_portable_and_cython(qtype, n):
     got = kernels.matmul(x, kernels.QTensor(qtype, (rows, cols), raw), threads=1, backend="numba")
     np.testing.assert_array_equal(got, simd)
     assert quantize.nmse(got, reference.matmul_ref(x, raw, qtype)) < QUANT_NMSE
+
+
+@pytest.mark.parametrize("qtype", LEGACY_TYPES, ids=lambda t: t.name)
+def test_legacy_extreme_codes(qtype):
+    """Every code byte at 0x00, 0xFF or 0x80 (Q8_0: -128, the largest magnitude), fp16 fields 1.0,
+    against activations whose quants are all +-127: the SIMD tier's int16 pair sums (AVX2's
+    vpmaddubsw saturates) at their widest, held to matmul_q8_ref."""
+    rng = np.random.default_rng(200 + int(qtype))
+    rows, cols = 6, 256
+    raw = reference.random_raw(qtype, rows, cols, rng)
+    _, nbytes = formats.block_size(qtype)
+    halves = 2 if qtype in (T.Q4_1, T.Q5_1) else 1  # d (and m) lead every legacy block
+    blocks = raw.reshape(rows, -1, nbytes)
+    for r, code in enumerate((0x00, 0xFF, 0x80)):
+        blocks[r, :, 2 * halves:] = code
+        blocks[r, :, :2 * halves] = [0x00, 0x3C] * halves
+    x = np.concatenate([np.ones((1, cols)), -np.ones((1, cols)), rng.standard_normal((2, cols))]).astype(np.float32)
+    out = run(x, raw, qtype, 1)
+    assert quantize.nmse(out, quantize.matmul_q8_ref(x, raw, qtype, (rows, cols))) < Q8_NMSE
 
 
 # ---------------------------------------------------------------------------

@@ -7,11 +7,14 @@ Two tiers per legacy type:
 
 * ``_<type>_simd_kernel``: int8 activations (Q8_0 for Q4_0 / Q5_0 / Q8_0, Q8_1 for Q4_1 / Q5_1:
   int8 quants, fp16-rounded scale ``xd`` and ``qsum``, the sum of a block's quants). The block
-  dot is one ``vpdpbusd`` (unsigned weight byte x signed activation byte, AVX-512 VNNI) on 32
-  bytes, emitted as explicit LLVM vector IR by an ``@intrinsic``; signed weights are made
-  unsigned by an offset (q + 8, q + 16, q + 128) that is taken back exactly in int32 as
-  ``offset * qsum``; Q4_1 / Q5_1's min enters as ``m * xd * qsum``, the exact sum of the block's
-  dequantized activations. Per block and row: a float FMA into 8 lanes, reduced once per row.
+  dot is one product of 32 unsigned weight bytes and 32 signed activation bytes into 8 int32
+  lanes (``dot_u8s8``: ``vpdpbusd`` on AVX-512 VNNI, ``vpmaddubsw`` + ``vpmaddwd`` on AVX2; see
+  ``ISA``), emitted as explicit LLVM vector IR by an ``@intrinsic``; signed weights are made
+  unsigned by an offset (q + 8, q + 16; Q8_0 on AVX-512: q + 128) that is taken back exactly in
+  int32 as ``offset * qsum``; Q8_0 on AVX2 moves the weights' signs onto the activations instead
+  (``vpsignb``: |q| x sign(q) x, where q + 128 would saturate ``vpmaddubsw``'s int16 pairs); Q4_1 /
+  Q5_1's min enters as ``m * xd * qsum``, the exact sum of the block's dequantized activations.
+  Per block and row: a float FMA into 8 lanes, reduced once per row.
   Reference: ``weightstream.kernels.quantize.matmul_q8_ref``.
 * ``_<type>_kernel`` (generic, any CPU): each row's blocks are dequantized exactly as
   ``weightstream.kernels.reference`` into a float32 buffer of up to 256 values, then dotted with float32
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from llvmlite import ir
+from llvmlite import binding as llvm, ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -87,8 +90,23 @@ def dot_f32(buf, xr, xo, ne):
 
 
 # ---------------------------------------------------------------------------
-# LLVM IR helpers for the SIMD intrinsics (AVX-512 BW / VNNI; see matmul.HAVE_SIMD)
+# LLVM IR helpers for the SIMD intrinsics (AVX-512 BW / VNNI or AVX2; see ISA and matmul.SIMD_TIER)
 # ---------------------------------------------------------------------------
+
+
+def host_isa() -> str | None:
+    """The instruction set the IR kernels are built for on this host: 'avx512' (AVX-512 BW/VL +
+    VNNI: 64-byte k-quant products, vpdpbusd), 'avx2' (with FMA and F16C, e.g. AMD Zen 3: 32-byte
+    products by vpmaddubsw + vpmaddwd) or None (only the generic tier can run)."""
+    features = llvm.get_host_cpu_features()
+    for isa, needs in (("avx512", ("avx2", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni")),
+                       ("avx2", ("avx2", "fma", "f16c"))):
+        if all(features.get(f, False) for f in needs):
+            return isa
+    return None
+
+
+ISA = host_isa()
 
 I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 FLT = ir.FloatType()
@@ -149,12 +167,18 @@ def half_at(builder, base, off):
     """The fp16 weight scale at byte offset `off` of uint8 pointer `base`, as float, an Inf made
     NaN: the reference's dequantized block holds 0 * Inf = NaN (or sums Inf * x of both signs),
     so its outputs are NaN where the integer dots here would give +/-Inf (common.h ws_inf_to_nan).
-    A compare and a select per block (fcmp without fastmath flags: not folded away)."""
-    h = builder.load(builder.bitcast(builder.gep(base, [off]), I16.as_pointer()), align=1)
-    v = builder.fpext(builder.bitcast(h, ir.HalfType()), FLT)
-    fabs = builder.module.declare_intrinsic("llvm.fabs", [FLT])
-    inf = builder.fcmp_ordered("==", builder.call(fabs, [v]), ir.Constant(FLT, float("inf")))
-    return builder.select(inf, ir.Constant(FLT, float("nan")), v)
+
+    Converted in integer registers, not by fpext half: LLVM lowers that to vpinsrw into whatever
+    xmm register it picks, often a float accumulator, so each block's scale waited for the last
+    block's sums (Q4_1 4096x4096, n = 1, AVX2: ~21 cycles a block). Sign and exponent + mantissa
+    moved to binary32's places, times 2^112 (the bias difference: exact for normal and subnormal
+    halves), exponent 31 (Inf, NaN) -> NaN."""
+    h = builder.zext(builder.load(builder.bitcast(builder.gep(base, [off]), I16.as_pointer()), align=1), I32)
+    sign = builder.and_(builder.shl(h, ir.Constant(I32, 16)), ir.Constant(I32, 0x80000000))
+    mag = builder.and_(builder.shl(h, ir.Constant(I32, 13)), ir.Constant(I32, 0x0FFFE000))
+    v = builder.fmul(builder.bitcast(builder.or_(sign, mag), FLT), ir.Constant(FLT, 2.0 ** 112))
+    special = builder.icmp_unsigned("==", builder.and_(h, ir.Constant(I32, 0x7C00)), ir.Constant(I32, 0x7C00))
+    return builder.select(special, ir.Constant(FLT, float("nan")), v)
 
 
 def hsum(builder, v):
@@ -168,10 +192,32 @@ def hsum(builder, v):
     return builder.extract_element(v, ir.Constant(I32, 0))
 
 
-def dpbusd256(builder, acc, u, s):
-    """acc<8 x i32> += sums of 4 products u8 x s8 (vpdpbusd ymm)."""
-    return call(builder, "llvm.x86.avx512.vpdpbusd.256", vec(I32, 8),
-                [vec(I32, 8), vec(I8, 32), vec(I8, 32)], [acc, u, s])
+_MADD = {32: ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+         64: ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512")}
+
+
+def madd(builder, u, s, sc):
+    """int32 lanes of a 32- or 64-byte u8 x s8 product: adjacent products summed in int16
+    (vpmaddubsw: saturates, so 2 * max(u) * 128 must stay below 2^15), then adjacent int16 sums
+    times the int16 sc, summed in int32 (vpmaddwd)."""
+    nb = u.type.count
+    ub, wd = _MADD[nb]
+    p = call(builder, ub, vec(I16, nb // 2), [vec(I8, nb)] * 2, [u, s])
+    return call(builder, wd, vec(I32, nb // 4), [vec(I16, nb // 2)] * 2, [p, sc])
+
+
+def dot_u8s8(builder, u, s):
+    """<8 x i32>: sums of 4 products u8 x s8 of 32-byte u and s (one vpdpbusd on AVX-512 VNNI;
+    AVX2: madd by int16 ones)."""
+    if ISA == "avx512":
+        return call(builder, "llvm.x86.avx512.vpdpbusd.256", vec(I32, 8), [vec(I32, 8), vec(I8, 32), vec(I8, 32)],
+                    [splat(I32, 8, 0), u, s])
+    return madd(builder, u, s, splat(I16, 16, 1))
+
+
+def sign_i8(builder, x, q):
+    """x where q > 0, -x where q < 0, 0 where q == 0, bytewise (vpsignb ymm)."""
+    return call(builder, "llvm.x86.avx2.psign.b", vec(I8, 32), [vec(I8, 32)] * 2, [x, q])
 
 
 def tile_rows(cols):
@@ -184,17 +230,25 @@ def tile_rows(cols):
 # SIMD kernels (int8 activations)
 # ---------------------------------------------------------------------------
 
-# kind -> (block bytes, weight offset added to make it unsigned (0: has a min instead), has min)
+# Q8_0's weights on AVX2: |q| times the activations with q's signs (vpsignb), where q + 128 would
+# saturate vpmaddubsw (2 * 255 * 127 > 2^15 - 1); vpdpbusd (AVX-512) sums in int32, no saturation
+_Q8_SIGNED = ISA != "avx512"
+# kind -> (block bytes, weight offset added to make it unsigned (0: has a min or is signed), has min)
 _LEGACY = {kind: (TRAITS[T[kind.upper()]].block_bytes, offset, has_min) for kind, offset, has_min in (
-    ("q4_0", 8, False), ("q4_1", 0, True), ("q5_0", 16, False), ("q5_1", 0, True), ("q8_0", 128, False))}
+    ("q4_0", 8, False), ("q4_1", 0, True), ("q5_0", 16, False), ("q5_1", 0, True),
+    ("q8_0", 0 if _Q8_SIGNED else 128, False))}
 
 
 def _weights_u8(builder, pb, kind):
-    """(<32 x i8> unsigned weights, d, m or None) of the block at uint8 pointer pb."""
+    """(<32 x i8> unsigned weights, d, m or None, signs or None) of the block at uint8 pointer pb;
+    signs: the bytes whose signs the activations take on before the product (_Q8_SIGNED)."""
     d = half_at(builder, pb, c64(0))
     m = half_at(builder, pb, c64(2)) if kind in ("q4_1", "q5_1") else None
     if kind == "q8_0":
-        return builder.xor(vload(builder, pb, c64(2), vec(I8, 32)), splat(I8, 32, 0x80)), d, m
+        q = vload(builder, pb, c64(2), vec(I8, 32))
+        if _Q8_SIGNED:
+            return sign_i8(builder, q, q), d, m, q  # |q|: -128 becomes 128, right as unsigned
+        return builder.xor(q, splat(I8, 32, 0x80)), d, m, None
     qs_off = {"q4_0": 2, "q4_1": 4, "q5_0": 6, "q5_1": 8}[kind]
     qs = vload(builder, pb, c64(qs_off), vec(I8, 16))
     lo = builder.and_(qs, splat(I8, 16, 15))
@@ -205,7 +259,7 @@ def _weights_u8(builder, pb, kind):
         bits = builder.load(builder.bitcast(builder.gep(pb, [c64(qh_off)]), I32.as_pointer()), align=1)
         hb = builder.zext(builder.bitcast(bits, vec(I1, 32)), vec(I8, 32))
         q = builder.or_(q, builder.shl(hb, splat(I8, 32, 4)))
-    return q, d, m
+    return q, d, m, None
 
 
 def _make_legacy_rows(kind, K):
@@ -232,12 +286,12 @@ def _make_legacy_rows(kind, K):
             with cgutils.for_range(builder, nb) as lb:
                 b = lb.index
                 prefetch(builder, pw, builder.mul(b, c64(nbytes)))
-                wq, d, m = _weights_u8(builder, builder.gep(pw, [builder.mul(b, c64(nbytes))]), kind)
+                wq, d, m, signs = _weights_u8(builder, builder.gep(pw, [builder.mul(b, c64(nbytes))]), kind)
                 base = builder.add(builder.mul(b, n), i0_)  # (b, i0) in [nb, n]
                 for k in range(K):
                     ib = builder.add(base, c64(k))
                     x = vload(builder, px, builder.mul(ib, c64(32)), vec(I8, 32))
-                    s = dpbusd256(builder, zi, wq, x)
+                    s = dot_u8s8(builder, wq, x if signs is None else sign_i8(builder, x, signs))
                     qsum = builder.load(builder.gep(pqs, [ib]))
                     if offset:  # take the unsigned offset back, exactly: sum (q + c) x - c sum x
                         s = builder.sub(s, builder.insert_element(

@@ -5,16 +5,18 @@ inputs and raises ValueError naming the problem; the ``_*_kernel`` cores in
 ``kquants.py`` (k-quants) and ``legacy.py`` (32-element and dense types) trust
 theirs (stumpy's ``stump`` / ``_stump``).
 
-Strategy per type (measured; see the issue's report):
+Strategy per type (measured; see the issue's report), ``strategy()`` naming the tier:
 
-* Q2_K..Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 on a CPU with AVX-512 BW + VNNI (``HAVE_SIMD``):
-  activations quantized to int8 here, exactly as ``weightstream.kernels.quantize`` (Q8_K / Q8_0 / Q8_1), and
-  integer dot products written as explicit LLVM vector IR (``vpmaddubsw`` / ``vpdpbusd``).
-  Reference: ``weightstream.kernels.quantize.matmul_q8_ref``.
-* Q2_K..Q6_K without AVX-512: Q8_K activations, each super-block
+* Q2_K..Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 on a CPU with AVX-512 BW + VNNI or with AVX2 + FMA +
+  F16C (``SIMD_TIER`` 'avx512' / 'avx2', ``legacy.ISA``): activations quantized to int8 here,
+  exactly as ``weightstream.kernels.quantize`` (Q8_K / Q8_0 / Q8_1), and integer dot products
+  written as explicit LLVM vector IR (``vpmaddubsw`` + ``vpmaddwd``, ``vpdpbusd`` with VNNI), 64
+  bytes a product on AVX-512, 32 on AVX2 (e.g. AMD Zen 3). Reference:
+  ``weightstream.kernels.quantize.matmul_q8_ref``.
+* Q2_K..Q6_K without either (or ``WEIGHTSTREAM_NUMBA_SIMD=0``): Q8_K activations, each super-block
   unpacked once to int16 with its scales folded in and dotted with every activation row in
   plain Numba loops (LLVM vectorises them). Reference: ``weightstream.kernels.quantize.matmul_q8_ref``.
-* F32, F16, BF16 (and the 32-element types without AVX-512): float32 activations, weights
+* F32, F16, BF16 (and the 32-element types without a SIMD tier): float32 activations, weights
   dequantized exactly into a small float buffer, then dotted. Reference:
   ``weightstream.kernels.reference.matmul_ref``.
 
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import os
 
-import llvmlite.binding as llvm
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -38,33 +39,34 @@ from . import kquants as kq
 from . import legacy as lg
 from .legacy import F32, JIT, round_f16, tile_rows
 
-__all__ = ["SUPPORTED", "HAVE_SIMD", "matmul_into", "quantize_q8_k", "quantize_q8_0", "strategy"]
+__all__ = ["SUPPORTED", "SIMD_TIER", "HAVE_SIMD", "matmul_into", "quantize_q8_k", "quantize_q8_0", "strategy"]
 
 SUPPORTED: frozenset[T] = traits.types_on("numba")
 
 
-def _have_simd() -> bool:
-    """AVX-512 BW/VL + VNNI on the host, and Numba compiling for the host CPU."""
+def _simd_tier() -> str | None:
+    """The SIMD kernels' instruction set ('avx512' or 'avx2', legacy.ISA) where they may run: the
+    host has one and Numba compiles for the host CPU; None: the plain-loop tiers."""
     if os.environ.get("WEIGHTSTREAM_NUMBA_SIMD", "1") == "0":
-        return False
+        return None
     if numba.config.CPU_NAME not in (None, "host"):
-        return False  # e.g. NUMBA_CPU_NAME=generic for a portable cache: keep to plain loops
-    features = llvm.get_host_cpu_features()
-    return all(features.get(f, False) for f in ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"))
+        return None  # e.g. NUMBA_CPU_NAME=generic for a portable cache: keep to plain loops
+    return lg.ISA
 
 
-HAVE_SIMD = _have_simd()
+SIMD_TIER = _simd_tier()
+HAVE_SIMD = SIMD_TIER is not None
 
 _K_QUANTS = traits.types_on("numba", traits.K_QUANT)
 _LEGACY = traits.types_on("numba", traits.LEGACY)
 
 
 def strategy(qtype, simd: bool = HAVE_SIMD) -> str:
-    """Which kernel tier runs qtype: 'simd-int8', 'int16' (Q8_K activations, plain loops) or
-    'float' (float32 activations)."""
+    """Which kernel tier runs qtype: 'avx512-int8' / 'avx2-int8' (the SIMD kernels, SIMD_TIER),
+    'int16' (Q8_K activations, plain loops) or 'float' (float32 activations)."""
     qt = T(qtype)
-    if simd and (qt.name in kq.SIMD_KERNELS or qt.name in lg.SIMD_KERNELS):
-        return "simd-int8"
+    if simd and HAVE_SIMD and (qt.name in kq.SIMD_KERNELS or qt.name in lg.SIMD_KERNELS):
+        return f"{SIMD_TIER}-int8"
     return "int16" if qt in _K_QUANTS else "float"
 
 
@@ -212,7 +214,7 @@ def _run(x, w, qt: T, out, simd: bool) -> None:
     kind = strategy(qt, simd)
     bad = np.zeros(x.shape[0], np.uint8)  # uint8[n]: activation row holds a NaN / Inf
     if qt in _K_QUANTS:
-        if kind == "simd-int8":
+        if kind.endswith("-int8"):
             kernel, perm = kq.SIMD_KERNELS[qt.name]
             qs, d, bsums = quantize_q8_k(x, perm, bad)
             kernel(qs, d, bsums, w, out, tile_rows(x.shape[1]))
@@ -220,7 +222,7 @@ def _run(x, w, qt: T, out, simd: bool) -> None:
             qs, d, bsums = quantize_q8_k(x, bad=bad)
             kq.GENERIC_KERNELS[qt.name](qs, d, bsums, w, out)
     elif qt in _LEGACY:
-        if kind == "simd-int8":
+        if kind.endswith("-int8"):
             qs, d, qsum = quantize_q8_0(x, bad)
             lg.SIMD_KERNELS[qt.name](qs, d, qsum, w, out, tile_rows(x.shape[1]))
         else:
