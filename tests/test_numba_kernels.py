@@ -154,6 +154,7 @@ def test_k_simd_matches_portable_and_cython(qtype, n):
     assert quantize.nmse(got, reference.matmul_ref(x, raw, qtype)) < QUANT_NMSE
 
 
+@pytest.mark.skipif(not nk.HAVE_SIMD, reason="no AVX-512 BW/VNNI nor AVX2: the SIMD tier is not used")
 @pytest.mark.parametrize("qtype", LEGACY_TYPES, ids=lambda t: t.name)
 def test_legacy_extreme_codes(qtype):
     """Every code byte at 0x00, 0xFF or 0x80 (Q8_0: -128, the largest magnitude), fp16 fields 1.0,
@@ -171,6 +172,34 @@ def test_legacy_extreme_codes(qtype):
     x = np.concatenate([np.ones((1, cols)), -np.ones((1, cols)), rng.standard_normal((2, cols))]).astype(np.float32)
     out = run(x, raw, qtype, 1)
     assert quantize.nmse(out, quantize.matmul_q8_ref(x, raw, qtype, (rows, cols))) < Q8_NMSE
+
+
+def test_half_at_converts_every_fp16_exactly():
+    """legacy.half_at (the SIMD kernels' fp16 scales, converted in integer registers) against
+    NumPy for all 65536 bit patterns: exact, subnormals included; Inf made NaN."""
+    from numba import njit, types
+    from numba.extending import intrinsic
+    from weightstream.kernels.numba import legacy as lg
+
+    @intrinsic
+    def half_at(typingctx, a, i):
+        def codegen(context, builder, signature, args):
+            ptr, _ = lg.arr(context, builder, signature.args[0], args[0])
+            return lg.half_at(builder, ptr, builder.mul(args[1], lg.c64(2)))
+        return types.float32(a, i), codegen
+
+    @njit
+    def convert(a, out):
+        for i in range(out.size):
+            out[i] = half_at(a, i)
+
+    bits = np.arange(65536, dtype=np.uint16)
+    out = np.empty(65536, np.float32)
+    convert(bits.view(np.uint8), out)
+    want = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(want) | np.isinf(want)
+    assert np.isnan(out[nan]).all()
+    np.testing.assert_array_equal(out[~nan].view(np.uint32), want[~nan].view(np.uint32))  # -0 too
 
 
 # ---------------------------------------------------------------------------
