@@ -31,8 +31,17 @@ Quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), as llama.cpp's vec_dot kernels
 * Outside the decode stream, inside a 32-byte block the nibble types keep byte order "element k,
   element 16 + k" (what widening the packed bytes to 16 bits gives); the activations are stored
   in that order.
+* AVX2 (``AVX2``: built with AVX2 + FMA + F16C, no AVX-512; Zen 3, Haswell .. Alder Lake): the
+  same quantities 8 lanes wide, as llama.cpp's AVX2 vec_dot: ``vpmaddubsw`` (u8 x s8 -> int16
+  pairs) then ``vpmaddwd`` by ones (-> int32). The nibble types unpack a pair of blocks into one
+  register (low nibbles: elements 0..15 of both, high: 16..31; activations stored in that order,
+  ``LG_SPLIT``) and add the two halves' int16 sums before widening (at most 15748: no
+  saturation). Q8_0 stays signed (``vpsignb``: |w| times x with w's sign; q + 128 would saturate
+  the int16 pairs), with no offset term. Scales of 8 blocks are one gather. Decode (n <= 4) row by
+  row, unpacking while multiplying (``lg_dot_tile``); prefill from the unpacked scratch as above.
 
-Float weights (F32, F16, BF16): float32 FMA, F16 via ``vcvtph2ps``, BF16 by a 16-bit shift.
+Float weights (F32, F16, BF16): float32 FMA (16 lanes on AVX-512, 8 on AVX2), F16 via ``vcvtph2ps``,
+BF16 by a 16-bit shift.
 
 Non-finite values (docs/DESIGN.md, kernels): an activation row holding a NaN or Inf gives an all-NaN
 output row (the quantizer flags the row; ``ws_nan_rows`` overwrites its outputs afterwards), as the
@@ -41,8 +50,9 @@ where it is loaded (``ws_inf_to_nan``: the reference's 0 * Inf is NaN). The floa
 both through their float32 products.
 
 Each output element is computed by one thread in a fixed order, so any thread count gives the
-same bits. Without AVX-512 (F, BW, VL, VNNI) + F16C + BMI2 at compile time, portable scalar C
-computes the same quantities (same activation quants, same per-block integer dots).
+same bits. Without AVX-512 (F, BW, VL, VNNI) + F16C + BMI2 at compile time, the AVX2 kernels
+(with AVX2 + FMA + F16C), else portable scalar C, compute the same quantities (same activation
+quants, same per-block integer dots; only the order of the float sums differs).
 """
 
 from cython.parallel cimport prange, threadid
@@ -58,6 +68,7 @@ cdef extern from "legacy.h":
     int ws_block_elements(int t) noexcept nogil
     int ws_block_bytes(int t) noexcept nogil
     int lg_simd() noexcept nogil
+    int lg_avx2() noexcept nogil
     ctypedef struct lg_ctx:
         int t, n, rows, cols, nb, nbp, fused, wb
         const uint8_t *w
@@ -78,9 +89,10 @@ cdef extern from "legacy.h":
         size_t rs
         float *fscratch
         size_t fscratch_floats
-    int lg_interleaved(int t) noexcept nogil
+    enum: LG_NATURAL, LG_INTER, LG_SPLIT
+    int lg_order(int t) noexcept nogil
     int lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, float *dx, float *cs,
-                        int inter) noexcept nogil
+                        int order) noexcept nogil
     void lg_tile_scales(const float *dx, const float *cs, size_t fs, int n, int nb, size_t rs,
                         float *dxr, float *csr) noexcept nogil
     void ws_nan_rows(const uint8_t *bad, int64_t n, float *out, int64_t rows, int64_t ostride) noexcept nogil
@@ -105,7 +117,8 @@ cdef dict _BLOCKS = {int(q): (ws_block_elements(q), ws_block_bytes(q))
                      for q in traits.types_on("cython", traits.LEGACY, traits.FLOAT)}
 
 SUPPORTED = frozenset(_BLOCKS)
-SIMD = bool(lg_simd())   # True when built with the AVX-512 VNNI kernels (else portable scalar C)
+SIMD = bool(lg_simd())   # True when built with the AVX-512 VNNI kernels
+AVX2 = bool(lg_avx2())   # True when built with the AVX2 kernels instead (no AVX-512); neither: scalar C
 
 # n <= FUSED_MAX_N: unpack while multiplying (decode); above: unpack a chunk of rows once
 FUSED_MAX_N = 4
@@ -174,11 +187,13 @@ def quantize_rows(const float[:, ::1] x, int qtype):
     cdef float[:, ::1] d = d_a
     cdef float[:, ::1] cs = cs_a
     for i in range(n):
-        lg_quantize_row(qtype, &x[i, 0], nb, nbp, &xq[i, 0], &d[i, 0], &cs[i, 0], lg_interleaved(qtype))
-    qs = xq_a[:, :cols].reshape(n, nb, 32)
-    if qtype != int(_T.Q8_0):   # stored as (element k, element 16 + k) pairs
+        lg_quantize_row(qtype, &x[i, 0], nb, nbp, &xq[i, 0], &d[i, 0], &cs[i, 0], lg_order(qtype))
+    qs = xq_a.reshape(n, nbp, 32)
+    if lg_order(qtype) == LG_INTER:     # stored as (element k, element 16 + k) pairs
         qs = np.concatenate([qs[:, :, 0::2], qs[:, :, 1::2]], axis=2)
-    return qs.reshape(n, cols), d_a[:, :nb].copy(), cs_a[:, :nb].copy()
+    elif lg_order(qtype) == LG_SPLIT:   # per pair of blocks: [half][block][16]
+        qs = qs.reshape(n, nbp // 2, 2, 2, 16).transpose(0, 1, 3, 2, 4).reshape(n, nbp, 32)
+    return np.ascontiguousarray(qs[:, :nb]).reshape(n, cols), d_a[:, :nb].copy(), cs_a[:, :nb].copy()
 
 
 def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float[:, ::1] out, int threads):
@@ -223,9 +238,9 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     c.cols = <int>cols
     c.nb = <int>(cols // 32) if quant else 0
     c.nbp = (c.nb + 15) // 16 * 16
-    # decode unpacks while multiplying: AVX-512 only (the scalar lg_dot_tile reads unpacked rows,
-    # so a portable build takes the unpack-into-scratch path at every n; it read NULL before)
-    c.fused = n <= FUSED_MAX_N and SIMD
+    # decode unpacks while multiplying: AVX-512 and AVX2 (the scalar lg_dot_tile reads unpacked
+    # rows, so a portable build takes the unpack-into-scratch path at every n; it read NULL before)
+    c.fused = n <= FUSED_MAX_N and (SIMD or AVX2)
     c.w = &w[0, 0]
     c.w_stride = <size_t>rb
     c.x = &x[0, 0]
@@ -236,10 +251,10 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     c.fs = <size_t>c.nbp
     c.scratch = NULL
     c.scratch_bytes = 0
-    # decode with an even number of blocks per row: the block-stream kernel (lg_stream_rows),
-    # activations in natural order
+    # decode with an even number of blocks per row: the block-stream kernel (lg_stream_rows,
+    # AVX-512 only), activations in natural order
     cdef bint amx = AMX and n >= _AMX_MIN_N   # prefill on the tiles (quantized types)
-    c.natural = c.fused and quant and c.nb % 2 == 0 and not amx
+    c.natural = c.fused and SIMD and quant and c.nb % 2 == 0 and not amx
     c.dxr = NULL
     c.csr = NULL
     c.rs = 0
@@ -268,7 +283,7 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
             for i in prange(n, nogil=True, num_threads=nthreads if n > 1 else 1, schedule="static"):
                 bad[i] = lg_quantize_row(c.t, &x[i, 0], c.nb, c.nbp, xq + <size_t>i * c.xs,
                                          fbuf + <size_t>i * c.fs, fbuf + (<size_t>n + i) * c.fs,
-                                         lg_interleaved(c.t) and not c.natural) != 0
+                                         LG_NATURAL if c.natural else lg_order(c.t)) != 0
             if c.natural:
                 c.rs = <size_t>c.wb * c.nb + 16
                 c.fscratch_floats = <size_t>n * (c.rs + 256)

@@ -8,11 +8,27 @@
 #include "common.h"
 #include <stddef.h>
 #include <string.h>
+/* AVX-512 (16 lanes) where built for it, else AVX2 + FMA + F16C (8 lanes), else scalar C */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__F16C__)
 #define WS_FDOT_SIMD 1
+#define WS_FDOT_AVX2 0
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define WS_FDOT_SIMD 0
+#define WS_FDOT_AVX2 1
 #include <immintrin.h>
 #else
 #define WS_FDOT_SIMD 0
+#define WS_FDOT_AVX2 0
+#endif
+
+#if WS_FDOT_SIMD || WS_FDOT_AVX2
+/* the sum of v's 8 lanes (also legacy.h's AVX2 kernels, built beside AVX-512 F without VNNI) */
+WS_INLINE float ws_hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
 #endif
 
 /* bytes ahead of the weights being read that each thread prefetches (as LG_PREFETCH) */
@@ -61,20 +77,59 @@ WS_INLINE void ws_fdot_tile(const int t, const int R, const uint8_t *w, int cols
     for (int r = 0; r < R; r++) out[r * os] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
 }
 #else
+/* weight k of a float row */
+WS_INLINE float ws_fscalar(const int t, const uint8_t *w, int k) {
+    float wk;
+    if (t == WS_F32) memcpy(&wk, w + 4 * (size_t)k, 4);
+    else if (t == WS_F16) wk = ws_fp16_to_fp32(ws_load_u16(w + 2 * (size_t)k));
+    else wk = ws_bf16_to_fp32(ws_load_u16(w + 2 * (size_t)k));
+    return wk;
+}
+#if WS_FDOT_AVX2
+WS_INLINE __m256 ws_fload8(const int t, const uint8_t *w, int k) {
+    if (t == WS_F32) return _mm256_loadu_ps((const float *)w + k);
+    __m128i h = _mm_loadu_si128((const __m128i *)(w + 2 * (size_t)k));
+    if (t == WS_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+/* 32 weights a step, alternating two accumulators per row (one FMA chain would wait on its
+   latency); the last cols % 8 in scalar (AVX2 has no 16-bit masked load for F16 / BF16) */
+WS_INLINE void ws_fdot_tile(const int t, const int R, const uint8_t *w, int cols,
+                            const float *x, size_t xs, float *out, size_t os) {
+    __m256 acc[4][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    int k = 0;
+    const int esz = t == WS_F32 ? 4 : 2;
+    for (; k + 32 <= cols; k += 32) {
+        for (int o = 0; o < 32 * esz; o += 64)
+            _mm_prefetch((const char *)w + (size_t)k * esz + WS_FDOT_PREFETCH + o, _MM_HINT_T0);
+        for (int j = 0; j < 4; j++) {
+            const __m256 wj = ws_fload8(t, w, k + 8 * j);
+            for (int r = 0; r < R; r++)
+                acc[r][j & 1] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(x + r * xs + k + 8 * j), acc[r][j & 1]);
+        }
+    }
+    for (; k + 8 <= cols; k += 8) {
+        const __m256 w0 = ws_fload8(t, w, k);
+        for (int r = 0; r < R; r++)
+            acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * xs + k), acc[r][0]);
+    }
+    for (int r = 0; r < R; r++) {
+        float tail = 0.0f;
+        for (int i = k; i < cols; i++) tail += ws_fscalar(t, w, i) * x[r * xs + i];
+        out[r * os] = ws_hsum8(_mm256_add_ps(acc[r][0], acc[r][1])) + tail;
+    }
+}
+#else
 WS_INLINE void ws_fdot_tile(const int t, const int R, const uint8_t *w, int cols,
                             const float *x, size_t xs, float *out, size_t os) {
     for (int r = 0; r < R; r++) {
         float acc = 0.0f;
-        for (int k = 0; k < cols; k++) {
-            float wk;
-            if (t == WS_F32) memcpy(&wk, w + 4 * (size_t)k, 4);
-            else if (t == WS_F16) wk = ws_fp16_to_fp32(ws_load_u16(w + 2 * (size_t)k));
-            else { ws_f32 c; c.u = (uint32_t)ws_load_u16(w + 2 * (size_t)k) << 16; wk = c.f; }
-            acc += wk * x[r * xs + k];
-        }
+        for (int k = 0; k < cols; k++) acc += ws_fscalar(t, w, k) * x[r * xs + k];
         out[r * os] = acc;
     }
 }
+#endif
 #endif
 
 #define WS_FDOT_R(T) switch (R) { case 1: ws_fdot_tile(T, 1, w, cols, x, xs, out, os); break; case 2: ws_fdot_tile(T, 2, w, cols, x, xs, out, os); break; case 3: ws_fdot_tile(T, 3, w, cols, x, xs, out, os); break; default: ws_fdot_tile(T, 4, w, cols, x, xs, out, os); break; }

@@ -1,8 +1,9 @@
 /* The legacy 32-element block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the float types (F32, F16,
  * BF16) for kernels/_legacy.pyx: activation quantization (Q8_0 / Q8_1), weight unpacking, and the
  * per-chunk matmul (decode: unpack while multiplying; prefill: unpack a chunk of rows into an L2
- * scratch, then tiles of activation rows). _legacy.pyx's docstring describes the method;
- * legacy_amx.h adds the AMX prefill path on top of these helpers.
+ * scratch, then tiles of activation rows), in AVX-512 (LG_SIMD), AVX2 (LG_AVX2) or scalar C as
+ * the build targets. _legacy.pyx's docstring describes the method; legacy_amx.h adds the AMX
+ * prefill path on top of these helpers.
  */
 #ifndef WS_LEGACY_H
 #define WS_LEGACY_H
@@ -15,12 +16,19 @@
 #include <math.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__) && defined(__BMI2__)
 #define LG_SIMD 1
+#define LG_AVX2 0
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LG_SIMD 0
+#define LG_AVX2 1   /* 256-bit kernels for CPUs without AVX-512 (Zen 3, Haswell .. Alder Lake) */
 #include <immintrin.h>
 #else
 #define LG_SIMD 0
+#define LG_AVX2 0
 #endif
 
 static int lg_simd(void) { return LG_SIMD; }
+static int lg_avx2(void) { return LG_AVX2; }
 /* Bytes ahead of the weights being read that each thread prefetches: one core's hardware
    prefetcher alone keeps too few lines in flight to stream at the memory's rate (the same
    measurement as WS_KQ_PREFETCH in kquants_simd.h). Rows of a chunk are contiguous. */
@@ -36,11 +44,23 @@ WS_INLINE int lg_qh_off(int t) { return t == WS_Q5_0 ? 2 : 4; }
 /* Q4_1 / Q5_1 carry a min (use Q8_1's s); the others an offset folded via sum(q) */
 WS_INLINE int lg_has_min(int t) { return t == WS_Q4_1 || t == WS_Q5_1; }
 WS_INLINE int lg_offset(int t) { return t == WS_Q4_0 ? 8 : t == WS_Q5_0 ? 16 : t == WS_Q8_0 ? 128 : 0; }
-WS_INLINE int lg_interleaved(int t) { return t != WS_Q8_0; }
+/* Byte orders of a row of activation quants, the same as its unpacked weights' (prefill) */
+enum {
+    LG_NATURAL = 0,   /* element order */
+    LG_INTER = 1,     /* each block's as (element k, element 16 + k) pairs: AVX-512's widening unpack */
+    LG_SPLIT = 2,     /* each pair of blocks A, B: A's elements 0..15, B's 0..15, A's 16..31, B's 16..31:
+                         AVX2's unpack of both blocks' nibbles in one register (lg_unpack_w) */
+};
+/* the order the prefill unpack of type t gives (Q8_0's bytes are never reordered) */
+WS_INLINE int lg_order(int t) { return t == WS_Q8_0 ? LG_NATURAL : LG_SIMD ? LG_INTER : LG_AVX2 ? LG_SPLIT : LG_NATURAL; }
+/* where half h (elements 16 h .. 16 h + 15) of block b's quants lie in a row of the given order */
+WS_INLINE size_t lg_half_at(int order, int b, int h) {
+    return order == LG_SPLIT ? 64 * (size_t)(b >> 1) + 16 * (size_t)(b & 1) + 32 * (size_t)h : 32 * (size_t)b + 16 * (size_t)h;
+}
 
 /* binary32 -> binary16 -> binary32, round to nearest even (NumPy's astype(float16)) */
 static inline float lg_round_f16(float f) {
-#if LG_SIMD
+#if LG_SIMD || LG_AVX2
     return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph(_mm_set_ss(f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
 #else
     ws_f32 x; x.f = f;
@@ -62,24 +82,25 @@ static inline float lg_round_f16(float f) {
 /* ---------------------------------------------------------------------------------
    Activations: one row of cols = 32 * nb floats -> xq int8[nbp * 32], dx[nbp], cs[nbp]
    (nbp = nb rounded up to 16; padding is zero). cs = s (min types) or -off * dx * sum(q).
-   inter: each block's quants stored as (element k, element 16 + k) pairs, the order
-   lg_unpack_pair's nibbles come out in (lg_interleaved(t) types; prefill and AMX); 0: natural
-   order (Q8_0 always; the decode stream, lg_unpack_pair_nat).
+   order: the byte order (LG_NATURAL, LG_INTER, LG_SPLIT): lg_order(t) for the prefill and AMX
+   unpacks and the AVX2 decode, LG_NATURAL for the AVX-512 decode stream (lg_unpack_pair_nat).
    Returns nonzero when the row holds a NaN or an Inf (lost in the int8 quants).
    ---------------------------------------------------------------------------------- */
 static int lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, float *dx, float *cs,
-                           int inter) {
+                           int order) {
     const int has_min = lg_has_min(t), off = lg_offset(t);
     /* sum of v - v over the row: +0 while every value is finite, NaN once one is NaN or Inf
        (the row's outputs become NaN: ws_nan_rows). Kept as written: no -ffast-math here. */
 #if LG_SIMD
     __m512 nfv = _mm512_setzero_ps();
+#elif LG_AVX2
+    __m256 nfv = _mm256_setzero_ps();
 #else
     float nf = 0.0f;
 #endif
     for (int b = 0; b < nb; b++) {
         const float *v = x + 32 * (size_t)b;
-        int8_t *q = xq + 32 * (size_t)b;
+        int8_t *q0 = xq + lg_half_at(order, b, 0), *q1 = xq + lg_half_at(order, b, 1);
         float d, id;
         int isum = 0;
 #if LG_SIMD
@@ -99,15 +120,47 @@ static int lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, f
         __m512i i0 = _mm512_cvttps_epi32(r0), i1 = _mm512_cvttps_epi32(r1);
         isum = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
         __m128i b0 = _mm512_cvtepi32_epi8(i0), b1 = _mm512_cvtepi32_epi8(i1);
-        if (inter) { __m128i t0 = _mm_unpacklo_epi8(b0, b1), t1 = _mm_unpackhi_epi8(b0, b1); b0 = t0; b1 = t1; }
-        _mm_storeu_si128((__m128i *)q, b0);
-        _mm_storeu_si128((__m128i *)(q + 16), b1);
+        if (order == LG_INTER) { __m128i t0 = _mm_unpacklo_epi8(b0, b1), t1 = _mm_unpackhi_epi8(b0, b1); b0 = t0; b1 = t1; }
+        _mm_storeu_si128((__m128i *)q0, b0);
+        _mm_storeu_si128((__m128i *)q1, b1);
+#elif LG_AVX2
+        const __m256 signbit = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f);
+        __m256 a[4], mx = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            a[i] = _mm256_loadu_ps(v + 8 * i);
+            nfv = _mm256_add_ps(nfv, _mm256_sub_ps(a[i], a[i]));
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(signbit, a[i]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        d = amax / 127.0f;
+        id = d != 0.0f ? 1.0f / d : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id);
+        __m256i iv[4];
+        for (int i = 0; i < 4; i++) {   /* sign(s) * floor(|s| + 0.5f), in float32 as NumPy does */
+            const __m256 si = _mm256_mul_ps(a[i], vid);
+            const __m256 ri = _mm256_round_ps(_mm256_add_ps(_mm256_andnot_ps(signbit, si), half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+            iv[i] = _mm256_cvttps_epi32(_mm256_or_ps(ri, _mm256_and_ps(si, signbit)));
+        }
+        __m256i is = _mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3]));
+        __m128i is4 = _mm_add_epi32(_mm256_castsi256_si128(is), _mm256_extracti128_si256(is, 1));
+        is4 = _mm_add_epi32(is4, _mm_shuffle_epi32(is4, 0x4E));
+        isum = _mm_cvtsi128_si32(_mm_add_epi32(is4, _mm_shuffle_epi32(is4, 0xB1)));
+        /* the packs work inside 128-bit lanes: 4-element groups come out in the order
+           0, 2, 4, 6 | 1, 3, 5, 7; the permute puts them back */
+        __m256i q8 = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+        q8 = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        __m128i b0 = _mm256_castsi256_si128(q8), b1 = _mm256_extracti128_si256(q8, 1);
+        if (order == LG_INTER) { __m128i t0 = _mm_unpacklo_epi8(b0, b1), t1 = _mm_unpackhi_epi8(b0, b1); b0 = t0; b1 = t1; }
+        _mm_storeu_si128((__m128i *)q0, b0);
+        _mm_storeu_si128((__m128i *)q1, b1);
 #else
         float amax = 0.0f;
         for (int j = 0; j < 32; j++) { float a = fabsf(v[j]); if (a > amax) amax = a; nf += v[j] - v[j]; }
         d = amax / 127.0f;
         id = d != 0.0f ? 1.0f / d : 0.0f;
-        int8_t tmp[32];
+        int8_t tmp[32], o[32];
         for (int j = 0; j < 32; j++) {
             volatile float s = v[j] * id;          /* no contraction into the add below */
             float a = floorf(fabsf(s) + 0.5f);
@@ -116,9 +169,11 @@ static int lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, f
             isum += tmp[j];
         }
         for (int j = 0; j < 16; j++) {
-            if (inter) { q[2 * j] = tmp[j]; q[2 * j + 1] = tmp[16 + j]; }
-            else { q[j] = tmp[j]; q[16 + j] = tmp[16 + j]; }
+            if (order == LG_INTER) { o[2 * j] = tmp[j]; o[2 * j + 1] = tmp[16 + j]; }
+            else { o[j] = tmp[j]; o[16 + j] = tmp[16 + j]; }
         }
+        memcpy(q0, o, 16);
+        memcpy(q1, o + 16, 16);
 #endif
         float dr = lg_round_f16(d);
         dx[b] = dr;
@@ -126,11 +181,14 @@ static int lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, f
         else cs[b] = dr * (float)(-off * isum);
     }
     for (int b = nb; b < nbp; b++) {
-        memset(xq + 32 * (size_t)b, 0, 32);
+        memset(xq + lg_half_at(order, b, 0), 0, 16);
+        memset(xq + lg_half_at(order, b, 1), 0, 16);
         dx[b] = 0.0f; cs[b] = 0.0f;
     }
 #if LG_SIMD
     return _mm512_cmp_ps_mask(nfv, nfv, _CMP_UNORD_Q) != 0;
+#elif LG_AVX2
+    return _mm256_movemask_ps(_mm256_cmp_ps(nfv, nfv, _CMP_UNORD_Q)) != 0;
 #else
     return nf != nf;
 #endif
@@ -177,6 +235,58 @@ WS_INLINE void lg_scales16(const int t, const uint8_t *p, int k, __m512 *dw, __m
     }
     else *cw = *dw;
 }
+#elif LG_AVX2
+/* byte j = 16 where bit j of h is set, else 0 (the fifth bits of Q5) */
+WS_INLINE __m256i lg_bits16(uint32_t h) {
+    const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)h),   /* byte j = byte j / 8 of h */
+                                          _mm256_set_epi64x(0x0303030303030303ll, 0x0202020202020202ll, 0x0101010101010101ll, 0));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);   /* byte j: bit j % 8 */
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit), _mm256_set1_epi8(16));
+}
+/* The weights at p as lg_dot32 takes them. Q8_0, one block: w0 its signed quants, w1 their
+   magnitudes. The nibble types, the pair of blocks A at p and B after it (two = 0: B reads as
+   zeros), unsigned, in LG_SPLIT order: one register holds both blocks' 16 qs bytes, its low
+   nibbles (w0) are elements 0..15 of A then of B, its high nibbles (w1) elements 16..31. */
+WS_INLINE void lg_unpack_w(const int t, const uint8_t *p, int two, __m256i *w0, __m256i *w1) {
+    if (t == WS_Q8_0) {
+        *w0 = _mm256_loadu_si256((const __m256i *)(p + 2));
+        *w1 = _mm256_abs_epi8(*w0);
+        return;
+    }
+    const int bs = ws_block_bytes(t), qo = lg_qs_off(t);
+    const __m128i b = two ? _mm_loadu_si128((const __m128i *)(p + bs + qo)) : _mm_setzero_si128();
+    const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(p + qo))), b, 1);
+    const __m256i lo = _mm256_set1_epi8(0x0F);
+    *w0 = _mm256_and_si256(v, lo);
+    *w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo);
+    if (t == WS_Q5_0 || t == WS_Q5_1) {   /* bit j of qh: element j's fifth bit */
+        const int ho = lg_qh_off(t);
+        const uint32_t ha = ws_load_u32(p + ho), hb = two ? ws_load_u32(p + bs + ho) : 0u;
+        *w0 = _mm256_or_si256(*w0, lg_bits16((ha & 0xFFFFu) | (hb << 16)));
+        *w1 = _mm256_or_si256(*w1, lg_bits16((ha >> 16) | (hb & 0xFFFF0000u)));
+    }
+}
+/* blocks per lg_unpack_w */
+WS_INLINE int lg_step(int t) { return t == WS_Q8_0 ? 1 : 2; }
+/* fp16 d (and m) of up to 8 blocks from p (k of them exist): one gather of each block's first
+   4 bytes, Inf made NaN (ws_inf_to_nan) */
+WS_INLINE void lg_scales8(const int t, const uint8_t *p, int k, __m256 *dw, __m256 *cw) {
+    const int bs = ws_block_bytes(t);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i g = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)p, _mm256_mullo_epi32(lane, _mm256_set1_epi32(bs)),
+                                            _mm256_cmpgt_epi32(_mm256_set1_epi32(k), lane), 1);
+    /* the 8 d into the low 128 bits, the 8 m into the high */
+    const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                           0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+    g = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(g, split), 0xD8);
+    const __m256 d = _mm256_cvtph_ps(_mm256_castsi256_si128(g));
+    *dw = _mm256_add_ps(_mm256_sub_ps(d, d), d);
+    if (lg_has_min(t)) {
+        const __m256 m = _mm256_cvtph_ps(_mm256_extracti128_si256(g, 1));
+        *cw = _mm256_add_ps(_mm256_sub_ps(m, m), m);
+    }
+    else *cw = *dw;
+}
 #endif
 
 /* one weight row -> ubuf u8[nbp * 32], dwb[nbp], cwb[nbp] (zero padded) */
@@ -193,14 +303,28 @@ static void lg_unpack_row(int t, const uint8_t *w, int nb, int nbp, uint8_t *ubu
         else lg_scales16(t, w + (size_t)g * bs, k, &dw, &cw);
         _mm512_storeu_ps(dwb + g, dw); _mm512_storeu_ps(cwb + g, cw);
     }
+#elif LG_AVX2
+    const int step = lg_step(t);
+    int b = 0;
+    for (; b < nb; b += step) {   /* Q8_0: the signed quants; else pairs of blocks in LG_SPLIT order */
+        __m256i w0, w1;
+        lg_unpack_w(t, w + (size_t)b * bs, b + 1 < nb, &w0, &w1);
+        _mm256_storeu_si256((__m256i *)(ubuf + 32 * (size_t)b), w0);
+        if (step == 2) _mm256_storeu_si256((__m256i *)(ubuf + 32 * (size_t)b + 32), w1);
+    }
+    memset(ubuf + 32 * (size_t)b, 0, 32 * (size_t)(nbp - b));
+    for (int g = 0; g < nbp; g += 8) {
+        __m256 dw = _mm256_setzero_ps(), cw = dw;
+        if (g < nb) lg_scales8(t, w + (size_t)g * bs, nb - g, &dw, &cw);
+        _mm256_storeu_ps(dwb + g, dw); _mm256_storeu_ps(cwb + g, cw);
+    }
 #else
-    const int qo = lg_qs_off(t), inter = lg_interleaved(t), off = lg_offset(t);
+    const int qo = lg_qs_off(t);
     memset(ubuf, 0, 32 * (size_t)nbp);
     for (int b = 0; b < nbp; b++) { dwb[b] = 0.0f; cwb[b] = 0.0f; }
     for (int b = 0; b < nb; b++) {
         const uint8_t *p = w + (size_t)b * bs;
-        uint8_t *u = ubuf + 32 * (size_t)b;
-        uint8_t e[32];
+        uint8_t *e = ubuf + 32 * (size_t)b;   /* element order */
         if (t == WS_Q8_0) { for (int j = 0; j < 32; j++) e[j] = (uint8_t)(p[2 + j] ^ 0x80u); }
         else {
             for (int j = 0; j < 16; j++) { e[j] = p[qo + j] & 15u; e[16 + j] = p[qo + j] >> 4; }
@@ -209,14 +333,9 @@ static void lg_unpack_row(int t, const uint8_t *w, int nb, int nbp, uint8_t *ubu
                 for (int j = 0; j < 32; j++) e[j] |= (uint8_t)(((h >> j) & 1u) << 4);
             }
         }
-        for (int j = 0; j < 16; j++) {
-            if (inter) { u[2 * j] = e[j]; u[2 * j + 1] = e[16 + j]; }
-            else { u[j] = e[j]; u[16 + j] = e[16 + j]; }
-        }
         dwb[b] = ws_inf_to_nan(ws_half_at(p));     /* Inf -> NaN, as the reference's 0 * Inf */
         cwb[b] = lg_has_min(t) ? ws_inf_to_nan(ws_half_at(p + 2)) : dwb[b];
     }
-    (void)off;
 #endif
 }
 
@@ -267,6 +386,67 @@ WS_INLINE void lg_dot_tile(const int t, const int fused, const int R,
     }
     for (int r = 0; r < R; r++)
         out[r * os] = (accum ? out[r * os] : 0.0f) + _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), acc2[r]));
+}
+#elif LG_AVX2
+/* int32 lanes of the dot of lg_unpack_w's w0, w1 with the activation quants at x (same order).
+   Q8_0: one block, lanes summing to its dot; |w| times x with w's sign (unsigned q + 128 would
+   saturate maddubs' int16 at 2 * 255 * 127), so no offset term. Nibble types: lanes 0..3 sum to
+   block A's dot, 4..7 to B's; unsigned weights, the two halves' int16 sums added before widening
+   (at most 2 * 2 * 31 * 127 = 15748: no saturation). */
+WS_INLINE __m256i lg_dot32(const int t, __m256i w0, __m256i w1, const int8_t *x) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i x0 = _mm256_loadu_si256((const __m256i *)x);
+    if (t == WS_Q8_0)
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(w1, _mm256_sign_epi8(x0, w0)), ones);
+    const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 32));
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(w0, x0), _mm256_maddubs_epi16(w1, x1)), ones);
+}
+/* Blocks 8 at a time: their scales as one vector (dw * dx), the min / offset terms one FMA per
+   activation row; per block (Q8_0) or pair of blocks one int8 dot per row, scaled by its lanes
+   of dw * dx. */
+WS_INLINE void lg_dot_tile(const int t, const int fused, const int R,
+                           const uint8_t *wrow, const uint8_t *ubuf, const float *dwb, const float *cwb,
+                           int nb, const int8_t *xq, const float *dx, const float *cs,
+                           size_t xs, size_t fs, float *out, size_t os, int accum) {
+    const int bs = ws_block_bytes(t);
+    __m256 acc[4][2], acc2[4];
+    for (int r = 0; r < R; r++) { acc[r][0] = acc[r][1] = acc2[r] = _mm256_setzero_ps(); }
+    for (int g = 0; g < nb; g += 8) {
+        const int k = nb - g < 8 ? nb - g : 8;
+        __m256 dw, cw, S[4];
+        if (fused) {  /* prefetch: see LG_PREFETCH */
+            for (int o = 0; o < 8 * bs; o += 64)
+                _mm_prefetch((const char *)wrow + (size_t)g * bs + LG_PREFETCH + o, _MM_HINT_T0);
+            lg_scales8(t, wrow + (size_t)g * bs, k, &dw, &cw);
+        }
+        else { dw = _mm256_loadu_ps(dwb + g); cw = _mm256_loadu_ps(cwb + g); }
+        for (int r = 0; r < R; r++) {
+            S[r] = _mm256_mul_ps(dw, _mm256_loadu_ps(dx + r * fs + g));
+            if (t != WS_Q8_0)
+                acc2[r] = _mm256_fmadd_ps(cw, _mm256_loadu_ps(cs + r * fs + g), acc2[r]);
+        }
+        /* unrolled: the scale lanes and accumulator are constants (acc stays in registers) */
+        const int step = lg_step(t);
+        #pragma GCC unroll 8
+        for (int j = 0; j < 8; j += step) {
+            if (j >= k)
+                break;
+            const int blk = g + j, a = (j / step) & 1;
+            __m256i w0, w1;
+            if (fused) lg_unpack_w(t, wrow + (size_t)blk * bs, blk + 1 < nb, &w0, &w1);
+            else {
+                w0 = _mm256_loadu_si256((const __m256i *)(ubuf + 32 * (size_t)blk));
+                w1 = step == 2 ? _mm256_loadu_si256((const __m256i *)(ubuf + 32 * (size_t)blk + 32)) : _mm256_abs_epi8(w0);
+            }
+            const __m256i ix = step == 2 ? _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1) : _mm256_set1_epi32(j);
+            for (int r = 0; r < R; r++) {
+                const __m256i d = lg_dot32(t, w0, w1, xq + r * xs + 32 * (size_t)blk);
+                acc[r][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_permutevar8x32_ps(S[r], ix), acc[r][a]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        out[r * os] = (accum ? out[r * os] : 0.0f) + ws_hsum8(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), acc2[r]));
 }
 #else
 WS_INLINE void lg_dot_tile(const int t, const int fused, const int R,
@@ -331,7 +511,7 @@ typedef struct {
 
 #if LG_SIMD
 /* Decode, an even number of blocks per row: unpack a pair of blocks into natural order (byte i
-   of the 64 = element i of the pair's 64), the activations' lg_quantize_row(inter = 0) order.
+   of the 64 = element i of the pair's 64), the activations' lg_quantize_row(LG_NATURAL) order.
    The nibbles need no byte moves: each block's 16 qs bytes are broadcast to two 128-bit lanes
    (a load and a masked broadcast), and one GF(2) affine byte map per 64-bit lane keeps the low
    nibble (lanes 0, 2) or moves the high nibble down (lanes 1, 3): 2 vector uops where
