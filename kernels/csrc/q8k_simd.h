@@ -22,6 +22,13 @@
 #include "kquants_simd.h"   /* WS_KQ_AVX512 / WS_KQ_AVX2 and their intrinsics */
 #include <math.h>
 
+/* an all-zero block: zero quants (in any order), d and min-term sums */
+static inline void ws_q8k_zero_block(int8_t *qb, float *d, float *fb) {
+    *d = 0.0f;
+    memset(qb, 0, 256);
+    memset(fb, 0, 16 * sizeof(float));
+}
+
 #if WS_KQ_AVX512
 
 static inline int ws_quantize_row_q8k(const float *x, int64_t nb, int8_t *qs, float *d, float *fb,
@@ -41,9 +48,7 @@ static inline int ws_quantize_row_q8k(const float *x, int64_t nb, int8_t *qs, fl
         }
         const float amax = _mm512_reduce_max_ps(amax16);
         if (amax == 0.0f) {
-            d[b] = 0.0f;
-            memset(qb, 0, 256);
-            memset(fb + 16 * b, 0, 16 * sizeof(float));
+            ws_q8k_zero_block(qb, d + b, fb + 16 * b);
             continue;
         }
         /* the first value of that magnitude, with its sign */
@@ -104,9 +109,7 @@ static inline int ws_quantize_row_q8k(const float *x, int64_t nb, int8_t *qs, fl
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
         if (amax == 0.0f) {
-            d[b] = 0.0f;
-            memset(qb, 0, 256);
-            memset(fb + 16 * b, 0, 16 * sizeof(float));
+            ws_q8k_zero_block(qb, d + b, fb + 16 * b);
             continue;
         }
         /* the first value of that magnitude, with its sign */
@@ -155,9 +158,7 @@ static inline int ws_quantize_row_q8k(const float *x, int64_t nb, int8_t *qs, fl
             if (ax > amax) { amax = ax; vmax = xb[j]; }
         }
         if (amax == 0.0f) {
-            d[b] = 0.0f;
-            memset(qs + 256 * b, 0, 256);
-            memset(fb + 16 * b, 0, 16 * sizeof(float));
+            ws_q8k_zero_block(qs + 256 * b, d + b, fb + 16 * b);
             continue;
         }
         const float iscale = -127.0f / vmax;
