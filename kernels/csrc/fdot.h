@@ -6,6 +6,7 @@
 #define WS_FDOT_H
 
 #include "common.h"
+#include "sum16.h"
 #include <stddef.h>
 #include <string.h>
 /* AVX-512 (16 lanes) where built for it, else AVX2 + FMA + F16C (8 lanes), else scalar C */
@@ -20,15 +21,6 @@
 #else
 #define WS_FDOT_SIMD 0
 #define WS_FDOT_AVX2 0
-#endif
-
-#if WS_FDOT_SIMD || WS_FDOT_AVX2
-/* the sum of v's 8 lanes (also legacy.h's AVX2 kernels, built beside AVX-512 F without VNNI) */
-WS_INLINE float ws_hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 #endif
 
 /* bytes ahead of the weights being read that each thread prefetches (as LG_PREFETCH) */

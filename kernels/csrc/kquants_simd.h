@@ -637,12 +637,8 @@ WS_AI void ws_kq_rows_avx2(const int qtype, const uint8_t *w, int64_t nbk, const
 
 /* out[j] = the sum of the 8 partial sums at v + j * vstride, j < m (one fixed order) */
 static inline void ws_kq_reduce16(const float *v, int64_t vstride, int m, float *out) {
-    for (int j = 0; j < m; j++) {
-        const __m256 x = _mm256_loadu_ps(v + j * vstride);
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        out[j] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-    }
+    for (int j = 0; j < m; j++)
+        out[j] = ws_hsum8(_mm256_loadu_ps(v + j * vstride));
 }
 
 #define WS_KQ2_NR_CASES(QT) \

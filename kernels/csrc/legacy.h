@@ -131,9 +131,7 @@ static int lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, f
             nfv = _mm256_add_ps(nfv, _mm256_sub_ps(a[i], a[i]));
             mx = _mm256_max_ps(mx, _mm256_andnot_ps(signbit, a[i]));
         }
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        float amax = ws_hmax8(mx);
         d = amax / 127.0f;
         id = d != 0.0f ? 1.0f / d : 0.0f;
         const __m256 vid = _mm256_set1_ps(id);

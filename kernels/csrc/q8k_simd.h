@@ -105,9 +105,7 @@ static inline int ws_quantize_row_q8k(const float *x, int64_t nb, int8_t *qs, fl
             bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), expmask), expmask));
             amax8 = _mm256_max_ps(_mm256_and_ps(v, absmask), amax8);
         }
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        const float amax = ws_hmax8(amax8);
         if (amax == 0.0f) {
             ws_q8k_zero_block(qb, d + b, fb + 16 * b);
             continue;

@@ -5,9 +5,30 @@
  * take ~150 and a dependency chain each. The tree leaves lane i holding the sum of its input slot
  * ws_sum16_slot[i]; the inputs are placed in that order (the order is its own inverse), so lane i
  * is a[i]. One fixed order of additions: the same inputs give the same bits wherever it is used
- * (the k-quant kernels' rows, attention scores). */
+ * (the k-quant kernels' rows, attention scores).
+ *
+ * Also one ymm's 8 lanes to a float (AVX and later): the sum and the max, which the AVX2 kernels
+ * of kquants_simd.h, q8k_simd.h, legacy.h and fdot.h share. */
 #ifndef WS_SUM16_H
 #define WS_SUM16_H
+
+#if defined(__AVX__)
+#include <immintrin.h>
+
+/* the sum of v's 8 lanes: halves, pairs, then the last two (one fixed order) */
+static inline __attribute__((always_inline)) float ws_hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* the largest of v's 8 lanes (a NaN lane: as _mm_max_ps decides, its second operand) */
+static inline __attribute__((always_inline)) float ws_hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+#endif
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
