@@ -37,8 +37,11 @@ Quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), as llama.cpp's vec_dot kernels
   register (low nibbles: elements 0..15 of both, high: 16..31; activations stored in that order,
   ``LG_SPLIT``) and add the two halves' int16 sums before widening (at most 15748: no
   saturation). Q8_0 stays signed (``vpsignb``: |w| times x with w's sign; q + 128 would saturate
-  the int16 pairs), with no offset term. Scales of 8 blocks are one gather. Decode (n <= 4) row by
-  row, unpacking while multiplying (``lg_dot_tile``); prefill from the unpacked scratch as above.
+  the int16 pairs), with no offset term. Scales of 8 blocks: 8 32-bit loads and a tree of unpacks
+  (Zen 3's ``vpgatherdd`` measured slower; a gather only for fewer than 8). Decode (n <= 4) with
+  an even number of blocks per row: the same 16-row stream, 8 blocks at a time, activations in
+  ``LG_SPLIT`` order (a pair never straddles rows); an odd number row by row (``lg_dot_tile``);
+  prefill from the unpacked scratch as above.
 
 Float weights (F32, F16, BF16): float32 FMA (16 lanes on AVX-512, 8 on AVX2), F16 via ``vcvtph2ps``,
 BF16 by a 16-bit shift.
@@ -83,7 +86,7 @@ cdef extern from "legacy.h":
         size_t o_stride
         uint8_t *scratch
         size_t scratch_bytes
-        int natural
+        int stream
         const float *dxr
         const float *csr
         size_t rs
@@ -91,6 +94,7 @@ cdef extern from "legacy.h":
         size_t fscratch_floats
     enum: LG_NATURAL, LG_INTER, LG_SPLIT
     int lg_order(int t) noexcept nogil
+    int lg_stream_order(int t) noexcept nogil
     int lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, float *dx, float *cs,
                         int order) noexcept nogil
     void lg_tile_scales(const float *dx, const float *cs, size_t fs, int n, int nb, size_t rs,
@@ -251,10 +255,10 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
     c.fs = <size_t>c.nbp
     c.scratch = NULL
     c.scratch_bytes = 0
-    # decode with an even number of blocks per row: the block-stream kernel (lg_stream_rows,
-    # AVX-512 only), activations in natural order
+    # decode with an even number of blocks per row: the block-stream kernel (lg_stream_rows),
+    # activations in lg_stream_order
     cdef bint amx = AMX and n >= _AMX_MIN_N   # prefill on the tiles (quantized types)
-    c.natural = c.fused and SIMD and quant and c.nb % 2 == 0 and not amx
+    c.stream = c.fused and quant and c.nb % 2 == 0 and not amx
     c.dxr = NULL
     c.csr = NULL
     c.rs = 0
@@ -283,8 +287,8 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
             for i in prange(n, nogil=True, num_threads=nthreads if n > 1 else 1, schedule="static"):
                 bad[i] = lg_quantize_row(c.t, &x[i, 0], c.nb, c.nbp, xq + <size_t>i * c.xs,
                                          fbuf + <size_t>i * c.fs, fbuf + (<size_t>n + i) * c.fs,
-                                         LG_NATURAL if c.natural else lg_order(c.t)) != 0
-            if c.natural:
+                                         lg_stream_order(c.t) if c.stream else lg_order(c.t)) != 0
+            if c.stream:
                 c.rs = <size_t>c.wb * c.nb + 16
                 c.fscratch_floats = <size_t>n * (c.rs + 256)
                 stream = <float *>lg_alloc((2 * <size_t>n * c.rs + nthreads * c.fscratch_floats) * sizeof(float))

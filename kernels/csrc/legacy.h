@@ -53,6 +53,9 @@ enum {
 };
 /* the order the prefill unpack of type t gives (Q8_0's bytes are never reordered) */
 WS_INLINE int lg_order(int t) { return t == WS_Q8_0 ? LG_NATURAL : LG_SIMD ? LG_INTER : LG_AVX2 ? LG_SPLIT : LG_NATURAL; }
+/* the order the decode stream (lg_stream_rows) reads: AVX-512 unpacks pairs into element order
+   (lg_unpack_pair_nat), AVX2 as its prefill does */
+WS_INLINE int lg_stream_order(int t) { return LG_SIMD ? LG_NATURAL : lg_order(t); }
 /* where half h (elements 16 h .. 16 h + 15) of block b's quants lie in a row of the given order */
 WS_INLINE size_t lg_half_at(int order, int b, int h) {
     return order == LG_SPLIT ? 64 * (size_t)(b >> 1) + 16 * (size_t)(b & 1) + 32 * (size_t)h : 32 * (size_t)b + 16 * (size_t)h;
@@ -266,13 +269,23 @@ WS_INLINE void lg_unpack_w(const int t, const uint8_t *p, int two, __m256i *w0, 
 }
 /* blocks per lg_unpack_w */
 WS_INLINE int lg_step(int t) { return t == WS_Q8_0 ? 1 : 2; }
-/* fp16 d (and m) of up to 8 blocks from p (k of them exist): one gather of each block's first
-   4 bytes, Inf made NaN (ws_inf_to_nan) */
+/* fp16 d (and m) of up to 8 blocks from p (k of them exist): each block's first 4 bytes (a
+   gather where fewer than 8 exist), Inf made NaN (ws_inf_to_nan) */
 WS_INLINE void lg_scales8(const int t, const uint8_t *p, int k, __m256 *dw, __m256 *cw) {
     const int bs = ws_block_bytes(t);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    __m256i g = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)p, _mm256_mullo_epi32(lane, _mm256_set1_epi32(bs)),
-                                            _mm256_cmpgt_epi32(_mm256_set1_epi32(k), lane), 1);
+    __m256i g;
+    if (k >= 8) {   /* 8 loads and a tree of unpacks: on Zen 3 faster than the gather (measured) */
+        __m128i v[8];
+        for (int i = 0; i < 8; i++)
+            v[i] = _mm_loadu_si32(p + (size_t)i * bs);
+        const __m128i lo = _mm_unpacklo_epi64(_mm_unpacklo_epi32(v[0], v[1]), _mm_unpacklo_epi32(v[2], v[3]));
+        const __m128i hi = _mm_unpacklo_epi64(_mm_unpacklo_epi32(v[4], v[5]), _mm_unpacklo_epi32(v[6], v[7]));
+        g = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+    }
+    else
+        g = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)p, _mm256_mullo_epi32(lane, _mm256_set1_epi32(bs)),
+                                        _mm256_cmpgt_epi32(_mm256_set1_epi32(k), lane), 1);
     /* the 8 d into the low 128 bits, the 8 m into the high */
     const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
                                            0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
@@ -499,10 +512,10 @@ typedef struct {
     const int8_t *xq; const float *dx; const float *cs; size_t xs, fs;
     float *out; size_t o_stride;
     uint8_t *scratch; size_t scratch_bytes;    /* per thread */
-    /* decode stream (lg_stream_rows): natural-order activations, their dx / cs tiled along a
-       chunk's blocks (dxr[r * rs + i] = dx[r][i % nb], the same for cs: rs >= wb * nb + 16), and
+    /* decode stream (lg_stream_rows): activations in lg_stream_order, their dx / cs tiled along
+       a chunk's blocks (dxr[r * rs + i] = dx[r][i % nb], the same for cs: rs >= wb * nb + 16), and
        per thread rs * n + 256 * n floats of scratch (fscratch, fscratch_floats apart) */
-    int natural;
+    int stream;
     const float *dxr; const float *csr; size_t rs;
     float *fscratch; size_t fscratch_floats;
 } lg_ctx;
@@ -602,6 +615,74 @@ WS_INLINE void lg_stream_rows(const int t, const int R, const lg_ctx *c, int r0,
         ws_sum16_rows(part + 16 * r, 16 * R, nrows, c->out + (size_t)r * c->o_stride + r0);
 }
 
+#elif LG_AVX2
+/* Decode (n = R <= 4 activation rows, nb even), AVX2: weight rows [r0, r1) (<= 16, contiguous)
+   read as one stream of blocks, 8 at a time, as the AVX-512 lg_stream_rows: one gather of 8
+   blocks' d (and m) wherever rows begin and end (a 576-wide row has 18 blocks: row by row, three
+   gathers, the last for 2 blocks, and a horizontal sum per row on the critical path), times the
+   tiled dx; the min / offset terms to scratch, added when a row is done; a row's 8 lanes to
+   scratch, summed after the stream. Activations in lg_order (LG_SPLIT pairs never straddle a row:
+   rows start at even blocks). The same order whatever the threads. */
+WS_INLINE void lg_stream_rows(const int t, const int R, const lg_ctx *c, int r0, int r1, float *scr) {
+    const int bs = ws_block_bytes(t), nb = c->nb, step = lg_step(t);
+    const int nrows = r1 - r0, nblk = nrows * nb;
+    const size_t rs = c->rs;
+    float *mt = scr;              /* [R][rs]: the min / offset term of each block (not Q8_0) */
+    float *part = scr + R * rs;   /* [16 rows][R][8]: each row's lanes */
+    const uint8_t *w = c->w + (size_t)r0 * c->w_stride;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 acc[4][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    int row = 0, jb = 0;          /* the row being summed and its next block */
+    for (int g = 0; g < nblk; g += 8) {
+        const int k = nblk - g < 8 ? nblk - g : 8;
+        const uint8_t *gw = w + (size_t)g * bs;
+        for (int o = 0; o < 8 * bs; o += 64)   /* see LG_PREFETCH */
+            _mm_prefetch((const char *)gw + LG_PREFETCH + o, _MM_HINT_T0);
+        __m256 dw, cw, S[4];
+        lg_scales8(t, gw, k, &dw, &cw);
+        for (int r = 0; r < R; r++) {
+            S[r] = _mm256_mul_ps(dw, _mm256_loadu_ps(c->dxr + r * rs + g));
+            if (t != WS_Q8_0)
+                _mm256_storeu_ps(mt + r * rs + g, _mm256_mul_ps(cw, _mm256_loadu_ps(c->csr + r * rs + g)));
+        }
+        /* unrolled: the scale lanes and accumulator are constants (acc stays in registers) */
+        #pragma GCC unroll 8
+        for (int j = 0; j < 8; j += step) {
+            if (j >= k)
+                break;
+            __m256i w0, w1;
+            lg_unpack_w(t, gw + (size_t)j * bs, 1, &w0, &w1);
+            const __m256i ix = step == 2 ? _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1) : _mm256_set1_epi32(j);
+            const int a = (j / step) & 1;
+            for (int r = 0; r < R; r++) {
+                const __m256i d = lg_dot32(t, w0, w1, c->xq + r * c->xs + 32 * (size_t)jb);
+                acc[r][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_permutevar8x32_ps(S[r], ix), acc[r][a]);
+            }
+            jb += step;
+            if (jb == nb) {   /* row done: its min / offset terms, then its lanes to scratch */
+                for (int r = 0; r < R; r++) {
+                    __m256 v = _mm256_add_ps(acc[r][0], acc[r][1]);
+                    if (t != WS_Q8_0) {
+                        const float *m = mt + r * rs + (size_t)row * nb;
+                        for (int b = 0; b < nb; b += 8)
+                            v = _mm256_add_ps(v, _mm256_maskload_ps(m + b, _mm256_cmpgt_epi32(_mm256_set1_epi32(nb - b), lane)));
+                    }
+                    _mm256_storeu_ps(part + (size_t)(row * R + r) * 8, v);
+                    acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+                }
+                row++;
+                jb = 0;
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < nrows; i++)
+            c->out[(size_t)r * c->o_stride + r0 + i] = ws_hsum8(_mm256_loadu_ps(part + (size_t)(i * R + r) * 8));
+}
+#endif
+
+#if LG_SIMD || LG_AVX2
 #define LG_STREAM_R(T) switch (c->n) { case 1: lg_stream_rows(T, 1, c, r0, r1, scr); break; case 2: lg_stream_rows(T, 2, c, r0, r1, scr); break; case 3: lg_stream_rows(T, 3, c, r0, r1, scr); break; default: lg_stream_rows(T, 4, c, r0, r1, scr); break; }
 static void lg_stream_chunk(const lg_ctx *c, int r0, int r1, float *scr) {
     switch (c->t) {
@@ -639,8 +720,8 @@ static void lg_chunk(const lg_ctx *c, int r0, int r1, int tid) {
         }
         return;
     }
-#if LG_SIMD
-    if (c->natural) {
+#if LG_SIMD || LG_AVX2
+    if (c->stream) {
         if (r1 > r0)
             lg_stream_chunk(c, r0, r1, c->fscratch + (size_t)tid * c->fscratch_floats);
         return;
