@@ -672,22 +672,23 @@ def moe_decode_supported(int qtype_gu, int qtype_d):
 
 
 cdef int _moe_run(const float *h, const uint8_t **pv, int qgu, int qd, const float *weights,
-                  int64_t k, int64_t E, int64_t ff, float *y, float *out, int threads) except -1:
+                  int64_t k, int64_t E, int64_t ff, float *y, float *out, int threads,
+                  float *gu = NULL, float *act = NULL) except -1:
     """The routed experts' work once the arguments are checked (moe_decode_into's docstring): pv
     holds the k gate, k up and k down matrices' addresses, in the order the sum takes them. The
-    scratch comes from one arena: h's and the activation rows' Q8_K, gate/up outputs float[2k, ff],
-    SwiGLU float[k, ff], each thread's partial sums."""
+    scratch comes from one arena: h's and the activation rows' Q8_K, gate/up outputs float[2k, ff]
+    and SwiGLU float[k, ff] (unless the caller gives them: gu, act), each thread's partial sums."""
     cdef _Arena a
     # Q8_K of h (E values), then of each expert's activation row (ff each): 1 + k rows
     _arena_open(&a, _q8k_bytes(E + k * ff, 1 + k) + 4 * 3 * k * ff + 4 * threads * _scratch_floats())
     cdef _Q8K q
-    cdef float *gu
-    cdef float *act
     cdef float *acc
     try:
         _q8k_take(&a, E + k * ff, 1 + k, &q)
-        gu = <float *>_take(&a, 4 * 2 * k * ff)
-        act = <float *>_take(&a, 4 * k * ff)
+        if gu == NULL:
+            gu = <float *>_take(&a, 4 * 2 * k * ff)
+        if act == NULL:
+            act = <float *>_take(&a, 4 * k * ff)
         acc = <float *>_take(&a, 4 * threads * _scratch_floats())
         with nogil:
             _moe_decode_core(h, pv, qgu, pv + 2 * k, qd, weights, k, E, ff, q.qs, q.dq, q.fb, gu, act, y,
@@ -755,6 +756,41 @@ def moe_decode_into(const float[:, ::1] h, list gates, list ups, list downs, int
         _moe_run(&h[0, 0], pv, qtype_gu, qtype_d, &weights[0], k, E, ff, &y[0, 0], &out[0, 0], threads)
     finally:
         free(pv)
+
+
+def ffn_decode_supported(int qtype_gu, int qtype_down):
+    """True where ffn_decode_into runs (the types moe_decode_into takes)."""
+    return moe_decode_supported(qtype_gu, qtype_down)
+
+
+def ffn_decode_into(const float[:, ::1] h, const uint8_t[:, ::1] w_gu, int qtype_gu,
+                    const uint8_t[:, ::1] w_down, int qtype_down, float[:, ::1] gu,
+                    float[:, ::1] act, float[:, ::1] out, int threads):
+    """One token's SwiGLU feed-forward in one call (_legacy.ffn_decode_into's contract): gu =
+    h @ W_gu.T (w_gu: the ff gate rows, then the ff up rows), act = silu(gate) * up, out = act @
+    W_down.T; h, out: float32[1, E], gu: [1, 2 ff], act: [1, ff]. moe_decode_into's region with
+    one expert of weight 1 (gate and up at their rows of w_gu): the bits of matmul_into on
+    each matrix, _ops.swiglu_into between them (out = 0 + 1 * y: y's value)."""
+    cdef int64_t E = h.shape[1], ff = act.shape[1]
+    _check_moe_call("ffn_decode_into", qtype_gu, qtype_down, E, 1, h, out, out, threads)
+    if ff % QK_K:
+        raise ValueError(f"ffn_decode_into: width {ff} must be a multiple of {QK_K}")
+    cdef int64_t bgu = E // QK_K * BLOCK_BYTES[qtype_gu], bd = ff // QK_K * BLOCK_BYTES[qtype_down]
+    if not (w_gu.shape[0] == 2 * ff and w_gu.shape[1] == bgu and w_down.shape[0] == E
+            and w_down.shape[1] == bd and act.shape[0] == 1 and gu.shape[0] == 1 and gu.shape[1] == 2 * ff):
+        raise ValueError(f"ffn_decode_into: w_gu uint8[{w_gu.shape[0]}, {w_gu.shape[1]}], w_down "
+                         f"uint8[{w_down.shape[0]}, {w_down.shape[1]}], gu [{gu.shape[0]}, {gu.shape[1]}], "
+                         f"act [{act.shape[0]}, {act.shape[1]}]: expected [{2 * ff}, {bgu}], [{E}, {bd}], "
+                         f"[1, {2 * ff}], [1, {ff}]")
+    cdef const uint8_t *pv[3]
+    pv[0] = &w_gu[0, 0]
+    pv[1] = &w_gu[ff, 0]
+    pv[2] = &w_down[0, 0]
+    cdef float one = 1.0
+    y = np.empty((1, E), np.float32)   # the expert's output before its weight (out may not be it)
+    cdef float[:, ::1] yv = y
+    _moe_run(&h[0, 0], pv, qtype_gu, qtype_down, &one, 1, E, ff, &yv[0, 0], &out[0, 0], threads,
+             &gu[0, 0], &act[0, 0])
 
 
 def moe_route_decode_into(const float[:, ::1] h, const float[:, ::1] router, const uint8_t[:, ::1] gates,

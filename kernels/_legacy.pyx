@@ -58,7 +58,7 @@ same bits. Without AVX-512 (F, BW, VL, VNNI) + F16C + BMI2 at compile time, the 
 quants, same per-block integer dots; only the order of the float sums differs).
 """
 
-from cython.parallel cimport prange, threadid
+from cython.parallel cimport parallel, prange, threadid
 from libc.stdint cimport int8_t, int64_t, uint8_t
 from libc.stddef cimport size_t
 
@@ -102,6 +102,10 @@ cdef extern from "legacy.h":
     void ws_nan_rows(const uint8_t *bad, int64_t n, float *out, int64_t rows, int64_t ostride) noexcept nogil
     void lg_chunk(const lg_ctx *c, int r0, int r1, int tid) noexcept nogil
     void *lg_alloc(size_t nbytes) noexcept nogil
+    void ws_omp_barrier() noexcept nogil
+
+cdef extern from "ops_simd.h":
+    void ws_swiglu_row(const float *gate, const float *up, int64_t m, float *out) noexcept nogil
 
 # AMX tiles for prefill (kernels/csrc/legacy_amx.h, built on legacy.h's helpers)
 cdef extern from "legacy_amx.h" nogil:
@@ -125,7 +129,10 @@ SIMD = bool(lg_simd())   # True when built with the AVX-512 VNNI kernels
 AVX2 = bool(lg_avx2())   # True when built with the AVX2 kernels instead (no AVX-512); neither: scalar C
 
 # n <= FUSED_MAX_N: unpack while multiplying (decode); above: unpack a chunk of rows once
-FUSED_MAX_N = 4
+cdef enum:
+    FUSED_MAX_N = 4
+# the decode kernels that unpack while multiplying are built (AVX-512 or AVX2)
+cdef bint _FUSED_BUILT = lg_simd() or lg_avx2()
 # bytes of unpacked weight rows a thread keeps (its L2 share) in prefill
 _SCRATCH_TARGET = 256 * 1024
 
@@ -171,6 +178,60 @@ cdef void _matmul_amx(const lg_ctx *c, uint8_t *xact, uint8_t *scratch, int thre
         for g in prange(ngw, num_threads=threads, schedule="static"):
             lg_amx_group(c.t, c.w, c.w_stride, c.nb, 16 * g, min(16, c.rows - 16 * g), xact, g0, g1,
                          c.n, c.out, c.o_stride, scratch + threadid() * blk_bytes)
+
+
+cdef void _ctx_init(lg_ctx *c, int qtype, int n, int rows, int cols, bint quant, const uint8_t *w,
+                    size_t row_bytes, const float *x, float *out, bint amx) noexcept nogil:
+    """c's fields for out[n, rows] = x[n, cols] @ W.T (W: `rows` rows of row_bytes at w; x and out
+    C-contiguous), no buffers yet (NULL). amx: the call takes the AMX prefill path."""
+    c.t = qtype
+    c.n = n
+    c.rows = rows
+    c.cols = cols
+    c.nb = cols // 32 if quant else 0
+    c.nbp = (c.nb + 15) // 16 * 16
+    # decode unpacks while multiplying: AVX-512 and AVX2 (the scalar lg_dot_tile reads unpacked
+    # rows, so a portable build takes the unpack-into-scratch path at every n; it read NULL before)
+    c.fused = n <= FUSED_MAX_N and _FUSED_BUILT
+    c.w = w
+    c.w_stride = row_bytes
+    c.x = x
+    c.x_stride = <size_t>cols
+    c.out = out
+    c.o_stride = <size_t>rows
+    c.xs = 32 * <size_t>c.nbp
+    c.fs = <size_t>c.nbp
+    c.scratch = NULL
+    c.scratch_bytes = 0
+    # decode with an even number of blocks per row: the block-stream kernel (lg_stream_rows),
+    # activations in lg_stream_order
+    c.stream = c.fused and quant and c.nb % 2 == 0 and not amx
+    c.dxr = NULL
+    c.csr = NULL
+    c.rs = 0
+    c.fscratch = NULL
+    c.fscratch_floats = 0
+    c.xq = NULL
+    c.dx = NULL
+    c.cs = NULL
+    c.wb = 16
+
+
+cdef size_t _stream_floats(lg_ctx *c, int nthreads) noexcept nogil:
+    """Floats of the decode stream's buffer for c (dxr, csr: [n][rs], then per thread
+    [n][rs + 256] of scratch); sets c.rs and c.fscratch_floats."""
+    c.rs = <size_t>c.wb * c.nb + 16
+    c.fscratch_floats = <size_t>c.n * (c.rs + 256)
+    return 2 * <size_t>c.n * c.rs + nthreads * c.fscratch_floats
+
+
+cdef void _stream_setup(lg_ctx *c, float *stream) noexcept nogil:
+    """c's decode-stream pointers into `stream` (_stream_floats of them), and the activations'
+    scales tiled along a chunk (after the activations are quantized)."""
+    c.dxr = stream
+    c.csr = stream + <size_t>c.n * c.rs
+    c.fscratch = stream + 2 * <size_t>c.n * c.rs
+    lg_tile_scales(c.dx, c.cs, c.fs, c.n, c.nb, c.rs, stream, stream + <size_t>c.n * c.rs)
 
 
 def quantize_rows(const float[:, ::1] x, int qtype):
@@ -234,40 +295,10 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
 
     cdef lg_ctx c
     cdef Py_ssize_t i, chunk, nchunks, crow
-    cdef int tid, nthreads = threads
+    cdef int tid, order, nthreads = threads
     cdef bint quant = elements == 32
-    c.t = qtype
-    c.n = <int>n
-    c.rows = <int>rows
-    c.cols = <int>cols
-    c.nb = <int>(cols // 32) if quant else 0
-    c.nbp = (c.nb + 15) // 16 * 16
-    # decode unpacks while multiplying: AVX-512 and AVX2 (the scalar lg_dot_tile reads unpacked
-    # rows, so a portable build takes the unpack-into-scratch path at every n; it read NULL before)
-    c.fused = n <= FUSED_MAX_N and (SIMD or AVX2)
-    c.w = &w[0, 0]
-    c.w_stride = <size_t>rb
-    c.x = &x[0, 0]
-    c.x_stride = <size_t>cols
-    c.out = &out[0, 0]
-    c.o_stride = <size_t>rows
-    c.xs = 32 * <size_t>c.nbp
-    c.fs = <size_t>c.nbp
-    c.scratch = NULL
-    c.scratch_bytes = 0
-    # decode with an even number of blocks per row: the block-stream kernel (lg_stream_rows),
-    # activations in lg_stream_order
-    cdef bint amx = AMX and n >= _AMX_MIN_N   # prefill on the tiles (quantized types)
-    c.stream = c.fused and quant and c.nb % 2 == 0 and not amx
-    c.dxr = NULL
-    c.csr = NULL
-    c.rs = 0
-    c.fscratch = NULL
-    c.fscratch_floats = 0
-    c.xq = NULL
-    c.dx = NULL
-    c.cs = NULL
-    c.wb = 16
+    cdef bint amx = AMX and quant and n >= _AMX_MIN_N   # prefill on the tiles (quantized types)
+    _ctx_init(&c, qtype, <int>n, <int>rows, <int>cols, quant, &w[0, 0], <size_t>rb, &x[0, 0], &out[0, 0], amx)
 
     cdef int8_t *xq = NULL
     cdef float *fbuf = NULL
@@ -284,20 +315,19 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
             c.xq = xq
             c.dx = fbuf
             c.cs = fbuf + <size_t>n * c.fs
-            for i in prange(n, nogil=True, num_threads=nthreads if n > 1 else 1, schedule="static"):
-                bad[i] = lg_quantize_row(c.t, &x[i, 0], c.nb, c.nbp, xq + <size_t>i * c.xs,
-                                         fbuf + <size_t>i * c.fs, fbuf + (<size_t>n + i) * c.fs,
-                                         lg_stream_order(c.t) if c.stream else lg_order(c.t)) != 0
+            order = lg_stream_order(c.t) if c.stream else lg_order(c.t)
+            if n == 1:   # decode: no parallel region (its start costs more than the row)
+                with nogil:
+                    bad[0] = lg_quantize_row(c.t, &x[0, 0], c.nb, c.nbp, xq, fbuf, fbuf + c.fs, order) != 0
+            else:
+                for i in prange(n, nogil=True, num_threads=nthreads, schedule="static"):
+                    bad[i] = lg_quantize_row(c.t, &x[i, 0], c.nb, c.nbp, xq + <size_t>i * c.xs,
+                                             fbuf + <size_t>i * c.fs, fbuf + (<size_t>n + i) * c.fs, order) != 0
             if c.stream:
-                c.rs = <size_t>c.wb * c.nb + 16
-                c.fscratch_floats = <size_t>n * (c.rs + 256)
-                stream = <float *>lg_alloc((2 * <size_t>n * c.rs + nthreads * c.fscratch_floats) * sizeof(float))
+                stream = <float *>lg_alloc(_stream_floats(&c, nthreads) * sizeof(float))
                 if stream == NULL:
                     raise MemoryError()
-                c.dxr = stream
-                c.csr = stream + <size_t>n * c.rs
-                c.fscratch = stream + 2 * <size_t>n * c.rs
-                lg_tile_scales(c.dx, c.cs, c.fs, c.n, c.nb, c.rs, stream, stream + <size_t>n * c.rs)
+                _stream_setup(&c, stream)
             if amx:
                 scratch = <uint8_t *>lg_alloc(<size_t>((n + 15) // 16 + nthreads) * c.nb * LG_AMX_BLK)
                 if scratch == NULL:
@@ -316,9 +346,13 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
         crow = c.wb
         nchunks = (rows + crow - 1) // crow
         with nogil:
-            for chunk in prange(nchunks, num_threads=nthreads, schedule="static"):
-                tid = threadid()
-                lg_chunk(&c, <int>(chunk * crow), <int>((chunk + 1) * crow), tid)
+            if nthreads == 1 or nchunks == 1:   # no parallel region for one thread's work
+                for chunk in range(nchunks):
+                    lg_chunk(&c, <int>(chunk * crow), <int>((chunk + 1) * crow), 0)
+            else:
+                for chunk in prange(nchunks, num_threads=nthreads, schedule="static"):
+                    tid = threadid()
+                    lg_chunk(&c, <int>(chunk * crow), <int>((chunk + 1) * crow), tid)
             if quant:
                 ws_nan_rows(bad, n, &out[0, 0], rows, rows)
     finally:
@@ -327,3 +361,83 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
         free(scratch)
         free(bad)
         free(stream)
+
+
+def ffn_decode_supported(int qtype_gu, int qtype_down):
+    """True where ffn_decode_into runs: both types 32-element quantized ones of this module and
+    the decode kernels built (AVX-512 or AVX2)."""
+    return (_FUSED_BUILT and qtype_gu in _BLOCKS and qtype_down in _BLOCKS
+            and _BLOCKS[qtype_gu][0] == 32 and _BLOCKS[qtype_down][0] == 32)
+
+
+def ffn_decode_into(const float[:, ::1] h, const uint8_t[:, ::1] w_gu, int qtype_gu,
+                    const uint8_t[:, ::1] w_down, int qtype_down, float[:, ::1] gu,
+                    float[:, ::1] act, float[:, ::1] out, int threads):
+    """One token's SwiGLU feed-forward in one parallel region: gu = h @ W_gu.T (W_gu: the ff gate
+    rows, then the ff up rows), act = silu(gate) * up, out = act @ W_down.T. h, out:
+    float32[1, E]; w_gu: 2 ff rows of E columns; w_down: E rows of ff columns; gu: [1, 2 ff]; act:
+    [1, ff]. The activation quantization, 16-row chunks and kernels of matmul_into on each matrix
+    and _ops.swiglu_into's row function, so the bits of those three calls; one region (threads
+    wait at barriers between the steps) instead of three calls and their Python. A NaN / Inf in
+    h or act gives NaN outputs as matmul_into's do. ValueError where ffn_decode_supported is
+    False or the shapes disagree."""
+    if not ffn_decode_supported(qtype_gu, qtype_down):
+        raise ValueError(f"ffn_decode_into: types {qtype_gu}, {qtype_down} are not both 32-element quantized "
+                         f"types with the decode kernels built")
+    if threads < 1:
+        raise ValueError(f"ffn_decode_into: threads must be >= 1, got {threads}")
+    cdef Py_ssize_t E = h.shape[1], ff = act.shape[1]
+    cdef Py_ssize_t bgu = _BLOCKS[qtype_gu][1], bd = _BLOCKS[qtype_down][1]
+    if not (h.shape[0] == 1 and act.shape[0] == 1 and gu.shape[0] == 1 and out.shape[0] == 1
+            and E % 32 == 0 and ff % 32 == 0 and w_gu.shape[0] == 2 * ff and w_gu.shape[1] == E // 32 * bgu
+            and w_down.shape[0] == E and w_down.shape[1] == ff // 32 * bd
+            and gu.shape[1] == 2 * ff and out.shape[1] == E):
+        raise ValueError(f"ffn_decode_into: h {tuple(h.shape)[:2]}, w_gu {tuple(w_gu.shape)[:2]}, w_down "
+                         f"{tuple(w_down.shape)[:2]}, gu {tuple(gu.shape)[:2]}, act {tuple(act.shape)[:2]}, "
+                         f"out {tuple(out.shape)[:2]} do not fit one token's feed-forward")
+    if E == 0 or ff == 0 or E >= 2**30 or ff >= 2**30:
+        raise ValueError(f"ffn_decode_into: E = {E}, ff = {ff} must be in [32, 2**30)")
+    cdef int nthreads = threads
+    cdef lg_ctx cg, cd   # gate/up, down
+    _ctx_init(&cg, qtype_gu, 1, <int>(2 * ff), <int>E, True, &w_gu[0, 0], <size_t>w_gu.shape[1], &h[0, 0], &gu[0, 0], False)
+    _ctx_init(&cd, qtype_down, 1, <int>E, <int>ff, True, &w_down[0, 0], <size_t>w_down.shape[1], &act[0, 0], &out[0, 0], False)
+    cdef size_t sg = _stream_floats(&cg, nthreads) if cg.stream else 0
+    cdef size_t sd = _stream_floats(&cd, nthreads) if cd.stream else 0
+    # one buffer: each matrix's activation quants, then their dx / cs, then their decode streams
+    cdef size_t fl = 2 * (cg.fs + cd.fs) + sg + sd + 64
+    cdef uint8_t *buf = <uint8_t *>lg_alloc(cg.xs + cd.xs + fl * sizeof(float))
+    if buf == NULL:
+        raise MemoryError()
+    cdef float *f = <float *>(buf + cg.xs + cd.xs)
+    cg.xq = <int8_t *>buf
+    cd.xq = <int8_t *>(buf + cg.xs)
+    cg.dx, cg.cs = f, f + cg.fs
+    cd.dx, cd.cs = f + 2 * cg.fs, f + 2 * cg.fs + cd.fs
+    cdef float *streams = f + 2 * (cg.fs + cd.fs)
+    cdef uint8_t bad[2]   # h, act hold a NaN / Inf
+    cdef int ng = <int>((2 * ff + 15) // 16), nd = <int>((E + 15) // 16)
+    cdef int i, chunk
+    try:
+        with nogil, parallel(num_threads=nthreads):
+            for i in prange(1, schedule="static"):   # one thread: h's quants (as matmul_into)
+                bad[0] = lg_quantize_row(cg.t, cg.x, cg.nb, cg.nbp, cg.xq, cg.dx, cg.cs,
+                                         lg_stream_order(cg.t) if cg.stream else lg_order(cg.t)) != 0
+                if cg.stream:
+                    _stream_setup(&cg, streams)
+            ws_omp_barrier()   # every gate / up row reads h's quants
+            for chunk in prange(ng, schedule="static"):
+                lg_chunk(&cg, chunk * 16, chunk * 16 + 16, threadid())
+            ws_omp_barrier()   # SwiGLU reads every gate and up row
+            for i in prange(1, schedule="static"):   # one thread: SwiGLU, then act's quants
+                ws_nan_rows(bad, 1, cg.out, 2 * ff, 2 * ff)
+                ws_swiglu_row(cg.out, cg.out + ff, ff, &act[0, 0])
+                bad[1] = lg_quantize_row(cd.t, cd.x, cd.nb, cd.nbp, cd.xq, cd.dx, cd.cs,
+                                         lg_stream_order(cd.t) if cd.stream else lg_order(cd.t)) != 0
+                if cd.stream:
+                    _stream_setup(&cd, streams + sg)
+            ws_omp_barrier()   # the down rows read act's quants
+            for chunk in prange(nd, schedule="static"):
+                lg_chunk(&cd, chunk * 16, chunk * 16 + 16, threadid())
+        ws_nan_rows(bad + 1, 1, &out[0, 0], E, E)
+    finally:
+        free(buf)

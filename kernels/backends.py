@@ -222,6 +222,7 @@ class KernelCache:
         self._cache: dict[tuple[int, int], object] = {}
         self._many: dict[int, Callable | None] = {}
         self._moe: dict[tuple[int, int], Callable | None] = {}
+        self._ffn: dict[tuple[int, int], Callable | None] = {}
 
     def _backend_name(self, qtype, n: int) -> str:
         return choose(qtype, n) if self.backend == "auto" else self.backend
@@ -256,6 +257,18 @@ class KernelCache:
             fused = getattr(module, "moe_decode_into", None)
             self._moe[key] = fused if fused is not None and module.moe_decode_supported(*key) else None
         return self._moe[key]
+
+    def ffn_kernel(self, qtype_gu, qtype_d) -> Callable | None:
+        """The fused decode-step SwiGLU feed-forward (ffn_decode_into: gate/up, SwiGLU and down in
+        one call, the bits of the three calls) where the kernel module the backend uses at n = 1
+        for both types has one for them, else None (callers make the three calls)."""
+        key = (int(qtype_gu), int(qtype_d))
+        if key not in self._ffn:
+            modules = {self(q, 1) for q in key}
+            module = modules.pop() if len(modules) == 1 else None
+            fused = getattr(module, "ffn_decode_into", None)
+            self._ffn[key] = fused if fused is not None and module.ffn_decode_supported(*key) else None
+        return self._ffn[key]
 
     def matmul(self, x: np.ndarray, qt, threads: int, out: np.ndarray | None = None) -> np.ndarray:
         """x @ W.T for x: float32[n, cols] and W = qt, through the cached kernel; where there is

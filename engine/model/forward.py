@@ -285,10 +285,34 @@ class Model:
         return act
 
     def dense_ffn(self, ffn: FFN, h: np.ndarray) -> np.ndarray:
-        """Into the workspace's ffn_out buffer: float32[n, n_embd]."""
+        """Into the workspace's ffn_out buffer: float32[n, n_embd]. A decode step whose gate/up
+        (one concatenated matrix) and down have a fused kernel (KernelCache.ffn_kernel) makes one
+        call, with the three calls' bits."""
         n, ff = len(h), ffn.down.shape[1]
-        act = self.swiglu(*ffn.gate_up(h, self.work.take("gate_up", n, 2 * ff)))
-        return ffn.down(act, self.work.take("ffn_out", n, self.cfg.n_embd))
+        gu = self.work.take("gate_up", n, 2 * ff)
+        out = self.work.take("ffn_out", n, self.cfg.n_embd)
+        fused = self.ffn_kernel(ffn) if n == 1 else None
+        if fused is not None:
+            w_gu, w_d = ffn.gate_up.parts[0].qt, ffn.down.qt
+            fused(h, w_gu.data, int(w_gu.qtype), w_d.data, int(w_d.qtype), gu,
+                  self.work.take("act", 1, ff), out, self.kernel_threads)
+            return out
+        act = self.swiglu(*ffn.gate_up(h, gu))
+        return ffn.down(act, out)
+
+    def ffn_kernel(self, ffn: FFN):
+        """The fused decode feed-forward kernel for ffn, or None where the three calls are not
+        plain kernel products of one gate/up matrix and down (split or mixed-type gate/up, a
+        NumPy product, a bias, an observer, no such kernel for the types)."""
+        parts = ffn.gate_up.parts
+        if len(parts) != 1:
+            return None
+        gu, down = parts[0], ffn.down
+        if any(m.numpy_product or m.bias is not None or m.observe is not None for m in (gu, down)):
+            return None
+        if gu._kernel is not self.kernel or down._kernel is not self.kernel:
+            return None
+        return self.kernel.ffn_kernel(gu.qt.qtype, down.qt.qtype)
 
     def expert_ffn(self, gate, up, down, h: np.ndarray, which: tuple | None = None,
                    out: np.ndarray | None = None) -> np.ndarray:
