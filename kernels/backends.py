@@ -250,25 +250,24 @@ class KernelCache:
         """The fused decode-step MoE kernel (moe_decode_into: every routed expert's gate/up,
         SwiGLU, down and the weighted sum in one call) where the kernel module that the backend
         uses at n = 1 for both types has one for them, else None (callers use many_kernel)."""
-        key = (int(qtype_gu), int(qtype_d))
-        if key not in self._moe:
-            modules = {self(q, 1) for q in key}
-            module = modules.pop() if len(modules) == 1 else None
-            fused = getattr(module, "moe_decode_into", None)
-            self._moe[key] = fused if fused is not None and module.moe_decode_supported(*key) else None
-        return self._moe[key]
+        return self._decode_call(self._moe, "moe_decode", qtype_gu, qtype_d)
 
     def ffn_kernel(self, qtype_gu, qtype_d) -> Callable | None:
         """The fused decode-step SwiGLU feed-forward (ffn_decode_into: gate/up, SwiGLU and down in
-        one call, the bits of the three calls) where the kernel module the backend uses at n = 1
-        for both types has one for them, else None (callers make the three calls)."""
+        one call, the bits of the three calls), as moe_kernel finds it, else None (callers make
+        the three calls)."""
+        return self._decode_call(self._ffn, "ffn_decode", qtype_gu, qtype_d)
+
+    def _decode_call(self, cache: dict, name: str, qtype_gu, qtype_d) -> Callable | None:
+        """The kernel module's <name>_into for (gate/up type, down type) where one module serves
+        both types at n = 1 and its <name>_supported takes them, else None; once per key."""
         key = (int(qtype_gu), int(qtype_d))
-        if key not in self._ffn:
+        if key not in cache:
             modules = {self(q, 1) for q in key}
             module = modules.pop() if len(modules) == 1 else None
-            fused = getattr(module, "ffn_decode_into", None)
-            self._ffn[key] = fused if fused is not None and module.ffn_decode_supported(*key) else None
-        return self._ffn[key]
+            fused = getattr(module, f"{name}_into", None)
+            cache[key] = fused if fused is not None and getattr(module, f"{name}_supported")(*key) else None
+        return cache[key]
 
     def matmul(self, x: np.ndarray, qt, threads: int, out: np.ndarray | None = None) -> np.ndarray:
         """x @ W.T for x: float32[n, cols] and W = qt, through the cached kernel; where there is

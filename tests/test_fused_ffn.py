@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from weightstream.engine import Engine
-from weightstream.kernels import _kquants, _legacy, _ops
-from weightstream.kernels.backends import KernelCache
+from tests.test_fused_moe import decode_logits
 from weightstream.engine.tools.synth import Preset, synth_model
+from weightstream.kernels import QTensor, _kquants, _legacy, _ops, dequantize
+from weightstream.kernels.backends import KernelCache
 from weightstream.kernels.quantize_weights import quantize
 
 pytestmark = pytest.mark.skipif(not _legacy.ffn_decode_supported(int(T.Q4_0), int(T.Q4_0)),
@@ -72,7 +72,7 @@ def test_fused_call_gives_the_three_calls_bits(module, E, ff, tg, td, threads):
 
 
 def quantize_ref(raw, qt, rows, cols):
-    from weightstream.kernels import QTensor, dequantize
+    """The float32 weights the quantized rows stand for."""
     return dequantize(QTensor(qt, (rows, cols), raw), 1)
 
 
@@ -117,33 +117,25 @@ def test_bad_arguments_are_named():
         _kquants.ffn_decode_into(h, w_gu[:ff], int(T.Q4_K), w_d, int(T.Q4_K), gu, act, out, 1)
 
 
-PROMPT = [1, 504, 3458, 282, 4649]
+def count_calls(monkeypatch, module, name: str) -> list:
+    """module.name wrapped to append to the returned list at each call."""
+    calls, real = [], getattr(module, name)
 
-
-def decode_logits(path, steps: int = 4) -> np.ndarray:
-    """Logits of a prefill and `steps` greedy single-token decode steps, stacked."""
-    with Engine.load(path, n_ctx=64, threads=2) as eng:
-        m = eng.model
-        logits = [m.forward(PROMPT, 0)]
-        for j in range(steps):
-            logits.append(m.forward([int(np.argmax(logits[-1]))], len(PROMPT) + j))
-        return np.concatenate(logits)
+    def counting(*a):
+        calls.append(1)
+        return real(*a)
+    monkeypatch.setattr(module, name, counting)
+    return calls
 
 
 def test_the_model_takes_the_fused_call_and_keeps_the_bits(demo_model, monkeypatch):
     """SmolLM2-135M Q4_1 (30 layers): every decode step's every layer makes the one call;
     without it (KernelCache.ffn_kernel None) the three calls; the logits are the same bits."""
-    calls = []
-    real = _legacy.ffn_decode_into
-
-    def counting(*a):
-        calls.append(1)
-        return real(*a)
-    monkeypatch.setattr(_legacy, "ffn_decode_into", counting)
-    one_call = decode_logits(demo_model)
+    calls = count_calls(monkeypatch, _legacy, "ffn_decode_into")
+    one_call = decode_logits(demo_model, 4)
     assert len(calls) == 4 * 30
     monkeypatch.setattr(KernelCache, "ffn_kernel", lambda self, tg, td: None)
-    assert np.array_equal(one_call, decode_logits(demo_model))
+    assert np.array_equal(one_call, decode_logits(demo_model, 4))
     assert len(calls) == 4 * 30
 
 SHARED_MOE = Preset("test-ffn-shexp", "qwen2moe", "Qwen2MoeForCausalLM", n_layer=2, n_embd=512, n_head=4,
@@ -159,15 +151,9 @@ def shared_moe(tmp_path_factory, demo_model):  # demo_model: synth borrows its t
 def test_a_k_quant_shared_expert_takes_the_fused_call_and_keeps_the_bits(shared_moe, monkeypatch):
     """A k-quant MoE file's shared expert (dense_ffn on every layer) makes _kquants' one call at
     every decode step; the logits equal the three calls'."""
-    calls = []
-    real = _kquants.ffn_decode_into
-
-    def counting(*a):
-        calls.append(1)
-        return real(*a)
-    monkeypatch.setattr(_kquants, "ffn_decode_into", counting)
-    one_call = decode_logits(shared_moe)
+    calls = count_calls(monkeypatch, _kquants, "ffn_decode_into")
+    one_call = decode_logits(shared_moe, 4)
     assert len(calls) == 4 * SHARED_MOE.n_layer
     monkeypatch.setattr(KernelCache, "ffn_kernel", lambda self, tg, td: None)
-    assert np.array_equal(one_call, decode_logits(shared_moe))
+    assert np.array_equal(one_call, decode_logits(shared_moe, 4))
     assert len(calls) == 4 * SHARED_MOE.n_layer
