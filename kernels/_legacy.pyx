@@ -3,7 +3,8 @@
 
 ``matmul_into(x, w, qtype, out, threads)``: ``out[n, rows] = x[n, cols] @ W.T`` where ``W`` is
 ``rows`` GGUF rows of ``qtype`` blocks (``w``: uint8[rows, row_bytes]). Public and checked;
-everything below it trusts its arguments.
+everything below it trusts its arguments. ``ffn_decode_into``: one token's SwiGLU feed-forward
+(gate/up, SwiGLU, down) in one parallel region, with the bits of those three calls.
 
 Quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), as llama.cpp's vec_dot kernels:
 
