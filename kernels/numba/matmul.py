@@ -82,8 +82,10 @@ _IDENTITY_256 = np.arange(256, dtype=np.int64)
 def _quantize_q8_k(x, pos, qs, d, bsums, bad):
     """x float32[n, cols] -> block-major qs int8[nb, n, 256] (element k of a block stored at
     pos[k]), d float32[nb, n], bsums int16[nb, n, 16] (nb = cols // 256); bad uint8[n]: 1 where
-    row i holds a NaN or Inf, which the int8 quants lose (see _nan_rows)."""
+    row i holds a NaN or Inf, which the int8 quants lose (see _nan_rows). Returns how many
+    rows do (a test of the count is cheaper than bad.any() on every call)."""
     n, cols = x.shape
+    nbad = 0
     for i in prange(n):
         nf = F32(0.0)  # sum of v - v: +0 while all finite, NaN after a NaN or Inf (no fastmath)
         for b in range(cols // 256):
@@ -111,14 +113,17 @@ def _quantize_q8_k(x, pos, qs, d, bsums, bad):
                 bsums[b, i, s] = acc
             d[b, i] = F32(1.0) / iscale
         bad[i] = nf != nf
+        nbad += np.int64(nf != nf)
+    return nbad
 
 
 @njit(parallel=True, **JIT)
 def _quantize_q8_0(x, qs, d, qsum, bad):
     """x float32[n, cols] -> block-major qs int8[nb, n, 32], d float32[nb, n] (fp16-rounded, as
     stored in block_q8_0 / block_q8_1), qsum int32[nb, n] (Q8_1's s is d * qsum), nb = cols // 32;
-    bad uint8[n]: 1 where row i holds a NaN or Inf (as _quantize_q8_k)."""
+    bad uint8[n]: 1 where row i holds a NaN or Inf; returns how many (as _quantize_q8_k)."""
     n, cols = x.shape
+    nbad = 0
     for i in prange(n):
         nf = F32(0.0)
         for b in range(cols // 32):
@@ -139,24 +144,27 @@ def _quantize_q8_0(x, qs, d, qsum, bad):
             qsum[b, i] = acc
             d[b, i] = round_f16(db)
         bad[i] = nf != nf
+        nbad += np.int64(nf != nf)
+    return nbad
 
 
 def quantize_q8_k(x: np.ndarray, perm: np.ndarray | None = None, bad: np.ndarray | None = None):
     """Q8_K of x as weightstream.kernels.quantize.quantize_q8_k, block-major: (qs int8[nb, n, 256],
     d float32[nb, n], bsums int16[nb, n, 16]). With `perm`, qs[b, i, k] is element perm[k].
     bad: uint8[n] to receive the rows holding a NaN or Inf (None: not kept)."""
-    return _quantize_q8_k_at(x, _IDENTITY_256 if perm is None else np.argsort(perm), bad)
+    return _quantize_q8_k_at(x, _IDENTITY_256 if perm is None else np.argsort(perm), bad)[:3]
 
 
 def _quantize_q8_k_at(x, pos, bad):
-    """quantize_q8_k storing element k at pos[k] (argsort of its perm)."""
+    """quantize_q8_k storing element k at pos[k] (argsort of its perm), and the number of rows
+    holding a NaN or Inf."""
     n, cols = x.shape
     nb = cols // 256
     qs = np.empty((nb, n, 256), np.int8)
     d = np.empty((nb, n), np.float32)
     bsums = np.empty((nb, n, 16), np.int16)
-    _quantize_q8_k(x, pos, qs, d, bsums, np.empty(n, np.uint8) if bad is None else bad)
-    return qs, d, bsums
+    nbad = _quantize_q8_k(x, pos, qs, d, bsums, np.empty(n, np.uint8) if bad is None else bad)
+    return qs, d, bsums, nbad
 
 
 # each SIMD k-quant kernel with the positions of its activation order, argsorted once here rather
@@ -168,13 +176,18 @@ _K_SIMD = {name: (kernel, _IDENTITY_256 if perm is None else np.argsort(perm))
 def quantize_q8_0(x: np.ndarray, bad: np.ndarray | None = None):
     """Q8_0 of x as weightstream.kernels.quantize.quantize_q8_0, block-major: (qs int8[nb, n, 32],
     d float32[nb, n], qsum int32[nb, n]); Q8_1's quants and d are the same. bad: as quantize_q8_k."""
+    return _quantize_q8_0_counted(x, bad)[:3]
+
+
+def _quantize_q8_0_counted(x, bad):
+    """quantize_q8_0, and the number of rows holding a NaN or Inf."""
     n, cols = x.shape
     nb = cols // 32
     qs = np.empty((nb, n, 32), np.int8)
     d = np.empty((nb, n), np.float32)
     qsum = np.empty((nb, n), np.int32)
-    _quantize_q8_0(x, qs, d, qsum, np.empty(n, np.uint8) if bad is None else bad)
-    return qs, d, qsum
+    nbad = _quantize_q8_0(x, qs, d, qsum, np.empty(n, np.uint8) if bad is None else bad)
+    return qs, d, qsum, nbad
 
 
 # ---------------------------------------------------------------------------
@@ -210,9 +223,14 @@ def _check(x, w, qtype, out, threads) -> T:
         raise ValueError(f"out must have shape (n, rows) = {(n, w.shape[0])}, got {out.shape}")
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
-    if np.shares_memory(out, x) or np.shares_memory(out, w):
+    # the exact test only where the bounds overlap (it costs a microsecond or two a call)
+    if any(np.may_share_memory(out, a) and np.shares_memory(out, a) for a in (x, w)):
         raise ValueError("out must not overlap x or w")
     return qt
+
+
+# (qtype, simd) -> strategy(): looked up once (a microsecond a call otherwise)
+_STRATEGY: dict = {}
 
 
 def _run(x, w, qt: T, out, simd: bool) -> None:
@@ -221,25 +239,26 @@ def _run(x, w, qt: T, out, simd: bool) -> None:
     NaN contract (docs/DESIGN.md, kernels): the tiers that quantize x to int8 lose a NaN / Inf, so
     the quantizer flags those rows (`bad`) and their outputs become NaN afterwards, as the float
     reference gives; the float tiers propagate NaN / Inf through their float32 products."""
-    kind = strategy(qt, simd)
-    bad = np.zeros(x.shape[0], np.uint8)  # uint8[n]: activation row holds a NaN / Inf
+    kind = _STRATEGY.get((qt, simd)) or _STRATEGY.setdefault((qt, simd), strategy(qt, simd))
+    bad = np.empty(x.shape[0], np.uint8)  # uint8[n]: activation row holds a NaN / Inf
+    nbad = 0                              # how many do (the float tiers: none to mark)
     if qt in _K_QUANTS:
         if kind.endswith("-int8"):
             kernel, pos = _K_SIMD[qt.name]
-            qs, d, bsums = _quantize_q8_k_at(x, pos, bad)
+            qs, d, bsums, nbad = _quantize_q8_k_at(x, pos, bad)
             kernel(qs, d, bsums, w, out, tile_rows(x.shape[1]))
         else:
-            qs, d, bsums = quantize_q8_k(x, bad=bad)
+            qs, d, bsums, nbad = _quantize_q8_k_at(x, _IDENTITY_256, bad)
             kq.GENERIC_KERNELS[qt.name](qs, d, bsums, w, out)
     elif qt in _LEGACY:
         if kind.endswith("-int8"):
-            qs, d, qsum = quantize_q8_0(x, bad)
+            qs, d, qsum, nbad = _quantize_q8_0_counted(x, bad)
             lg.SIMD_KERNELS[qt.name](qs, d, qsum, w, out, tile_rows(x.shape[1]))
         else:
             lg.GENERIC_KERNELS[qt.name](x, w, out)
     else:
         lg._dense_kernel(lg.DENSE_KIND[qt.name], x, w, out)
-    if bad.any():
+    if nbad:
         out[bad.view(bool)] = np.nan
 
 
@@ -259,8 +278,11 @@ def matmul_into(x: np.ndarray, w: np.ndarray, qtype, out: np.ndarray, threads: i
     if cols == 0:
         out.fill(0)
         return
-    prev = numba.get_num_threads()
-    numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    prev, want = numba.get_num_threads(), min(int(threads), numba.config.NUMBA_NUM_THREADS)
+    if want == prev:   # the usual case: no change to make or undo
+        _run(x, w, qt, out, HAVE_SIMD if _simd is None else (_simd and HAVE_SIMD))
+        return
+    numba.set_num_threads(want)
     try:
         _run(x, w, qt, out, HAVE_SIMD if _simd is None else (_simd and HAVE_SIMD))
     finally:
