@@ -251,9 +251,12 @@ def _weights_u8(builder, pb, kind):
         return builder.xor(q, splat(I8, 32, 0x80)), d, m, None
     qs_off = {"q4_0": 2, "q4_1": 4, "q5_0": 6, "q5_1": 8}[kind]
     qs = vload(builder, pb, c64(qs_off), vec(I8, 16))
-    lo = builder.and_(qs, splat(I8, 16, 15))
-    hi = builder.lshr(qs, splat(I8, 16, 4))
-    q = builder.shuffle_vector(lo, hi, ir.Constant(vec(I32, 32), list(range(32))))
+    # the 16 bytes in both halves (a broadcast load), the high half shifted down by 4 (one 32-bit
+    # variable shift), then the low nibbles: elements 0..15, then 16..31, without the
+    # lane-crossing concatenation of two halves (Zen 3 has one pipe for those)
+    both = builder.shuffle_vector(qs, qs, ir.Constant(vec(I32, 32), list(range(16)) * 2))
+    shifted = builder.lshr(builder.bitcast(both, vec(I32, 8)), ir.Constant(vec(I32, 8), [0] * 4 + [4] * 4))
+    q = builder.and_(builder.bitcast(shifted, vec(I8, 32)), splat(I8, 32, 15))
     if kind in ("q5_0", "q5_1"):
         qh_off = 2 if kind == "q5_0" else 4  # little-endian uint32: bit j is element j's fifth bit
         bits = builder.load(builder.bitcast(builder.gep(pb, [c64(qh_off)]), I32.as_pointer()), align=1)
