@@ -226,6 +226,22 @@ cdef size_t _stream_floats(lg_ctx *c, int nthreads) noexcept nogil:
     return 2 * <size_t>c.n * c.rs + nthreads * c.fscratch_floats
 
 
+cdef inline int _act_order(const lg_ctx *c) noexcept nogil:
+    """The byte order c's kernels read the activation quants in."""
+    return lg_stream_order(c.t) if c.stream else lg_order(c.t)
+
+
+cdef uint8_t _quantize_decode_row(lg_ctx *c, float *stream) noexcept nogil:
+    """c's one activation row quantized into c.xq / c.dx / c.cs (as matmul_into does for n = 1),
+    then, for the decode stream, its pointers into `stream` and the tiled scales; 1 where the
+    row holds a NaN or Inf."""
+    cdef uint8_t bad = lg_quantize_row(c.t, c.x, c.nb, c.nbp, <int8_t *>c.xq, <float *>c.dx,
+                                       <float *>c.cs, _act_order(c)) != 0
+    if c.stream:
+        _stream_setup(c, stream)
+    return bad
+
+
 cdef void _stream_setup(lg_ctx *c, float *stream) noexcept nogil:
     """c's decode-stream pointers into `stream` (_stream_floats of them), and the activations'
     scales tiled along a chunk (after the activations are quantized)."""
@@ -316,7 +332,7 @@ def matmul_into(const float[:, ::1] x, const uint8_t[:, ::1] w, int qtype, float
             c.xq = xq
             c.dx = fbuf
             c.cs = fbuf + <size_t>n * c.fs
-            order = lg_stream_order(c.t) if c.stream else lg_order(c.t)
+            order = _act_order(&c)
             if n == 1:   # decode: no parallel region (its start costs more than the row)
                 with nogil:
                     bad[0] = lg_quantize_row(c.t, &x[0, 0], c.nb, c.nbp, xq, fbuf, fbuf + c.fs, order) != 0
@@ -405,7 +421,7 @@ def ffn_decode_into(const float[:, ::1] h, const uint8_t[:, ::1] w_gu, int qtype
     cdef size_t sg = _stream_floats(&cg, nthreads) if cg.stream else 0
     cdef size_t sd = _stream_floats(&cd, nthreads) if cd.stream else 0
     # one buffer: each matrix's activation quants, then their dx / cs, then their decode streams
-    cdef size_t fl = 2 * (cg.fs + cd.fs) + sg + sd + 64
+    cdef size_t fl = 2 * (cg.fs + cd.fs) + sg + sd
     cdef uint8_t *buf = <uint8_t *>lg_alloc(cg.xs + cd.xs + fl * sizeof(float))
     if buf == NULL:
         raise MemoryError()
@@ -416,29 +432,23 @@ def ffn_decode_into(const float[:, ::1] h, const uint8_t[:, ::1] w_gu, int qtype
     cd.dx, cd.cs = f + 2 * cg.fs, f + 2 * cg.fs + cd.fs
     cdef float *streams = f + 2 * (cg.fs + cd.fs)
     cdef uint8_t bad[2]   # h, act hold a NaN / Inf
-    cdef int ng = <int>((2 * ff + 15) // 16), nd = <int>((E + 15) // 16)
+    cdef int ng = <int>((2 * ff + cg.wb - 1) // cg.wb), nd = <int>((E + cd.wb - 1) // cd.wb)   # row chunks
     cdef int i, chunk
     try:
         with nogil, parallel(num_threads=nthreads):
-            for i in prange(1, schedule="static"):   # one thread: h's quants (as matmul_into)
-                bad[0] = lg_quantize_row(cg.t, cg.x, cg.nb, cg.nbp, cg.xq, cg.dx, cg.cs,
-                                         lg_stream_order(cg.t) if cg.stream else lg_order(cg.t)) != 0
-                if cg.stream:
-                    _stream_setup(&cg, streams)
+            for i in prange(1, schedule="static"):   # one thread: h's quants
+                bad[0] = _quantize_decode_row(&cg, streams)
             ws_omp_barrier()   # every gate / up row reads h's quants
             for chunk in prange(ng, schedule="static"):
-                lg_chunk(&cg, chunk * 16, chunk * 16 + 16, threadid())
+                lg_chunk(&cg, chunk * cg.wb, (chunk + 1) * cg.wb, threadid())
             ws_omp_barrier()   # SwiGLU reads every gate and up row
             for i in prange(1, schedule="static"):   # one thread: SwiGLU, then act's quants
                 ws_nan_rows(bad, 1, cg.out, 2 * ff, 2 * ff)
                 ws_swiglu_row(cg.out, cg.out + ff, ff, &act[0, 0])
-                bad[1] = lg_quantize_row(cd.t, cd.x, cd.nb, cd.nbp, cd.xq, cd.dx, cd.cs,
-                                         lg_stream_order(cd.t) if cd.stream else lg_order(cd.t)) != 0
-                if cd.stream:
-                    _stream_setup(&cd, streams + sg)
+                bad[1] = _quantize_decode_row(&cd, streams + sg)
             ws_omp_barrier()   # the down rows read act's quants
             for chunk in prange(nd, schedule="static"):
-                lg_chunk(&cd, chunk * 16, chunk * 16 + 16, threadid())
+                lg_chunk(&cd, chunk * cd.wb, (chunk + 1) * cd.wb, threadid())
         ws_nan_rows(bad + 1, 1, &out[0, 0], E, E)
     finally:
         free(buf)

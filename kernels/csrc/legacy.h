@@ -628,10 +628,10 @@ WS_INLINE void lg_stream_rows(const int t, const int R, const lg_ctx *c, int r0,
 
 #elif LG_AVX2
 /* Decode (n = R <= 4 activation rows, nb even), AVX2: weight rows [r0, r1) (<= 16, contiguous)
-   read as one stream of blocks, 8 at a time, as the AVX-512 lg_stream_rows: one gather of 8
-   blocks' d (and m) wherever rows begin and end (a 576-wide row has 18 blocks: row by row, three
-   gathers, the last for 2 blocks, and a horizontal sum per row on the critical path), times the
-   tiled dx; the min / offset terms to scratch, added when a row is done; a row's 8 lanes to
+   read as one stream of blocks, 8 at a time, as the AVX-512 lg_stream_rows: the 8 blocks' d
+   (and m) as one vector (lg_scales8) wherever rows begin and end (a 576-wide row has 18 blocks:
+   row by row, three scale loads, the last for 2 blocks, and a horizontal sum per row on the
+   critical path), times the tiled dx; the min / offset terms to scratch, added when a row is done; a row's 8 lanes to
    scratch, summed after the stream. Activations in lg_order (LG_SPLIT pairs never straddle a row:
    rows start at even blocks). The same order whatever the threads. */
 WS_INLINE void lg_stream_rows(const int t, const int R, const lg_ctx *c, int r0, int r1, float *scr) {

@@ -279,11 +279,11 @@ def matmul_into(x: np.ndarray, w: np.ndarray, qtype, out: np.ndarray, threads: i
         out.fill(0)
         return
     prev, want = numba.get_num_threads(), min(int(threads), numba.config.NUMBA_NUM_THREADS)
-    if want == prev:   # the usual case: no change to make or undo
-        _run(x, w, qt, out, HAVE_SIMD if _simd is None else (_simd and HAVE_SIMD))
-        return
-    numba.set_num_threads(want)
+    change = want != prev   # usually not: then nothing to set or undo
+    if change:
+        numba.set_num_threads(want)
     try:
         _run(x, w, qt, out, HAVE_SIMD if _simd is None else (_simd and HAVE_SIMD))
     finally:
-        numba.set_num_threads(prev)
+        if change:
+            numba.set_num_threads(prev)
