@@ -233,9 +233,17 @@ def test_quantize_q8_0_bit_exact():
     ref0, ref1 = quantize.quantize_q8_0(x), quantize.quantize_q8_1(x)
     qs, d, qsum = nk.quantize_q8_0(x)  # block-major [nb, n, 32]
     np.testing.assert_array_equal(qs.transpose(1, 0, 2).reshape(3, 576), ref0.qs)
-    np.testing.assert_array_equal(d.T, ref0.d)
-    np.testing.assert_array_equal(d.T, ref1.d)
-    np.testing.assert_array_equal(qsum.T, ref0.qs.reshape(3, -1, 32).sum(2))
+    np.testing.assert_array_equal(d, ref0.d)
+    np.testing.assert_array_equal(d, ref1.d)
+    np.testing.assert_array_equal(qsum, ref0.qs.reshape(3, -1, 32).sum(2))
+    # split order (the SIMD kernels' for the nibble types): the first 16 of 18 blocks in pairs
+    qp, dp, qsump = nk.quantize_q8_0(x, nsplit=16)
+    order = np.r_[np.add.outer([0, 8], [0, 2, 4, 6, 1, 3, 5, 7]).ravel(), 16, 17]  # SCALE_ORDER per group
+    np.testing.assert_array_equal(dp, d[:, order])
+    np.testing.assert_array_equal(qsump, qsum[:, order])
+    pairs = qs[:16].reshape(8, 2, 3, 2, 16)  # [pair, block of the pair, row, half, 16]
+    np.testing.assert_array_equal(qp[:16].reshape(8, 2, 3, 2, 16), pairs.transpose(0, 3, 2, 1, 4))
+    np.testing.assert_array_equal(qp[16:], qs[16:])
 
 
 # ---------------------------------------------------------------------------

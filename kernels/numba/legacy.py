@@ -230,49 +230,170 @@ def tile_rows(cols):
 # SIMD kernels (int8 activations)
 # ---------------------------------------------------------------------------
 
-# Q8_0's weights on AVX2: |q| times the activations with q's signs (vpsignb), where q + 128 would
-# saturate vpmaddubsw (2 * 255 * 127 > 2^15 - 1); vpdpbusd (AVX-512) sums in int32, no saturation
-_Q8_SIGNED = ISA != "avx512"
+# Q8_0's weights: |q| times the activations with q's signs (vpsignb), where q + 128 would saturate
+# AVX2's vpmaddubsw (2 * 255 * 127 > 2^15 - 1); no offset, so no term to take back
 # kind -> (block bytes, weight offset added to make it unsigned (0: has a min or is signed), has min)
 _LEGACY = {kind: (TRAITS[T[kind.upper()]].block_bytes, offset, has_min) for kind, offset, has_min in (
-    ("q4_0", 8, False), ("q4_1", 0, True), ("q5_0", 16, False), ("q5_1", 0, True),
-    ("q8_0", 0 if _Q8_SIGNED else 128, False))}
+    ("q4_0", 8, False), ("q4_1", 0, True), ("q5_0", 16, False), ("q5_1", 0, True), ("q8_0", 0, False))}
+_QS_OFF = {"q4_0": 2, "q4_1": 4, "q5_0": 6, "q5_1": 8, "q8_0": 2}  # byte offset of a block's quants
+_QH_OFF = {"q5_0": 2, "q5_1": 4}  # ... of its fifth bits (little-endian uint32: bit j is element j's)
+GROUP = 8  # blocks whose fp16 scales are read and converted as one vector
+
+
+def paired(kind) -> bool:
+    """Whether the kernel reads kind's blocks two at a time, its activations in split order
+    (see split_blocks): the nibble types (a pair's 32 qs bytes fill one register); Q8_0 fills one
+    register a block."""
+    return kind != "q8_0"
+
+
+def split_blocks(kind, nb) -> int:
+    """How many leading blocks of an nb-block activation row the SIMD kernel reads in split order:
+    each pair of blocks A, B (in whole groups of GROUP) as A's elements 0..15, B's 0..15 in the
+    first block's 32 bytes, A's 16..31, B's 16..31 in the second's, the order a pair's codes take
+    in two registers (_pair_u8); their dx and qsum in SCALE_ORDER within each group. The blocks
+    after them (and every Q8_0 block): natural order."""
+    return nb // GROUP * GROUP if paired(kind) else 0
 
 
 def _weights_u8(builder, pb, kind):
     """(<32 x i8> unsigned weights, d, m or None, signs or None) of the block at uint8 pointer pb;
-    signs: the bytes whose signs the activations take on before the product (_Q8_SIGNED)."""
+    signs: the bytes whose signs the activations take on before the product (Q8_0)."""
     d = half_at(builder, pb, c64(0))
     m = half_at(builder, pb, c64(2)) if kind in ("q4_1", "q5_1") else None
     if kind == "q8_0":
         q = vload(builder, pb, c64(2), vec(I8, 32))
-        if _Q8_SIGNED:
-            return sign_i8(builder, q, q), d, m, q  # |q|: -128 becomes 128, right as unsigned
-        return builder.xor(q, splat(I8, 32, 0x80)), d, m, None
-    qs_off = {"q4_0": 2, "q4_1": 4, "q5_0": 6, "q5_1": 8}[kind]
-    qs = vload(builder, pb, c64(qs_off), vec(I8, 16))
+        return sign_i8(builder, q, q), d, m, q  # |q|: -128 becomes 128, right as unsigned
+    qs = vload(builder, pb, c64(_QS_OFF[kind]), vec(I8, 16))
     # the 16 bytes in both halves (a broadcast load), the high half shifted down by 4 (one 32-bit
     # variable shift), then the low nibbles: elements 0..15, then 16..31, without the
     # lane-crossing concatenation of two halves (Zen 3 has one pipe for those)
     both = builder.shuffle_vector(qs, qs, ir.Constant(vec(I32, 32), list(range(16)) * 2))
     shifted = builder.lshr(builder.bitcast(both, vec(I32, 8)), ir.Constant(vec(I32, 8), [0] * 4 + [4] * 4))
     q = builder.and_(builder.bitcast(shifted, vec(I8, 32)), splat(I8, 32, 15))
-    if kind in ("q5_0", "q5_1"):
-        qh_off = 2 if kind == "q5_0" else 4  # little-endian uint32: bit j is element j's fifth bit
-        bits = builder.load(builder.bitcast(builder.gep(pb, [c64(qh_off)]), I32.as_pointer()), align=1)
-        hb = builder.zext(builder.bitcast(bits, vec(I1, 32)), vec(I8, 32))
-        q = builder.or_(q, builder.shl(hb, splat(I8, 32, 4)))
+    if kind in _QH_OFF:
+        q = builder.or_(q, _fifth_bits(builder, _load_i32(builder, pb, _QH_OFF[kind])))
     return q, d, m, None
+
+
+def _load_i32(builder, pb, off):
+    return builder.load(builder.bitcast(builder.gep(pb, [c64(off)]), I32.as_pointer()), align=1)
+
+
+def _fifth_bits(builder, h):
+    """<32 x i8>: 16 where bit j of the i32 h is set, else 0."""
+    return builder.shl(builder.zext(builder.bitcast(h, vec(I1, 32)), vec(I8, 32)), splat(I8, 32, 4))
+
+
+def _pair_u8(builder, pa, kind):
+    """(w0, w1): <32 x i8> unsigned codes of block A at uint8 pointer pa and block B after it, in
+    split order: w0 holds elements 0..15 of A then of B (the qs bytes' low nibbles), w1 elements
+    16..31 (high nibbles). Both blocks' qs from two 32-byte loads (from A's qs, and the 32 bytes
+    that end with B's: both inside the pair for every type) and a blend, where a 128-bit insert
+    would take Zen 3's one lane-crossing shuffle pipe."""
+    nbytes, qo = _LEGACY[kind][0], _QS_OFF[kind]
+    a = vload(builder, pa, c64(qo), vec(I8, 32))
+    b = vload(builder, pa, c64(nbytes + qo - 16), vec(I8, 32))
+    v = builder.shuffle_vector(a, b, ir.Constant(vec(I32, 32), list(range(16)) + list(range(48, 64))))
+    m15 = splat(I8, 32, 15)
+    w0 = builder.and_(v, m15)
+    w1 = builder.and_(builder.bitcast(builder.lshr(builder.bitcast(v, vec(I16, 16)), splat(I16, 16, 4)),
+                                      vec(I8, 32)), m15)
+    if kind in _QH_OFF:
+        ha, hb = _load_i32(builder, pa, _QH_OFF[kind]), _load_i32(builder, pa, nbytes + _QH_OFF[kind])
+        lo, hi = ir.Constant(I32, 0xFFFF), ir.Constant(I32, 0xFFFF0000)
+        h0 = builder.or_(builder.and_(ha, lo), builder.shl(hb, ir.Constant(I32, 16)))   # elements 0..15
+        h1 = builder.or_(builder.lshr(ha, ir.Constant(I32, 16)), builder.and_(hb, hi))  # 16..31
+        w0 = builder.or_(w0, _fifth_bits(builder, h0))
+        w1 = builder.or_(w1, _fifth_bits(builder, h1))
+    return w0, w1
+
+
+def dot_pair(builder, w0, x0, w1, x1):
+    """<8 x i32>: the u8 x s8 products of (w0, x0) and (w1, x1) summed in groups of 4; in split
+    order lanes 0..3 sum to block A's dot, 4..7 to B's. AVX2: the two vpmaddubsw int16 sums added
+    before widening (at most 2 * 2 * 31 * 127 = 15748: no saturation)."""
+    if ISA == "avx512":
+        sig = [vec(I32, 8), vec(I8, 32), vec(I8, 32)]
+        t = call(builder, "llvm.x86.avx512.vpdpbusd.256", vec(I32, 8), sig, [splat(I32, 8, 0), w0, x0])
+        return call(builder, "llvm.x86.avx512.vpdpbusd.256", vec(I32, 8), sig, [t, w1, x1])
+    p0 = call(builder, _MADD[32][0], vec(I16, 16), [vec(I8, 32)] * 2, [w0, x0])
+    p1 = call(builder, _MADD[32][0], vec(I16, 16), [vec(I8, 32)] * 2, [w1, x1])
+    return call(builder, _MADD[32][1], vec(I32, 8), [vec(I16, 16)] * 2, [builder.add(p0, p1), splat(I16, 16, 1)])
+
+
+def _halves8(builder, h):
+    """<8 x i16> fp16 bits -> <8 x float> (vcvtph2ps), Inf made NaN as half_at."""
+    f = builder.fpext(builder.bitcast(h, vec(ir.HalfType(), 8)), vec(FLT, 8))
+    special = builder.icmp_unsigned("==", builder.and_(h, splat(I16, 8, 0x7C00)), splat(I16, 8, 0x7C00))
+    return builder.select(special, ir.Constant(vec(FLT, 8), [float("nan")] * 8), f)
+
+
+# The order of a group's blocks in the kernels' scale vectors (S = d * dx and the activations' dx,
+# qsum), paired types: even blocks in the low 128 bits, odd in the high, so that a pair's two
+# scales, four lanes each, come from one in-lane shuffle (vpermilps: lane p of each half) where
+# natural order needed a lane-crossing permute (Zen 3 has one pipe for those)
+SCALE_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def scales8(builder, pg, kind):
+    """(d, m or None): <8 x float> of the GROUP blocks from uint8 pointer pg, Inf made NaN; paired
+    types in SCALE_ORDER, Q8_0 in block order.
+
+    Each block's first 4 bytes (d, and m where the type has one) by a 32-bit load into an xmm,
+    joined by a tree of 128-bit unpacks and one byte shuffle (d's halves, then m's), converted by
+    vcvtph2ps: element inserts (vpinsrw) made a serial chain of 8 per vector."""
+    nbytes, _, has_min = _LEGACY[kind]
+    v4 = vec(I32, 4)
+    words = []
+    for j in (SCALE_ORDER if paired(kind) else range(GROUP)):
+        w = _load_i32(builder, pg, j * nbytes)
+        words.append(builder.insert_element(ir.Constant(v4, ir.Undefined), w, ir.Constant(I32, 0)))
+    # [w0 w1 . .], [w2 w3 . .] -> [w0 w1 w2 w3] (vpunpckldq, vpunpcklqdq)
+    pairs = [builder.shuffle_vector(words[2 * i], words[2 * i + 1], ir.Constant(v4, [0, 4, 1, 5]))
+             for i in range(4)]
+    quads = [builder.shuffle_vector(pairs[2 * i], pairs[2 * i + 1], ir.Constant(v4, [0, 1, 4, 5]))
+             for i in range(2)]
+    lo, hi = (builder.bitcast(q, vec(I16, 8)) for q in quads)  # halves: d0 m0 d1 m1 ... of 4 blocks each
+    d = builder.shuffle_vector(lo, hi, ir.Constant(vec(I32, 8), [0, 2, 4, 6, 8, 10, 12, 14]))
+    if not has_min:
+        return _halves8(builder, d), None
+    m = builder.shuffle_vector(lo, hi, ir.Constant(vec(I32, 8), [1, 3, 5, 7, 9, 11, 13, 15]))
+    return _halves8(builder, d), _halves8(builder, m)
+
+
+def scale_lanes(kind, j):
+    """The lanes of a group's scale vector that block j (paired: blocks j, j + 1) of the group
+    multiply: Q8_0 block j's 8 lanes; a pair's lanes 0..3 block j, 4..7 block j + 1 (dot_pair),
+    from lane j / 2 of each half (SCALE_ORDER)."""
+    if not paired(kind):
+        return [j] * 8
+    return [j // 2] * 4 + [4 + j // 2] * 4
+
+
+def fma8(builder, a, b, c):
+    return call(builder, "llvm.fma.v8f32", vec(FLT, 8), [vec(FLT, 8)] * 3, [a, b, c])
 
 
 def _make_legacy_rows(kind, K):
     """An intrinsic computing out[i0 + k, r] for k < K (K activation rows at once, each with
-    an 8-lane float accumulator kept in registers)."""
+    float accumulators kept in registers).
+
+    Blocks in groups of GROUP: the group's fp16 d (and m) converted as one vector, times the
+    rows' 8 dx (S = d * dx); the offset / min term once a group (Q4_0, Q5_0: -offset * S * qsum;
+    Q4_1, Q5_1: m * dx * qsum, the sum of the blocks' dequantized activations); then per pair
+    of blocks (Q8_0: per block) one int8 product per row, its lanes scaled by their blocks' S
+    (one lane permute) in an FMA. The blocks after the last whole group one at a time as the
+    scalar scale, the offset taken back exactly in int32."""
     nbytes, offset, has_min = _LEGACY[kind]
+    step = 2 if paired(kind) else 1
+    lines = -(-GROUP * nbytes // 64)  # cache lines of a group's blocks
+    n_acc = 2 if K == 1 else 1  # a second FMA chain where one row alone would wait on one
 
     @intrinsic
     def rows_dot(typingctx, wr, xq, xd, qsum, out, r, i0):
-        """Activations block-major: xq int8[nb, n, 32], xd float32[nb, n], qsum int32[nb, n]."""
+        """Activations: xq int8[nb, n, 32] (block-major; split order: split_blocks), xd
+        float32[n, nb], qsum int32[n, nb]."""
         sig = types.void(wr, xq, xd, qsum, out, r, i0)
 
         def codegen(context, builder, signature, args):
@@ -285,30 +406,66 @@ def _make_legacy_rows(kind, K):
             r_, i0_ = args[5], args[6]
             v8f, v8i = vec(FLT, 8), vec(I32, 8)
             zf, zi = ir.Constant(v8f, [ir.Constant(FLT, 0.0)] * 8), ir.Constant(v8i, [ir.Constant(I32, 0)] * 8)
-            accs = [cgutils.alloca_once_value(builder, zf) for _ in range(K)]
-            with cgutils.for_range(builder, nb) as lb:
-                b = lb.index
-                prefetch(builder, pw, builder.mul(b, c64(nbytes)))
-                wq, d, m, signs = _weights_u8(builder, builder.gep(pw, [builder.mul(b, c64(nbytes))]), kind)
-                base = builder.add(builder.mul(b, n), i0_)  # (b, i0) in [nb, n]
+            accs = [[cgutils.alloca_once_value(builder, zf) for _ in range(n_acc)] for _ in range(K)]
+            acc_terms = [cgutils.alloca_once_value(builder, zf) for _ in range(K)]  # offset / min terms
+            xrow = [builder.mul(builder.add(i0_, c64(k)), nb) for k in range(K)]  # row k in [n, nb]
+            ngroups = builder.sdiv(nb, c64(GROUP))
+            with cgutils.for_range(builder, ngroups) as lg:
+                b0 = builder.mul(lg.index, c64(GROUP))
+                pg = builder.gep(pw, [builder.mul(b0, c64(nbytes))])
+                prefetch(builder, pw, builder.mul(b0, c64(nbytes)), lines)
+                d8, m8 = scales8(builder, pg, kind)
+                S = []
                 for k in range(K):
-                    ib = builder.add(base, c64(k))
+                    dx8 = vload(builder, pxd, builder.add(xrow[k], b0), v8f)
+                    S.append(builder.fmul(d8, dx8))
+                    if offset or has_min:
+                        qf = builder.sitofp(vload(builder, pqs, builder.add(xrow[k], b0), v8i), v8f)
+                        c = builder.fmul(m8, dx8) if has_min else builder.fmul(S[k], splat(FLT, 8, -float(offset)))
+                        builder.store(fma8(builder, c, qf, builder.load(acc_terms[k])), acc_terms[k])
+                for j in range(0, GROUP, step):
+                    pb = builder.gep(pg, [c64(j * nbytes)])
+                    if step == 2:
+                        w0, w1 = _pair_u8(builder, pb, kind)
+                    else:
+                        q = vload(builder, pb, c64(_QS_OFF[kind]), vec(I8, 32))
+                        wa = sign_i8(builder, q, q)
+                    lanes = ir.Constant(vec(I32, 8), scale_lanes(kind, j))
+                    for k in range(K):
+                        ib = builder.add(builder.mul(builder.add(b0, c64(j)), n), builder.add(i0_, c64(k)))
+                        x0 = vload(builder, px, builder.mul(ib, c64(32)), vec(I8, 32))
+                        if step == 2:
+                            x1 = vload(builder, px, builder.mul(builder.add(ib, n), c64(32)), vec(I8, 32))
+                            s = dot_pair(builder, w0, x0, w1, x1)
+                        else:
+                            s = dot_u8s8(builder, wa, sign_i8(builder, x0, q))
+                        acc = accs[k][(j // step) % n_acc]
+                        sc = builder.shuffle_vector(S[k], S[k], lanes)
+                        builder.store(fma8(builder, builder.sitofp(s, v8f), sc, builder.load(acc)), acc)
+            b_tail = builder.mul(ngroups, c64(GROUP))
+            with cgutils.for_range(builder, builder.sub(nb, b_tail)) as lb:
+                b = builder.add(b_tail, lb.index)
+                wq, d, m, signs = _weights_u8(builder, builder.gep(pw, [builder.mul(b, c64(nbytes))]), kind)
+                for k in range(K):
+                    ib = builder.add(builder.mul(b, n), builder.add(i0_, c64(k)))
                     x = vload(builder, px, builder.mul(ib, c64(32)), vec(I8, 32))
                     s = dot_u8s8(builder, wq, x if signs is None else sign_i8(builder, x, signs))
-                    qsum = builder.load(builder.gep(pqs, [ib]))
+                    qsum = builder.load(builder.gep(pqs, [builder.add(xrow[k], b)]))
                     if offset:  # take the unsigned offset back, exactly: sum (q + c) x - c sum x
                         s = builder.sub(s, builder.insert_element(
                             zi, builder.mul(qsum, ir.Constant(I32, offset)), ir.Constant(I32, 0)))
-                    dx = builder.load(builder.gep(pxd, [ib]))
+                    dx = builder.load(builder.gep(pxd, [builder.add(xrow[k], b)]))
                     t = builder.fmul(builder.sitofp(s, v8f), bcast(builder, builder.fmul(d, dx), 8))
                     if has_min:  # m * (sum of the block's dequantized activations) = m * dx * qsum
                         mt = builder.fmul(builder.fmul(m, dx), builder.sitofp(qsum, FLT))
                         t = builder.fadd(t, builder.insert_element(zf, mt, ir.Constant(I32, 0)))
-                    builder.store(builder.fadd(builder.load(accs[k]), t), accs[k])
+                    builder.store(builder.fadd(builder.load(acc_terms[k]), t), acc_terms[k])
             for k in range(K):
+                total = builder.load(acc_terms[k])
+                for acc in accs[k]:
+                    total = builder.fadd(total, builder.load(acc))
                 i = builder.add(i0_, c64(k))
-                builder.store(hsum(builder, builder.load(accs[k])),
-                              builder.gep(pout, [builder.add(builder.mul(i, rows), r_)]))
+                builder.store(hsum(builder, total), builder.gep(pout, [builder.add(builder.mul(i, rows), r_)]))
             return context.get_dummy_value()
 
         return sig, codegen

@@ -118,10 +118,12 @@ def _quantize_q8_k(x, pos, qs, d, bsums, bad):
 
 
 @njit(parallel=True, **JIT)
-def _quantize_q8_0(x, qs, d, qsum, bad):
-    """x float32[n, cols] -> block-major qs int8[nb, n, 32], d float32[nb, n] (fp16-rounded, as
-    stored in block_q8_0 / block_q8_1), qsum int32[nb, n] (Q8_1's s is d * qsum), nb = cols // 32;
-    bad uint8[n]: 1 where row i holds a NaN or Inf; returns how many (as _quantize_q8_k)."""
+def _quantize_q8_0(x, nsplit, qs, d, qsum, bad):
+    """x float32[n, cols] -> block-major qs int8[nb, n, 32] (blocks b < nsplit in legacy's split
+    order: block 2p + h's elements 0..15 at qs[2p, i, 16h:], 16..31 at qs[2p + 1, i, 16h:], its
+    d and qsum at legacy.SCALE_ORDER's place in its group of 8), d float32[n, nb] (fp16-rounded,
+    as stored in block_q8_0 / block_q8_1), qsum int32[n, nb] (Q8_1's s is d * qsum), nb = cols // 32; bad uint8[n]: 1 where row i holds a NaN or Inf;
+    returns how many (as _quantize_q8_k)."""
     n, cols = x.shape
     nbad = 0
     for i in prange(n):
@@ -134,15 +136,26 @@ def _quantize_q8_0(x, qs, d, qsum, bad):
                 nf += x[i, o + k] - x[i, o + k]
             db = amax / F32(127.0)
             inv = F32(1.0) / db if db != F32(0.0) else F32(0.0)
+            # where the block's two halves go: (block, byte) of elements 0 and 16; its scales
+            b_s = b
+            if b < nsplit:
+                h = b & 1
+                b_lo, o_lo, b_hi, o_hi = b - h, 16 * h, b - h + 1, 16 * h
+                b_s = b - b % 8 + h * 4 + b % 8 // 2  # legacy.SCALE_ORDER within the group
+            else:
+                b_lo, o_lo, b_hi, o_hi = b, 0, b, 16
             acc = 0
             for k in range(32):
                 v = x[i, o + k] * inv
                 q = np.int32(np.floor(abs(v) + F32(0.5)))  # roundf (half away from 0), in float32
                 q = q if v >= F32(0.0) else -q
-                qs[b, i, k] = q
+                if k < 16:
+                    qs[b_lo, i, o_lo + k] = q
+                else:
+                    qs[b_hi, i, o_hi + k - 16] = q
                 acc += q
-            qsum[b, i] = acc
-            d[b, i] = round_f16(db)
+            qsum[i, b_s] = acc
+            d[i, b_s] = round_f16(db)
         bad[i] = nf != nf
         nbad += np.int64(nf != nf)
     return nbad
@@ -173,20 +186,21 @@ _K_SIMD = {name: (kernel, _IDENTITY_256 if perm is None else np.argsort(perm))
            for name, (kernel, perm) in kq.SIMD_KERNELS.items()}
 
 
-def quantize_q8_0(x: np.ndarray, bad: np.ndarray | None = None):
-    """Q8_0 of x as weightstream.kernels.quantize.quantize_q8_0, block-major: (qs int8[nb, n, 32],
-    d float32[nb, n], qsum int32[nb, n]); Q8_1's quants and d are the same. bad: as quantize_q8_k."""
-    return _quantize_q8_0_counted(x, bad)[:3]
+def quantize_q8_0(x: np.ndarray, bad: np.ndarray | None = None, nsplit: int = 0):
+    """Q8_0 of x as weightstream.kernels.quantize.quantize_q8_0: (qs int8[nb, n, 32] block-major,
+    d float32[n, nb], qsum int32[n, nb]); Q8_1's quants and d are the same. bad: as quantize_q8_k;
+    nsplit: leading blocks stored in split order (legacy.split_blocks; 0: natural order)."""
+    return _quantize_q8_0_counted(x, bad, nsplit)[:3]
 
 
-def _quantize_q8_0_counted(x, bad):
+def _quantize_q8_0_counted(x, bad, nsplit):
     """quantize_q8_0, and the number of rows holding a NaN or Inf."""
     n, cols = x.shape
     nb = cols // 32
     qs = np.empty((nb, n, 32), np.int8)
-    d = np.empty((nb, n), np.float32)
-    qsum = np.empty((nb, n), np.int32)
-    nbad = _quantize_q8_0(x, qs, d, qsum, np.empty(n, np.uint8) if bad is None else bad)
+    d = np.empty((n, nb), np.float32)
+    qsum = np.empty((n, nb), np.int32)
+    nbad = _quantize_q8_0(x, nsplit, qs, d, qsum, np.empty(n, np.uint8) if bad is None else bad)
     return qs, d, qsum, nbad
 
 
@@ -252,7 +266,8 @@ def _run(x, w, qt: T, out, simd: bool) -> None:
             kq.GENERIC_KERNELS[qt.name](qs, d, bsums, w, out)
     elif qt in _LEGACY:
         if kind.endswith("-int8"):
-            qs, d, qsum, nbad = _quantize_q8_0_counted(x, bad)
+            nsplit = lg.split_blocks(qt.name.lower(), x.shape[1] // 32)
+            qs, d, qsum, nbad = _quantize_q8_0_counted(x, bad, nsplit)
             lg.SIMD_KERNELS[qt.name](qs, d, qsum, w, out, tile_rows(x.shape[1]))
         else:
             lg.GENERIC_KERNELS[qt.name](x, w, out)
