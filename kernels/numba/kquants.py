@@ -628,35 +628,61 @@ def _kq_simd_rows(kind, xq, xd, bsums, w, out, task, nt):
 
 # One cached kernel per type (the `kind` constant is folded after inlining). Arguments: xq
 # int8[nb, n, 256] in PERM_<type> order, xd float32[nb, n], bsums int16[nb, n, 16], w
-# uint8[rows, nb * block bytes], out float32[n, rows] (overwritten), nt activation rows per tile.
+# uint8[rows, nb * block bytes], out float32[n, rows] (overwritten), nt activation rows per tile,
+# threads: 1 runs a plain loop (matmul.SERIAL), more a parallel region on Numba's thread count.
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
-def _q2_k_simd_kernel(xq, xd, bsums, w, out, nt):
-    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        _kq_simd_rows(2, xq, xd, bsums, w, out, task, nt)
-
-
-@njit(parallel=True, fastmath=FASTMATH, **JIT)
-def _q3_k_simd_kernel(xq, xd, bsums, w, out, nt):
-    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        _kq_simd_rows(3, xq, xd, bsums, w, out, task, nt)
-
-
-@njit(parallel=True, fastmath=FASTMATH, **JIT)
-def _q4_k_simd_kernel(xq, xd, bsums, w, out, nt):
-    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        _kq_simd_rows(4, xq, xd, bsums, w, out, task, nt)
+def _q2_k_simd_kernel(xq, xd, bsums, w, out, nt, threads):
+    ntasks = (w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    if threads == 1:
+        for task in range(ntasks):
+            _kq_simd_rows(2, xq, xd, bsums, w, out, task, nt)
+    else:
+        for task in prange(ntasks):
+            _kq_simd_rows(2, xq, xd, bsums, w, out, task, nt)
 
 
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
-def _q5_k_simd_kernel(xq, xd, bsums, w, out, nt):
-    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        _kq_simd_rows(5, xq, xd, bsums, w, out, task, nt)
+def _q3_k_simd_kernel(xq, xd, bsums, w, out, nt, threads):
+    ntasks = (w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    if threads == 1:
+        for task in range(ntasks):
+            _kq_simd_rows(3, xq, xd, bsums, w, out, task, nt)
+    else:
+        for task in prange(ntasks):
+            _kq_simd_rows(3, xq, xd, bsums, w, out, task, nt)
 
 
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
-def _q6_k_simd_kernel(xq, xd, bsums, w, out, nt):
-    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        _kq_simd_rows(6, xq, xd, bsums, w, out, task, nt)
+def _q4_k_simd_kernel(xq, xd, bsums, w, out, nt, threads):
+    ntasks = (w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    if threads == 1:
+        for task in range(ntasks):
+            _kq_simd_rows(4, xq, xd, bsums, w, out, task, nt)
+    else:
+        for task in prange(ntasks):
+            _kq_simd_rows(4, xq, xd, bsums, w, out, task, nt)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q5_k_simd_kernel(xq, xd, bsums, w, out, nt, threads):
+    ntasks = (w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    if threads == 1:
+        for task in range(ntasks):
+            _kq_simd_rows(5, xq, xd, bsums, w, out, task, nt)
+    else:
+        for task in prange(ntasks):
+            _kq_simd_rows(5, xq, xd, bsums, w, out, task, nt)
+
+
+@njit(parallel=True, fastmath=FASTMATH, **JIT)
+def _q6_k_simd_kernel(xq, xd, bsums, w, out, nt, threads):
+    ntasks = (w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    if threads == 1:
+        for task in range(ntasks):
+            _kq_simd_rows(6, xq, xd, bsums, w, out, task, nt)
+    else:
+        for task in prange(ntasks):
+            _kq_simd_rows(6, xq, xd, bsums, w, out, task, nt)
 
 
 SIMD_KERNELS = {"Q2_K": (_q2_k_simd_kernel, PERM_Q2_K), "Q3_K": (_q3_k_simd_kernel, PERM_Q3_K),

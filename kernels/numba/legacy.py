@@ -522,33 +522,58 @@ def _simd_rows(kind, xq, xd, qsum, w, out, task, nt):
 
 # One cached kernel per type (the `kind` constant is folded after inlining).
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
-def _q4_0_simd_kernel(xq, xd, qsum, w, out, nt):
-    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        _simd_rows(0, xq, xd, qsum, w, out, task, nt)
+def _q4_0_simd_kernel(xq, xd, qsum, w, out, nt, threads):
+    ntasks = (w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    if threads == 1:
+        for task in range(ntasks):
+            _simd_rows(0, xq, xd, qsum, w, out, task, nt)
+    else:
+        for task in prange(ntasks):
+            _simd_rows(0, xq, xd, qsum, w, out, task, nt)
 
 
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
-def _q4_1_simd_kernel(xq, xd, qsum, w, out, nt):
-    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        _simd_rows(1, xq, xd, qsum, w, out, task, nt)
+def _q4_1_simd_kernel(xq, xd, qsum, w, out, nt, threads):
+    ntasks = (w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    if threads == 1:
+        for task in range(ntasks):
+            _simd_rows(1, xq, xd, qsum, w, out, task, nt)
+    else:
+        for task in prange(ntasks):
+            _simd_rows(1, xq, xd, qsum, w, out, task, nt)
 
 
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
-def _q5_0_simd_kernel(xq, xd, qsum, w, out, nt):
-    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        _simd_rows(2, xq, xd, qsum, w, out, task, nt)
+def _q5_0_simd_kernel(xq, xd, qsum, w, out, nt, threads):
+    ntasks = (w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    if threads == 1:
+        for task in range(ntasks):
+            _simd_rows(2, xq, xd, qsum, w, out, task, nt)
+    else:
+        for task in prange(ntasks):
+            _simd_rows(2, xq, xd, qsum, w, out, task, nt)
 
 
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
-def _q5_1_simd_kernel(xq, xd, qsum, w, out, nt):
-    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        _simd_rows(3, xq, xd, qsum, w, out, task, nt)
+def _q5_1_simd_kernel(xq, xd, qsum, w, out, nt, threads):
+    ntasks = (w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    if threads == 1:
+        for task in range(ntasks):
+            _simd_rows(3, xq, xd, qsum, w, out, task, nt)
+    else:
+        for task in prange(ntasks):
+            _simd_rows(3, xq, xd, qsum, w, out, task, nt)
 
 
 @njit(parallel=True, fastmath=FASTMATH, **JIT)
-def _q8_0_simd_kernel(xq, xd, qsum, w, out, nt):
-    for task in prange((w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        _simd_rows(4, xq, xd, qsum, w, out, task, nt)
+def _q8_0_simd_kernel(xq, xd, qsum, w, out, nt, threads):
+    ntasks = (w.shape[0] + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+    if threads == 1:
+        for task in range(ntasks):
+            _simd_rows(4, xq, xd, qsum, w, out, task, nt)
+    else:
+        for task in prange(ntasks):
+            _simd_rows(4, xq, xd, qsum, w, out, task, nt)
 
 
 # ---------------------------------------------------------------------------

@@ -78,86 +78,115 @@ def strategy(qtype, simd: bool = HAVE_SIMD) -> str:
 _IDENTITY_256 = np.arange(256, dtype=np.int64)
 
 
-@njit(parallel=True, **JIT)
-def _quantize_q8_k(x, pos, qs, d, bsums, bad):
+@njit(inline="always")
+def _q8_k_row(x, i, pos, qs, d, bsums):
+    """Row i of x to Q8_K (see _quantize_q8_k); True where it holds a NaN or Inf."""
+    cols = x.shape[1]
+    nf = F32(0.0)  # sum of v - v: +0 while all finite, NaN after a NaN or Inf (no fastmath)
+    for b in range(cols // 256):
+        o = 256 * b
+        amax = F32(0.0)
+        vmax = F32(0.0)
+        for k in range(256):
+            v = x[i, o + k]
+            nf += v - v
+            if abs(v) > amax:  # strict: the first of equal magnitudes wins, as the C loop
+                amax = abs(v)
+                vmax = v
+        if amax == F32(0.0):
+            qs[b, i, :] = 0
+            bsums[b, i, :] = 0
+            d[b, i] = F32(0.0)
+            continue
+        iscale = F32(-127.0) / vmax
+        for s in range(16):
+            acc = 0
+            for k in range(16):
+                q = np.int32(min(np.rint(iscale * x[i, o + 16 * s + k]), F32(127.0)))
+                qs[b, i, pos[16 * s + k]] = q
+                acc += q
+            bsums[b, i, s] = acc
+        d[b, i] = F32(1.0) / iscale
+    return nf != nf
+
+
+@njit(parallel=True, error_model="numpy", **JIT)  # a row's 1 / 0 is Inf, not an exception (as in prange)
+def _quantize_q8_k(x, pos, qs, d, bsums, bad, threads):
     """x float32[n, cols] -> block-major qs int8[nb, n, 256] (element k of a block stored at
     pos[k]), d float32[nb, n], bsums int16[nb, n, 16] (nb = cols // 256); bad uint8[n]: 1 where
     row i holds a NaN or Inf, which the int8 quants lose (see _nan_rows). Returns how many
-    rows do (a test of the count is cheaper than bad.any() on every call)."""
-    n, cols = x.shape
+    rows do (a test of the count is cheaper than bad.any() on every call). One row or one
+    thread: a plain loop (see SERIAL)."""
+    n = x.shape[0]
     nbad = 0
-    for i in prange(n):
-        nf = F32(0.0)  # sum of v - v: +0 while all finite, NaN after a NaN or Inf (no fastmath)
-        for b in range(cols // 256):
-            o = 256 * b
-            amax = F32(0.0)
-            vmax = F32(0.0)
-            for k in range(256):
-                v = x[i, o + k]
-                nf += v - v
-                if abs(v) > amax:  # strict: the first of equal magnitudes wins, as the C loop
-                    amax = abs(v)
-                    vmax = v
-            if amax == F32(0.0):
-                qs[b, i, :] = 0
-                bsums[b, i, :] = 0
-                d[b, i] = F32(0.0)
-                continue
-            iscale = F32(-127.0) / vmax
-            for s in range(16):
-                acc = 0
-                for k in range(16):
-                    q = np.int32(min(np.rint(iscale * x[i, o + 16 * s + k]), F32(127.0)))
-                    qs[b, i, pos[16 * s + k]] = q
-                    acc += q
-                bsums[b, i, s] = acc
-            d[b, i] = F32(1.0) / iscale
-        bad[i] = nf != nf
-        nbad += np.int64(nf != nf)
+    if threads == 1 or n == 1:
+        for i in range(n):
+            row_bad = _q8_k_row(x, i, pos, qs, d, bsums)
+            bad[i] = row_bad
+            nbad += np.int64(row_bad)
+    else:
+        for i in prange(n):
+            row_bad = _q8_k_row(x, i, pos, qs, d, bsums)
+            bad[i] = row_bad
+            nbad += np.int64(row_bad)
     return nbad
 
 
-@njit(parallel=True, **JIT)
-def _quantize_q8_0(x, nsplit, qs, d, qsum, bad):
+@njit(inline="always")
+def _q8_0_row(x, i, nsplit, qs, d, qsum):
+    """Row i of x to Q8_0 (see _quantize_q8_0); True where it holds a NaN or Inf."""
+    cols = x.shape[1]
+    nf = F32(0.0)
+    for b in range(cols // 32):
+        o = 32 * b
+        amax = F32(0.0)
+        for k in range(32):
+            amax = max(amax, abs(x[i, o + k]))
+            nf += x[i, o + k] - x[i, o + k]
+        db = amax / F32(127.0)
+        inv = F32(1.0) / db if db != F32(0.0) else F32(0.0)
+        # where the block's two halves go: (block, byte) of elements 0 and 16; its scales
+        b_s = b
+        if b < nsplit:
+            h = b & 1
+            b_lo, o_lo, b_hi, o_hi = b - h, 16 * h, b - h + 1, 16 * h
+            b_s = b - b % 8 + h * 4 + b % 8 // 2  # legacy.SCALE_ORDER within the group
+        else:
+            b_lo, o_lo, b_hi, o_hi = b, 0, b, 16
+        acc = 0
+        for k in range(32):
+            v = x[i, o + k] * inv
+            q = np.int32(np.floor(abs(v) + F32(0.5)))  # roundf (half away from 0), in float32
+            q = q if v >= F32(0.0) else -q
+            if k < 16:
+                qs[b_lo, i, o_lo + k] = q
+            else:
+                qs[b_hi, i, o_hi + k - 16] = q
+            acc += q
+        qsum[i, b_s] = acc
+        d[i, b_s] = round_f16(db)
+    return nf != nf
+
+
+@njit(parallel=True, error_model="numpy", **JIT)  # a row's 1 / 0 is Inf, not an exception (as in prange)
+def _quantize_q8_0(x, nsplit, qs, d, qsum, bad, threads):
     """x float32[n, cols] -> block-major qs int8[nb, n, 32] (blocks b < nsplit in legacy's split
     order: block 2p + h's elements 0..15 at qs[2p, i, 16h:], 16..31 at qs[2p + 1, i, 16h:], its
     d and qsum at legacy.SCALE_ORDER's place in its group of 8), d float32[n, nb] (fp16-rounded,
-    as stored in block_q8_0 / block_q8_1), qsum int32[n, nb] (Q8_1's s is d * qsum), nb = cols // 32; bad uint8[n]: 1 where row i holds a NaN or Inf;
-    returns how many (as _quantize_q8_k)."""
-    n, cols = x.shape
+    as stored in block_q8_0 / block_q8_1), qsum int32[n, nb] (Q8_1's s is d * qsum), nb = cols //
+    32; bad uint8[n]: 1 where row i holds a NaN or Inf; returns how many (as _quantize_q8_k)."""
+    n = x.shape[0]
     nbad = 0
-    for i in prange(n):
-        nf = F32(0.0)
-        for b in range(cols // 32):
-            o = 32 * b
-            amax = F32(0.0)
-            for k in range(32):
-                amax = max(amax, abs(x[i, o + k]))
-                nf += x[i, o + k] - x[i, o + k]
-            db = amax / F32(127.0)
-            inv = F32(1.0) / db if db != F32(0.0) else F32(0.0)
-            # where the block's two halves go: (block, byte) of elements 0 and 16; its scales
-            b_s = b
-            if b < nsplit:
-                h = b & 1
-                b_lo, o_lo, b_hi, o_hi = b - h, 16 * h, b - h + 1, 16 * h
-                b_s = b - b % 8 + h * 4 + b % 8 // 2  # legacy.SCALE_ORDER within the group
-            else:
-                b_lo, o_lo, b_hi, o_hi = b, 0, b, 16
-            acc = 0
-            for k in range(32):
-                v = x[i, o + k] * inv
-                q = np.int32(np.floor(abs(v) + F32(0.5)))  # roundf (half away from 0), in float32
-                q = q if v >= F32(0.0) else -q
-                if k < 16:
-                    qs[b_lo, i, o_lo + k] = q
-                else:
-                    qs[b_hi, i, o_hi + k - 16] = q
-                acc += q
-            qsum[i, b_s] = acc
-            d[i, b_s] = round_f16(db)
-        bad[i] = nf != nf
-        nbad += np.int64(nf != nf)
+    if threads == 1 or n == 1:
+        for i in range(n):
+            row_bad = _q8_0_row(x, i, nsplit, qs, d, qsum)
+            bad[i] = row_bad
+            nbad += np.int64(row_bad)
+    else:
+        for i in prange(n):
+            row_bad = _q8_0_row(x, i, nsplit, qs, d, qsum)
+            bad[i] = row_bad
+            nbad += np.int64(row_bad)
     return nbad
 
 
@@ -165,10 +194,11 @@ def quantize_q8_k(x: np.ndarray, perm: np.ndarray | None = None, bad: np.ndarray
     """Q8_K of x as weightstream.kernels.quantize.quantize_q8_k, block-major: (qs int8[nb, n, 256],
     d float32[nb, n], bsums int16[nb, n, 16]). With `perm`, qs[b, i, k] is element perm[k].
     bad: uint8[n] to receive the rows holding a NaN or Inf (None: not kept)."""
-    return _quantize_q8_k_at(x, _IDENTITY_256 if perm is None else np.argsort(perm), bad)[:3]
+    pos = _IDENTITY_256 if perm is None else np.argsort(perm)
+    return _quantize_q8_k_at(x, pos, bad, numba.get_num_threads())[:3]
 
 
-def _quantize_q8_k_at(x, pos, bad):
+def _quantize_q8_k_at(x, pos, bad, threads):
     """quantize_q8_k storing element k at pos[k] (argsort of its perm), and the number of rows
     holding a NaN or Inf."""
     n, cols = x.shape
@@ -176,7 +206,7 @@ def _quantize_q8_k_at(x, pos, bad):
     qs = np.empty((nb, n, 256), np.int8)
     d = np.empty((nb, n), np.float32)
     bsums = np.empty((nb, n, 16), np.int16)
-    nbad = _quantize_q8_k(x, pos, qs, d, bsums, np.empty(n, np.uint8) if bad is None else bad)
+    nbad = _quantize_q8_k(x, pos, qs, d, bsums, np.empty(n, np.uint8) if bad is None else bad, threads)
     return qs, d, bsums, nbad
 
 
@@ -190,17 +220,17 @@ def quantize_q8_0(x: np.ndarray, bad: np.ndarray | None = None, nsplit: int = 0)
     """Q8_0 of x as weightstream.kernels.quantize.quantize_q8_0: (qs int8[nb, n, 32] block-major,
     d float32[n, nb], qsum int32[n, nb]); Q8_1's quants and d are the same. bad: as quantize_q8_k;
     nsplit: leading blocks stored in split order (legacy.split_blocks; 0: natural order)."""
-    return _quantize_q8_0_counted(x, bad, nsplit)[:3]
+    return _quantize_q8_0_counted(x, bad, nsplit, numba.get_num_threads())[:3]
 
 
-def _quantize_q8_0_counted(x, bad, nsplit):
+def _quantize_q8_0_counted(x, bad, nsplit, threads):
     """quantize_q8_0, and the number of rows holding a NaN or Inf."""
     n, cols = x.shape
     nb = cols // 32
     qs = np.empty((nb, n, 32), np.int8)
     d = np.empty((n, nb), np.float32)
     qsum = np.empty((n, nb), np.int32)
-    nbad = _quantize_q8_0(x, nsplit, qs, d, qsum, np.empty(n, np.uint8) if bad is None else bad)
+    nbad = _quantize_q8_0(x, nsplit, qs, d, qsum, np.empty(n, np.uint8) if bad is None else bad, threads)
     return qs, d, qsum, nbad
 
 
@@ -209,7 +239,13 @@ def _quantize_q8_0_counted(x, bad, nsplit):
 # ---------------------------------------------------------------------------
 
 
-def _check(x, w, qtype, out, threads) -> T:
+# qtype -> (type, block elements, block bytes) of the supported types: T(qtype) and
+# formats.block_size cost ~1 us each a call
+_TYPE_INFO = {int(t): (t, *formats.block_size(t)) for t in SUPPORTED}
+
+
+def _check_type(qtype):
+    """(type, block elements, block bytes) of a qtype not in _TYPE_INFO, or the ValueError naming it."""
     try:
         qt = T(qtype)
     except ValueError:
@@ -217,6 +253,15 @@ def _check(x, w, qtype, out, threads) -> T:
     if qt not in SUPPORTED:
         raise ValueError(f"GGML type {qt.name} is not supported by the numba backend "
                          f"(supported: {', '.join(sorted(t.name for t in SUPPORTED))})")
+    return (qt, *formats.block_size(qt))
+
+
+def _check(x, w, qtype, out, threads) -> T:
+    info = _TYPE_INFO.get(qtype) if isinstance(qtype, (int, np.integer)) else None
+    if info is not None:
+        qt, elements, nbytes = info
+    else:
+        qt, elements, nbytes = _check_type(qtype)
     for name, a, dtype in (("x", x, np.float32), ("w", w, np.uint8), ("out", out, np.float32)):
         if not isinstance(a, np.ndarray):
             raise ValueError(f"{name} must be a NumPy array, got {type(a).__name__}")
@@ -227,7 +272,6 @@ def _check(x, w, qtype, out, threads) -> T:
     if not out.flags.writeable:
         raise ValueError("out must be writeable")
     n, cols = x.shape
-    elements, nbytes = formats.block_size(qt)
     if cols % elements:
         raise ValueError(f"{qt.name}: x has {cols} columns, not a multiple of the {elements}-element block")
     if w.shape[1] != cols // elements * nbytes:
@@ -246,29 +290,35 @@ def _check(x, w, qtype, out, threads) -> T:
 # (qtype, simd) -> strategy(): looked up once (a microsecond a call otherwise)
 _STRATEGY: dict = {}
 
+# SERIAL: on one thread the int8 tiers' quantizers and kernels run their rows as a plain loop
+# (their `threads` argument), not a parallel region (whose launch costs ~5 us even on one
+# thread), and Numba's thread count is neither read nor set (~2 and ~3 us from Python): together
+# ~20 us of a 768x2048 decode product's ~100. (Setting it inside the compiled kernels would be
+# cheaper still, but makes them uncacheable: Numba sees the threading layer as a dynamic global.)
 
-def _run(x, w, qt: T, out, simd: bool) -> None:
-    """Dispatch to a kernel tier (inputs already checked, n, rows, cols > 0).
+
+def _run(x, w, qt: T, out, kind: str, threads: int) -> None:
+    """Dispatch to the kernel tier `kind` (strategy(); inputs already checked, n, rows, cols > 0;
+    threads: Numba's thread count now, as the int8 tiers' kernels and quantizers are told).
 
     NaN contract (docs/DESIGN.md, kernels): the tiers that quantize x to int8 lose a NaN / Inf, so
     the quantizer flags those rows (`bad`) and their outputs become NaN afterwards, as the float
     reference gives; the float tiers propagate NaN / Inf through their float32 products."""
-    kind = _STRATEGY.get((qt, simd)) or _STRATEGY.setdefault((qt, simd), strategy(qt, simd))
     bad = np.empty(x.shape[0], np.uint8)  # uint8[n]: activation row holds a NaN / Inf
     nbad = 0                              # how many do (the float tiers: none to mark)
     if qt in _K_QUANTS:
         if kind.endswith("-int8"):
             kernel, pos = _K_SIMD[qt.name]
-            qs, d, bsums, nbad = _quantize_q8_k_at(x, pos, bad)
-            kernel(qs, d, bsums, w, out, tile_rows(x.shape[1]))
+            qs, d, bsums, nbad = _quantize_q8_k_at(x, pos, bad, threads)
+            kernel(qs, d, bsums, w, out, tile_rows(x.shape[1]), threads)
         else:
-            qs, d, bsums, nbad = _quantize_q8_k_at(x, _IDENTITY_256, bad)
+            qs, d, bsums, nbad = _quantize_q8_k_at(x, _IDENTITY_256, bad, threads)
             kq.GENERIC_KERNELS[qt.name](qs, d, bsums, w, out)
     elif qt in _LEGACY:
         if kind.endswith("-int8"):
             nsplit = lg.split_blocks(qt.name.lower(), x.shape[1] // 32)
-            qs, d, qsum, nbad = _quantize_q8_0_counted(x, bad, nsplit)
-            lg.SIMD_KERNELS[qt.name](qs, d, qsum, w, out, tile_rows(x.shape[1]))
+            qs, d, qsum, nbad = _quantize_q8_0_counted(x, bad, nsplit, threads)
+            lg.SIMD_KERNELS[qt.name](qs, d, qsum, w, out, tile_rows(x.shape[1]), threads)
         else:
             lg.GENERIC_KERNELS[qt.name](x, w, out)
     else:
@@ -293,12 +343,18 @@ def matmul_into(x: np.ndarray, w: np.ndarray, qtype, out: np.ndarray, threads: i
     if cols == 0:
         out.fill(0)
         return
-    prev, want = numba.get_num_threads(), min(int(threads), numba.config.NUMBA_NUM_THREADS)
+    simd = HAVE_SIMD if _simd is None else (_simd and HAVE_SIMD)
+    kind = _STRATEGY.get((qt, simd)) or _STRATEGY.setdefault((qt, simd), strategy(qt, simd))
+    want = min(int(threads), numba.config.NUMBA_NUM_THREADS)
+    if want == 1 and kind.endswith("-int8"):
+        _run(x, w, qt, out, kind, 1)  # SERIAL: no parallel region, Numba's thread count untouched
+        return
+    prev = numba.get_num_threads()
     change = want != prev   # usually not: then nothing to set or undo
     if change:
         numba.set_num_threads(want)
     try:
-        _run(x, w, qt, out, HAVE_SIMD if _simd is None else (_simd and HAVE_SIMD))
+        _run(x, w, qt, out, kind, want)
     finally:
         if change:
             numba.set_num_threads(prev)
