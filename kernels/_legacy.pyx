@@ -98,7 +98,7 @@ cdef extern from "legacy.h":
     int lg_stream_order(int t) noexcept nogil
     int lg_quantize_row(int t, const float *x, int nb, int nbp, int8_t *xq, float *dx, float *cs,
                         int order) noexcept nogil
-    void lg_tile_scales(const float *dx, const float *cs, size_t fs, int n, int nb, size_t rs,
+    void lg_tile_scales(int t, const float *dx, const float *cs, size_t fs, int n, int nb, size_t rs,
                         float *dxr, float *csr) noexcept nogil
     void ws_nan_rows(const uint8_t *bad, int64_t n, float *out, int64_t rows, int64_t ostride) noexcept nogil
     void lg_chunk(const lg_ctx *c, int r0, int r1, int tid) noexcept nogil
@@ -248,7 +248,7 @@ cdef void _stream_setup(lg_ctx *c, float *stream) noexcept nogil:
     c.dxr = stream
     c.csr = stream + <size_t>c.n * c.rs
     c.fscratch = stream + 2 * <size_t>c.n * c.rs
-    lg_tile_scales(c.dx, c.cs, c.fs, c.n, c.nb, c.rs, stream, stream + <size_t>c.n * c.rs)
+    lg_tile_scales(c.t, c.dx, c.cs, c.fs, c.n, c.nb, c.rs, stream, stream + <size_t>c.n * c.rs)
 
 
 def quantize_rows(const float[:, ::1] x, int qtype):

@@ -300,12 +300,23 @@ def _pair_u8(builder, pa, kind):
     w1 = builder.and_(builder.bitcast(builder.lshr(builder.bitcast(v, vec(I16, 16)), splat(I16, 16, 4)),
                                       vec(I8, 32)), m15)
     if kind in _QH_OFF:
+        # A's qh broadcast to the low 128 bits, B's to the high (two broadcast loads: load ports
+        # only), then per half the lane's bytes 0, 1 (elements 0..15) or 2, 3 (16..31) spread to
+        # 8 bytes each (one in-lane vpshufb), the element's bit tested: where the two halves
+        # were joined in integer registers first, Q5_0 4096x4096 took ~10% longer (Zen 3)
         ha, hb = _load_i32(builder, pa, _QH_OFF[kind]), _load_i32(builder, pa, nbytes + _QH_OFF[kind])
-        lo, hi = ir.Constant(I32, 0xFFFF), ir.Constant(I32, 0xFFFF0000)
-        h0 = builder.or_(builder.and_(ha, lo), builder.shl(hb, ir.Constant(I32, 16)))   # elements 0..15
-        h1 = builder.or_(builder.lshr(ha, ir.Constant(I32, 16)), builder.and_(hb, hi))  # 16..31
-        w0 = builder.or_(w0, _fifth_bits(builder, h0))
-        w1 = builder.or_(w1, _fifth_bits(builder, h1))
+        hv = builder.bitcast(builder.shuffle_vector(bcast(builder, ha, 4), bcast(builder, hb, 4),
+                                                    ir.Constant(vec(I32, 8), [0, 1, 2, 3, 4, 5, 6, 7])), vec(I8, 32))
+        bit = ir.Constant(vec(I8, 32), [1 << (j % 8) for j in range(32)])
+        for half in (0, 1):
+            spread = [16 * (j // 16) + 2 * half + (j % 16) // 8 for j in range(32)]
+            b = builder.shuffle_vector(hv, hv, ir.Constant(vec(I32, 32), spread))
+            hit = builder.icmp_unsigned("==", builder.and_(b, bit), bit)
+            fifth = builder.select(hit, splat(I8, 32, 16), splat(I8, 32, 0))
+            if half == 0:
+                w0 = builder.or_(w0, fifth)
+            else:
+                w1 = builder.or_(w1, fifth)
     return w0, w1
 
 
