@@ -38,7 +38,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .legacy import (F32, FASTMATH, FLT, I8, I16, I32, ISA, JIT, ROWS_PER_TASK, arr, bcast, c64, prefetch,
-                     call, f16, half_at, hsum, madd, splat, vec, vload)
+                     call, f16, fma, half_at, hsum, madd, splat, vec, vload)
 
 
 @njit(inline="always")
@@ -548,12 +548,15 @@ def _make_kq_rows(unpack, nbytes):
                         ib = builder.add(base, c64(k))
                         xo = builder.mul(ib, c64(256))
                         s = None
+                        pair = [None, None]  # Q2_K: two vpdpbusd chains (planes 0, 1 and 2, 3), then one add
                         for j in range(4):
                             if scales is None:  # planes already times their scales (Q2_K): vpdpbusd
                                 x = vload(builder, px, builder.add(xo, c64(64 * j)), vec(I8, 64))
-                                s = call(builder, "llvm.x86.avx512.vpdpbusd.512", vi, [vi, vi, vi],
-                                         [s if s is not None else ir.Constant(vi, [ir.Constant(I32, 0)] * lanes),
-                                          builder.bitcast(planes[j], vi), builder.bitcast(x, vi)])
+                                pair[j // 2] = call(builder, "llvm.x86.avx512.vpdpbusd.512", vi, [vi, vi, vi],
+                                                    [pair[j // 2] if j % 2 else ir.Constant(vi, [ir.Constant(I32, 0)] * lanes),
+                                                     builder.bitcast(planes[j], vi), builder.bitcast(x, vi)])
+                                if j == 3:
+                                    s = builder.add(pair[0], pair[1])
                                 continue
                             for h in range(64 // KQ_WIDTH):
                                 x = vload(builder, px, builder.add(xo, c64(64 * j + KQ_WIDTH * h)), vec(I8, KQ_WIDTH))
@@ -568,12 +571,13 @@ def _make_kq_rows(unpack, nbytes):
                         if offset:  # the unsigned codes' offset, taken back exactly
                             s = builder.sub(s, builder.mul(mv, splat(I32, lanes, offset)))
                         dx = builder.load(builder.gep(pxd, [ib]))
-                        a = builder.load(accs[k])
-                        a = builder.fadd(a, builder.fmul(builder.sitofp(s, vf), bcast(builder, builder.fmul(d, dx), lanes)))
+                        t = builder.fmul(builder.sitofp(s, vf), bcast(builder, builder.fmul(d, dx), lanes))
                         if dmin is not None:  # the mins: dmin * dx * sum_k m_k bsum_k
-                            a = builder.fsub(a, builder.fmul(builder.sitofp(mv, vf),
-                                                             bcast(builder, builder.fmul(dmin, dx), lanes)))
-                        builder.store(a, accs[k])
+                            t = fma(builder, builder.fneg(builder.sitofp(mv, vf)),
+                                    bcast(builder, builder.fmul(dmin, dx), lanes), t)
+                        # the block's sum made off the accumulator's chain, then one add on it:
+                        # an add and a subtract there made every block wait ~8 cycles on the last
+                        builder.store(builder.fadd(builder.load(accs[k]), t), accs[k])
                 for k in for_rows(count):
                     i = builder.add(i0_, c64(k))
                     builder.store(hsum(builder, builder.load(accs[k])),

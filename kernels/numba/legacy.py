@@ -382,8 +382,10 @@ def scale_lanes(kind, j):
     return [j // 2] * 4 + [4 + j // 2] * 4
 
 
-def fma8(builder, a, b, c):
-    return call(builder, "llvm.fma.v8f32", vec(FLT, 8), [vec(FLT, 8)] * 3, [a, b, c])
+def fma(builder, a, b, c):
+    """a * b + c, fused (llvm.fma on float vectors of any width)."""
+    vt = a.type
+    return call(builder, f"llvm.fma.v{vt.count}f32", vt, [vt] * 3, [a, b, c])
 
 
 def _make_legacy_rows(kind, K):
@@ -433,7 +435,7 @@ def _make_legacy_rows(kind, K):
                     if offset or has_min:
                         qf = builder.sitofp(vload(builder, pqs, builder.add(xrow[k], b0), v8i), v8f)
                         c = builder.fmul(m8, dx8) if has_min else builder.fmul(S[k], splat(FLT, 8, -float(offset)))
-                        builder.store(fma8(builder, c, qf, builder.load(acc_terms[k])), acc_terms[k])
+                        builder.store(fma(builder, c, qf, builder.load(acc_terms[k])), acc_terms[k])
                 for j in range(0, GROUP, step):
                     pb = builder.gep(pg, [c64(j * nbytes)])
                     if step == 2:
@@ -452,7 +454,7 @@ def _make_legacy_rows(kind, K):
                             s = dot_u8s8(builder, wa, sign_i8(builder, x0, q))
                         acc = accs[k][(j // step) % n_acc]
                         sc = builder.shuffle_vector(S[k], S[k], lanes)
-                        builder.store(fma8(builder, builder.sitofp(s, v8f), sc, builder.load(acc)), acc)
+                        builder.store(fma(builder, builder.sitofp(s, v8f), sc, builder.load(acc)), acc)
             b_tail = builder.mul(ngroups, c64(GROUP))
             with cgutils.for_range(builder, builder.sub(nb, b_tail)) as lb:
                 b = builder.add(b_tail, lb.index)
