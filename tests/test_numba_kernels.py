@@ -175,8 +175,9 @@ def test_legacy_extreme_codes(qtype):
 
 
 def test_half_at_converts_every_fp16_exactly():
-    """legacy.half_at (the SIMD kernels' fp16 scales, converted in integer registers) against
-    NumPy for all 65536 bit patterns: exact, subnormals included; Inf made NaN."""
+    """legacy.half_at (the SIMD kernels' fp16 scales, converted in integer registers) and
+    legacy.half_pair (two at once, vcvtph2ps) against NumPy for all 65536 bit patterns: exact,
+    subnormals included; Inf made NaN."""
     from numba import njit, types
     from numba.extending import intrinsic
     from weightstream.kernels.numba import legacy as lg
@@ -193,13 +194,27 @@ def test_half_at_converts_every_fp16_exactly():
         for i in range(out.size):
             out[i] = half_at(a, i)
 
+    @intrinsic
+    def half_pair(typingctx, a, i):  # the pair at 4 i (lg.half_pair: a k-quant's d, dmin)
+        def codegen(context, builder, signature, args):
+            ptr, _ = lg.arr(context, builder, signature.args[0], args[0])
+            d, m = lg.half_pair(builder, ptr, builder.mul(args[1], lg.c64(4)))
+            return context.make_tuple(builder, signature.return_type, [d, m])
+        return types.UniTuple(types.float32, 2)(a, i), codegen
+
+    @njit
+    def convert_pairs(a, out):
+        for i in range(out.size // 2):
+            out[2 * i], out[2 * i + 1] = half_pair(a, i)
+
     bits = np.arange(65536, dtype=np.uint16)
-    out = np.empty(65536, np.float32)
-    convert(bits.view(np.uint8), out)
     want = bits.view(np.float16).astype(np.float32)
     nan = np.isnan(want) | np.isinf(want)
-    assert np.isnan(out[nan]).all()
-    np.testing.assert_array_equal(out[~nan].view(np.uint32), want[~nan].view(np.uint32))  # -0 too
+    for fn in (convert, convert_pairs):
+        out = np.empty(65536, np.float32)
+        fn(bits.view(np.uint8), out)
+        assert np.isnan(out[nan]).all()
+        np.testing.assert_array_equal(out[~nan].view(np.uint32), want[~nan].view(np.uint32))  # -0 too
 
 
 # ---------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .legacy import (F32, FASTMATH, FLT, I8, I16, I32, ISA, JIT, ROWS_PER_TASK, arr, bcast, c64, prefetch,
-                     call, f16, fma, half_at, hsum, madd, splat, vec, vload)
+                     call, f16, fma, half_at, half_pair, hsum, madd, splat, vec, vload)
 
 
 @njit(inline="always")
@@ -364,7 +364,8 @@ def _unpack_q2_k_simd(builder, pb):
     for j in range(4):
         planes.append(builder.and_(builder.lshr(qs, splat(I8, 64, 2 * j)), splat(I8, 64, 3)))
         plane_scales.append(_lanes16(builder, sc16, [2 * j, 2 * j + 1, 8 + 2 * j, 9 + 2 * j]))
-    return planes, plane_scales, half_at(builder, pb, c64(80)), mins16, half_at(builder, pb, c64(82)), 0
+    d, dmin = half_pair(builder, pb, c64(80))
+    return planes, plane_scales, d, mins16, dmin, 0
 
 
 # Q2_K's weights come out already times their sub-block scales, as in the Cython kernel
@@ -404,7 +405,8 @@ def _unpack_q2_k_table(builder, pb):
                             _bytes([b for b in _Q2K_BASES[j] for _ in range(16)]))
         planes.append(call(builder, "llvm.x86.avx512.permvar.qi.512", vec(I8, 64),
                            [vec(I8, 64), vec(I8, 64)], [t, index]))
-    return planes, None, half_at(builder, pb, c64(80)), mins16, half_at(builder, pb, c64(82)), 0
+    d, dmin = half_pair(builder, pb, c64(80))
+    return planes, None, d, mins16, dmin, 0
 
 
 def _unpack_q3_k_simd(builder, pb):
@@ -456,7 +458,8 @@ def _unpack_k4(builder, pb, qs_off, qh_off):
                 q = _bit_add(builder, q, qh, [1 << s0] * 32 + [1 << s1] * 32, 16)
             planes.append(q)
             scales.append(_lanes16(builder, sm16, [s0, s0, s1, s1]))
-    return planes, scales, half_at(builder, pb, c64(0)), mins16, half_at(builder, pb, c64(2)), 0
+    d, dmin = half_pair(builder, pb, c64(0))
+    return planes, scales, d, mins16, dmin, 0
 
 
 def _unpack_q4_k_simd(builder, pb):

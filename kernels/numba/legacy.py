@@ -299,11 +299,19 @@ def _pair_u8(builder, pa, kind):
     w0 = builder.and_(v, m15)
     w1 = builder.and_(builder.bitcast(builder.lshr(builder.bitcast(v, vec(I16, 16)), splat(I16, 16, 4)),
                                       vec(I8, 32)), m15)
-    if kind in _QH_OFF:
-        # A's qh broadcast to the low 128 bits, B's to the high (two broadcast loads: load ports
-        # only), then per half the lane's bytes 0, 1 (elements 0..15) or 2, 3 (16..31) spread to
-        # 8 bytes each (one in-lane vpshufb), the element's bit tested: where the two halves
-        # were joined in integer registers first, Q5_0 4096x4096 took ~10% longer (Zen 3)
+    if kind in _QH_OFF and ISA == "avx512":
+        # the 32 bits of each register's fifth bits as a mask register (kmovd): one masked op
+        ha, hb = _load_i32(builder, pa, _QH_OFF[kind]), _load_i32(builder, pa, nbytes + _QH_OFF[kind])
+        lo, hi = ir.Constant(I32, 0xFFFF), ir.Constant(I32, 0xFFFF0000)
+        h0 = builder.or_(builder.and_(ha, lo), builder.shl(hb, ir.Constant(I32, 16)))   # elements 0..15
+        h1 = builder.or_(builder.lshr(ha, ir.Constant(I32, 16)), builder.and_(hb, hi))  # 16..31
+        w0 = builder.or_(w0, _fifth_bits(builder, h0))
+        w1 = builder.or_(w1, _fifth_bits(builder, h1))
+    elif kind in _QH_OFF:
+        # AVX2: A's qh broadcast to the low 128 bits, B's to the high (two broadcast loads: load
+        # ports only), then per half the lane's bytes 0, 1 (elements 0..15) or 2, 3 (16..31)
+        # spread to 8 bytes each (one in-lane vpshufb), the element's bit tested: where the two
+        # halves were joined in integer registers first, Q5_0 4096x4096 took ~10% longer (Zen 3)
         ha, hb = _load_i32(builder, pa, _QH_OFF[kind]), _load_i32(builder, pa, nbytes + _QH_OFF[kind])
         hv = builder.bitcast(builder.shuffle_vector(bcast(builder, ha, 4), bcast(builder, hb, 4),
                                                     ir.Constant(vec(I32, 8), [0, 1, 2, 3, 4, 5, 6, 7])), vec(I8, 32))
@@ -331,6 +339,17 @@ def dot_pair(builder, w0, x0, w1, x1):
     p0 = call(builder, _MADD[32][0], vec(I16, 16), [vec(I8, 32)] * 2, [w0, x0])
     p1 = call(builder, _MADD[32][0], vec(I16, 16), [vec(I8, 32)] * 2, [w1, x1])
     return call(builder, _MADD[32][1], vec(I32, 8), [vec(I16, 16)] * 2, [builder.add(p0, p1), splat(I16, 16, 1)])
+
+
+def half_pair(builder, base, off):
+    """The two fp16 scales at byte `off` of uint8 pointer `base` (a k-quant's d, dmin) as floats,
+    Inf made NaN as half_at, by one 32-bit load and one vcvtph2ps: two half_at conversions were
+    ~14 scalar operations a block, on the ports the vector work needs."""
+    h = builder.bitcast(builder.load(builder.bitcast(builder.gep(base, [off]), I32.as_pointer()), align=1), vec(I16, 2))
+    f = builder.fpext(builder.bitcast(h, vec(ir.HalfType(), 2)), vec(FLT, 2))
+    special = builder.icmp_unsigned("==", builder.and_(h, splat(I16, 2, 0x7C00)), splat(I16, 2, 0x7C00))
+    f = builder.select(special, ir.Constant(vec(FLT, 2), [float("nan")] * 2), f)
+    return builder.extract_element(f, ir.Constant(I32, 0)), builder.extract_element(f, ir.Constant(I32, 1))
 
 
 def _halves8(builder, h):
