@@ -6,16 +6,18 @@ Used through ``weightstream.kernels.numba.matmul.matmul_into``; everything here 
 Two tiers per legacy type:
 
 * ``_<type>_simd_kernel``: int8 activations (Q8_0 for Q4_0 / Q5_0 / Q8_0, Q8_1 for Q4_1 / Q5_1:
-  int8 quants, fp16-rounded scale ``xd`` and ``qsum``, the sum of a block's quants). The block
-  dot is one product of 32 unsigned weight bytes and 32 signed activation bytes into 8 int32
-  lanes (``dot_u8s8``: ``vpdpbusd`` on AVX-512 VNNI, ``vpmaddubsw`` + ``vpmaddwd`` on AVX2; see
-  ``ISA``), emitted as explicit LLVM vector IR by an ``@intrinsic``; signed weights are made
-  unsigned by an offset (q + 8, q + 16; Q8_0 on AVX-512: q + 128) that is taken back exactly in
-  int32 as ``offset * qsum``; Q8_0 on AVX2 moves the weights' signs onto the activations instead
-  (``vpsignb``: |q| x sign(q) x, where q + 128 would saturate ``vpmaddubsw``'s int16 pairs); Q4_1 /
-  Q5_1's min enters as ``m * xd * qsum``, the exact sum of the block's dequantized activations.
-  Per block and row: a float FMA into 8 lanes, reduced once per row.
-  Reference: ``weightstream.kernels.quantize.matmul_q8_ref``.
+  int8 quants, fp16-rounded scale ``xd`` and ``qsum``, the sum of a block's quants), emitted as
+  explicit LLVM vector IR by an ``@intrinsic`` (``vpdpbusd`` on AVX-512 VNNI, ``vpmaddubsw`` +
+  ``vpmaddwd`` on AVX2; see ``ISA``). A row's blocks go in groups of ``GROUP`` (8): their fp16
+  scales converted as one vector (``scales8``) times the activations' 8 dx; the nibble types two
+  blocks a register (``_pair_u8``, activations in split order: ``split_blocks``), one int8 product
+  per pair and activation row, whose two halves take their blocks' scales by one in-lane shuffle
+  (``SCALE_ORDER``); Q8_0 a block a register, |q| times the activations with q's signs
+  (``vpsignb``: q + 128 would saturate ``vpmaddubsw``'s int16 pairs). Signed nibbles are made
+  unsigned by an offset (q + 8, q + 16) taken back once a group as ``-offset * d * dx * qsum``;
+  Q4_1 / Q5_1's min enters as ``m * dx * qsum``, the sum of the block's dequantized activations.
+  Blocks after the last whole group one at a time. Reference:
+  ``weightstream.kernels.quantize.matmul_q8_ref``.
 * ``_<type>_kernel`` (generic, any CPU): each row's blocks are dequantized exactly as
   ``weightstream.kernels.reference`` into a float32 buffer of up to 256 values, then dotted with float32
   activations. Reference: ``weightstream.kernels.reference.matmul_ref``.
