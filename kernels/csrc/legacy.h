@@ -654,6 +654,14 @@ WS_INLINE __m256 lg_pair_scale(__m256 S, int j) {
     default: return _mm256_permute_ps(S, 0xFF);
     }
 }
+/* a group's 8 block scales dw in the order its S is kept: LG_SCALE_ORDER for the pair types */
+WS_INLINE __m256 lg_group_order(int step, __m256 dw) {
+    return step == 2 ? _mm256_permutevar8x32_ps(dw, _mm256_loadu_si256((const __m256i *)lg_scale_order)) : dw;
+}
+/* the lanes of S that block j's product (step 2: the pair j, j + 1) is scaled by */
+WS_INLINE __m256 lg_block_scale(int step, __m256 S, int j) {
+    return step == 2 ? lg_pair_scale(S, j) : _mm256_permutevar8x32_ps(S, _mm256_set1_epi32(j));
+}
 WS_INLINE void lg_stream_rows(const int t, const int R, const lg_ctx *c, int r0, int r1, float *scr) {
     const int bs = ws_block_bytes(t), nb = c->nb, step = lg_step(t);
     const int nrows = r1 - r0, nblk = nrows * nb;
@@ -672,7 +680,7 @@ WS_INLINE void lg_stream_rows(const int t, const int R, const lg_ctx *c, int r0,
             _mm_prefetch((const char *)gw + LG_PREFETCH + o, _MM_HINT_T0);
         __m256 dw, cw, S[4];
         lg_scales8(t, gw, k, &dw, &cw);
-        const __m256 ds = step == 2 ? _mm256_permutevar8x32_ps(dw, _mm256_loadu_si256((const __m256i *)lg_scale_order)) : dw;
+        const __m256 ds = lg_group_order(step, dw);
         for (int r = 0; r < R; r++) {
             S[r] = _mm256_mul_ps(ds, _mm256_loadu_ps(c->dxr + r * rs + g));
             if (t != WS_Q8_0)
@@ -688,7 +696,7 @@ WS_INLINE void lg_stream_rows(const int t, const int R, const lg_ctx *c, int r0,
             const int a = (j / step) & 1;
             for (int r = 0; r < R; r++) {
                 const __m256i d = lg_dot32(t, w0, w1, c->xq + r * c->xs + 32 * (size_t)jb);
-                const __m256 sc = step == 2 ? lg_pair_scale(S[r], j) : _mm256_permutevar8x32_ps(S[r], _mm256_set1_epi32(j));
+                const __m256 sc = lg_block_scale(step, S[r], j);
                 acc[r][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc, acc[r][a]);
             }
             jb += step;
@@ -733,7 +741,7 @@ WS_INLINE void lg_rows8(const int t, const int R, const lg_ctx *c, int r0, int r
                 _mm_prefetch((const char *)gw + LG_PREFETCH + o, _MM_HINT_T0);
             __m256 dw, cw, S[4];
             lg_scales8(t, gw, 8, &dw, &cw);
-            const __m256 ds = step == 2 ? _mm256_permutevar8x32_ps(dw, _mm256_loadu_si256((const __m256i *)lg_scale_order)) : dw;
+            const __m256 ds = lg_group_order(step, dw);
             for (int r = 0; r < R; r++) {
                 S[r] = _mm256_mul_ps(ds, _mm256_loadu_ps(c->dxr + r * rs + g));
                 if (t != WS_Q8_0)
@@ -746,7 +754,7 @@ WS_INLINE void lg_rows8(const int t, const int R, const lg_ctx *c, int r0, int r
                 const int a = (j / step) & 1;
                 for (int r = 0; r < R; r++) {
                     const __m256i d = lg_dot32(t, w0, w1, c->xq + r * c->xs + 32 * (size_t)(g + j));
-                    const __m256 sc = step == 2 ? lg_pair_scale(S[r], j) : _mm256_permutevar8x32_ps(S[r], _mm256_set1_epi32(j));
+                    const __m256 sc = lg_block_scale(step, S[r], j);
                     acc[r][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc, acc[r][a]);
                 }
             }

@@ -348,17 +348,16 @@ def half_pair(builder, base, off):
     Inf made NaN as half_at, by one 32-bit load and one vcvtph2ps: two half_at conversions were
     ~14 scalar operations a block, on the ports the vector work needs."""
     h = builder.bitcast(builder.load(builder.bitcast(builder.gep(base, [off]), I32.as_pointer()), align=1), vec(I16, 2))
-    f = builder.fpext(builder.bitcast(h, vec(ir.HalfType(), 2)), vec(FLT, 2))
-    special = builder.icmp_unsigned("==", builder.and_(h, splat(I16, 2, 0x7C00)), splat(I16, 2, 0x7C00))
-    f = builder.select(special, ir.Constant(vec(FLT, 2), [float("nan")] * 2), f)
+    f = _halves(builder, h)
     return builder.extract_element(f, ir.Constant(I32, 0)), builder.extract_element(f, ir.Constant(I32, 1))
 
 
-def _halves8(builder, h):
-    """<8 x i16> fp16 bits -> <8 x float> (vcvtph2ps), Inf made NaN as half_at."""
-    f = builder.fpext(builder.bitcast(h, vec(ir.HalfType(), 8)), vec(FLT, 8))
-    special = builder.icmp_unsigned("==", builder.and_(h, splat(I16, 8, 0x7C00)), splat(I16, 8, 0x7C00))
-    return builder.select(special, ir.Constant(vec(FLT, 8), [float("nan")] * 8), f)
+def _halves(builder, h):
+    """<n x i16> fp16 bits -> <n x float> (vcvtph2ps), Inf made NaN as half_at."""
+    n = h.type.count
+    f = builder.fpext(builder.bitcast(h, vec(ir.HalfType(), n)), vec(FLT, n))
+    special = builder.icmp_unsigned("==", builder.and_(h, splat(I16, n, 0x7C00)), splat(I16, n, 0x7C00))
+    return builder.select(special, ir.Constant(vec(FLT, n), [float("nan")] * n), f)
 
 
 # The order of a group's blocks in the kernels' scale vectors (S = d * dx and the activations' dx,
@@ -389,9 +388,9 @@ def scales8(builder, pg, kind):
     lo, hi = (builder.bitcast(q, vec(I16, 8)) for q in quads)  # halves: d0 m0 d1 m1 ... of 4 blocks each
     d = builder.shuffle_vector(lo, hi, ir.Constant(vec(I32, 8), [0, 2, 4, 6, 8, 10, 12, 14]))
     if not has_min:
-        return _halves8(builder, d), None
+        return _halves(builder, d), None
     m = builder.shuffle_vector(lo, hi, ir.Constant(vec(I32, 8), [1, 3, 5, 7, 9, 11, 13, 15]))
-    return _halves8(builder, d), _halves8(builder, m)
+    return _halves(builder, d), _halves(builder, m)
 
 
 def scale_lanes(kind, j):
