@@ -475,7 +475,9 @@ cdef void _matmul_many_core(const float **xr, const uint8_t **w, float **o, cons
     for r in prange(total, num_threads=threads, schedule="static"):
         bad[r] = _quantize_row_q8_k(xr[r], nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
                                     WS_KQ_PERMUTED(qtype))
-    for j in prange(nvec * ngroups, num_threads=threads, schedule="static"):
+    # guided: the tasks' row counts differ (a prompt's experts get 1 to ~20 tokens each), so equal
+    # shares of (task, group) pairs are not equal work; each pair is still made by one thread
+    for j in prange(nvec * ngroups, num_threads=threads, schedule="guided"):
         t = vec_ids[j // ngroups]
         i0 = (j % ngroups) * _WR
         f = first_row[t]

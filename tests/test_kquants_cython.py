@@ -172,6 +172,28 @@ def test_decode_stream_of_wide_rows_equals_the_tile_path(qtype):
         _kquants._tuning(*saved)
 
 
+def test_q2_k_extreme_blocks_stay_exact():
+    """Q2_K at its largest products: every code 3, every scale 15 (the tile path multiplies codes
+    by scales in bytes, 45, and adds two chunks' int16 products, |sum| <= 23040 with |x| <= 127):
+    activations of one sign (the largest sums) and of alternating signs. Every tile height gives
+    the one-row decode's bits, and both the Q8_K reference's values."""
+    rows, cols = 9, 512
+    block = np.zeros(84, dtype=np.uint8)
+    block[:16] = 0xFF                                  # scale 15, min 15 for the 16 sub-blocks
+    block[16:80] = 0xFF                                # every 2-bit code 3
+    block[80:84] = np.array([1.0, 0.5], dtype=np.float16).view(np.uint8)  # d, dmin
+    raw = np.tile(block, rows * cols // 256).reshape(rows, -1)
+    sign = np.where(np.arange(cols) % 2, -1.0, 1.0).astype(np.float32)
+    x = np.stack([np.full(cols, 3.0, np.float32), np.full(cols, -2.0, np.float32), 1.5 * sign,
+                  -sign, np.full(cols, 1.0, np.float32), sign]).astype(np.float32)
+    expected = matmul_q8_ref(x, raw, T.Q2_K, (rows, cols))
+    one = np.concatenate([_run(x[r:r + 1], raw, T.Q2_K) for r in range(len(x))])
+    assert nmse(one, expected) < Q8_NMSE
+    for n in range(2, len(x) + 1):
+        got = _run(x[:n], raw, T.Q2_K, threads=2)
+        assert np.array_equal(got.view(np.uint32), one[:n].view(np.uint32)), n
+
+
 def test_zero_activations_and_zero_blocks():
     x, raw = _case(T.Q2_K, 5, 512, 3, 4)
     x[1] = 0.0                  # an all-zero row: Q8_K d = 0

@@ -608,11 +608,61 @@ WS_AI __m256i ws_kq2_block_dot(const ws_ublk2 *u, const int8_t *x) {
     return _mm256_add_epi32(_mm256_add_epi32(p[0], p[2]), _mm256_add_epi32(p[1], p[3]));
 }
 
-/* nbk blocks of one weight row times nr activation rows (ws_kq_rows_avx's contract, 8 lanes) */
+/* The unpacked block times nr >= 2 activation rows' 256 int8 at x + r * stride: row r's 8
+   int32 partial sums in p[r], the same integers in the same lanes as ws_kq2_block_dot gives
+   (integer sums, no overflow: the same bits). Chunk by chunk, each chunk's codes and scales
+   loaded once for all the rows: the unpacked block does not fit the 16 ymm registers, and row
+   by row reloaded it per row (llvm-mca, znver3, Q4_K: the load pipes the limit, 13.5 cycles a
+   row). Q2_K's codes arrive already times their sub-block's scale (at most 15 * 3 = 45, still
+   an unsigned byte: 8 vpmullw a block for all the rows): two chunks' int16 products added
+   (|sum| <= 4 * 45 * 128 = 23040) and widened by one vpmaddwd by ones, 12 multiplies a row
+   instead of 16. */
+WS_AI void ws_kq2_tile_dot(const ws_ublk2 *u, const int scaled, const int8_t *x, const int64_t stride,
+                           const int nr, __m256i *p) {
+    if (scaled) {
+        const __m256i ones = _mm256_set1_epi16(1);
+        _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++)
+            _Pragma("GCC unroll 6") for (int r = 0; r < nr; r++) {
+                const int8_t *xr = x + r * stride + 32 * c;
+                const __m256i t = _mm256_madd_epi16(_mm256_add_epi16(
+                    _mm256_maddubs_epi16(u->w[c], _mm256_loadu_si256((const __m256i *)xr)),
+                    _mm256_maddubs_epi16(u->w[c + 4], _mm256_loadu_si256((const __m256i *)(xr + 128)))), ones);
+                p[r] = c ? _mm256_add_epi32(p[r], t) : t;
+            }
+    } else {
+        _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)
+            _Pragma("GCC unroll 6") for (int r = 0; r < nr; r++) {
+                const __m256i t = _mm256_madd_epi16(_mm256_maddubs_epi16(
+                    u->w[c], _mm256_loadu_si256((const __m256i *)(x + r * stride + 32 * c))), u->s[c]);
+                p[r] = c ? _mm256_add_epi32(p[r], t) : t;
+            }
+    }
+}
+
+/* ws_kq2_tile_dot over 2 <= nr <= 6 rows in sub-tiles of 3 and 2 rows (6 = 3 + 3, 5 = 3 + 2,
+   4 = 2 + 2): a sub-tile's sums, one chunk's codes and scales and a temporary stay in the 16
+   registers; more rows spilled them. Each call has a constant row count (GCC unrolls those). */
+WS_AI void ws_kq2_tile_rows(const ws_ublk2 *u, const int scaled, const ws_kq_act *a, const int64_t ib,
+                            const int nr, __m256i *p) {
+    const int8_t *x = a->qx + 256 * ib;
+    const int64_t st = a->qx_stride;
+    switch (nr) {
+    case 2: ws_kq2_tile_dot(u, scaled, x, st, 2, p); break;
+    case 3: ws_kq2_tile_dot(u, scaled, x, st, 3, p); break;
+    case 4: ws_kq2_tile_dot(u, scaled, x, st, 2, p); ws_kq2_tile_dot(u, scaled, x + 2 * st, st, 2, p + 2); break;
+    case 5: ws_kq2_tile_dot(u, scaled, x, st, 3, p); ws_kq2_tile_dot(u, scaled, x + 3 * st, st, 2, p + 3); break;
+    default: ws_kq2_tile_dot(u, scaled, x, st, 3, p); ws_kq2_tile_dot(u, scaled, x + 3 * st, st, 3, p + 3); break;
+    }
+}
+
+/* nbk blocks of one weight row times nr activation rows (ws_kq_rows_avx's contract, 8 lanes):
+   one row by ws_kq2_block_dot (a tree: the shortest chain), more by ws_kq2_tile_dot. */
 WS_AI void ws_kq_rows_avx2(const int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a,
                            const int nr, float *accbuf, int first) {
     const int bb = ws_block_bytes(qtype);
+    const int scaled = qtype == WS_Q2_K && nr >= 2;
     __m256 acc[WS_KQ_NRMAX], accm[WS_KQ_NRMAX];
+    __m256i p[WS_KQ_NRMAX];
     for (int r = 0; r < nr; r++) {
         acc[r] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(accbuf + 16 * r);
         accm[r] = _mm256_setzero_ps();
@@ -623,10 +673,16 @@ WS_AI void ws_kq_rows_avx2(const int qtype, const uint8_t *w, int64_t nbk, const
             _mm_prefetch((const char *)blk + WS_KQ_PREFETCH + o, _MM_HINT_T0);
         ws_ublk2 u;
         ws_kq2_unpack(qtype, blk, &u);
+        if (scaled)   /* 16-bit products: a byte's code times its scale stays in the byte */
+            for (int c = 0; c < 8; c++)
+                u.w[c] = _mm256_mullo_epi16(u.w[c], u.s[c]);
+        if (nr == 1)
+            p[0] = ws_kq2_block_dot(&u, a->qx + 256 * ib);
+        else
+            ws_kq2_tile_rows(&u, scaled, a, ib, nr, p);
         for (int r = 0; r < nr; r++) {
-            const __m256i s = ws_kq2_block_dot(&u, a->qx + r * a->qx_stride + 256 * ib);
             const float *f = a->fb + r * a->fb_stride + 16 * ib;
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(u.d * a->dx[r * a->dx_stride + ib]), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_set1_ps(u.d * a->dx[r * a->dx_stride + ib]), acc[r]);
             accm[r] = _mm256_fmadd_ps(u.g[0], _mm256_loadu_ps(f), accm[r]);
             accm[r] = _mm256_fmadd_ps(u.g[1], _mm256_loadu_ps(f + 8), accm[r]);
         }
