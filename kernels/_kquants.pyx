@@ -123,6 +123,17 @@ cdef int _ACT_BLOCK_BYTES = 256 + 64 + 4
 # L1 bytes for a tile's activations; the row tile is cut into block ranges that fit
 cdef int _L1_ACT = 16384
 cdef int _L1_MAX = 24576     # ... unless the whole tile fits in this (then no cut)
+# L2 bytes for the activation rows every weight group of a call passes over: a prompt's rows are
+# taken in chunks that fit (each chunk a multiple of WS_KQ_NRMAX rows: the same tiles, the same
+# bits). 512 rows of 2048 columns are 1.3 MB: read for each 16-row weight group from L3, they
+# made a 512-row call slower per row than a 64-row one (Zen 3, Q4_K 5120x2048: 28 vs 53 GMAC/s)
+cdef int64_t _L2_ACT = 262144
+
+
+cdef inline int64_t _act_chunk_rows(int64_t n, int64_t nb) noexcept nogil:
+    """Activation rows per chunk (see _L2_ACT): n when they all fit."""
+    cdef int64_t per = max(<int64_t>1, _L2_ACT // (nb * _ACT_BLOCK_BYTES) // WS_KQ_NRMAX) * WS_KQ_NRMAX
+    return n if n <= per else per
 
 
 # Q2_K with at least this many activation rows uses the AMX tiles (below: n % 16 padding and the
@@ -290,7 +301,7 @@ cdef void _matmul_core(const float *x, const uint8_t *w, int qtype, float *out, 
                        int64_t rows, int64_t cols, int64_t bb, int8_t *qs, float *dq,
                        float *fb, float *accbuf, uint8_t *bad, int threads) noexcept nogil:
     cdef int64_t nb = cols // QK_K
-    cdef int64_t r, g, i0
+    cdef int64_t r, g, i0, c0
     cdef int64_t ngroups = (rows + _WR - 1) // _WR
     if n == 1:  # decode: one row is a microsecond of work, not worth waking a team for
         bad[0] = _quantize_row_q8_k(x, nb, qs, dq, fb, WS_KQ_PERMUTED(qtype))
@@ -298,10 +309,13 @@ cdef void _matmul_core(const float *x, const uint8_t *w, int qtype, float *out, 
         for r in prange(n, num_threads=threads, schedule="static"):
             bad[r] = _quantize_row_q8_k(x + r * cols, nb, qs + r * cols, dq + r * nb, fb + r * 16 * nb,
                                         WS_KQ_PERMUTED(qtype))
-    for g in prange(ngroups, num_threads=threads, schedule="static"):
-        i0 = g * _WR
-        _group(qtype, w, i0, min(i0 + _WR, rows), nb * bb, bb, n, rows, cols, qs, dq, fb,
-               accbuf + openmp.omp_get_thread_num() * _scratch_floats(), out)
+    cdef int64_t chunk = _act_chunk_rows(n, nb)
+    for g in prange(((n + chunk - 1) // chunk) * ngroups, num_threads=threads, schedule="static"):
+        c0 = (g // ngroups) * chunk  # the chunk's first activation row; its weight group g % ngroups
+        i0 = (g % ngroups) * _WR
+        _group(qtype, w, i0, min(i0 + _WR, rows), nb * bb, bb, min(chunk, n - c0), rows, cols,
+               qs + c0 * cols, dq + c0 * nb, fb + c0 * 16 * nb,
+               accbuf + openmp.omp_get_thread_num() * _scratch_floats(), out + c0 * rows)
     ws_nan_rows(bad, n, out, rows, rows)
 
 
