@@ -125,8 +125,8 @@ cdef int _L1_ACT = 16384
 cdef int _L1_MAX = 24576     # ... unless the whole tile fits in this (then no cut)
 # L2 bytes for the activation rows every weight group of a call passes over: a prompt's rows are
 # taken in chunks that fit (each chunk a multiple of WS_KQ_NRMAX rows: the same tiles, the same
-# bits). 512 rows of 2048 columns are 1.3 MB: read for each 16-row weight group from L3, they
-# made a 512-row call slower per row than a 64-row one (Zen 3, Q4_K 5120x2048: 28 vs 53 GMAC/s)
+# bits). 512 rows of 2048 columns are 1.3 MB, read again from L3 for each 16-row weight group
+# otherwise (the gain was inside the Zen 3 host's noise when measured: kept for the traffic)
 cdef int64_t _L2_ACT = 262144
 
 

@@ -52,7 +52,7 @@ def test_the_shipped_table_is_the_one_for_the_kernels_isa(isa, table, user_cache
     monkeypatch.setattr(_kquants, "ISA", isa)
     assert backends.shipped_table().name == table
     expected = json.loads(backends.shipped_table().read_text())["best"]["Q4_K"]["512"].split(",")
-    assert backends.choose(T.Q4_K, 512) in expected + ["cython"]  # no user table: the shipped one decides
+    assert backends.choose(T.Q4_K, 512) in expected  # no user table: the shipped one decides
     if isa == "avx2":
         assert backends.choose(T.Q4_K, 512) == "cython"
 

@@ -716,9 +716,10 @@ WS_INLINE void lg_stream_rows(const int t, const int R, const lg_ctx *c, int r0,
             }
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int i = 0; i < nrows; i++)
-            c->out[(size_t)r * c->o_stride + r0 + i] = ws_hsum8(_mm256_loadu_ps(part + (size_t)(i * R + r) * 8));
+    for (int r = 0; r < R; r++)   /* 8 rows' sums at a time, each in ws_hsum8's order */
+        for (int i = 0; i < nrows; i += 8)
+            ws_sum8_rows(part + (size_t)(i * R + r) * 8, 8 * R, nrows - i < 8 ? nrows - i : 8,
+                         c->out + (size_t)r * c->o_stride + r0 + i);
 }
 
 /* lg_stream_rows where each row is whole groups of 8 blocks (nb % 8 == 0: 2048, 4096 columns):
