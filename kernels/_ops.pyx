@@ -42,6 +42,9 @@ cdef extern from "ops_simd.h" nogil:  # kernels/csrc/ops_simd.h: the rows' arith
     void ws_swiglu_row(const float *gate, const float *up, int64_t m, float *out)
     void ws_attend_head(const float *q, const float *k, const float *v, int64_t n_kv,
                         int64_t row_stride, int64_t hd, float scale, float *scores, float *out)
+    void ws_attend_group(const float *q, int64_t ng, const float *k, const float *v, int64_t n_kv,
+                         int64_t row_stride, int64_t hd, float scale, float *scores,
+                         int64_t scores_stride, float *out)
     void ws_softmax_row(const float *x, int64_t n, float *out)
     void ws_sigmoid_gate_row(float *out, const float *gate, int64_t n)
     void ws_topk_weights_row(const float *p, int64_t n, int64_t k, int choose, int norm, int64_t *ids,
@@ -358,12 +361,14 @@ def attend_causal(const float[:, :, ::1] q, const float[:, :, ::1] k_cache, cons
                   int threads=1):
     """Prefill attention: out[i, h] = attend_one's result for query q[i, h] over the cached
     positions 0..positions[i] (causal; the caches already hold the call's own keys and values).
-    Each (token, head) pair is one attend_one row, so a prefill token gets the bits a decode step
-    at its position would; the pairs are spread over the threads round robin (later positions read
-    more keys). q, out: float32[n, heads, head_dim]; caches float32[n_ctx, kv_heads, head_dim];
-    scratch: float32[>= threads, >= max(positions) + 1] (each thread's scores)."""
+    Each token's query heads that share a kv head go together (ws_attend_group: a block of keys
+    stays in L1 for all of them), with each head's bits those of attend_one, so a prefill token
+    gets the bits a decode step at its position would; the (token, kv head) pairs are spread over
+    the threads round robin, kv head by kv head (later positions read more keys). q, out: float32[n, heads, head_dim];
+    caches float32[n_ctx, kv_heads, head_dim]; scratch: float32[>= threads * heads / kv_heads,
+    >= max(positions) + 1] (each thread's heads' scores)."""
     cdef Py_ssize_t n = q.shape[0], heads = q.shape[1], hd = q.shape[2], kvh = k_cache.shape[1]
-    cdef Py_ssize_t i, h, j, top = -1
+    cdef Py_ssize_t i, g, j, top = -1
     _check_caches("attend_causal", k_cache, v_cache, heads, hd)
     if not (positions.shape[0] == n and out.shape[0] == n and out.shape[1] == heads and out.shape[2] == hd):
         raise ValueError(f"attend_causal: {positions.shape[0]} positions, out [{out.shape[0]}, {out.shape[1]}, "
@@ -374,12 +379,12 @@ def attend_causal(const float[:, :, ::1] q, const float[:, :, ::1] k_cache, cons
         if not (0 <= positions[i] < k_cache.shape[0]):
             raise ValueError(f"attend_causal: position {positions[i]} outside the cache's {k_cache.shape[0]}")
         top = max(top, positions[i])
-    if not (scratch.shape[0] >= threads and scratch.shape[1] > top):
-        raise ValueError(f"attend_causal: scratch [{scratch.shape[0]}, {scratch.shape[1]}] "
-                         f"< [{threads}, {top + 1}]")
-    cdef Py_ssize_t group = heads // kvh, stride = kvh * hd
-    for j in prange(n * heads, nogil=True, num_threads=threads, schedule="static", chunksize=1):
-        i = j // heads
-        h = j % heads
-        ws_attend_head(&q[i, h, 0], &k_cache[0, h // group, 0], &v_cache[0, h // group, 0],
-                       positions[i] + 1, stride, hd, scale, &scratch[threadid(), 0], &out[i, h, 0])
+    cdef Py_ssize_t group = heads // kvh, stride = kvh * hd, sstride = scratch.shape[1]
+    if not (scratch.shape[0] >= threads * group and sstride > top):
+        raise ValueError(f"attend_causal: scratch [{scratch.shape[0]}, {sstride}] "
+                         f"< [{threads * group}, {top + 1}] ({threads} threads x {group} heads a kv head)")
+    for j in prange(n * kvh, nogil=True, num_threads=threads, schedule="static", chunksize=1):
+        g = j // n   # kv head by kv head: one kv head's K and V (512 KB at 512 positions) stay in L2
+        i = j % n
+        ws_attend_group(&q[i, g * group, 0], group, &k_cache[0, g, 0], &v_cache[0, g, 0], positions[i] + 1,
+                        stride, hd, scale, &scratch[threadid() * group, 0], sstride, &out[i, g * group, 0])

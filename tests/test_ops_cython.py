@@ -188,18 +188,22 @@ def test_attention_decode_names_bad_shapes():
 
 
 @pytest.mark.parametrize("heads,kv_heads,threads", [(8, 2, 1), (4, 4, 2), (6, 3, 3)])
-def test_attend_causal_is_attend_one_per_token(heads, kv_heads, threads):
+@pytest.mark.parametrize("hd,start", [(32, 5), (128, 60), (256, 25), (40, 70), (20, 3)])
+def test_attend_causal_is_attend_one_per_token(heads, kv_heads, threads, hd, start):
     """Prefill attention: each (token, head) == attend_one at that token's position, bit for bit,
-    and == NumPy's masked softmax attention to float rounding."""
-    n, hd, start, n_ctx = 7, 32, 5, 16
-    rng = np.random.default_rng([heads, kv_heads, threads])
+    and == NumPy's masked softmax attention to float rounding. The head sizes take every path of
+    ws_attend_group (whole SIMD passes of 8 or 4 vectors, 40: SIMD scores but a per-dimension
+    weighted sum, 20: neither); the positions cross its blocks of keys (32 or 16 keys of K, 64 of V)."""
+    n = 7
+    n_ctx = start + n + 2
+    rng = np.random.default_rng([heads, kv_heads, threads, hd])
     q = rng.standard_normal((n, heads, hd), dtype=np.float32)
     kc = rng.standard_normal((n_ctx, kv_heads, hd), dtype=np.float32)
     vc = rng.standard_normal((n_ctx, kv_heads, hd), dtype=np.float32)
     positions = np.arange(start, start + n, dtype=np.int64)
     out = np.empty_like(q)
-    _ops.attend_causal(q, kc, vc, positions, 0.3, out, np.empty((threads, n_ctx), np.float32), threads)
     g = heads // kv_heads
+    _ops.attend_causal(q, kc, vc, positions, 0.3, out, np.empty((threads * g, n_ctx), np.float32), threads)
     for i, p in enumerate(positions):
         one = np.empty((heads, hd), np.float32)
         _ops.attend_one(q[i], kc, vc, p + 1, 0.3, one, np.empty((heads, n_ctx), np.float32))
@@ -214,7 +218,7 @@ def test_attend_causal_names_bad_input():
     kc = np.zeros((4, 2, 8), np.float32)
     with pytest.raises(ValueError, match="position 4 outside the cache's 4"):
         _ops.attend_causal(q, kc, kc.copy(), np.array([3, 4]), 1.0, q.copy(), np.zeros((1, 8), np.float32))
-    with pytest.raises(ValueError, match=r"scratch \[1, 2\] < \[2, 4\]"):
+    with pytest.raises(ValueError, match=r"scratch \[1, 2\] < \[4, 4\] \(2 threads x 2 heads a kv head\)"):
         _ops.attend_causal(q, kc, kc.copy(), np.array([2, 3]), 1.0, q.copy(), np.zeros((1, 2), np.float32), 2)
 
 

@@ -218,10 +218,12 @@ class Model:
         cache.k[start:end] = k
         cache.v[start:end] = v
         # prefill: every (token, head) against the cache up to the token's position, threaded, as
-        # a decode step would at that position; the scores need a row per thread
+        # a decode step would at that position; the scores need a row per head of a kv head's
+        # group, per thread
         out = self.work.take("attn", n, H * D)
         t = self.kernel_threads
-        scores = self.attn_scores if t <= H else np.empty((t, self.n_ctx), dtype=np.float32)
+        rows = t * (H // Hkv)
+        scores = self.attn_scores if rows <= H else np.empty((rows, self.n_ctx), dtype=np.float32)
         _ops.attend_causal(q, cache.k, cache.v, positions, self.scale, out.reshape(n, H, D), scores, t)
         if gate is not None:  # per head: the decode call's row function, its bits
             _ops.sigmoid_gate_into(out.reshape(n * H, D), gate.reshape(n * H, D))

@@ -124,6 +124,39 @@ static inline void ws_scores(const float *q, const float *k, int64_t n_kv, int64
         }
         return;
     }
+#elif defined(__AVX2__) && defined(__FMA__)
+    /* the same on ymm: 8 keys at a time, 8 FMA chains, one ws_sum8 tree (a 512-token prompt's
+       attention spent ~230 ms a layer on one Zen 3 core in per-key dot products) */
+    if (hd % 8 == 0) {
+        const __m256 vscale = _mm256_set1_ps(scale);
+        for (int64_t t = 0; t < n_kv; t += 8) {
+            const int m = n_kv - t < 8 ? (int)(n_kv - t) : 8;
+            const float *k0 = k + t * row_stride;
+            __m256 acc[8];
+            for (int j = 0; j < 8; j++)
+                acc[j] = _mm256_setzero_ps();
+            if (m == 8) {
+                for (int64_t d = 0; d < hd; d += 8) {
+                    const __m256 qv = _mm256_loadu_ps(q + d);
+                    for (int j = 0; j < 8; j++)
+                        acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + j * row_stride + d), acc[j]);
+                }
+                _mm256_storeu_ps(scores + t, _mm256_mul_ps(ws_sum8(acc), vscale));
+            } else {   /* the last keys: the same chains, the missing keys' lanes zeros */
+                for (int64_t d = 0; d < hd; d += 8) {
+                    const __m256 qv = _mm256_loadu_ps(q + d);
+                    for (int j = 0; j < 8; j++)
+                        if (j < m)
+                            acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + j * row_stride + d), acc[j]);
+                }
+                float s8[8];
+                _mm256_storeu_ps(s8, _mm256_mul_ps(ws_sum8(acc), vscale));
+                for (int j = 0; j < m; j++)
+                    scores[t + j] = s8[j];
+            }
+        }
+        return;
+    }
 #endif
     for (int64_t t = 0; t < n_kv; t++)
         scores[t] = ws_dot(q, k + t * row_stride, hd) * scale;
@@ -141,14 +174,18 @@ static inline double ws_exp_sum(const float *x, int64_t n, float m, float *out) 
     return total;
 }
 
+/* out[0..W nv) (+)= sum over t < n_kv of (scores[t] * inv) * v_t, W the vector's lanes, nv <= 8
+ * vectors kept in registers (a constant at each call once inlined), each lane a chain of FMAs in
+ * key order; with first the chains start from zero, else from out's values (a block of keys
+ * continuing the chains of the blocks before it: the same bits as one call over all the keys) */
 #if defined(__AVX512F__)
-/* out[0..16 nv) = sum over t of (scores[t] * inv) * v_t, nv = 4 or 8 zmm kept in registers (a
- * constant at each call once inlined), each lane a chain of FMAs in key order */
+#define WS_WSUM_LANES 16
 static inline __attribute__((always_inline)) void ws_weighted_sum_regs(
-        const float *scores, float inv, const float *v, int64_t n_kv, int64_t row_stride, int nv, float *out) {
+        const float *scores, float inv, const float *v, int64_t n_kv, int64_t row_stride, int nv, int first,
+        float *out) {
     __m512 acc[8];
     for (int c = 0; c < 8; c++)
-        acc[c] = _mm512_setzero_ps();
+        acc[c] = c < nv && !first ? _mm512_loadu_ps(out + 16 * c) : _mm512_setzero_ps();
     for (int64_t t = 0; t < n_kv; t++) {
         const float *vt = v + t * row_stride;
         const __m512 p = _mm512_set1_ps(scores[t] * inv);
@@ -160,32 +197,48 @@ static inline __attribute__((always_inline)) void ws_weighted_sum_regs(
         if (c < nv)
             _mm512_storeu_ps(out + 16 * c, acc[c]);
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+/* on ymm 8 accumulators, the broadcast and a load fit the 16 registers (128 dimensions would not) */
+#define WS_WSUM_LANES 8
+static inline __attribute__((always_inline)) void ws_weighted_sum_regs(
+        const float *scores, float inv, const float *v, int64_t n_kv, int64_t row_stride, int nv, int first,
+        float *out) {
+    __m256 acc[8];
+    for (int c = 0; c < 8; c++)
+        acc[c] = c < nv && !first ? _mm256_loadu_ps(out + 8 * c) : _mm256_setzero_ps();
+    for (int64_t t = 0; t < n_kv; t++) {
+        const float *vt = v + t * row_stride;
+        const __m256 p = _mm256_set1_ps(scores[t] * inv);
+        for (int c = 0; c < 8; c++)
+            if (c < nv)
+                acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < 8; c++)
+        if (c < nv)
+            _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
 #endif
 
-/* softmax(scale * K q) . V for one head: k, v point at the head's first cached vector, the next
- * position row_stride floats further; scores: n_kv floats of scratch; out: hd floats */
-static inline void ws_attend_head(const float *q, const float *k, const float *v, int64_t n_kv,
-                                  int64_t row_stride, int64_t hd, float scale, float *scores, float *out) {
-    float m = -3.4e38f;
-    ws_scores(q, k, n_kv, row_stride, hd, scale, scores);
-    for (int64_t t = 0; t < n_kv; t++)
-        m = scores[t] > m ? scores[t] : m;
-    float inv = (float)(1.0 / ws_exp_sum(scores, n_kv, m, scores));
-#if defined(__AVX512F__)
-    /* the output in registers across the keys, not stored per key: 64, or 128 dimensions a pass
-       (256 for Qwen3.5 / Qwen3-Next: stored per key, a 512-token prompt's attention took 3x 128's) */
-    if (hd == 64) {
-        ws_weighted_sum_regs(scores, inv, v, n_kv, row_stride, 4, out);
+/* out (+)= sum over t < n_kv of (scores[t] * inv) * v_t over hd dimensions: 8 vectors of
+ * dimensions a pass over the keys (4 when hd is a multiple of only 4 vectors), else one FMA chain
+ * a dimension through memory; first as ws_weighted_sum_regs */
+static inline void ws_weighted_sum(const float *scores, float inv, const float *v, int64_t n_kv,
+                                   int64_t row_stride, int64_t hd, int first, float *out) {
+#if defined(WS_WSUM_LANES)
+    if (hd % (8 * WS_WSUM_LANES) == 0) {
+        for (int64_t c = 0; c < hd; c += 8 * WS_WSUM_LANES)
+            ws_weighted_sum_regs(scores, inv, v + c, n_kv, row_stride, 8, first, out + c);
         return;
     }
-    if (hd % 128 == 0) {
-        for (int64_t c = 0; c < hd; c += 128)
-            ws_weighted_sum_regs(scores, inv, v + c, n_kv, row_stride, 8, out + c);
+    if (hd % (4 * WS_WSUM_LANES) == 0) {
+        for (int64_t c = 0; c < hd; c += 4 * WS_WSUM_LANES)
+            ws_weighted_sum_regs(scores, inv, v + c, n_kv, row_stride, 4, first, out + c);
         return;
     }
 #endif
-    for (int64_t d = 0; d < hd; d++)
-        out[d] = 0.0f;
+    if (first)
+        for (int64_t d = 0; d < hd; d++)
+            out[d] = 0.0f;
     for (int64_t t = 0; t < n_kv; t++) {
         const float *vt = v + t * row_stride;
         float p = scores[t] * inv;
@@ -193,6 +246,60 @@ static inline void ws_attend_head(const float *q, const float *k, const float *v
         for (int64_t d = 0; d < hd; d++)
             out[d] += p * vt[d];
     }
+}
+
+/* softmax(scale * K q_g) . V for the ng query heads q_g = q + g * hd (g < ng) that share one kv
+ * head (grouped-query attention): k, v point at the kv head's first cached vector, the next
+ * position row_stride floats further; scores: ng rows of n_kv floats of scratch, scores_stride
+ * apart; out: ng heads of hd floats. The heads take each block of keys in turn while it is in L1
+ * (one kv head's K and V at 512 positions fill a Zen 3 core's whole 512 KB L2; head by head, a
+ * prompt's attention read them from L3 for every head). A head's bits do not depend on ng or on
+ * the blocks: its key blocks are whole SIMD groups of ws_scores, and its weighted sum continues
+ * the same FMA chains from block to block. */
+static inline void ws_attend_group(const float *q, int64_t ng, const float *k, const float *v, int64_t n_kv,
+                                   int64_t row_stride, int64_t hd, float scale, float *scores,
+                                   int64_t scores_stride, float *out) {
+    if (ng > 64) {   /* inv's room: 64 heads at a time (each head's bits are the same either way) */
+        for (int64_t g0 = 0; g0 < ng; g0 += 64)
+            ws_attend_group(q + g0 * hd, ng - g0 < 64 ? ng - g0 : 64, k, v, n_kv, row_stride, hd, scale,
+                            scores + g0 * scores_stride, scores_stride, out + g0 * hd);
+        return;
+    }
+    /* ~16 KB of K (or of V's columns of a pass) a block, whole groups of 16 keys */
+    int64_t block = 4096 / hd / 16 * 16;
+    block = block < 16 ? 16 : block;
+    float inv[64];
+    for (int64_t t0 = 0; t0 < n_kv; t0 += block) {
+        const int64_t tn = n_kv - t0 < block ? n_kv - t0 : block;
+        for (int64_t g = 0; g < ng; g++)
+            ws_scores(q + g * hd, k + t0 * row_stride, tn, row_stride, hd, scale, scores + g * scores_stride + t0);
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        float *sg = scores + g * scores_stride;
+        float m = -3.4e38f;
+        for (int64_t t = 0; t < n_kv; t++)
+            m = sg[t] > m ? sg[t] : m;
+        inv[g] = (float)(1.0 / ws_exp_sum(sg, n_kv, m, sg));
+    }
+    int64_t pass = hd;   /* the dimensions ws_weighted_sum takes a pass over the keys */
+#if defined(WS_WSUM_LANES)
+    pass = hd % (8 * WS_WSUM_LANES) == 0 ? 8 * WS_WSUM_LANES : hd % (4 * WS_WSUM_LANES) == 0 ? 4 * WS_WSUM_LANES : hd;
+#endif
+    int64_t vblock = 4096 / pass / 16 * 16;
+    vblock = vblock < 16 ? 16 : vblock;
+    for (int64_t c = 0; c < hd; c += pass)
+        for (int64_t t0 = 0; t0 < n_kv; t0 += vblock) {
+            const int64_t tn = n_kv - t0 < vblock ? n_kv - t0 : vblock;
+            for (int64_t g = 0; g < ng; g++)
+                ws_weighted_sum(scores + g * scores_stride + t0, inv[g], v + t0 * row_stride + c, tn, row_stride,
+                                pass, t0 == 0, out + g * hd + c);
+        }
+}
+
+/* softmax(scale * K q) . V for one head (ws_attend_group's bits: the decode calls' attention) */
+static inline void ws_attend_head(const float *q, const float *k, const float *v, int64_t n_kv,
+                                  int64_t row_stride, int64_t hd, float scale, float *scores, float *out) {
+    ws_attend_group(q, 1, k, v, n_kv, row_stride, hd, scale, scores, 0, out);
 }
 
 /* out *= sigmoid(gate) over n floats (gated attention's per-head output gate) */

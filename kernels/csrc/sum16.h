@@ -23,21 +23,30 @@ static inline __attribute__((always_inline)) float ws_hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* out[j] = ws_hsum8 of the 8 floats at v + j * vstride, j < m <= 8, for 8 rows at once: 21
-   shuffles and adds where 8 ws_hsum8 take ~50. Each row's sum has ws_hsum8's order, ((a0 + a4) +
-   (a2 + a6)) + ((a1 + a5) + (a3 + a7)), so the same bits: halves of rows j and j + 4 in one
-   register, then pairs, then the last two; rows enter in the slots {0, 2, 1, 3, 4, 6, 5, 7} (the
-   order is its own inverse), which leaves lane j holding row j. Missing rows are zeros. */
-static inline __attribute__((always_inline)) void ws_sum8_rows(const float *v, int64_t vstride, int m, float *out) {
+/* lane j = ws_hsum8(a[j]) for 8 ymm at once: 21 shuffles and adds where 8 ws_hsum8 take ~50.
+   Each lane's sum has ws_hsum8's order, ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)), so the
+   same bits: halves of inputs j and j + 4 in one register, then pairs, then the last two; inputs
+   enter in the slots {0, 2, 1, 3, 4, 6, 5, 7} (the order is its own inverse), which leaves lane j
+   holding input j. Lanes are independent: a zero input only zeroes its own lane. */
+static inline __attribute__((always_inline)) __m256 ws_sum8(const __m256 a[8]) {
     static const int slot[8] = {0, 2, 1, 3, 4, 6, 5, 7};
     __m256 x[8], y[4], z[2];
     for (int j = 0; j < 8; j++)
-        x[j] = slot[j] < m ? _mm256_loadu_ps(v + slot[j] * vstride) : _mm256_setzero_ps();
-    for (int j = 0; j < 4; j++)   /* lanes 0-3: row x_j's a_i + a_(i+4); lanes 4-7: row x_(j+4)'s */
+        x[j] = a[slot[j]];
+    for (int j = 0; j < 4; j++)   /* lanes 0-3: input x_j's a_i + a_(i+4); lanes 4-7: input x_(j+4)'s */
         y[j] = _mm256_add_ps(_mm256_permute2f128_ps(x[j], x[j + 4], 0x20), _mm256_permute2f128_ps(x[j], x[j + 4], 0x31));
-    for (int j = 0; j < 2; j++)   /* per row (s0 + s2), (s1 + s3) */
+    for (int j = 0; j < 2; j++)   /* per input (s0 + s2), (s1 + s3) */
         z[j] = _mm256_add_ps(_mm256_shuffle_ps(y[j], y[j + 2], 0x44), _mm256_shuffle_ps(y[j], y[j + 2], 0xEE));
-    const __m256 u = _mm256_add_ps(_mm256_shuffle_ps(z[0], z[1], 0x88), _mm256_shuffle_ps(z[0], z[1], 0xDD));
+    return _mm256_add_ps(_mm256_shuffle_ps(z[0], z[1], 0x88), _mm256_shuffle_ps(z[0], z[1], 0xDD));
+}
+
+/* out[j] = ws_hsum8 of the 8 floats at v + j * vstride, j < m <= 8 (ws_sum8 over rows in memory:
+   the k-quant and legacy decode rows' partial sums). Missing rows are zeros. */
+static inline __attribute__((always_inline)) void ws_sum8_rows(const float *v, int64_t vstride, int m, float *out) {
+    __m256 x[8];
+    for (int j = 0; j < 8; j++)
+        x[j] = j < m ? _mm256_loadu_ps(v + j * vstride) : _mm256_setzero_ps();
+    const __m256 u = ws_sum8(x);
     if (m == 8) {
         _mm256_storeu_ps(out, u);
     } else {
