@@ -92,13 +92,21 @@ cdef void _attend_heads(const float *q, const float *k_cache, const float *v_cac
     """out[h] = ws_attend_head for each query head h of q (q, out: [heads, hd] contiguous; caches
     [n_ctx, kvh, hd]; head h reads kv head h // (heads / kvh)); with a gate (not NULL), out[h] *=
     sigmoid(gate + h * gate_stride). One thread unless the caches are long enough to pay for
-    waking the others."""
-    cdef Py_ssize_t group = heads // kvh, stride = kvh * hd, h
+    waking the others; the heads of one kv head together (ws_attend_group: its keys read once,
+    block by block) where there are at least as many kv heads as threads, else head by head (the
+    same bits either way)."""
+    cdef Py_ssize_t group = heads // kvh, stride = kvh * hd, h, g
     cdef int nt = threads if n_kv * heads * hd >= 262144 else 1
-    for h in prange(heads, num_threads=nt, schedule="static"):
-        ws_attend_head(q + h * hd, k_cache + (h // group) * hd, v_cache + (h // group) * hd, n_kv,
-                       stride, hd, scale, scores + h * scores_stride, out + h * hd)
-        if gate != NULL:
+    if kvh >= nt:
+        for g in prange(kvh, num_threads=nt, schedule="static"):
+            ws_attend_group(q + g * group * hd, group, k_cache + g * hd, v_cache + g * hd, n_kv, stride, hd,
+                            scale, scores + g * group * scores_stride, scores_stride, out + g * group * hd)
+    else:
+        for h in prange(heads, num_threads=nt, schedule="static"):
+            ws_attend_head(q + h * hd, k_cache + (h // group) * hd, v_cache + (h // group) * hd, n_kv,
+                           stride, hd, scale, scores + h * scores_stride, out + h * hd)
+    if gate != NULL:
+        for h in range(heads):
             ws_sigmoid_gate_row(out + h * hd, gate + h * gate_stride, hd)
 
 

@@ -66,6 +66,23 @@ def test_attend_one(heads, kv_heads, n_kv, threads):
     assert close(out, np.einsum("ht,htd->hd", probs, values), 1e-5)
 
 
+@pytest.mark.parametrize("hd", [64, 128, 256])
+def test_attend_one_head_by_head_is_grouped(hd):
+    """attend_one with more threads than kv heads goes head by head (ws_attend_head), with fewer by
+    kv head (ws_attend_group, each kv head's keys once for its query heads): the same bits."""
+    heads, kv_heads, n_kv, n_ctx = 8, 2, 300, 320  # 300 keys x 8 heads x hd: threaded
+    rng = np.random.default_rng(hd)
+    q = rng.standard_normal((heads, hd), dtype=np.float32)
+    kc = rng.standard_normal((n_ctx, kv_heads, hd), dtype=np.float32)
+    vc = rng.standard_normal((n_ctx, kv_heads, hd), dtype=np.float32)
+    outs = []
+    for threads in (1, 3):
+        out = np.empty((heads, hd), np.float32)
+        _ops.attend_one(q, kc, vc, n_kv, 0.1, out, np.empty((heads, n_ctx), np.float32), threads)
+        outs.append(out)
+    assert np.array_equal(outs[0], outs[1])
+
+
 def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="rms_norm_into: weight has 3 values"):
         _ops.rms_norm_into(np.zeros((1, 4), np.float32), np.zeros(3, np.float32), 1e-5, np.zeros((1, 4), np.float32))
