@@ -372,9 +372,9 @@ def attend_causal(const float[:, :, ::1] q, const float[:, :, ::1] k_cache, cons
     Each token's query heads that share a kv head go together (ws_attend_group: a block of keys
     stays in L1 for all of them), with each head's bits those of attend_one, so a prefill token
     gets the bits a decode step at its position would; the (token, kv head) pairs are spread over
-    the threads round robin, kv head by kv head (later positions read more keys). q, out: float32[n, heads, head_dim];
-    caches float32[n_ctx, kv_heads, head_dim]; scratch: float32[>= threads * heads / kv_heads,
-    >= max(positions) + 1] (each thread's heads' scores)."""
+    the threads round robin, kv head by kv head (later positions read more keys).
+    q, out: float32[n, heads, head_dim]; caches float32[n_ctx, kv_heads, head_dim]; scratch:
+    float32[>= threads * heads / kv_heads, >= max(positions) + 1] (each thread's heads' scores)."""
     cdef Py_ssize_t n = q.shape[0], heads = q.shape[1], hd = q.shape[2], kvh = k_cache.shape[1]
     cdef Py_ssize_t i, g, j, top = -1
     _check_caches("attend_causal", k_cache, v_cache, heads, hd)
