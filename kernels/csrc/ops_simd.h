@@ -219,33 +219,51 @@ static inline __attribute__((always_inline)) void ws_weighted_sum_regs(
 }
 #endif
 
-/* out (+)= sum over t < n_kv of (scores[t] * inv) * v_t over hd dimensions: 8 vectors of
- * dimensions a pass over the keys (4 when hd is a multiple of only 4 vectors), else one FMA chain
- * a dimension through memory; first as ws_weighted_sum_regs */
-static inline void ws_weighted_sum(const float *scores, float inv, const float *v, int64_t n_kv,
-                                   int64_t row_stride, int64_t hd, int first, float *out) {
+/* the dimensions one pass of ws_weighted_sum takes over the keys for a head of hd: 8 vectors
+ * (4 when hd is a multiple of only 4 vectors) in registers, else all hd through memory */
+static inline int64_t ws_weighted_sum_pass(int64_t hd) {
 #if defined(WS_WSUM_LANES)
-    if (hd % (8 * WS_WSUM_LANES) == 0) {
-        for (int64_t c = 0; c < hd; c += 8 * WS_WSUM_LANES)
-            ws_weighted_sum_regs(scores, inv, v + c, n_kv, row_stride, 8, first, out + c);
+    if (hd % (8 * WS_WSUM_LANES) == 0)
+        return 8 * WS_WSUM_LANES;
+    if (hd % (4 * WS_WSUM_LANES) == 0)
+        return 4 * WS_WSUM_LANES;
+#endif
+    return hd;
+}
+
+/* out (+)= sum over t < n_kv of (scores[t] * inv) * v_t over the pass = ws_weighted_sum_pass(hd)
+ * dimensions at v and out: in registers, or one FMA chain a dimension through memory; first as
+ * ws_weighted_sum_regs */
+static inline void ws_weighted_sum(const float *scores, float inv, const float *v, int64_t n_kv,
+                                   int64_t row_stride, int64_t pass, int first, float *out) {
+#if defined(WS_WSUM_LANES)
+    /* each call with a constant vector count: the accumulators stay in registers */
+    if (pass == 8 * WS_WSUM_LANES) {
+        ws_weighted_sum_regs(scores, inv, v, n_kv, row_stride, 8, first, out);
         return;
     }
-    if (hd % (4 * WS_WSUM_LANES) == 0) {
-        for (int64_t c = 0; c < hd; c += 4 * WS_WSUM_LANES)
-            ws_weighted_sum_regs(scores, inv, v + c, n_kv, row_stride, 4, first, out + c);
+    if (pass == 4 * WS_WSUM_LANES) {
+        ws_weighted_sum_regs(scores, inv, v, n_kv, row_stride, 4, first, out);
         return;
     }
 #endif
     if (first)
-        for (int64_t d = 0; d < hd; d++)
+        for (int64_t d = 0; d < pass; d++)
             out[d] = 0.0f;
     for (int64_t t = 0; t < n_kv; t++) {
         const float *vt = v + t * row_stride;
         float p = scores[t] * inv;
 #pragma omp simd
-        for (int64_t d = 0; d < hd; d++)
+        for (int64_t d = 0; d < pass; d++)
             out[d] += p * vt[d];
     }
+}
+
+/* keys a block of ws_attend_group when each key brings `width` floats (K's head, or V's columns of
+ * a pass): ~16 KB, whole groups of 16 keys (ws_scores' SIMD groups) */
+static inline int64_t ws_attend_block(int64_t width) {
+    const int64_t keys = 4096 / width / 16 * 16;
+    return keys < 16 ? 16 : keys;
 }
 
 /* softmax(scale * K q_g) . V for the ng query heads q_g = q + g * hd (g < ng) that share one kv
@@ -265,9 +283,7 @@ static inline void ws_attend_group(const float *q, int64_t ng, const float *k, c
                             scores + g0 * scores_stride, scores_stride, out + g0 * hd);
         return;
     }
-    /* ~16 KB of K (or of V's columns of a pass) a block, whole groups of 16 keys */
-    int64_t block = 4096 / hd / 16 * 16;
-    block = block < 16 ? 16 : block;
+    const int64_t block = ws_attend_block(hd);
     float inv[64];
     for (int64_t t0 = 0; t0 < n_kv; t0 += block) {
         const int64_t tn = n_kv - t0 < block ? n_kv - t0 : block;
@@ -281,12 +297,7 @@ static inline void ws_attend_group(const float *q, int64_t ng, const float *k, c
             m = sg[t] > m ? sg[t] : m;
         inv[g] = (float)(1.0 / ws_exp_sum(sg, n_kv, m, sg));
     }
-    int64_t pass = hd;   /* the dimensions ws_weighted_sum takes a pass over the keys */
-#if defined(WS_WSUM_LANES)
-    pass = hd % (8 * WS_WSUM_LANES) == 0 ? 8 * WS_WSUM_LANES : hd % (4 * WS_WSUM_LANES) == 0 ? 4 * WS_WSUM_LANES : hd;
-#endif
-    int64_t vblock = 4096 / pass / 16 * 16;
-    vblock = vblock < 16 ? 16 : vblock;
+    const int64_t pass = ws_weighted_sum_pass(hd), vblock = ws_attend_block(pass);
     for (int64_t c = 0; c < hd; c += pass)
         for (int64_t t0 = 0; t0 < n_kv; t0 += vblock) {
             const int64_t tn = n_kv - t0 < vblock ? n_kv - t0 : vblock;
