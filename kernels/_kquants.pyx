@@ -10,8 +10,9 @@ is multiplied in integers (exact) and scaled once per block in float. The result
 Layout of the work:
 
 * Q8_K scratch for all n rows is made once per call (``qs`` int8[n, cols], ``d`` float[n, nb],
-  ``fb`` float[n, 16 nb] = d * bsum per 16, which carries the min / offset terms as one 16-lane
-  FMA per block).
+  ``fb`` float[n, 16 nb]: each block's 16-float min-term slot, which carries the min / offset
+  terms: d * bsum per 16 as floats (one 16-lane FMA per block), or on AVX2 builds the int16
+  bsums in its first half (``BSUMS``; kquants_simd.h's WS_KQ_BSUMS)).
 * Weight rows are split in groups of ``_WR`` over the threads (``prange``); inside a group, the
   activation rows go in tiles of up to 6 (WS_KQ_NRMAX) and each weight row is unpacked once per tile, so an
   unpacked block serves up to 6 activation rows from registers, while the group's weight bytes
@@ -61,6 +62,7 @@ cdef extern from "common.h" nogil:
 cdef extern from "kquants_simd.h" nogil:
     int WS_KQ_AVX512
     int WS_KQ_AVX2
+    int WS_KQ_BSUMS
     int WS_KQ_NRMAX
     ctypedef struct ws_kq_act:
         const int8_t *qx
@@ -112,13 +114,14 @@ SUPPORTED = frozenset(int(q) for q in traits.types_on("cython", traits.K_QUANT))
 BLOCK_BYTES = {q: ws_block_bytes(q) for q in SUPPORTED}
 SIMD = bool(WS_KQ_AVX512)
 ISA = "avx512" if WS_KQ_AVX512 else "avx2" if WS_KQ_AVX2 else "scalar"  # the block kernels built
+BSUMS = bool(WS_KQ_BSUMS)  # the min-term slots hold int16 bsums, not d * bsum floats (AVX2 builds)
 # AMX tiles usable: compiled for AMX-INT8 and the tile state granted by the kernel (once per process)
 AMX = bool(WS_KQ_AMX) and bool(ws_amx_request())
 cdef bint AMX_ON = AMX   # (the same, readable without the GIL)
 
 # weight rows per work item: enough that a tile of activations is reused across them from cache
 cdef int _WR = 16
-# bytes of one activation row per block: 256 int8 + 16 float fb + 1 float d
+# bytes of one activation row per block: 256 int8 + the 64-byte min-term slot fb + 1 float d
 cdef int _ACT_BLOCK_BYTES = 256 + 64 + 4
 # L1 bytes for a tile's activations; the row tile is cut into block ranges that fit
 cdef int _L1_ACT = 16384
@@ -204,7 +207,7 @@ cdef inline void *_take(_Arena *a, size_t nbytes) except NULL:
 
 cdef struct _Q8K:
     # Q8_K activations carved from an arena (_q8k_take): qs int8[elements], dq float[elements / 256]
-    # (block scales), fb float[16 * elements / 256] (d * bsum per 16), bad uint8[rows] (a row
+    # (block scales), fb float[16 * elements / 256] (min-term slots: BSUMS), bad uint8[rows] (a row
     # holds a NaN / Inf: ws_nan_rows)
     int8_t *qs
     float *dq
@@ -230,15 +233,16 @@ cdef int _q8k_take(_Arena *a, int64_t elements, int64_t rows, _Q8K *q) except -1
 
 cdef inline uint8_t _quantize_row_q8_k(const float *x, int64_t nb, int8_t *qs, float *d, float *fb,
                                        bint permuted) noexcept nogil:
-    """ggml's quantize_row_q8_K_ref on one row of nb blocks, plus fb = d * bsum per 16
-    (kernels/csrc/q8k_simd.h). With ``permuted``, each block's quants are stored in the kernel's
+    """ggml's quantize_row_q8_K_ref on one row of nb blocks, plus the min-term slots fb (d * bsum
+    per 16, or the int16 bsums where BSUMS; kernels/csrc/q8k_simd.h). With ``permuted``, each block's quants are stored in the kernel's
     order (WS_KQ_PERMUTED). Returns 1 when the row holds a NaN or an Inf (see ws_nan_rows)."""
     return <uint8_t>ws_quantize_row_q8k(x, nb, qs, d, fb, permuted)
 
 
 def quantize_q8_k_into(const float[:, ::1] x, bint permuted=False):
     """The kernels' own Q8_K of x: float32[n, cols] (cols a multiple of 256), for tests:
-    (qs int8[n, cols], d float32[n, nb], fb float32[n, 16 nb], bad uint8[n])."""
+    (qs int8[n, cols], d float32[n, nb], fb float32[n, 16 nb], bad uint8[n]); where BSUMS,
+    fb's bytes hold each block's 16 int16 bsums in the first half of its 16 floats."""
     cdef int64_t n = x.shape[0], cols = x.shape[1], r
     if cols % QK_K:
         raise ValueError(f"quantize_q8_k_into: {cols} columns, not a multiple of {QK_K}")

@@ -45,6 +45,14 @@
 #define WS_KQ_AVX2 0
 #endif
 
+/* What a block's 64-byte min-term slot (ws_kq_act.fb) holds, chosen per build: AVX-512 and scalar
+   builds store fb_k = d * bsum_k as 16 floats (one 16-lane FMA against g); AVX2 builds store the
+   16 int16 bsum_k in its first 32 bytes (ggml's Q8_K bsums), for one vpmaddwd against the int16
+   mins or scales: exact int32 sums, one conversion, where the float form took two widenings, two
+   conversions, two multiplies and two FMAs a block (C harness, Zen 3, Q2_K decode: 10.5 -> 9.5 ns
+   a block; llama.cpp's vec_dot_q2_K_q8_K 9.5 in the same run). */
+#define WS_KQ_BSUMS WS_KQ_AVX2
+
 #ifndef WS_KQ_PREFETCH
 /* bytes ahead of the block being unpacked: 4096 streamed a 30B-A3B decode step's experts (Q2_K,
    cold, 2 threads, Intel SPR) at 22.3 GB/s where 2048 gave 19.6 (interleaved A/B in one process,
@@ -57,7 +65,7 @@
 typedef struct {
     const int8_t *qx;     /* int8 quants, row stride qx_stride (= cols) */
     const float *dx;      /* block scales, row stride dx_stride (= nb) */
-    const float *fb;      /* d * bsum per 16, row stride fb_stride (= 16 nb) */
+    const float *fb;      /* min-term slots, 16 floats a block (WS_KQ_BSUMS), row stride fb_stride (= 16 nb) */
     int64_t qx_stride, dx_stride, fb_stride;
 } ws_kq_act;
 
@@ -451,16 +459,30 @@ static inline void ws_kq_reduce16(const float *v, int64_t vstride, int m, float 
  * (u8 codes x s8 activations -> s16 pairs; at most 63 * 127 * 2, no saturation) then vpmaddwd
  * with the two sub-blocks' int16 scales (128-bit lane m of chunk c: sub-block 2c + m). A row's
  * partial sums are 8 floats: lanes 0..7 of its 16-float slot in accbuf (ws_kq_reduce16 sums
- * those 8), d * dx times the block's int32 sum in one accumulator, the min / constant term
- * g . fb in a second (two short dependency chains). Every activation-row count gives each row
- * the same bits: the same operations per row in the same order. */
+ * those 8). The min / constant term comes from the activations' int16 bsums (WS_KQ_BSUMS): one
+ * vpmaddwd of them with 16 int16 factors m_k gives 8 int32 sums_k m_k bsum_k, exact.
+ *   Q3_K / Q6_K (g_k = 4 d sc_k, 32 d sc_k): m = sc, and the term, times 4 or 32 (a shift), is
+ *     subtracted from the block's int32 sum before its one conversion: t = d * float(S - 4M);
+ *   Q2_K / Q4_K / Q5_K (g_k = dmin min_k): m = the mins, t = d * float(S) - dmin * float(M);
+ * then acc += dx * t, one FMA a row and block.
+ * Every activation-row count gives each row the same bits: the same operations per row in the
+ * same order. */
 
 typedef struct {
     __m256i w[8];   /* unsigned codes q', chunk c */
     __m256i s[8];   /* int16 sub-block scales: lane m of chunk c holds sub-block 2c + m's */
-    __m256 g[2];    /* the 16 constant-term factors g_k */
-    float d;
+    __m256i m;      /* int16 constant-term factors m_k (above), k = 0..15 */
+    float d, dmin;  /* dmin: Q2_K / Q4_K / Q5_K only */
 } ws_ublk2;
+
+/* Q3_K / Q6_K: log2 of the factor (4, 32) their constant term enters the int32 sum with; 0: the
+   type has a separate dmin term */
+WS_AI int ws_kq2_fold(const int qtype) { return qtype == WS_Q3_K ? 2 : qtype == WS_Q6_K ? 5 : 0; }
+
+/* row r's int16 bsums of block ib (WS_KQ_BSUMS: the first half of the block's min-term slot) */
+WS_AI __m256i ws_kq2_bsums(const ws_kq_act *a, int r, int64_t ib) {
+    return _mm256_loadu_si256((const __m256i *)(a->fb + r * a->fb_stride + 16 * ib));
+}
 
 /* shuffle controls: within each 128-bit lane, broadcast one int16 of the source lane:
    chunk c's scales are words 2c and 2c + 1 of the 16 (c < 4: the low half of the words, else
@@ -481,13 +503,6 @@ WS_AI void ws_kq2_spread(__m256i sw, __m256i s[8]) {
         s[c] = _mm256_shuffle_epi8(lo, ctl);
         s[c + 4] = _mm256_shuffle_epi8(hi, ctl);
     }
-}
-
-/* g_k = factor * (byte k of gb, unsigned or signed) */
-WS_AI void ws_kq2_g(__m128i gb, int is_signed, __m256 f, __m256 g[2]) {
-    const __m128i hi = _mm_unpackhi_epi64(gb, gb);
-    g[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(gb) : _mm256_cvtepu8_epi32(gb)), f);
-    g[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(hi) : _mm256_cvtepu8_epi32(hi)), f);
 }
 
 WS_AI float ws_kq2_half(const uint8_t *p) {   /* fp16 -> float, Inf made NaN (ws_inf_to_nan) */
@@ -522,19 +537,20 @@ WS_AI __m256i ws_kq2_bits(__m256i v, int from, int width, int to) {
 WS_AI void ws_unpack2_q2k(const uint8_t *b, ws_ublk2 *u) {
     const __m128i sc = _mm_loadu_si128((const __m128i *)b);
     ws_kq2_spread(_mm256_cvtepu8_epi16(_mm_and_si128(sc, _mm_set1_epi8(15))), u->s);
+    u->m = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15)));
     const __m128 dm = ws_kq2_half_pair(b + 80);
-    ws_kq2_g(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15)), 0, _mm256_broadcastss_ps(_mm_movehdup_ps(dm)), u->g);
     ws_kq2_planes(b + 16, u->w);
     u->d = _mm_cvtss_f32(dm);
+    u->dmin = _mm_cvtss_f32(_mm_movehdup_ps(dm));
 }
 
 WS_AI void ws_unpack2_q3k(const uint8_t *b, ws_ublk2 *u) {
     uint32_t aux[4];
     ws_kq_q3_scales(b + 96, aux);
     const __m128i sc = _mm_sub_epi8(ws_u32x4(aux), _mm_set1_epi8(32));
-    ws_kq2_spread(_mm256_cvtepi8_epi16(sc), u->s);
+    u->m = _mm256_cvtepi8_epi16(sc);
+    ws_kq2_spread(u->m, u->s);
     u->d = ws_kq2_half(b + 108);
-    ws_kq2_g(sc, 1, _mm256_set1_ps(4.0f * u->d), u->g);
     ws_kq2_planes(b + 32, u->w);
     const __m256i hm = ws_ld256(b);
     for (int c = 0; c < 8; c++)
@@ -550,9 +566,10 @@ WS_AI void ws_kq2_k4_common(const uint8_t *b, ws_ublk2 *u) {
     const __m128i sc = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7));
     const __m128i mins = _mm_shuffle_epi8(v, _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15));
     ws_kq2_spread(_mm256_cvtepu8_epi16(sc), u->s);
+    u->m = _mm256_cvtepu8_epi16(mins);
     const __m128 dm = ws_kq2_half_pair(b);
-    ws_kq2_g(mins, 0, _mm256_broadcastss_ps(_mm_movehdup_ps(dm)), u->g);
     u->d = _mm_cvtss_f32(dm);
+    u->dmin = _mm_cvtss_f32(_mm_movehdup_ps(dm));
 }
 
 WS_AI void ws_unpack2_q4k(const uint8_t *b, ws_ublk2 *u) {
@@ -576,10 +593,9 @@ WS_AI void ws_unpack2_q5k(const uint8_t *b, ws_ublk2 *u) {
 }
 
 WS_AI void ws_unpack2_q6k(const uint8_t *b, ws_ublk2 *u) {
-    const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
-    ws_kq2_spread(_mm256_cvtepi8_epi16(sc), u->s);
+    u->m = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + 192)));
+    ws_kq2_spread(u->m, u->s);
     u->d = ws_kq2_half(b + 208);
-    ws_kq2_g(sc, 1, _mm256_set1_ps(32.0f * u->d), u->g);
     for (int h = 0; h < 2; h++) {   /* chunk 4h + kk: nibble kk / 2 of ql[64h + 32 (kk % 2)..], bits 2kk of qh[32h..] */
         const __m256i ql0 = ws_ld256(b + 64 * h), ql1 = ws_ld256(b + 64 * h + 32), qh = ws_ld256(b + 128 + 32 * h);
         for (int kk = 0; kk < 4; kk++)
@@ -661,16 +677,15 @@ WS_AI void ws_kq_rows_avx2(const int qtype, const uint8_t *w, int64_t nbk, const
                            const int nr, float *accbuf, int first) {
     const int bb = ws_block_bytes(qtype);
     const int scaled = qtype == WS_Q2_K && nr >= 2;
-    __m256 acc[WS_KQ_NRMAX], accm[WS_KQ_NRMAX];
+    const int fold = ws_kq2_fold(qtype);
+    __m256 acc[WS_KQ_NRMAX];
     __m256i p[WS_KQ_NRMAX];
-    /* zero from a register GCC cannot see is zero: with a constant it made these loops two memset
-       calls a call (1.5% of a 30B-A3B prompt's time, perf) */
+    /* zero from a register GCC cannot see is zero: with a constant it made these loops a memset
+       call a call (1.5% of a 30B-A3B prompt's time, perf) */
     __m256 zero = _mm256_setzero_ps();
     __asm__("" : "+x"(zero));
-    for (int r = 0; r < nr; r++) {
+    for (int r = 0; r < nr; r++)
         acc[r] = first ? zero : _mm256_loadu_ps(accbuf + 16 * r);
-        accm[r] = zero;
-    }
     for (int64_t ib = 0; ib < nbk; ib++) {
         const uint8_t *blk = w + ib * bb;
         for (int o = 0; o < bb; o += 64)   /* see WS_KQ_PREFETCH */
@@ -684,15 +699,19 @@ WS_AI void ws_kq_rows_avx2(const int qtype, const uint8_t *w, int64_t nbk, const
             p[0] = ws_kq2_block_dot(&u, a->qx + 256 * ib);
         else
             ws_kq2_tile_rows(&u, scaled, a, ib, nr, p);
+        /* the block's term, then times each row's dx (broadcast from memory: a load, no vector
+           op) into one accumulator: 6 vector ops a row and block; d * dx and dmin * dx each as a
+           product then an FMA took 8 (7% of a Q2_K prompt tile's time) */
+        const __m256 dv = _mm256_set1_ps(u.d), dminv = _mm256_set1_ps(u.dmin);
         for (int r = 0; r < nr; r++) {
-            const float *f = a->fb + r * a->fb_stride + 16 * ib;
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[r]), _mm256_set1_ps(u.d * a->dx[r * a->dx_stride + ib]), acc[r]);
-            accm[r] = _mm256_fmadd_ps(u.g[0], _mm256_loadu_ps(f), accm[r]);
-            accm[r] = _mm256_fmadd_ps(u.g[1], _mm256_loadu_ps(f + 8), accm[r]);
+            const __m256i pm = _mm256_madd_epi16(u.m, ws_kq2_bsums(a, r, ib));   /* see ws_ublk2 */
+            const __m256 t = fold ? _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(p[r], _mm256_slli_epi32(pm, fold))), dv)
+                                  : _mm256_fnmadd_ps(_mm256_cvtepi32_ps(pm), dminv, _mm256_mul_ps(_mm256_cvtepi32_ps(p[r]), dv));
+            acc[r] = _mm256_fmadd_ps(t, _mm256_broadcast_ss(a->dx + r * a->dx_stride + ib), acc[r]);
         }
     }
     for (int r = 0; r < nr; r++)
-        _mm256_storeu_ps(accbuf + 16 * r, _mm256_sub_ps(acc[r], accm[r]));
+        _mm256_storeu_ps(accbuf + 16 * r, acc[r]);
 }
 
 /* out[j] = the sum of the 8 partial sums at v + j * vstride, j < m (ws_hsum8's order), 8 rows

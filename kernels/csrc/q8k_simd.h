@@ -2,8 +2,9 @@
  *
  * ggml's quantize_row_q8_K_ref per 256 values: the value of largest magnitude (the first on ties)
  * maps to -127, q = nearest_int(iscale * x) (round half to even), capped at 127, d = 1 / iscale;
- * here also fb[k] = d * (sum of the 16 quants of sub-block k) as float, the k-quant kernels' min
- * term. Every path gives the same bits (tests/test_kquants_cython.py against
+ * here also each block's min-term slot fb (16 floats, kquants_simd.h's WS_KQ_BSUMS): AVX-512 and
+ * portable builds fb[k] = d * bsum_k as float, AVX2 builds the int16 bsum_k in its first 32 bytes,
+ * with bsum_k the sum of the 16 quants of sub-block k. Every path gives the same bits (tests/test_kquants_cython.py against
  * weightstream.kernels.quantize.quantize_q8_k): the products iscale * x are the same float
  * multiplications, vcvtps2dq rounds half to even as rintf does under the default rounding mode,
  * and the sums are exact integers.
@@ -134,7 +135,7 @@ static inline int ws_quantize_row_q8k(const float *x, int64_t nb, int8_t *qs, fl
             /* the sum of the stored int8s: psadbw of the bytes biased to unsigned, less 16 * 128 */
             const __m128i sad = _mm_sad_epu8(_mm_xor_si128(q8, _mm_set1_epi8((char)0x80)), _mm_setzero_si128());
             const int sum = _mm_cvtsi128_si32(sad) + _mm_extract_epi16(sad, 4) - 16 * 128;
-            fb[16 * b + k] = db * (float)sum;
+            ((int16_t *)(fb + 16 * b))[k] = (int16_t)sum;   /* WS_KQ_BSUMS */
         }
     }
     return !_mm256_testz_si256(bad, bad);
