@@ -644,6 +644,7 @@ WS_AI void ws_kq2_tile_dot(const ws_ublk2 *u, const int scaled, const int8_t *x,
                     _mm256_maddubs_epi16(u->w[c], _mm256_loadu_si256((const __m256i *)xr)),
                     _mm256_maddubs_epi16(u->w[c + 4], _mm256_loadu_si256((const __m256i *)(xr + 128)))), ones);
                 p[r] = c ? _mm256_add_epi32(p[r], t) : t;
+                __asm__("" : "+x"(p[r]));   /* see below */
             }
     } else {
         _Pragma("GCC unroll 8") for (int c = 0; c < 8; c++)
@@ -651,35 +652,59 @@ WS_AI void ws_kq2_tile_dot(const ws_ublk2 *u, const int scaled, const int8_t *x,
                 const __m256i t = _mm256_madd_epi16(_mm256_maddubs_epi16(
                     u->w[c], _mm256_loadu_si256((const __m256i *)(x + r * stride + 32 * c))), u->s[c]);
                 p[r] = c ? _mm256_add_epi32(p[r], t) : t;
+                /* the sum stays a chain in this order: GCC reassociated the exact integer adds into
+                   one tree per row after all of a block's products, which lived on the stack
+                   (llvm-mca, znver3, Q4_K 6 rows: 115 stack accesses a block) */
+                __asm__("" : "+x"(p[r]));
             }
     }
 }
 
-/* ws_kq2_tile_dot over 2 <= nr <= 6 rows in sub-tiles of 3 and 2 rows (6 = 3 + 3, 5 = 3 + 2,
-   4 = 2 + 2): a sub-tile's sums, one chunk's codes and scales and a temporary stay in the 16
-   registers; more rows spilled them. Each call has a constant row count (GCC unrolls those). */
-WS_AI void ws_kq2_tile_rows(const ws_ublk2 *u, const int scaled, const ws_kq_act *a, const int64_t ib,
-                            const int nr, __m256i *p) {
-    const int8_t *x = a->qx + 256 * ib;
-    const int64_t st = a->qx_stride;
+/* Row r's block term into its accumulator (see above): t = d * float(S) - dmin * float(M), or
+   d * float(S - 2^fold M); acc += dx * t, dx broadcast from memory (a load, no vector op): 6
+   vector ops a row and block, where d * dx and dmin * dx each as a product then an FMA took 8 */
+WS_AI __m256 ws_kq2_row_term(const ws_ublk2 *u, const int fold, const ws_kq_act *a, const int r,
+                             const int64_t ib, const __m256i s, const __m256 acc) {
+    const __m256 dv = _mm256_set1_ps(u->d), dminv = _mm256_set1_ps(u->dmin);
+    const __m256i pm = _mm256_madd_epi16(u->m, ws_kq2_bsums(a, r, ib));
+    const __m256 t = fold ? _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s, _mm256_slli_epi32(pm, fold))), dv)
+                          : _mm256_fnmadd_ps(_mm256_cvtepi32_ps(pm), dminv, _mm256_mul_ps(_mm256_cvtepi32_ps(s), dv));
+    return _mm256_fmadd_ps(t, _mm256_broadcast_ss(a->dx + r * a->dx_stride + ib), acc);
+}
+
+/* Rows r0..r0+n-1 of a tile (n = 2 or 3): their sums (ws_kq2_tile_dot), then at once their
+   terms into acc: a sub-tile's int32 sums, one chunk's codes and scales and a temporary stay in
+   the 16 registers; with every row's sums kept to the end of the block they lived on the stack
+   (llvm-mca, znver3, Q4_K 6 rows: 115 stack accesses a block, bound by the load / store pipes). */
+WS_AI void ws_kq2_subtile(const ws_ublk2 *u, const int scaled, const int fold, const ws_kq_act *a,
+                          const int64_t ib, const int r0, const int n, __m256 *acc) {
+    __m256i p[3];
+    ws_kq2_tile_dot(u, scaled, a->qx + r0 * a->qx_stride + 256 * ib, a->qx_stride, n, p);
+    for (int r = 0; r < n; r++)
+        acc[r0 + r] = ws_kq2_row_term(u, fold, a, r0 + r, ib, p[r], acc[r0 + r]);
+}
+
+/* a tile of 2 <= nr <= 6 rows in sub-tiles of 3 and 2 rows (6 = 3 + 3, 5 = 3 + 2, 4 = 2 + 2);
+   each call has constant row counts (GCC unrolls those) */
+WS_AI void ws_kq2_tile_rows(const ws_ublk2 *u, const int scaled, const int fold, const ws_kq_act *a,
+                            const int64_t ib, const int nr, __m256 *acc) {
     switch (nr) {
-    case 2: ws_kq2_tile_dot(u, scaled, x, st, 2, p); break;
-    case 3: ws_kq2_tile_dot(u, scaled, x, st, 3, p); break;
-    case 4: ws_kq2_tile_dot(u, scaled, x, st, 2, p); ws_kq2_tile_dot(u, scaled, x + 2 * st, st, 2, p + 2); break;
-    case 5: ws_kq2_tile_dot(u, scaled, x, st, 3, p); ws_kq2_tile_dot(u, scaled, x + 3 * st, st, 2, p + 3); break;
-    default: ws_kq2_tile_dot(u, scaled, x, st, 3, p); ws_kq2_tile_dot(u, scaled, x + 3 * st, st, 3, p + 3); break;
+    case 2: ws_kq2_subtile(u, scaled, fold, a, ib, 0, 2, acc); break;
+    case 3: ws_kq2_subtile(u, scaled, fold, a, ib, 0, 3, acc); break;
+    case 4: ws_kq2_subtile(u, scaled, fold, a, ib, 0, 2, acc); ws_kq2_subtile(u, scaled, fold, a, ib, 2, 2, acc); break;
+    case 5: ws_kq2_subtile(u, scaled, fold, a, ib, 0, 3, acc); ws_kq2_subtile(u, scaled, fold, a, ib, 3, 2, acc); break;
+    default: ws_kq2_subtile(u, scaled, fold, a, ib, 0, 3, acc); ws_kq2_subtile(u, scaled, fold, a, ib, 3, 3, acc); break;
     }
 }
 
 /* nbk blocks of one weight row times nr activation rows (ws_kq_rows_avx's contract, 8 lanes):
-   one row by ws_kq2_block_dot (a tree: the shortest chain), more by ws_kq2_tile_dot. */
+   one row by ws_kq2_block_dot (a tree: the shortest chain), more by ws_kq2_tile_rows. */
 WS_AI void ws_kq_rows_avx2(const int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a,
                            const int nr, float *accbuf, int first) {
     const int bb = ws_block_bytes(qtype);
     const int scaled = qtype == WS_Q2_K && nr >= 2;
     const int fold = ws_kq2_fold(qtype);
     __m256 acc[WS_KQ_NRMAX];
-    __m256i p[WS_KQ_NRMAX];
     /* zero from a register GCC cannot see is zero: with a constant it made these loops a memset
        call a call (1.5% of a 30B-A3B prompt's time, perf) */
     __m256 zero = _mm256_setzero_ps();
@@ -692,22 +717,13 @@ WS_AI void ws_kq_rows_avx2(const int qtype, const uint8_t *w, int64_t nbk, const
             _mm_prefetch((const char *)blk + WS_KQ_PREFETCH + o, _MM_HINT_T0);
         ws_ublk2 u;
         ws_kq2_unpack(qtype, blk, &u);
-        if (scaled)   /* 16-bit products: a byte's code times its scale stays in the byte */
-            for (int c = 0; c < 8; c++)
-                u.w[c] = _mm256_mullo_epi16(u.w[c], u.s[c]);
-        if (nr == 1)
-            p[0] = ws_kq2_block_dot(&u, a->qx + 256 * ib);
-        else
-            ws_kq2_tile_rows(&u, scaled, a, ib, nr, p);
-        /* the block's term, then times each row's dx (broadcast from memory: a load, no vector
-           op) into one accumulator: 6 vector ops a row and block; d * dx and dmin * dx each as a
-           product then an FMA took 8 (7% of a Q2_K prompt tile's time) */
-        const __m256 dv = _mm256_set1_ps(u.d), dminv = _mm256_set1_ps(u.dmin);
-        for (int r = 0; r < nr; r++) {
-            const __m256i pm = _mm256_madd_epi16(u.m, ws_kq2_bsums(a, r, ib));   /* see ws_ublk2 */
-            const __m256 t = fold ? _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(p[r], _mm256_slli_epi32(pm, fold))), dv)
-                                  : _mm256_fnmadd_ps(_mm256_cvtepi32_ps(pm), dminv, _mm256_mul_ps(_mm256_cvtepi32_ps(p[r]), dv));
-            acc[r] = _mm256_fmadd_ps(t, _mm256_broadcast_ss(a->dx + r * a->dx_stride + ib), acc[r]);
+        if (nr == 1) {
+            acc[0] = ws_kq2_row_term(&u, fold, a, 0, ib, ws_kq2_block_dot(&u, a->qx + 256 * ib), acc[0]);
+        } else {
+            if (scaled)   /* 16-bit products: a byte's code times its scale stays in the byte */
+                for (int c = 0; c < 8; c++)
+                    u.w[c] = _mm256_mullo_epi16(u.w[c], u.s[c]);
+            ws_kq2_tile_rows(&u, scaled, fold, a, ib, nr, acc);
         }
     }
     for (int r = 0; r < nr; r++)
