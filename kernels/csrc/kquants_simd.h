@@ -1,7 +1,8 @@
 /* Block kernels for kernels/_kquants.pyx: one k-quant weight row times 1..8 Q8_K activation rows.
  *
  * The Cython module quantizes the activations (Q8_K: int8 qs, float d per 256, and fb = d * bsum
- * per 16 as float), tiles rows and threads; this header holds only the per-block math, as
+ * per 16 as float, or on AVX2 builds the int16 bsums: WS_KQ_BSUMS and the AVX2 section below),
+ * tiles rows and threads; this header holds only the per-block math, as
  * intrinsics (AVX-512 F/BW/VL + VNNI + VBMI + F16C, chosen at compile time) or as portable scalar C
  * (any other build, e.g. WEIGHTSTREAM_PORTABLE=1). Both compute, per weight block and activation row,
  *
@@ -509,11 +510,13 @@ WS_AI float ws_kq2_half(const uint8_t *p) {   /* fp16 -> float, Inf made NaN (ws
     return ws_inf_to_nan(_cvtsh_ss(ws_load_u16(p)));
 }
 
-/* the fp16 pair (d, dmin) at p as floats in lanes 0 and 1, Infs made NaN: one load and one
+/* u->d and u->dmin from the fp16 pair (d, dmin) at p, Infs made NaN: one load and one
    conversion for both (llvm-mca, znver3: a Q2_K block 26 -> 23 cycles) */
-WS_AI __m128 ws_kq2_half_pair(const uint8_t *p) {
+WS_AI void ws_kq2_d_dmin(const uint8_t *p, ws_ublk2 *u) {
     const __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128((int)ws_load_u32(p)));
-    return _mm_add_ps(_mm_sub_ps(v, v), v);
+    const __m128 dm = _mm_add_ps(_mm_sub_ps(v, v), v);
+    u->d = _mm_cvtss_f32(dm);
+    u->dmin = _mm_cvtss_f32(_mm_movehdup_ps(dm));
 }
 
 /* 2-bit planes (Q2_K, Q3_K's low bits): chunk c = plane c % 4 of the 32 bytes at qs + 32 (c / 4) */
@@ -538,10 +541,8 @@ WS_AI void ws_unpack2_q2k(const uint8_t *b, ws_ublk2 *u) {
     const __m128i sc = _mm_loadu_si128((const __m128i *)b);
     ws_kq2_spread(_mm256_cvtepu8_epi16(_mm_and_si128(sc, _mm_set1_epi8(15))), u->s);
     u->m = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15)));
-    const __m128 dm = ws_kq2_half_pair(b + 80);
+    ws_kq2_d_dmin(b + 80, u);
     ws_kq2_planes(b + 16, u->w);
-    u->d = _mm_cvtss_f32(dm);
-    u->dmin = _mm_cvtss_f32(_mm_movehdup_ps(dm));
 }
 
 WS_AI void ws_unpack2_q3k(const uint8_t *b, ws_ublk2 *u) {
@@ -567,9 +568,7 @@ WS_AI void ws_kq2_k4_common(const uint8_t *b, ws_ublk2 *u) {
     const __m128i mins = _mm_shuffle_epi8(v, _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15));
     ws_kq2_spread(_mm256_cvtepu8_epi16(sc), u->s);
     u->m = _mm256_cvtepu8_epi16(mins);
-    const __m128 dm = ws_kq2_half_pair(b);
-    u->d = _mm_cvtss_f32(dm);
-    u->dmin = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+    ws_kq2_d_dmin(b, u);
 }
 
 WS_AI void ws_unpack2_q4k(const uint8_t *b, ws_ublk2 *u) {
