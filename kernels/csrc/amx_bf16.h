@@ -124,7 +124,9 @@ WS_AI void ws_ab_block(const int qtype, const uint8_t *blk, const float *bdm, ui
         const __m256i sc16 = _mm256_inserti128_si256(_mm512_castsi512_si256(lo), _mm512_castsi512_si128(hi), 1);
         _mm512_store_ps(sf, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(sc16)), u.d));
     }
-    _mm512_store_ps(gf, u.g);
+    /* g_k = dmin m_k (Q3_K / Q6_K: d times the 4 sc_k / 32 sc_k ws_ublk.m holds), as ws_kq_row_term's
+       integer constant term in float: the same products as 4d sc_k / 32d sc_k (x4, x32 exact) */
+    _mm512_store_ps(gf, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(u.m)), _mm512_set1_ps(bdm[1])));
     /* read sf / gf back from memory: broadcasts from memory are load-port uops, where the
        compiler otherwise moves each value through a general register (two ALU uops, 32 a block) */
     __asm__ volatile("" ::: "memory");
@@ -149,7 +151,7 @@ WS_AI void ws_ab_block(const int qtype, const uint8_t *blk, const float *bdm, ui
 static void ws_ab_expand(int qtype, const uint8_t *w, int64_t row_bytes, int64_t nb, int nrw,
                          uint8_t *a) {
     const int bb = ws_block_bytes(qtype);
-    float dm[WS_AB_TASK][32] __attribute__((aligned(64)));   /* per row: 8 blocks' (d, g factor) */
+    float dm[WS_AB_TASK][32] __attribute__((aligned(64)));   /* per row: 8 blocks' (d, dmin) */
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
         const int64_t cnt = nb - b0 < 8 ? nb - b0 : 8;
         for (int m = 0; m < nrw; m++)

@@ -46,13 +46,13 @@
 #define WS_KQ_AVX2 0
 #endif
 
-/* What a block's 64-byte min-term slot (ws_kq_act.fb) holds, chosen per build: AVX-512 and scalar
-   builds store fb_k = d * bsum_k as 16 floats (one 16-lane FMA against g); AVX2 builds store the
-   16 int16 bsum_k in its first 32 bytes (ggml's Q8_K bsums), for one vpmaddwd against the int16
-   mins or scales: exact int32 sums, one conversion, where the float form took two widenings, two
-   conversions, two multiplies and two FMAs a block (C harness, Zen 3, Q2_K decode: 10.5 -> 9.5 ns
-   a block; llama.cpp's vec_dot_q2_K_q8_K 9.5 in the same run). */
-#define WS_KQ_BSUMS WS_KQ_AVX2
+/* What a block's 64-byte min-term slot (ws_kq_act.fb) holds, chosen per build: scalar builds
+   store fb_k = d * bsum_k as 16 floats; AVX-512 and AVX2 builds store the 16 int16 bsum_k in its
+   first 32 bytes (ggml's Q8_K bsums), for one vpmaddwd against the int16 mins or scales: exact
+   int32 sums, one conversion, where the float form took widenings, conversions, a multiply and a
+   16-lane FMA a block (C harness, Zen 3, Q2_K decode: 10.5 -> 9.5 ns a block; llama.cpp's
+   vec_dot_q2_K_q8_K 9.5 in the same run; Zen 4, AVX-512: see ws_kq_row_term). */
+#define WS_KQ_BSUMS (WS_KQ_AVX512 || WS_KQ_AVX2)
 
 #ifndef WS_KQ_PREFETCH
 /* bytes ahead of the block being unpacked: 4096 streamed a 30B-A3B decode step's experts (Q2_K,
@@ -105,6 +105,15 @@ WS_AI __m128i ws_u32x4(const uint32_t v[4]) {
     return _mm_setr_epi32((int)v[0], (int)v[1], (int)v[2], (int)v[3]);
 }
 
+/* Q3_K / Q6_K: log2 of the factor (4, 32) their constant term enters the int32 sum with; 0: the
+   type has a separate dmin term */
+WS_AI int ws_kq_fold(const int qtype) { return qtype == WS_Q3_K ? 2 : qtype == WS_Q6_K ? 5 : 0; }
+
+/* row r's int16 bsums of block ib (WS_KQ_BSUMS: the first half of the block's min-term slot) */
+WS_AI __m256i ws_kq_bsums(const ws_kq_act *a, int r, int64_t ib) {
+    return _mm256_loadu_si256((const __m256i *)(a->fb + r * a->fb_stride + 16 * ib));
+}
+
 #endif
 
 #if WS_KQ_AVX512
@@ -125,13 +134,23 @@ WS_AI __m128i ws_u32x4(const uint32_t v[4]) {
 #define WS_HALVES32(a, b) _mm512_inserti64x4(_mm512_set1_epi32(a), _mm256_set1_epi32(b), 1)
 
 /* One weight block, unpacked: 4 x 64 unsigned codes (Q2_K: already times its scale), the int16
-   sub-block scales matching each (not used by Q2_K), d and the 16 constant-term factors g. */
+   sub-block scales matching each (not used by Q2_K), the 16 int16 constant-term factors m_k
+   (Q2_K / Q4_K / Q5_K: the mins; Q3_K / Q6_K: the scales times 4 / 32, so that their constant
+   term is one integer subtraction, ws_kq_row_term), d, and dmin (Q3_K / Q6_K: d again), both
+   from ws_kq_scales (times dx there for one activation row). */
 typedef struct {
     __m512i w[4];
     __m512i s[4];
+    __m256i m;
     __m512 d;
-    __m512 g;
+    __m256 dmin;
 } ws_ublk;
+
+/* d and dmin from the block's two ws_kq_scales floats */
+WS_AI void ws_kq_set_d(const float *dm, ws_ublk *u) {
+    u->d = _mm512_set1_ps(dm[0]);
+    u->dmin = _mm256_set1_ps(dm[1]);
+}
 
 WS_AI __m512i ws_bcast256(const uint8_t *p) {
     return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)p));
@@ -172,7 +191,10 @@ WS_AI void ws_unpack_q2k(const uint8_t *b, const float *dm, ws_ublk *u) {
     t = _mm512_and_si512(t, _mm512_load_si512(ws_q2k_nib));
     __m512i t2 = _mm512_mask_add_epi8(t, WS_Q2K_QGE2, t, t);
     t2 = _mm512_mask_add_epi8(t2, WS_Q2K_QEQ3, t2, t);
-    const __m512i qs = _mm512_loadu_si512((const void *)(b + 16));
+    __m512i qs = _mm512_loadu_si512((const void *)(b + 16));
+    /* qs in a register from here on: vpternlogd overwrites its first source, and GCC otherwise
+       loads qs again for each plane (4 loads of 64 bytes a block; Zen 4 does one a cycle) */
+    __asm__("" : "+v"(qs));
     const __m512i m3 = _mm512_set1_epi8(3);
     u->w[0] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(qs, m3, WS_LANES8(20, 24, 28, 36), 0xEA), t2);
     u->w[1] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(qs, _mm512_set1_epi8(0x0C),
@@ -181,16 +203,17 @@ WS_AI void ws_unpack_q2k(const uint8_t *b, const float *dm, ws_ublk *u) {
                                       WS_LANES8(0, 1, 2, 3), 0xEA), t2);
     u->w[3] = _mm512_permutexvar_epi8(_mm512_ternarylogic_epi32(_mm512_srli_epi16(qs, 6), m3,
                                       WS_LANES8(44, 52, 56, 60), 0xEA), t2);
-    u->d = _mm512_set1_ps(dm[0]);
-    u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_cvtepu8_epi32(sc), 4)),
-                         _mm512_set1_ps(dm[1]));
+    u->m = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15)));
+    ws_kq_set_d(dm, u);
 }
 
 WS_AI void ws_unpack_q3k(const uint8_t *b, const float *dm, ws_ublk *u) {
     uint32_t aux[4];
     ws_kq_q3_scales(b + 96, aux);
     const __m128i sc = _mm_sub_epi8(ws_u32x4(aux), _mm_set1_epi8(32));
-    ws_spread16(_mm512_castsi256_si512(_mm256_cvtepi8_epi16(sc)), u->s);
+    const __m256i sw = _mm256_cvtepi8_epi16(sc);
+    ws_spread16(_mm512_castsi256_si512(sw), u->s);
+    u->m = _mm256_slli_epi16(sw, 2);   /* 4 sc_k: |.| <= 128 */
     const __m512i three = _mm512_set1_epi8(3), four = _mm512_set1_epi8(4);
     const __m512i sh0 = WS_HALVES32(0, 0x00020002), sh1 = WS_HALVES32(0x00040004, 0x00060006);
     const __m512i hm = ws_bcast256(b);
@@ -205,8 +228,7 @@ WS_AI void ws_unpack_q3k(const uint8_t *b, const float *dm, ws_ublk *u) {
     u->w[2] = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(hm, WS_HALVES32(0x10101010, 0x20202020)), q, four);
     q = _mm512_and_si512(_mm512_srlv_epi16(hi, sh1), three);
     u->w[3] = _mm512_mask_add_epi8(q, _mm512_test_epi8_mask(hm, WS_HALVES32(0x40404040, (int)0x80808080)), q, four);
-    u->d = _mm512_set1_ps(dm[0]);
-    u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)), _mm512_set1_ps(dm[1]));
+    ws_kq_set_d(dm, u);
 }
 
 /* Q4_K / Q5_K: scales and mins; zmm c holds sub-blocks 2c (low nibbles) and 2c+1 (high). */
@@ -221,8 +243,8 @@ WS_AI void ws_k4_common(const uint8_t *b, const float *dm, ws_ublk *u) {
     u->s[3] = _mm512_permutexvar_epi16(WS_HALVES32(0x00060006, 0x00070007), sw);
     const __m128i mins = _mm_shuffle_epi8(v, _mm_set_epi8(15, 15, 14, 14, 13, 13, 12, 12,
                                                           11, 11, 10, 10, 9, 9, 8, 8));
-    u->d = _mm512_set1_ps(dm[0]);
-    u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mins)), _mm512_set1_ps(dm[1]));
+    u->m = _mm256_cvtepu8_epi16(mins);
+    ws_kq_set_d(dm, u);
 }
 
 WS_AI void ws_unpack_q4k(const uint8_t *b, const float *dm, ws_ublk *u) {
@@ -246,11 +268,14 @@ WS_AI void ws_unpack_q5k(const uint8_t *b, const float *dm, ws_ublk *u) {
 
 WS_AI void ws_unpack_q6k(const uint8_t *b, const float *dm, ws_ublk *u) {
     const __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
-    ws_spread16(_mm512_castsi256_si512(_mm256_cvtepi8_epi16(sc)), u->s);
+    const __m256i sw = _mm256_cvtepi8_epi16(sc);
+    ws_spread16(_mm512_castsi256_si512(sw), u->s);
+    u->m = _mm256_slli_epi16(sw, 5);   /* 32 sc_k: |.| <= 4096 */
     const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
     const __m512i sh0 = WS_HALVES32(0, 0x00020002), sh1 = WS_HALVES32(0x00040004, 0x00060006);
     for (int h = 0; h < 2; h++) {
-        const __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * h));
+        __m512i ql = _mm512_loadu_si512((const void *)(b + 64 * h));
+        __asm__("" : "+v"(ql));   /* one load of ql, as ws_unpack_q2k's qs */
         const __m512i qh = ws_bcast256(b + 128 + 32 * h);
         /* zmm 2h + n: low nibble n of ql[64h..], top bits 2k of qh[32h..] (k = 2n, 2n + 1) */
         __m512i t = _mm512_slli_epi16(_mm512_srlv_epi16(qh, sh0), 4);
@@ -258,19 +283,18 @@ WS_AI void ws_unpack_q6k(const uint8_t *b, const float *dm, ws_ublk *u) {
         t = _mm512_slli_epi16(_mm512_srlv_epi16(qh, sh1), 4);
         u->w[2 * h + 1] = _mm512_ternarylogic_epi32(t, m30, _mm512_and_si512(_mm512_srli_epi16(ql, 4), m4), 0xEA);
     }
-    u->d = _mm512_set1_ps(dm[0]);
-    u->g = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)), _mm512_set1_ps(dm[1]));
+    ws_kq_set_d(dm, u);
 }
 
-/* dm[2j], dm[2j + 1] for block j < nblocks of w (consecutive blocks of one row): d and the factor
-   of the constant term g as floats, an Inf made NaN (ws_inf_to_nan): Q2_K / Q4_K / Q5_K (d, dmin),
-   Q3_K (d, 4d), Q6_K (d, 32d) (x4 and x32 are exact). ws_kq_rows_avx makes them for a row's
-   blocks before unpacking them: one gather and one vcvtph2ps per 8 blocks instead of a
+/* dm[2j], dm[2j + 1] for block j < nblocks of w (consecutive blocks of one row): (d, dmin) as
+   floats, an Inf made NaN (ws_inf_to_nan); Q3_K / Q6_K, which have no dmin: (d, d) (their
+   constant term's factor 4 / 32 is in ws_ublk.m). ws_kq_rows_avx makes them for a row's
+   blocks before unpacking them: one vector of 8 blocks' halves and one vcvtph2ps per 8 blocks instead of a
    broadcast, a conversion, the Inf fix-up and two permutes in every block's unpack (again for
    every activation tile); llvm-mca (sapphirerapids) puts a Q2_K block at n = 1 at 12.5 cycles,
    from 14.3. dm holds 2 * nblocks + 16 floats (whole groups of 8 blocks are written). With dx
-   (one activation row's block scales, from block 0 of w; NULL for several rows) d is stored as
-   d * dx, the product the block loop would make: one multiply per block fewer at n = 1. */
+   (one activation row's block scales, from block 0 of w; NULL for several rows) both are stored
+   times dx, the products the block loop would make: two multiplies per block fewer at n = 1. */
 #define WS_KQ_DM_CHUNK 64   /* blocks whose scales ws_kq_rows_avx converts at a time */
 
 static inline void ws_kq_scales(int qtype, const uint8_t *w, int64_t nblocks, const float *dx, float *dm) {
@@ -279,27 +303,33 @@ static inline void ws_kq_scales(int qtype, const uint8_t *w, int64_t nblocks, co
     /* the 32 bits gathered per block: (d, dmin), or for the d-only types the 16 bits before d and
        d (d is the block's last field: reading past it could cross the end of the matrix) */
     const int off = qtype == WS_Q2_K ? 80 : qtype == WS_Q3_K ? 106 : qtype == WS_Q6_K ? 206 : 0;
-    const float k = qtype == WS_Q3_K ? 4.0f : 32.0f;   /* d-only types: g's factor over d */
-    const __m512 second = pair ? _mm512_set1_ps(1.0f)
-                               : _mm512_set_ps(k, 1, k, 1, k, 1, k, 1, k, 1, k, 1, k, 1, k, 1);
     const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bb));
     for (int64_t j0 = 0; j0 < nblocks; j0 += 8) {
-        /* one gather of 8 blocks' halves (scalar stores read back as a vector would stall on
-           store forwarding), masked at the end of the group */
+        /* 8 blocks' 32 bits as one vector: a whole group by 8 scalar loads put into lanes in
+           registers (vmovd / vpinsrd: never a store read back as a vector, which stalls on store
+           forwarding), a group's end by one masked gather. Zen 4's vpgatherdd cost a Q2_K decode
+           block 1.2 cycles more than the loads (C harness, 15.6 -> 14.4; Q3_K..Q6_K 2-4%). */
         const int64_t m = nblocks - j0 < 8 ? nblocks - j0 : 8;
         const __mmask8 valid = (__mmask8)((1u << m) - 1u);
-        __m256i raw = _mm256_mmask_i32gather_epi32(_mm256_setzero_si256(), valid, idx,
-                                                   (const void *)(w + j0 * bb + off), 1);
+        const uint8_t *p = w + j0 * bb + off;
+        __m256i raw;
+        if (m == 8) {
+            const __m128i lo = _mm_setr_epi32((int)ws_load_u32(p), (int)ws_load_u32(p + bb),
+                                              (int)ws_load_u32(p + 2 * bb), (int)ws_load_u32(p + 3 * bb));
+            const __m128i hi = _mm_setr_epi32((int)ws_load_u32(p + 4 * bb), (int)ws_load_u32(p + 5 * bb),
+                                              (int)ws_load_u32(p + 6 * bb), (int)ws_load_u32(p + 7 * bb));
+            raw = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+        } else {
+            raw = _mm256_mmask_i32gather_epi32(_mm256_setzero_si256(), valid, idx, (const void *)p, 1);
+        }
         if (!pair)   /* (d, d): d from the upper half into both */
             raw = _mm256_or_si256(_mm256_srli_epi32(raw, 16), _mm256_and_si256(raw, _mm256_set1_epi32((int)0xFFFF0000u)));
         __m512 f = _mm512_cvtph_ps(raw);
         f = _mm512_add_ps(_mm512_sub_ps(f, f), f);   /* Inf -> NaN: ws_inf_to_nan */
-        __m512 factor = second;
-        if (dx != NULL)   /* d times the activation's dx in the even slots */
-            factor = _mm512_mask_permutexvar_ps(second, (__mmask16)0x5555,
-                                                _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
-                                                _mm512_castps256_ps512(_mm256_maskz_loadu_ps(valid, dx + j0)));
-        _mm512_storeu_ps(dm + 2 * j0, _mm512_mul_ps(f, factor));
+        if (dx != NULL)   /* d and dmin times the block's dx */
+            f = _mm512_mul_ps(f, _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
+                                                       _mm512_castps256_ps512(_mm256_maskz_loadu_ps(valid, dx + j0))));
+        _mm512_storeu_ps(dm + 2 * j0, f);
     }
 }
 
@@ -340,6 +370,32 @@ WS_AI __m512i ws_kq_block_dot(const int qtype, const ws_ublk *u, const int8_t *x
     return _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(u->w[3], _mm512_loadu_si512((const void *)(x + 192))), u->s[3]);
 }
 
+/* One block's sums for one activation row into its accumulators: s, the 16 int32 sums
+   sum_k sc_k q'.x of ws_kq_block_dot, and the constant term from the row's int16 bsums: one
+   vpmaddwd with the int16 factors m_k gives 8 int32 pair sums of m_k bsum_k, exact.
+     Q3_K / Q6_K (m_k = 4 sc_k, 32 sc_k): subtracted from s's lower 8 lanes before its one
+       conversion: acc += dd * float(s - M);
+     Q2_K / Q4_K / Q5_K (m_k = the mins): acc += dd * float(s), accm += ddm * float(M), accm 8
+       lanes (stored as acc - accm, lanes 8..15 of accm zero).
+   dd = d dx, ddm = dmin dx. The float form this replaced (16 floats d bsum_k per block and row,
+   g_k = dmin m_k as 16 floats per block, one 16-lane FMA) took 12 of a Q2_K block's 52 FP-pipe
+   cycles on Zen 4 (llvm-mca znver4); this takes 5 (a ymm vpmaddwd, conversion and FMA). */
+WS_AI void ws_kq_row_term(const int qtype, const ws_ublk *u, __m512i s, __m256i bsums, __m512 dd,
+                          __m256 ddm, __m512 *acc, __m256 *accm) {
+    const __m256i mm = _mm256_madd_epi16(u->m, bsums);
+    if (ws_kq_fold(qtype)) {
+        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s, _mm512_zextsi256_si512(mm))), dd, *acc);
+    } else {
+        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd, *acc);
+        *accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mm), ddm, *accm);
+    }
+}
+
+/* acc - accm into 16 floats at p */
+WS_AI void ws_kq_store_acc(float *p, __m512 acc, __m256 accm) {
+    _mm512_storeu_ps(p, _mm512_sub_ps(acc, _mm512_zextps256_ps512(accm)));
+}
+
 /* nbk blocks of one weight row times nr activation rows: the 16-lane partial sums of row r go to
    accbuf + 16 r, added to what is there unless first. ws_kq_reduce16 sums the lanes once a
    group's rows are done: one reduction
@@ -349,13 +405,12 @@ WS_AI __m512i ws_kq_block_dot(const int qtype, const ws_ublk *u, const int8_t *x
 WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a,
                           const int nr, float *accbuf, int first) {
     const int bb = ws_block_bytes(qtype);
-    /* scale and min terms: two accumulators (two short dependency chains) when few rows */
-    const int split = nr <= 4;
-    __m512 acc[WS_KQ_NRMAX], accm[WS_KQ_NRMAX];
+    __m512 acc[WS_KQ_NRMAX];
+    __m256 accm[WS_KQ_NRMAX];
     float dm[2 * WS_KQ_DM_CHUNK + 16] __attribute__((aligned(64)));
     for (int r = 0; r < nr; r++) {
         acc[r] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(accbuf + 16 * r);
-        accm[r] = _mm512_setzero_ps();
+        accm[r] = _mm256_setzero_ps();
     }
     for (int64_t ib = 0; ib < nbk; ib++) {
         ws_ublk u;
@@ -369,20 +424,17 @@ WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const 
         ws_kq_prefetch(blk, bb);   /* (the rows of a group are contiguous) */
         ws_kq_unpack(qtype, blk, bdm, &u);
         for (int r = 0; r < nr; r++) {
-            const int8_t *x = a->qx + r * a->qx_stride + 256 * ib;
-            const float *f = a->fb + r * a->fb_stride + 16 * ib;
-            const __m512i s = ws_kq_block_dot(qtype, &u, x);
-            /* one activation row: d already holds d * dx (ws_kq_scales; the same product) */
-            const __m512 dd = nr == 1 ? u.d : _mm512_mul_ps(u.d, _mm512_set1_ps(a->dx[r * a->dx_stride + ib]));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dd, acc[r]);
-            if (split)
-                accm[r] = _mm512_fmadd_ps(u.g, _mm512_loadu_ps(f), accm[r]);
-            else
-                acc[r] = _mm512_fnmadd_ps(u.g, _mm512_loadu_ps(f), acc[r]);
+            const __m512i s = ws_kq_block_dot(qtype, &u, a->qx + r * a->qx_stride + 256 * ib);
+            /* one activation row: d and dmin already hold d dx, dmin dx (ws_kq_scales; the same
+               products) */
+            const float dx = nr == 1 ? 1.0f : a->dx[r * a->dx_stride + ib];
+            const __m512 dd = nr == 1 ? u.d : _mm512_mul_ps(u.d, _mm512_set1_ps(dx));
+            const __m256 ddm = nr == 1 ? u.dmin : _mm256_mul_ps(u.dmin, _mm256_set1_ps(dx));
+            ws_kq_row_term(qtype, &u, s, ws_kq_bsums(a, r, ib), dd, ddm, &acc[r], &accm[r]);
         }
     }
     for (int r = 0; r < nr; r++)
-        _mm512_storeu_ps(accbuf + 16 * r, _mm512_sub_ps(acc[r], accm[r]));
+        ws_kq_store_acc(accbuf + 16 * r, acc[r], accm[r]);
 }
 
 /* One activation row (decode) times nrows whole weight rows of nbk blocks each, stored one after
@@ -414,7 +466,8 @@ WS_AI void ws_kq_stream_avx(const int qtype, const uint8_t *w, int64_t nrows, in
     memcpy(dxrep, a->dx, (size_t)nbk * sizeof(float));
     for (int64_t c = nbk; c < nbk + WS_KQ_STREAM_CHUNK; c++)
         dxrep[c] = dxrep[c - nbk];
-    __m512 acc = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
+    __m512 acc = _mm512_setzero_ps();
+    __m256 accm = _mm256_setzero_ps();
     int64_t j = 0;   /* the block's column within its row */
     for (int64_t s0 = 0; s0 < total; s0 += WS_KQ_STREAM_CHUNK) {
         const int64_t cnt = total - s0 < WS_KQ_STREAM_CHUNK ? total - s0 : WS_KQ_STREAM_CHUNK;
@@ -425,13 +478,12 @@ WS_AI void ws_kq_stream_avx(const int qtype, const uint8_t *w, int64_t nrows, in
             ws_kq_prefetch(blk, bb);
             ws_kq_unpack(qtype, blk, dm + 2 * i, &u);
             const __m512i s = ws_kq_block_dot(qtype, &u, a->qx + 256 * j);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), u.d, acc);
-            accm = _mm512_fmadd_ps(u.g, _mm512_loadu_ps(a->fb + 16 * j), accm);
+            ws_kq_row_term(qtype, &u, s, ws_kq_bsums(a, 0, j), u.d, u.dmin, &acc, &accm);
             if (++j == nbk) {   /* the row's last block: its sums out, the next row's from zero */
-                _mm512_storeu_ps(accbuf, _mm512_sub_ps(acc, accm));
+                ws_kq_store_acc(accbuf, acc, accm);
                 accbuf += acc_stride;
                 acc = _mm512_setzero_ps();
-                accm = _mm512_setzero_ps();
+                accm = _mm256_setzero_ps();
                 j = 0;
             }
         }
@@ -475,15 +527,6 @@ typedef struct {
     __m256i m;      /* int16 constant-term factors m_k (above), k = 0..15 */
     float d, dmin;  /* dmin: Q2_K / Q4_K / Q5_K only */
 } ws_ublk2;
-
-/* Q3_K / Q6_K: log2 of the factor (4, 32) their constant term enters the int32 sum with; 0: the
-   type has a separate dmin term */
-WS_AI int ws_kq2_fold(const int qtype) { return qtype == WS_Q3_K ? 2 : qtype == WS_Q6_K ? 5 : 0; }
-
-/* row r's int16 bsums of block ib (WS_KQ_BSUMS: the first half of the block's min-term slot) */
-WS_AI __m256i ws_kq2_bsums(const ws_kq_act *a, int r, int64_t ib) {
-    return _mm256_loadu_si256((const __m256i *)(a->fb + r * a->fb_stride + 16 * ib));
-}
 
 /* shuffle controls: within each 128-bit lane, broadcast one int16 of the source lane:
    chunk c's scales are words 2c and 2c + 1 of the 16 (c < 4: the low half of the words, else
@@ -665,7 +708,7 @@ WS_AI void ws_kq2_tile_dot(const ws_ublk2 *u, const int scaled, const int8_t *x,
 WS_AI __m256 ws_kq2_row_term(const ws_ublk2 *u, const int fold, const ws_kq_act *a, const int r,
                              const int64_t ib, const __m256i s, const __m256 acc) {
     const __m256 dv = _mm256_set1_ps(u->d), dminv = _mm256_set1_ps(u->dmin);
-    const __m256i pm = _mm256_madd_epi16(u->m, ws_kq2_bsums(a, r, ib));
+    const __m256i pm = _mm256_madd_epi16(u->m, ws_kq_bsums(a, r, ib));
     const __m256 t = fold ? _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s, _mm256_slli_epi32(pm, fold))), dv)
                           : _mm256_fnmadd_ps(_mm256_cvtepi32_ps(pm), dminv, _mm256_mul_ps(_mm256_cvtepi32_ps(s), dv));
     return _mm256_fmadd_ps(t, _mm256_broadcast_ss(a->dx + r * a->dx_stride + ib), acc);
@@ -702,7 +745,7 @@ WS_AI void ws_kq_rows_avx2(const int qtype, const uint8_t *w, int64_t nbk, const
                            const int nr, float *accbuf, int first) {
     const int bb = ws_block_bytes(qtype);
     const int scaled = qtype == WS_Q2_K && nr >= 2;
-    const int fold = ws_kq2_fold(qtype);
+    const int fold = ws_kq_fold(qtype);
     __m256 acc[WS_KQ_NRMAX];
     /* zero from a register GCC cannot see is zero: with a constant it made these loops a memset
        call a call (1.5% of a 30B-A3B prompt's time, perf) */

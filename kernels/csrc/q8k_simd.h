@@ -3,7 +3,7 @@
  * ggml's quantize_row_q8_K_ref per 256 values: the value of largest magnitude (the first on ties)
  * maps to -127, q = nearest_int(iscale * x) (round half to even), capped at 127, d = 1 / iscale;
  * here also each block's min-term slot fb (16 floats, kquants_simd.h's WS_KQ_BSUMS): AVX-512 and
- * portable builds fb[k] = d * bsum_k as float, AVX2 builds the int16 bsum_k in its first 32 bytes,
+ * AVX2 builds the int16 bsum_k in its first 32 bytes, portable builds fb[k] = d * bsum_k as float,
  * with bsum_k the sum of the 16 quants of sub-block k. Every path gives the same bits (tests/test_kquants_cython.py against
  * weightstream.kernels.quantize.quantize_q8_k): the products iscale * x are the same float
  * multiplications, vcvtps2dq rounds half to even as rintf does under the default rounding mode,
@@ -74,7 +74,7 @@ static inline int ws_quantize_row_q8k(const float *x, int64_t nb, int8_t *qs, fl
             const int pos = permuted ? 64 * (k % 8 / 2) + 32 * (k / 8) + 16 * (k % 2) : 16 * k;
             _mm_storeu_si128((__m128i *)(qb + pos), q8);
             /* the sum of the stored int8s (a NaN's integer indefinite truncates to 0, as in C) */
-            fb[16 * b + k] = db * (float)_mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(q8));
+            ((int16_t *)(fb + 16 * b))[k] = (int16_t)_mm512_reduce_add_epi32(_mm512_cvtepi8_epi32(q8));   /* WS_KQ_BSUMS */
         }
     }
     return bad != 0;
