@@ -114,7 +114,7 @@ SUPPORTED = frozenset(int(q) for q in traits.types_on("cython", traits.K_QUANT))
 BLOCK_BYTES = {q: ws_block_bytes(q) for q in SUPPORTED}
 SIMD = bool(WS_KQ_AVX512)
 ISA = "avx512" if WS_KQ_AVX512 else "avx2" if WS_KQ_AVX2 else "scalar"  # the block kernels built
-BSUMS = bool(WS_KQ_BSUMS)  # the min-term slots hold int16 bsums, not d * bsum floats (AVX2 builds)
+BSUMS = bool(WS_KQ_BSUMS)  # the min-term slots hold int16 bsums, not d * bsum floats (AVX-512 and AVX2 builds)
 # AMX tiles usable: compiled for AMX-INT8 and the tile state granted by the kernel (once per process)
 AMX = bool(WS_KQ_AMX) and bool(ws_amx_request())
 cdef bint AMX_ON = AMX   # (the same, readable without the GIL)

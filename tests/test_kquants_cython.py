@@ -284,7 +284,7 @@ def test_the_kernels_q8_k_is_ggmls_bit_for_bit(permuted):
     order = 64 * ((j // 32) % 4) + 32 * (j // 128) + j % 32 if permuted else j  # where element j is stored
     assert np.array_equal(qs.reshape(6, 4, 256)[:, :, order], ref.qs.reshape(6, 4, 256))
     assert np.array_equal(d.view(np.uint32), ref.d.view(np.uint32))
-    if _kquants.BSUMS:  # AVX2 builds: each block's int16 bsums in the first half of its 16-float slot
+    if _kquants.BSUMS:  # AVX-512 and AVX2 builds: each block's int16 bsums in the first half of its 16-float slot
         assert np.array_equal(fb.view(np.int16).reshape(6, 4, 32)[:, :, :16], ref.bsums.reshape(6, 4, 16))
     else:
         fb_ref = np.repeat(ref.d, 16, axis=1) * ref.bsums.astype(np.float32)
