@@ -70,8 +70,9 @@ cdef extern from "kquants_simd.h" nogil:
         const float *fb
         int64_t qx_stride, dx_stride, fb_stride
     bint WS_KQ_PERMUTED(int qtype)
+    int WS_KQ_PREFETCH
     void ws_kq_rows(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a, int nr,
-                    float *accbuf, int first)
+                    float *accbuf, int first, int64_t pf)
     void ws_kq_stream(int qtype, const uint8_t *w, int64_t nrows, int64_t nbk, const ws_kq_act *a,
                       float *accbuf, int64_t acc_stride)
     void ws_kq_reduce16(const float *v, int64_t vstride, int m, float *out)
@@ -288,9 +289,10 @@ cdef void _group(int qtype, const uint8_t *w, int64_t i0, int64_t i1, int64_t ro
             if n == 1 and nbk == nb and row_bytes == nb * bb:  # decode, whole rows: one block stream
                 ws_kq_stream(qtype, w + i0 * row_bytes, i1 - i0, nb, &act, accbuf, 16 * WS_KQ_NRMAX)
             else:
-                for i in range(i0, i1):
+                for i in range(i0, i1):  # (cut in block ranges: prefetch the next row's range)
                     ws_kq_rows(qtype, w + i * row_bytes + b0 * bb, nbk, &act, nr,
-                               accbuf + (i - i0) * 16 * WS_KQ_NRMAX, b0 == 0)
+                               accbuf + (i - i0) * 16 * WS_KQ_NRMAX, b0 == 0,
+                               WS_KQ_PREFETCH if kc == nb else row_bytes)
             b0 = b0 + nbk
         for r in range(nr):  # out[r0 + r, i0..i1]: contiguous, 16 weight rows per reduction tree
             j0 = i0

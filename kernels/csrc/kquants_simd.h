@@ -105,6 +105,12 @@ WS_AI __m128i ws_u32x4(const uint32_t v[4]) {
     return _mm_setr_epi32((int)v[0], (int)v[1], (int)v[2], (int)v[3]);
 }
 
+/* software prefetch of the block dist bytes on from blk (the block's lines, T0) */
+WS_AI void ws_kq_prefetch_ahead(const uint8_t *blk, const int bb, const int64_t dist) {
+    for (int o = 0; o < bb; o += 64)
+        _mm_prefetch((const char *)blk + dist + o, _MM_HINT_T0);
+}
+
 /* Q3_K / Q6_K: log2 of the factor (4, 32) their constant term enters the int32 sum with; 0: the
    type has a separate dmin term */
 WS_AI int ws_kq_fold(const int qtype) { return qtype == WS_Q3_K ? 2 : qtype == WS_Q6_K ? 5 : 0; }
@@ -348,8 +354,7 @@ WS_AI void ws_kq_unpack(const int qtype, const uint8_t *blk, const float *bdm, w
    14336x4096 cold 4.0 ms without, see bench/RESULTS.md); a thread's blocks are consecutive, so
    blk + distance is what it reads next */
 WS_AI void ws_kq_prefetch(const uint8_t *blk, const int bb) {
-    for (int o = 0; o < bb; o += 64)
-        _mm_prefetch((const char *)blk + WS_KQ_PREFETCH + o, _MM_HINT_T0);
+    ws_kq_prefetch_ahead(blk, bb, WS_KQ_PREFETCH);
 }
 
 /* the unpacked block u times one activation row's 256 int8 x: 16 int32 partial sums, one per
@@ -403,7 +408,7 @@ WS_AI void ws_kq_store_acc(float *p, __m512 acc, __m256 accm) {
    three Q2_K blocks, the whole row of a 768-wide expert down projection).
    qtype and nr are compile-time constants at every call site, so the switches fold away. */
 WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a,
-                          const int nr, float *accbuf, int first) {
+                          const int nr, float *accbuf, int first, int64_t pf) {
     const int bb = ws_block_bytes(qtype);
     __m512 acc[WS_KQ_NRMAX];
     __m256 accm[WS_KQ_NRMAX];
@@ -421,7 +426,7 @@ WS_AI void ws_kq_rows_avx(const int qtype, const uint8_t *w, int64_t nbk, const 
             ws_kq_scales(qtype, blk, nbk - ib < WS_KQ_DM_CHUNK ? nbk - ib : WS_KQ_DM_CHUNK,
                          nr == 1 ? a->dx + ib : NULL, dm);
         const float *bdm = dm + 2 * (ib % WS_KQ_DM_CHUNK);
-        ws_kq_prefetch(blk, bb);   /* (the rows of a group are contiguous) */
+        ws_kq_prefetch_ahead(blk, bb, pf);
         ws_kq_unpack(qtype, blk, bdm, &u);
         for (int r = 0; r < nr; r++) {
             const __m512i s = ws_kq_block_dot(qtype, &u, a->qx + r * a->qx_stride + 256 * ib);
@@ -457,7 +462,7 @@ WS_AI void ws_kq_stream_avx(const int qtype, const uint8_t *w, int64_t nrows, in
     const int bb = ws_block_bytes(qtype);
     if (nbk > WS_KQ_STREAM_MAXBK) {
         for (int64_t i = 0; i < nrows; i++)
-            ws_kq_rows_avx(qtype, w + i * nbk * bb, nbk, a, 1, accbuf + i * acc_stride, 1);
+            ws_kq_rows_avx(qtype, w + i * nbk * bb, nbk, a, 1, accbuf + i * acc_stride, 1, WS_KQ_PREFETCH);
         return;
     }
     const int64_t total = nrows * nbk;
@@ -497,12 +502,12 @@ static inline void ws_kq_reduce16(const float *v, int64_t vstride, int m, float 
 
 #define WS_KQ_NR_CASES(QT) \
     switch (nr) { \
-    case 1: ws_kq_rows_avx(QT, w, nbk, a, 1, accbuf, first); break; \
-    case 2: ws_kq_rows_avx(QT, w, nbk, a, 2, accbuf, first); break; \
-    case 3: ws_kq_rows_avx(QT, w, nbk, a, 3, accbuf, first); break; \
-    case 4: ws_kq_rows_avx(QT, w, nbk, a, 4, accbuf, first); break; \
-    case 5: ws_kq_rows_avx(QT, w, nbk, a, 5, accbuf, first); break; \
-    default: ws_kq_rows_avx(QT, w, nbk, a, 6, accbuf, first); break; \
+    case 1: ws_kq_rows_avx(QT, w, nbk, a, 1, accbuf, first, pf); break; \
+    case 2: ws_kq_rows_avx(QT, w, nbk, a, 2, accbuf, first, pf); break; \
+    case 3: ws_kq_rows_avx(QT, w, nbk, a, 3, accbuf, first, pf); break; \
+    case 4: ws_kq_rows_avx(QT, w, nbk, a, 4, accbuf, first, pf); break; \
+    case 5: ws_kq_rows_avx(QT, w, nbk, a, 5, accbuf, first, pf); break; \
+    default: ws_kq_rows_avx(QT, w, nbk, a, 6, accbuf, first, pf); break; \
     }
 
 #elif WS_KQ_AVX2
@@ -742,7 +747,7 @@ WS_AI void ws_kq2_tile_rows(const ws_ublk2 *u, const int scaled, const int fold,
 /* nbk blocks of one weight row times nr activation rows (ws_kq_rows_avx's contract, 8 lanes):
    one row by ws_kq2_block_dot (a tree: the shortest chain), more by ws_kq2_tile_rows. */
 WS_AI void ws_kq_rows_avx2(const int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a,
-                           const int nr, float *accbuf, int first) {
+                           const int nr, float *accbuf, int first, int64_t pf) {
     const int bb = ws_block_bytes(qtype);
     const int scaled = qtype == WS_Q2_K && nr >= 2;
     const int fold = ws_kq_fold(qtype);
@@ -755,8 +760,7 @@ WS_AI void ws_kq_rows_avx2(const int qtype, const uint8_t *w, int64_t nbk, const
         acc[r] = first ? zero : _mm256_loadu_ps(accbuf + 16 * r);
     for (int64_t ib = 0; ib < nbk; ib++) {
         const uint8_t *blk = w + ib * bb;
-        for (int o = 0; o < bb; o += 64)   /* see WS_KQ_PREFETCH */
-            _mm_prefetch((const char *)blk + WS_KQ_PREFETCH + o, _MM_HINT_T0);
+        ws_kq_prefetch_ahead(blk, bb, pf);
         ws_ublk2 u;
         ws_kq2_unpack(qtype, blk, &u);
         if (nr == 1) {
@@ -781,12 +785,12 @@ static inline void ws_kq_reduce16(const float *v, int64_t vstride, int m, float 
 
 #define WS_KQ2_NR_CASES(QT) \
     switch (nr) { \
-    case 1: ws_kq_rows_avx2(QT, w, nbk, a, 1, accbuf, first); break; \
-    case 2: ws_kq_rows_avx2(QT, w, nbk, a, 2, accbuf, first); break; \
-    case 3: ws_kq_rows_avx2(QT, w, nbk, a, 3, accbuf, first); break; \
-    case 4: ws_kq_rows_avx2(QT, w, nbk, a, 4, accbuf, first); break; \
-    case 5: ws_kq_rows_avx2(QT, w, nbk, a, 5, accbuf, first); break; \
-    default: ws_kq_rows_avx2(QT, w, nbk, a, 6, accbuf, first); break; \
+    case 1: ws_kq_rows_avx2(QT, w, nbk, a, 1, accbuf, first, pf); break; \
+    case 2: ws_kq_rows_avx2(QT, w, nbk, a, 2, accbuf, first, pf); break; \
+    case 3: ws_kq_rows_avx2(QT, w, nbk, a, 3, accbuf, first, pf); break; \
+    case 4: ws_kq_rows_avx2(QT, w, nbk, a, 4, accbuf, first, pf); break; \
+    case 5: ws_kq_rows_avx2(QT, w, nbk, a, 5, accbuf, first, pf); break; \
+    default: ws_kq_rows_avx2(QT, w, nbk, a, 6, accbuf, first, pf); break; \
     }
 
 #else  /* portable scalar path */
@@ -895,9 +899,14 @@ static inline void ws_kq_reduce16(const float *v, int64_t vstride, int m, float 
 
 /* W_row . x_r over nbk blocks for r < nr (1..WS_KQ_NRMAX), as ws_kq_rows_avx above: accbuf holds
    16 partial sums per activation row, summed by ws_kq_reduce16 once the row's blocks are done
-   (the scalar path keeps its sum in lane 0, zeros in the others). */
+   (the scalar path keeps its sum in lane 0, zeros in the others). pf: the bytes from each block
+   to the one prefetched with it: WS_KQ_PREFETCH where the caller's rows are read whole one after
+   another, the row stride where it reads them a block range at a time (the next row's range is
+   what it reads next; WS_KQ_PREFETCH there fetched lines of later ranges, and each range's
+   first lines came cold: a Q3_K 4096 x 14336 product, 6 rows, took 9.3 ms cut in ranges, 5.8
+   whole, Zen 4). */
 static void ws_kq_rows(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act *a, int nr,
-                       float *accbuf, int first) {
+                       float *accbuf, int first, int64_t pf) {
 #if WS_KQ_AVX512
     switch (qtype) {
     case WS_Q2_K: WS_KQ_NR_CASES(WS_Q2_K); break;
@@ -915,6 +924,7 @@ static void ws_kq_rows(int qtype, const uint8_t *w, int64_t nbk, const ws_kq_act
     default:      WS_KQ2_NR_CASES(WS_Q6_K); break;
     }
 #else
+    (void)pf;
     ws_kq_rows_scalar(qtype, w, nbk, a, nr, accbuf, first);
 #endif
 }
@@ -934,7 +944,7 @@ static void ws_kq_stream(int qtype, const uint8_t *w, int64_t nrows, int64_t nbk
 #else   /* AVX2 / scalar: row by row (the same bits as ws_kq_rows with one activation row) */
     const int64_t row_bytes = nbk * ws_block_bytes(qtype);
     for (int64_t i = 0; i < nrows; i++)
-        ws_kq_rows(qtype, w + i * row_bytes, nbk, a, 1, accbuf + i * acc_stride, 1);
+        ws_kq_rows(qtype, w + i * row_bytes, nbk, a, 1, accbuf + i * acc_stride, 1, WS_KQ_PREFETCH);
 #endif
 }
 
