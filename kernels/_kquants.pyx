@@ -14,7 +14,7 @@ Layout of the work:
   terms: d * bsum per 16 as floats (one 16-lane FMA per block), or on AVX2 builds the int16
   bsums in its first half (``BSUMS``; kquants_simd.h's WS_KQ_BSUMS)).
 * Weight rows are split in groups of ``_WR`` over the threads (``prange``); inside a group, the
-  activation rows go in tiles of up to 6 (WS_KQ_NRMAX) and each weight row is unpacked once per tile, so an
+  activation rows go in equal tiles of up to WS_KQ_NRMAX (AVX-512 8, AVX2 6) and each weight row is unpacked once per tile, so an
   unpacked block serves up to 6 activation rows from registers, while the group's weight bytes
   and the tile's activations stay in L1/L2.
 * The per-block math lives in ``kquants_simd.h``: AVX-512 VNNI/VBMI intrinsics when the compiler
@@ -263,7 +263,7 @@ def quantize_q8_k_into(const float[:, ::1] x, bint permuted=False):
 cdef void _group(int qtype, const uint8_t *w, int64_t i0, int64_t i1, int64_t row_bytes,
                  int64_t bb, int64_t n, int64_t rows, int64_t cols, const int8_t *qs,
                  const float *dq, const float *fb, float *accbuf, float *out) noexcept nogil:
-    """Weight rows i0..i1 against all activation rows: tiles of up to WS_KQ_NRMAX (6) activation
+    """Weight rows i0..i1 against all activation rows: equal tiles of up to WS_KQ_NRMAX (8 or 6) activation
     rows; each tile in block ranges whose activations stay in L1 while the group's rows pass over
     them, the 16-lane partial sums of each (weight row, activation row) in accbuf (this thread's
     _scratch_floats(): [_WR][WS_KQ_NRMAX][16]), summed 16 weight rows at a time (ws_kq_reduce16)
@@ -275,8 +275,12 @@ cdef void _group(int qtype, const uint8_t *w, int64_t i0, int64_t i1, int64_t ro
     act.qx_stride = cols
     act.dx_stride = nb
     act.fb_stride = 16 * nb
+    cdef int64_t tiles
     while r0 < n:
-        nr = <int>min(<int64_t>WS_KQ_NRMAX, n - r0)
+        # the rows left in equal tiles of at most WS_KQ_NRMAX (12 rows: 6 + 6, not 8 + 4): the
+        # same unpacks, and no short tile whose rows carry a whole unpack each
+        tiles = (n - r0 + WS_KQ_NRMAX - 1) // WS_KQ_NRMAX
+        nr = <int>((n - r0 + tiles - 1) // tiles)
         kc = nb
         if nr * nb * _ACT_BLOCK_BYTES > _L1_MAX:
             kc = max(<int64_t>1, _L1_ACT // (nr * _ACT_BLOCK_BYTES))

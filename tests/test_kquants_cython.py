@@ -172,6 +172,20 @@ def test_decode_stream_of_wide_rows_equals_the_tile_path(qtype):
         _kquants._tuning(*saved)
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_every_tile_height_gives_the_decode_bits(qtype):
+    """n activation rows go in equal tiles of up to WS_KQ_NRMAX (8 on AVX-512: 9 rows are 5 + 4);
+    every tile height must give each row the bits its one-row decode gives, 1 and 2 threads. (Rows
+    the L1 cut splits into block ranges sum range by range: test_decode_stream_of_wide_rows
+    lifts the cut.)"""
+    for cols in (1024, 2048):
+        x, raw = _case(qtype, 19, cols, 9, 6)
+        one = np.concatenate([_run(x[r:r + 1], raw, qtype) for r in range(len(x))])
+        for n in range(2, len(x) + 1):
+            for threads in (1, 2):
+                got = _run(x[:n], raw, qtype, threads)
+                assert np.array_equal(got.view(np.uint32), one[:n].view(np.uint32)), (cols, n, threads)
+
 def test_q2_k_extreme_blocks_stay_exact():
     """Q2_K at its largest products: every code 3, every scale 15 (the tile path multiplies codes
     by scales in bytes, 45, and adds two chunks' int16 products, |sum| <= 23040 with |x| <= 127):
@@ -185,7 +199,8 @@ def test_q2_k_extreme_blocks_stay_exact():
     raw = np.tile(block, rows * cols // 256).reshape(rows, -1)
     sign = np.where(np.arange(cols) % 2, -1.0, 1.0).astype(np.float32)
     x = np.stack([np.full(cols, 3.0, np.float32), np.full(cols, -2.0, np.float32), 1.5 * sign,
-                  -sign, np.full(cols, 1.0, np.float32), sign]).astype(np.float32)
+                  -sign, np.full(cols, 1.0, np.float32), sign, -2.5 * sign, np.full(cols, -1.0, np.float32),
+                  0.5 * sign]).astype(np.float32)  # 9 rows: tiles of 1..8 (AVX-512's most) and 5 + 4
     expected = matmul_q8_ref(x, raw, T.Q2_K, (rows, cols))
     one = np.concatenate([_run(x[r:r + 1], raw, T.Q2_K) for r in range(len(x))])
     assert nmse(one, expected) < Q8_NMSE
