@@ -209,6 +209,26 @@ def test_q2_k_extreme_blocks_stay_exact():
         assert np.array_equal(got.view(np.uint32), one[:n].view(np.uint32)), n
 
 
+@pytest.mark.parametrize("qtype", [T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)
+def test_largest_codes_stay_exact(qtype):
+    """Every code at its largest (all bits set: Q6_K 63, Q5_K 31, Q4_K 15, Q3_K 7) against
+    activations of one sign: the AVX-512 kernel packs each lane's sum of 4 code x activation
+    products into int16 (|sum| <= 4 * 63 * 127 = 32004) before scaling. Against the Q8_K
+    reference, and every tile height gives the one-row decode's bits."""
+    rows, cols = 9, 512
+    block = np.full(formats.block_size(qtype)[1], 0xFF, dtype=np.uint8)
+    d_at = {T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}[qtype]
+    for o, v in zip(d_at, (0.5, 0.25)):
+        block[o:o + 2] = np.array([v], dtype=np.float16).view(np.uint8)
+    raw = np.tile(block, rows * cols // 256).reshape(rows, -1)
+    x = np.stack([np.full(cols, v, np.float32) for v in (3.0, -2.0, 1.0, -1.0, 0.5, 7.0, -5.0, 2.0, -3.0)])
+    expected = matmul_q8_ref(x, raw, qtype, (rows, cols))
+    one = np.concatenate([_run(x[r:r + 1], raw, qtype) for r in range(len(x))])
+    assert nmse(one, expected) < Q8_NMSE
+    for n in range(2, len(x) + 1):
+        got = _run(x[:n], raw, qtype, threads=2)
+        assert np.array_equal(got.view(np.uint32), one[:n].view(np.uint32)), n
+
 def test_zero_activations_and_zero_blocks():
     x, raw = _case(T.Q2_K, 5, 512, 3, 4)
     x[1] = 0.0                  # an all-zero row: Q8_K d = 0

@@ -116,12 +116,12 @@ WS_AI void ws_ab_block(const int qtype, const uint8_t *blk, const float *bdm, ui
     ws_kq_unpack(qtype, blk, bdm, &u);
     if (q2) {   /* codes already times their scale */
         _mm512_store_ps(sf, u.d);
-    } else {    /* the first word of each 128-bit lane of s[0..3]: the 16 sub-block scales */
-        const __m512i pick = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                              (56 << 16) | 48, (40 << 16) | 32, (24 << 16) | 16, 8 << 16);
-        const __m512i lo = _mm512_permutex2var_epi16(u.s[0], pick, u.s[1]);
-        const __m512i hi = _mm512_permutex2var_epi16(u.s[2], pick, u.s[3]);
-        const __m256i sc16 = _mm256_inserti128_si256(_mm512_castsi512_si256(lo), _mm512_castsi512_si128(hi), 1);
+    } else {
+        /* the scale of each 16 values, k = 0..15, from u.s[0..1] in ws_kq_block_dot's packed
+           order: words 0 and 4 of each 128-bit lane */
+        const __m512i pick = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                              60, 52, 44, 36, 56, 48, 40, 32, 28, 20, 12, 4, 24, 16, 8, 0);
+        const __m256i sc16 = _mm512_castsi512_si256(_mm512_permutex2var_epi16(u.s[0], pick, u.s[1]));
         _mm512_store_ps(sf, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(sc16)), u.d));
     }
     /* g_k = dmin m_k (Q3_K / Q6_K: d times the 4 sc_k / 32 sc_k ws_ublk.m holds), as ws_kq_row_term's
