@@ -11,12 +11,12 @@ Layout of the work:
 
 * Q8_K scratch for all n rows is made once per call (``qs`` int8[n, cols], ``d`` float[n, nb],
   ``fb`` float[n, 16 nb]: each block's 16-float min-term slot, which carries the min / offset
-  terms: d * bsum per 16 as floats (one 16-lane FMA per block), or on AVX2 builds the int16
-  bsums in its first half (``BSUMS``; kquants_simd.h's WS_KQ_BSUMS)).
+  terms: on AVX-512 and AVX2 builds the int16 bsums in its first half (``BSUMS``;
+  kquants_simd.h's WS_KQ_BSUMS), on scalar builds d * bsum per 16 as floats).
 * Weight rows are split in groups of ``_WR`` over the threads (``prange``); inside a group, the
-  activation rows go in equal tiles of up to WS_KQ_NRMAX (AVX-512 8, AVX2 6) and each weight row is unpacked once per tile, so an
-  unpacked block serves up to 6 activation rows from registers, while the group's weight bytes
-  and the tile's activations stay in L1/L2.
+  activation rows go in equal tiles of up to WS_KQ_NRMAX (AVX-512 8, AVX2 6) and each weight
+  row is unpacked once per tile, so an unpacked block serves a whole tile's rows from registers,
+  while the group's weight bytes and the tile's activations stay in L1/L2.
 * The per-block math lives in ``kquants_simd.h``: AVX-512 VNNI/VBMI intrinsics when the compiler
   targets them (-march=native on Zen 4 / Ice Lake and later), AVX2 + FMA + F16C intrinsics
   (256-bit: vpmaddubsw then vpmaddwd with the sub-block scales) on CPUs without AVX-512 (Zen 2 /
