@@ -160,10 +160,7 @@ static void ws_ab_expand(int qtype, const uint8_t *w, int64_t row_bytes, int64_t
             uint8_t *ob = a + 2048 * 8 * b;
             for (int m = 0; m < nrw; m++) {
                 const uint8_t *blk = w + m * row_bytes + b * bb;
-                _mm_prefetch((const char *)blk + 4 * bb, _MM_HINT_T0);   /* the row, 4 blocks on */
-                _mm_prefetch((const char *)blk + 4 * bb + 64, _MM_HINT_T0);
-                if (bb > 128) _mm_prefetch((const char *)blk + 4 * bb + 128, _MM_HINT_T0);
-                if (bb > 192) _mm_prefetch((const char *)blk + 4 * bb + 192, _MM_HINT_T0);
+                ws_kq_prefetch_ahead(blk, bb, 4 * bb);   /* the row, 4 blocks on */
                 ws_ab_block(qtype, blk, dm[m] + 2 * (b - b0), ob + 64 * m);
             }
             for (int m = nrw; m < WS_AB_TASK; m++)

@@ -114,8 +114,7 @@ static void ws_amx_unpack_q2k(const uint8_t *w, int64_t row_bytes, int64_t nb, i
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk = row + 84 * b;
             uint8_t *s = scratch + b * WS_AMX_WBLK;
-            _mm_prefetch((const char *)blk + WS_KQ_PREFETCH, _MM_HINT_T0);
-            _mm_prefetch((const char *)blk + WS_KQ_PREFETCH + 64, _MM_HINT_T0);
+            ws_kq_prefetch_ahead(blk, 84, WS_KQ_PREFETCH);
             ws_ublk u;
             const float unused_dm[2] = {0.0f, 0.0f};   /* only u.w is used: d, dmin go to dd below */
             ws_unpack_q2k(blk, unused_dm, &u);

@@ -113,7 +113,11 @@ WS_AI __m128i ws_u32x4(const uint32_t v[4]) {
     return _mm_setr_epi32((int)v[0], (int)v[1], (int)v[2], (int)v[3]);
 }
 
-/* software prefetch of the block dist bytes on from blk (the block's lines, T0) */
+/* software prefetch of the block dist bytes on from blk (the block's lines, T0): one core's
+   hardware prefetcher keeps too few lines in flight to stream weights at the memory's rate
+   (measured: Q2_K 14336x4096 cold 4.0 ms without, see bench/RESULTS.md). dist is
+   WS_KQ_PREFETCH where a thread's blocks are consecutive (blk + dist is what it reads next),
+   else what the caller reads next (ws_kq_rows' pf) */
 WS_AI void ws_kq_prefetch_ahead(const uint8_t *blk, const int bb, const int64_t dist) {
     for (int o = 0; o < bb; o += 64)
         _mm_prefetch((const char *)blk + dist + o, _MM_HINT_T0);
@@ -138,12 +142,13 @@ WS_AI __m256i ws_kq_bsums(const ws_kq_act *a, int r, int64_t ib) {
     (b2) * 0x01010101, (b2) * 0x01010101, (b2) * 0x01010101, (b2) * 0x01010101, \
     (b1) * 0x01010101, (b1) * 0x01010101, (b1) * 0x01010101, (b1) * 0x01010101, \
     (b0) * 0x01010101, (b0) * 0x01010101, (b0) * 0x01010101, (b0) * 0x01010101)
-/* ... word w_m (8 times) */
-#define WS_LANES16(w0, w1, w2, w3) _mm512_set_epi32( \
-    (w3) * 0x10001, (w3) * 0x10001, (w3) * 0x10001, (w3) * 0x10001, \
-    (w2) * 0x10001, (w2) * 0x10001, (w2) * 0x10001, (w2) * 0x10001, \
-    (w1) * 0x10001, (w1) * 0x10001, (w1) * 0x10001, (w1) * 0x10001, \
-    (w0) * 0x10001, (w0) * 0x10001, (w0) * 0x10001, (w0) * 0x10001)
+/* ... word a_m in words 0-3 and word b_m in words 4-7 (the order of ws_kq_block_dot's packed
+   sums: a vpermw index picking scale a_m, b_m for lane m of the two packed code zmm) */
+#define WS_PACKED16(a0, b0, a1, b1, a2, b2, a3, b3) _mm512_set_epi32( \
+    (b3) * 0x10001, (b3) * 0x10001, (a3) * 0x10001, (a3) * 0x10001, \
+    (b2) * 0x10001, (b2) * 0x10001, (a2) * 0x10001, (a2) * 0x10001, \
+    (b1) * 0x10001, (b1) * 0x10001, (a1) * 0x10001, (a1) * 0x10001, \
+    (b0) * 0x10001, (b0) * 0x10001, (a0) * 0x10001, (a0) * 0x10001)
 /* lower 256 bits: a, upper: b (any element width, as a repeated 32-bit pattern) */
 #define WS_HALVES32(a, b) _mm512_inserti64x4(_mm512_set1_epi32(a), _mm256_set1_epi32(b), 1)
 
@@ -175,10 +180,8 @@ WS_AI __m512i ws_bcast256(const uint8_t *p) {
    0-3 the scale of zmm 2h's lane L (sub-block 8h + L), in words 4-7 that of zmm 2h + 1's
    (sub-block 8h + 4 + L); s[2], s[3] unused */
 WS_AI void ws_spread16(__m512i sw, __m512i s[4]) {
-    s[0] = _mm512_permutexvar_epi16(_mm512_set_epi16(7, 7, 7, 7, 3, 3, 3, 3, 6, 6, 6, 6, 2, 2, 2, 2,
-                                                     5, 5, 5, 5, 1, 1, 1, 1, 4, 4, 4, 4, 0, 0, 0, 0), sw);
-    s[1] = _mm512_permutexvar_epi16(_mm512_set_epi16(15, 15, 15, 15, 11, 11, 11, 11, 14, 14, 14, 14, 10, 10, 10, 10,
-                                                     13, 13, 13, 13, 9, 9, 9, 9, 12, 12, 12, 12, 8, 8, 8, 8), sw);
+    s[0] = _mm512_permutexvar_epi16(WS_PACKED16(0, 4, 1, 5, 2, 6, 3, 7), sw);
+    s[1] = _mm512_permutexvar_epi16(WS_PACKED16(8, 12, 9, 13, 10, 14, 11, 15), sw);
 }
 
 /* Q2_K (activations permuted, WS_KQ_PERMUTED): zmm j = plane j of the 64 qs bytes; its
@@ -257,10 +260,8 @@ WS_AI void ws_k4_common(const uint8_t *b, const float *dm, ws_ublk *u) {
     /* the scales in the order of ws_kq_block_dot's packed sums (only s[0], s[1]): 128-bit lane L
        of s[h] holds in words 0-3 the scale of zmm 2h's lane L (sub-block 4h + L / 2), in words
        4-7 that of zmm 2h + 1's (sub-block 4h + 2 + L / 2) */
-    u->s[0] = _mm512_permutexvar_epi16(_mm512_set_epi16(3, 3, 3, 3, 1, 1, 1, 1, 3, 3, 3, 3, 1, 1, 1, 1,
-                                                        2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0), sw);
-    u->s[1] = _mm512_permutexvar_epi16(_mm512_set_epi16(7, 7, 7, 7, 5, 5, 5, 5, 7, 7, 7, 7, 5, 5, 5, 5,
-                                                        6, 6, 6, 6, 4, 4, 4, 4, 6, 6, 6, 6, 4, 4, 4, 4), sw);
+    u->s[0] = _mm512_permutexvar_epi16(WS_PACKED16(0, 2, 0, 2, 1, 3, 1, 3), sw);
+    u->s[1] = _mm512_permutexvar_epi16(WS_PACKED16(4, 6, 4, 6, 5, 7, 5, 7), sw);
     const __m128i mins = _mm_shuffle_epi8(v, _mm_set_epi8(15, 15, 14, 14, 13, 13, 12, 12,
                                                           11, 11, 10, 10, 9, 9, 8, 8));
     u->m = _mm256_cvtepu8_epi16(mins);
@@ -361,14 +362,6 @@ WS_AI void ws_kq_unpack(const int qtype, const uint8_t *blk, const float *bdm, w
     case WS_Q5_K: ws_unpack_q5k(blk, bdm, u); break;
     default:      ws_unpack_q6k(blk, bdm, u); break;
     }
-}
-
-/* software prefetch of the block WS_KQ_PREFETCH bytes ahead: one core's hardware prefetcher
-   keeps too few lines in flight to stream weights at the memory's rate (measured: Q2_K
-   14336x4096 cold 4.0 ms without, see bench/RESULTS.md); a thread's blocks are consecutive, so
-   blk + distance is what it reads next */
-WS_AI void ws_kq_prefetch(const uint8_t *blk, const int bb) {
-    ws_kq_prefetch_ahead(blk, bb, WS_KQ_PREFETCH);
 }
 
 /* the unpacked block u times one activation row's 256 int8 x: 16 int32 partial sums (their total
@@ -500,7 +493,7 @@ WS_AI void ws_kq_stream_avx(const int qtype, const uint8_t *w, int64_t nrows, in
         for (int64_t i = 0; i < cnt; i++) {
             const uint8_t *blk = w + (s0 + i) * bb;
             ws_ublk u;
-            ws_kq_prefetch(blk, bb);
+            ws_kq_prefetch_ahead(blk, bb, WS_KQ_PREFETCH);
             ws_kq_unpack(qtype, blk, dm + 2 * i, &u);
             const __m512i s = ws_kq_block_dot(qtype, &u, a->qx + 256 * j);
             ws_kq_row_term(qtype, &u, s, ws_kq_bsums(a, 0, j), u.d, u.dmin, &acc, &accm);
