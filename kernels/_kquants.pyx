@@ -35,7 +35,7 @@ weight scale (d, dmin) reaches the float products, an Inf one is made NaN where 
 """
 
 from cython.parallel cimport parallel, prange
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uintptr_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -859,26 +859,41 @@ def moe_route_decode_into(const float[:, ::1] h, const float[:, ::1] router, con
         raise ValueError(f"moe_route_decode_into: stacked experts gate uint8[{gates.shape[0]}, {gates.shape[1]}], "
                          f"up [{ups.shape[0]}, {ups.shape[1]}], down [{downs.shape[0]}, {downs.shape[1]}] do not "
                          f"hold {X} experts of [ff, {E}] / [{E}, ff] rows ({bgu} bytes a gate row)")
-    cdef int64_t r, j, t
     cdef const uint8_t **pv = <const uint8_t **>malloc(8 * 3 * k + 4 * k)
     if pv == NULL:
         raise MemoryError("moe_route_decode_into: the experts' addresses")
     cdef float *used_w = <float *>(pv + 3 * k)   # the weights in ascending id
     try:
         with nogil:
-            for r in prange(X, num_threads=threads, schedule="guided"):
-                ws_fdot(WS_F32, 1, <const uint8_t *>&router[r, 0], <int>E, &h[0, 0], E, &probs[0, r], 1)
-            ws_softmax_row(&probs[0, 0], X, &probs[0, 0])
-            ws_topk_weights_row(&probs[0, 0], X, k, True, norm_topk, &ids[0, 0], &weights[0, 0])
-            for j in range(k):  # slot t of pick j: its rank by id (the ids are distinct; k is small)
-                t = 0
-                for r in range(k):
-                    if ids[0, r] < ids[0, j]:
-                        t = t + 1
-                pv[t] = &gates[ids[0, j], 0]
-                pv[k + t] = &ups[ids[0, j], 0]
-                pv[2 * k + t] = &downs[ids[0, j], 0]
-                used_w[t] = weights[0, j]
+            _route(&h[0, 0], &router[0, 0], X, E, k, norm_topk, &gates[0, 0], &ups[0, 0], &downs[0, 0],
+                   gates.shape[1], downs.shape[1], &probs[0, 0], &ids[0, 0], &weights[0, 0], pv, used_w, threads)
         _moe_run(&h[0, 0], pv, qtype_gu, qtype_d, used_w, k, E, ff, &y[0, 0], &out[0, 0], threads)
     finally:
         free(pv)
+
+
+cdef void _route(const float *h, const float *router, int64_t X, int64_t E, int64_t k, bint norm_topk,
+                 const uint8_t *gates, const uint8_t *ups, const uint8_t *downs, int64_t gu_bytes,
+                 int64_t d_bytes, float *probs, int64_t *ids, float *weights, const uint8_t **pv,
+                 float *used_w, int threads) noexcept nogil:
+    """A decode step's router (moe_route_decode_into, decode_layers_into): probs[X] = softmax of
+    router[X, E] h, the top k in ids / weights (highest weight first), and the chosen experts'
+    gate, up and down addresses in pv (k each: X experts of gu_bytes, gu_bytes, d_bytes at
+    gates / ups / downs) with their weights in used_w, in ascending id (the order of the sum)."""
+    cdef int64_t r, j, t
+    for r in prange(X, num_threads=threads, schedule="guided"):
+        ws_fdot(WS_F32, 1, <const uint8_t *>(router + r * E), <int>E, h, E, probs + r, 1)
+    ws_softmax_row(probs, X, probs)
+    ws_topk_weights_row(probs, X, k, True, norm_topk, ids, weights)
+    for j in range(k):  # slot t of pick j: its rank by id (the ids are distinct; k is small)
+        t = 0
+        for r in range(k):
+            if ids[r] < ids[j]:
+                t = t + 1
+        pv[t] = gates + ids[j] * gu_bytes
+        pv[k + t] = ups + ids[j] * gu_bytes
+        pv[2 * k + t] = downs + ids[j] * d_bytes
+        used_w[t] = weights[j]
+
+
+include "_decode_layers.pxi"

@@ -51,6 +51,17 @@ cdef extern from "ops_simd.h" nogil:  # kernels/csrc/ops_simd.h: the rows' arith
                              float *w)
     void ws_scale_add_row(float *out, float *y, float w, int64_t n)
 
+cdef extern from "attn_decode.h" nogil:  # kernels/csrc/attn_decode.h: shared with _kquants' decode_layers_into
+    void ws_rope_heads(float *x, int64_t heads, int64_t hd, const float *c, const float *s, int64_t half, int neox)
+    void ws_attend_heads(const float *q, const float *k_cache, const float *v_cache, int64_t heads, int64_t kvh,
+                         int64_t hd, int64_t n_kv, float scale, float *scores, int64_t scores_stride, float *out,
+                         const float *gate, int64_t gate_stride, int threads)
+    void ws_attention_decode(const float *qkv, int64_t heads, int64_t kvh, int64_t hd, int gated,
+                             const float *q_norm, const float *k_norm, int norm_full, double eps, int64_t pos,
+                             const float *c, const float *s, int64_t n_rot, int neox, float *k_cache,
+                             float *v_cache, float scale, float *q, float *out, float *scores,
+                             int64_t scores_stride, int threads)
+
 
 # Argument checks raise at once and format their message only when they fail: a decode step
 # makes ~10 calls here per layer, and an f-string built on every call cost microseconds each.
@@ -65,49 +76,6 @@ cdef _check_caches(str who, const float[:, :, ::1] k_cache, const float[:, :, ::
             and v_cache.shape[1] == kvh and v_cache.shape[2] == hd):
         raise ValueError(f"{who}: caches [{k_cache.shape[0]}, {kvh}, {k_cache.shape[2]}] / "
                          f"[{v_cache.shape[0]}, {v_cache.shape[1]}, {v_cache.shape[2]}] for head_dim {hd}")
-
-
-cdef void _norm_rows(float *x, const float *w, Py_ssize_t rows, Py_ssize_t width, double eps) noexcept nogil:
-    """RMSNorm of `rows` consecutive rows of `width` floats in place, each times w[width]."""
-    cdef Py_ssize_t r
-    for r in range(rows):
-        ws_rms_norm_row(x + r * width, w, width, eps, x + r * width)
-
-
-cdef void _rope_heads(float *x, Py_ssize_t heads, Py_ssize_t hd, const float *c, const float *s,
-                      Py_ssize_t half, bint neox) noexcept nogil:
-    """RoPE of `heads` consecutive heads of hd floats in place, at the angles c / s (half each)."""
-    cdef Py_ssize_t h
-    for h in range(heads):
-        if neox:
-            ws_rope_neox_row(x + h * hd, c, s, half)
-        else:
-            ws_rope_norm_row(x + h * hd, c, s, half)
-
-
-cdef void _attend_heads(const float *q, const float *k_cache, const float *v_cache, Py_ssize_t heads,
-                        Py_ssize_t kvh, Py_ssize_t hd, Py_ssize_t n_kv, float scale, float *scores,
-                        Py_ssize_t scores_stride, float *out, const float *gate, Py_ssize_t gate_stride,
-                        int threads) noexcept nogil:
-    """out[h] = ws_attend_head for each query head h of q (q, out: [heads, hd] contiguous; caches
-    [n_ctx, kvh, hd]; head h reads kv head h // (heads / kvh)); with a gate (not NULL), out[h] *=
-    sigmoid(gate + h * gate_stride). One thread unless the caches are long enough to pay for
-    waking the others; the heads of one kv head together (ws_attend_group: its keys read once,
-    block by block) where there are at least as many kv heads as threads, else head by head (the
-    same bits either way)."""
-    cdef Py_ssize_t group = heads // kvh, stride = kvh * hd, h, g
-    cdef int nt = threads if n_kv * heads * hd >= 262144 else 1
-    if kvh >= nt:
-        for g in prange(kvh, num_threads=nt, schedule="static"):
-            ws_attend_group(q + g * group * hd, group, k_cache + g * hd, v_cache + g * hd, n_kv, stride, hd,
-                            scale, scores + g * group * scores_stride, scores_stride, out + g * group * hd)
-    else:
-        for h in prange(heads, num_threads=nt, schedule="static"):
-            ws_attend_head(q + h * hd, k_cache + (h // group) * hd, v_cache + (h // group) * hd, n_kv,
-                           stride, hd, scale, scores + h * scores_stride, out + h * hd)
-    if gate != NULL:
-        for h in range(heads):
-            ws_sigmoid_gate_row(out + h * hd, gate + h * gate_stride, hd)
 
 
 def rms_norm_into(const float[:, ::1] x, const float[::1] w, double eps, float[:, ::1] out):
@@ -167,12 +135,12 @@ def rope_inplace(float[:, :, ::1] x, const int64_t[::1] positions, const float[:
     with nogil:
         for i in range(n):
             p = positions[i]
-            _rope_heads(&x[i, 0, 0], heads, hd, &cos[p, 0], &sin[p, 0], half, neox)
+            ws_rope_heads(&x[i, 0, 0], heads, hd, &cos[p, 0], &sin[p, 0], half, neox)
 
 
 def sigmoid_gate_into(float[:, ::1] out, const float[:, :] gate):
     """out *= sigmoid(gate), row by row (gated attention's output gate over a prompt's rows): the
-    row function the decode call uses (_attend_heads), so a prompt's token gets its bits, with
+    row function the decode call uses (ws_attend_heads), so a prompt's token gets its bits, with
     this module's exp (NumPy's differs by an ulp) and no temporaries. gate's rows may be strided."""
     cdef Py_ssize_t n = out.shape[0], m = out.shape[1], i
     if not (gate.shape[0] == n and gate.shape[1] == m):
@@ -252,8 +220,8 @@ def attend_one(const float[:, ::1] q, const float[:, :, ::1] k_cache, const floa
     if not (scratch.shape[0] >= heads and scratch.shape[1] >= n_kv):
         raise ValueError(f"attend_one: scratch [{scratch.shape[0]}, {scratch.shape[1]}] < [{heads}, {n_kv}]")
     with nogil:
-        _attend_heads(&q[0, 0], &k_cache[0, 0, 0], &v_cache[0, 0, 0], heads, k_cache.shape[1], hd, n_kv,
-                      scale, &scratch[0, 0], scratch.shape[1], &out[0, 0], NULL, 0, threads)
+        ws_attend_heads(&q[0, 0], &k_cache[0, 0, 0], &v_cache[0, 0, 0], heads, k_cache.shape[1], hd, n_kv,
+                        scale, &scratch[0, 0], scratch.shape[1], &out[0, 0], NULL, 0, threads)
 
 
 def softmax_rows_into(const float[:, ::1] x, float[:, ::1] out):
@@ -334,34 +302,23 @@ def attention_decode(const float[:, ::1] qkv, Py_ssize_t heads, Py_ssize_t kv_he
         raise ValueError(f"attention_decode: scratch [{scratch.shape[0]}, {scratch.shape[1]}] "
                          f"< [{heads}, {n_kv}]")
     cdef const float[::1] qn, kn
-    cdef bint has_qn = q_norm is not None, has_kn = k_norm is not None
+    cdef const float *qnp = NULL
+    cdef const float *knp = NULL
     cdef Py_ssize_t nw = (heads if norm_full else 1) * hd, kw = (kv_heads if norm_full else 1) * hd
-    if has_qn:
+    if q_norm is not None:
         qn = q_norm
         if not (qn.shape[0] == nw):
             raise ValueError(f"attention_decode: q_norm has {qn.shape[0]} values, need {nw}")
-    if has_kn:
+        qnp = &qn[0]
+    if k_norm is not None:
         kn = k_norm
         if not (kn.shape[0] == kw):
             raise ValueError(f"attention_decode: k_norm has {kn.shape[0]} values, need {kw}")
-    cdef float *kt = &k_cache[pos, 0, 0]
-    cdef float *qp = &q[0, 0]
+        knp = &kn[0]
     with nogil:
-        for h in range(heads):
-            for j in range(hd):
-                q[h, j] = qkv[0, h * qw + j]
-        for j in range(kvw):
-            kt[j] = qkv[0, kv0 + j]
-            (&v_cache[pos, 0, 0])[j] = qkv[0, kv0 + kvw + j]
-        if has_qn:  # over the whole projection (one row) or per head
-            _norm_rows(qp, &qn[0], 1 if norm_full else heads, nw if norm_full else hd, eps)
-        if has_kn:
-            _norm_rows(kt, &kn[0], 1 if norm_full else kv_heads, kw if norm_full else hd, eps)
-        _rope_heads(qp, heads, hd, &cos[pos, 0], &sin[pos, 0], half, neox)
-        _rope_heads(kt, kv_heads, hd, &cos[pos, 0], &sin[pos, 0], half, neox)
-        _attend_heads(qp, &k_cache[0, 0, 0], &v_cache[0, 0, 0], heads, kv_heads, hd, n_kv, scale,
-                      &scratch[0, 0], scratch.shape[1], &out[0, 0],
-                      &qkv[0, hd] if gated else NULL, qw, threads)
+        ws_attention_decode(&qkv[0, 0], heads, kv_heads, hd, gated, qnp, knp, norm_full, eps, pos, &cos[pos, 0], &sin[pos, 0], n_rot,
+                            neox, &k_cache[0, 0, 0], &v_cache[0, 0, 0], scale, &q[0, 0], &out[0, 0],
+                            &scratch[0, 0], scratch.shape[1], threads)
 
 
 def attend_causal(const float[:, :, ::1] q, const float[:, :, ::1] k_cache, const float[:, :, ::1] v_cache,

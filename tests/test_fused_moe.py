@@ -173,7 +173,9 @@ def decode_logits(path, steps: int = 6, **load) -> np.ndarray:
 def test_the_model_takes_the_one_call_paths_and_keeps_the_bits(small_moe, monkeypatch):
     """Resident decode takes moe_route_decode_into (router and experts in one call); without it
     (Model.routed_kernel None: experts from a store, another router type) moe_decode_into; without
-    that the per-expert path. The three give the same logits."""
+    that the per-expert path. The three give the same logits. (This is run_layers' per-layer
+    loop: a decode step's layers in one call, tests/test_decode_layers.py, would call neither.)"""
+    monkeypatch.setattr(Model, "decode_plan", lambda self: None)
     calls = {"route": 0, "fused": 0}
     route, fused = _kquants.moe_route_decode_into, _kquants.moe_decode_into
 

@@ -25,6 +25,7 @@ from ...kernels.blas import one_blas_thread
 from ...kernels.reference.ops import Rope, sigmoid
 
 from .config import ROPE_NEOX, ModelConfig
+from .decode_plan import DecodePlan
 from .experts import ExpertSource, ResidentExperts
 from .state import layer_state
 from .workspace import Workspace
@@ -93,6 +94,10 @@ class Model:
         self.routed_kernels: dict[int, tuple | None] = {}
         self.route_ids = np.empty((1, max(cfg.n_expert_used, 1)), dtype=np.int64)
         self.route_weights = np.empty((1, max(cfg.n_expert_used, 1)), dtype=np.float32)
+        # decode steps' layers in one native call where they can be (decode_plan); False: the
+        # plan is not built yet. fused_layers False keeps the per-layer path (tests compare both)
+        self.fused_layers = True
+        self._decode_plan: DecodePlan | None | bool = False
 
     # ---- one pass -----------------------------------------------------------------------------
     def forward(self, tokens, pos: int, all_logits: bool = False) -> np.ndarray:
@@ -142,6 +147,12 @@ class Model:
         n, stop = len(x), self.layer_range.stop
         h = self.work.take("norm", n, x.shape[1])  # normed input of each block
         self.nonfinite_at = None
+        plan = self.decode_plan() if n == 1 else None
+        if plan is not None:  # every layer in one native call, the bits of the loop below
+            row = plan.run(x, int(positions[0]))
+            if row >= 0:
+                self.nonfinite_at = (self.layer_range[row], int(positions[0]))
+            return h
         for i in self.layer_range:
             layer = self.w.layers[i]
             t_layer = time.perf_counter() if prof is not None else 0.0
@@ -167,6 +178,19 @@ class Model:
             if prof is not None:
                 prof.layer(i, t_layer, time.perf_counter())
         return h
+
+    def decode_plan(self) -> DecodePlan | None:
+        """The one-call path for a decode step's layers (engine/model/decode_plan.py), built at
+        the first step; None where it does not apply: a layer it does not run, or this step
+        needs the per-layer path (a profiler, an observer, a routing source or trace, a
+        prefetcher, experts from a store, or fused_layers turned off)."""
+        if not self.fused_layers or self.profiler is not None or self.observer is not None \
+                or self.routing is not None or self.routing_trace is not None or self.prefetcher is not None \
+                or type(self.experts) is not ResidentExperts:
+            return None
+        if self._decode_plan is False:
+            self._decode_plan = DecodePlan.build(self)
+        return self._decode_plan
 
     def head(self, x: np.ndarray, all_logits: bool = False, h: np.ndarray | None = None) -> np.ndarray:
         """Logits float32[n or 1, n_vocab] from the final residual x: float32[n, n_embd]; h: a
