@@ -26,6 +26,10 @@ Layout of the work:
   instead (``kquants_amx.h``) when the build targets AMX and Linux grants the tile state
   (``AMX``): the Q8_K activations are repacked into the tiles' VNNI layout per 16 rows, and each
   thread unpacks 16 weight rows once per chunk of activation groups (sized to stay in L2).
+* At decode (one row) the weight row groups go out guided (see _moe_decode_core); the decode
+  step's MoE block is one call (``moe_decode_into``, ``moe_route_decode_into``), and where a
+  model allows it the whole step's layers are one call (``decode_layers_into``,
+  ``_decode_layers.pxi``, included at the end of this file).
 
 Non-finite values (docs/DESIGN.md, kernels): an activation row holding a NaN or Inf gives an
 all-NaN output row (the Q8_K quantizer flags the row while it scans for the absmax;
