@@ -356,8 +356,9 @@ cdef void _moe_decode_core(const float *h, const uint8_t **wgu, int qgu, const u
     activation row's); gu float[2k, ff]; act float[k, ff]; bad uint8[1 + k].
     The row groups go out guided (halving chunks from a shared counter), not in static halves:
     the two halves' memory reads take different times region by region, and with static halves
-    the thread done first waited at every barrier for the other (30B-A3B decode on 2 Zen 4
-    threads: ~7% of the samples in libgomp's barrier wait; guided, ~3%)."""
+    the thread done first waited at every barrier for the other. 30B-A3B tg32 on 2 Zen 4 threads:
+    1.06x (in-process A/B and alternating rounds); libgomp's share of the perf samples varied
+    too much between runs to show the mechanism itself (static 12-15%, guided 8-12%)."""
     cdef int64_t nbe = E // QK_K, nbf = ff // QK_K
     cdef int64_t bbgu = ws_block_bytes(qgu), bbd = ws_block_bytes(qd)
     cdef int64_t ngu = (ff + _WR - 1) // _WR, nd = (E + _WR - 1) // _WR
