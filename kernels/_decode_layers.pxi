@@ -8,6 +8,7 @@
 
 cdef extern from "attn_decode.h" nogil:  # kernels/csrc/attn_decode.h: _ops.attention_decode's block
     void ws_rms_norm_row(const float *x, const float *w, int64_t n, double eps, float *out)
+    bint ws_row_nonfinite(const float *x, int64_t n)  # _ops.first_nonfinite_row's test (ops_simd.h)
     void ws_attention_decode(const float *qkv, int64_t heads, int64_t kvh, int64_t hd, int gated,
                              const float *q_norm, const float *k_norm, int norm_full, double eps, int64_t pos,
                              const float *c, const float *s, int64_t n_rot, int neox, float *k_cache,
@@ -43,16 +44,6 @@ cdef enum:
     _I_D_TYPE = 9
     _I_N_EXPERT = 10
     _I_FF = 11
-
-
-cdef inline bint _nonfinite(const float *x, int64_t n) noexcept nogil:
-    """Whether x[n] holds a NaN or an Inf (_ops.first_nonfinite_row's test on one row)."""
-    cdef const uint32_t *bits = <const uint32_t *>x
-    cdef uint32_t top = 0
-    cdef int64_t j
-    for j in range(n):
-        top = max(top, bits[j] & 0x7FFFFFFFu)
-    return top >= 0x7F800000u
 
 
 def decode_layers_into(float[:, ::1] x, const uint64_t[:, ::1] ptrs, const int64_t[:, ::1] ints,
@@ -197,7 +188,7 @@ def decode_layers_into(float[:, ::1] x, const uint64_t[:, ::1] ptrs, const int64
                                  gu, act, y, moe_out, acc, eq.bad, threads)
                 for j in range(E):
                     xp[j] = xp[j] + moe_out[j]
-                if found < 0 and _nonfinite(xp, E):
+                if found < 0 and ws_row_nonfinite(xp, E):
                     found = r
     finally:
         free(a.base)

@@ -39,7 +39,7 @@ weight scale (d, dmin) reaches the float products, an Inf one is made NaN where 
 """
 
 from cython.parallel cimport parallel, prange
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint64_t, uintptr_t
 
 import numpy as np
 from gguf import GGMLQuantizationType

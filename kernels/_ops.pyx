@@ -32,21 +32,18 @@ rounding, not bit for bit.
 
 from cython.parallel cimport prange, threadid
 from libc.math cimport expf
-from libc.stdint cimport int64_t, uint32_t
+from libc.stdint cimport int64_t
 from libc.string cimport memset
 
 cdef extern from "ops_simd.h" nogil:  # kernels/csrc/ops_simd.h: the rows' arithmetic, vectorised
     void ws_rms_norm_row(const float *x, const float *w, int64_t n, double eps, float *out)
-    void ws_rope_neox_row(float *x, const float *c, const float *s, int64_t half)
-    void ws_rope_norm_row(float *x, const float *c, const float *s, int64_t half)
     void ws_swiglu_row(const float *gate, const float *up, int64_t m, float *out)
-    void ws_attend_head(const float *q, const float *k, const float *v, int64_t n_kv,
-                        int64_t row_stride, int64_t hd, float scale, float *scores, float *out)
     void ws_attend_group(const float *q, int64_t ng, const float *k, const float *v, int64_t n_kv,
                          int64_t row_stride, int64_t hd, float scale, float *scores,
                          int64_t scores_stride, float *out)
     void ws_softmax_row(const float *x, int64_t n, float *out)
     void ws_sigmoid_gate_row(float *out, const float *gate, int64_t n)
+    bint ws_row_nonfinite(const float *x, int64_t n)
     void ws_topk_weights_row(const float *p, int64_t n, int64_t k, int choose, int norm, int64_t *ids,
                              float *w)
     void ws_scale_add_row(float *out, float *y, float w, int64_t n)
@@ -94,22 +91,15 @@ def first_nonfinite_row(const float[:, ::1] x):
     """The index of the first row of x: float32[n, e] holding a NaN or +/-Inf, -1 if none.
 
     The forward pass's non-finite check (engine/model/forward.py) runs it on the residual after
-    every layer and on the logits, so it is one branch-free pass: a float is NaN or Inf exactly
-    when its bits without the sign are >= 0x7F800000 (all-ones exponent), and the max of those
-    bits over a row vectorises (an integer max; a float test would not, without -ffast-math).
-    About 0.1 us for a 576-wide row plus the call, 3 us for 49152 logits."""
-    cdef Py_ssize_t n = x.shape[0], e = x.shape[1], i, j, found = -1
-    cdef const uint32_t *bits
-    cdef uint32_t top
+    every layer and on the logits, so it is one branch-free pass a row (ws_row_nonfinite, which
+    decode_layers_into runs too). About 0.1 us for a 576-wide row plus the call, 3 us for 49152
+    logits."""
+    cdef Py_ssize_t n = x.shape[0], e = x.shape[1], i, found = -1
     if e == 0:
         return -1
     with nogil:
         for i in range(n):
-            bits = <const uint32_t *>&x[i, 0]
-            top = 0
-            for j in range(e):
-                top = max(top, bits[j] & 0x7FFFFFFFu)
-            if top >= 0x7F800000u:
+            if ws_row_nonfinite(&x[i, 0], e):
                 found = i
                 break
     return found
@@ -279,7 +269,7 @@ def attention_decode(const float[:, ::1] qkv, Py_ssize_t heads, Py_ssize_t kv_he
     qkv: float32[1, (2 if gated else 1) * heads * hd + 2 * kv_heads * hd]; caches
     float32[n_ctx, kv_heads, hd]; q, out: float32[heads, hd]; scratch: float32[heads, >= pos + 1];
     cos / sin: float32[n_ctx, n_rot / 2]."""
-    cdef Py_ssize_t hd = k_cache.shape[2], h, j
+    cdef Py_ssize_t hd = k_cache.shape[2]
     cdef Py_ssize_t qw = (2 if gated else 1) * hd   # a head's rows in qkv
     cdef Py_ssize_t kv0 = heads * qw, kvw = kv_heads * hd, n_kv = pos + 1, half = n_rot // 2
     _check_caches("attention_decode", k_cache, v_cache, heads, hd)
@@ -316,9 +306,9 @@ def attention_decode(const float[:, ::1] qkv, Py_ssize_t heads, Py_ssize_t kv_he
             raise ValueError(f"attention_decode: k_norm has {kn.shape[0]} values, need {kw}")
         knp = &kn[0]
     with nogil:
-        ws_attention_decode(&qkv[0, 0], heads, kv_heads, hd, gated, qnp, knp, norm_full, eps, pos, &cos[pos, 0], &sin[pos, 0], n_rot,
-                            neox, &k_cache[0, 0, 0], &v_cache[0, 0, 0], scale, &q[0, 0], &out[0, 0],
-                            &scratch[0, 0], scratch.shape[1], threads)
+        ws_attention_decode(&qkv[0, 0], heads, kv_heads, hd, gated, qnp, knp, norm_full, eps, pos,
+                            &cos[pos, 0], &sin[pos, 0], n_rot, neox, &k_cache[0, 0, 0], &v_cache[0, 0, 0],
+                            scale, &q[0, 0], &out[0, 0], &scratch[0, 0], scratch.shape[1], threads)
 
 
 def attend_causal(const float[:, :, ::1] q, const float[:, :, ::1] k_cache, const float[:, :, ::1] v_cache,

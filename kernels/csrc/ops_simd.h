@@ -313,6 +313,20 @@ static inline void ws_attend_head(const float *q, const float *k, const float *v
     ws_attend_group(q, 1, k, v, n_kv, row_stride, hd, scale, scores, 0, out);
 }
 
+/* whether x[n] holds a NaN or an Inf: their bits without the sign are >= 0x7F800000 (all-ones
+ * exponent); the max of those bits vectorises (an integer max; a float test would not, without
+ * -ffast-math). The forward pass's non-finite check on every layer's residual and the logits. */
+static inline int ws_row_nonfinite(const float *x, int64_t n) {
+    uint32_t top = 0;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t b;
+        memcpy(&b, x + j, 4);
+        b &= 0x7FFFFFFFu;
+        top = b > top ? b : top;
+    }
+    return top >= 0x7F800000u;
+}
+
 /* out *= sigmoid(gate) over n floats (gated attention's per-head output gate) */
 static inline void ws_sigmoid_gate_row(float *out, const float *gate, int64_t n) {
 #pragma omp simd
